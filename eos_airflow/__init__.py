@@ -1,0 +1,65 @@
+"""eos-airflow: exactly-once effects for Apache Airflow 3.
+
+``Ledger`` and the errors import without Airflow; the Airflow adapters (``exactly_once``,
+``ExactlyOnceSQLOperator``) are imported on first use, so scripts and the CLI stay light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from eos_airflow.api import Ledger
+from eos_airflow.errors import (
+    AlreadyCommittedError,
+    BadKeyError,
+    ConfigurationError,
+    EosError,
+    FencedError,
+    KeyInProgressError,
+    LedgerIntegrityError,
+    LedgerSchemaError,
+    ResultError,
+    UserCodeError,
+)
+from eos_airflow.protocol.effect import Effect, Origin, Previous
+
+if TYPE_CHECKING:
+    from eos_airflow.decorators.exactly_once import exactly_once
+    from eos_airflow.operators.sql import ExactlyOnceSQLOperator
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "exactly_once": "eos_airflow.decorators.exactly_once",
+    "ExactlyOnceSQLOperator": "eos_airflow.operators.sql",
+    "ExactlyOnceOperator": "eos_airflow.operators.base",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'eos_airflow' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "AlreadyCommittedError",
+    "BadKeyError",
+    "ConfigurationError",
+    "Effect",
+    "EosError",
+    "ExactlyOnceSQLOperator",
+    "FencedError",
+    "KeyInProgressError",
+    "Ledger",
+    "LedgerIntegrityError",
+    "LedgerSchemaError",
+    "Origin",
+    "Previous",
+    "ResultError",
+    "UserCodeError",
+    "exactly_once",
+]

@@ -1,0 +1,144 @@
+"""Programmatic use without Airflow: :class:`Ledger` (scripts, other orchestrators, tests).
+
+The Airflow decorator and operators are thin layers over :meth:`Ledger.run`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable
+
+import psycopg
+
+from eos_airflow.errors import ConfigurationError
+from eos_airflow.ledger import migrate as _migrate
+from eos_airflow.protocol.effect import MAX_RESULT_BYTES, ON_COMMITTED, Effect, Origin
+from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome, run_effect
+
+Connect = Callable[[], "psycopg.Connection[Any]"]
+
+#: TCP keepalives so that the server notices a vanished client (its claim then frees) within
+#: about a minute instead of the kernel default of two hours.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+              "keepalives_count": 3}
+
+
+class Ledger:
+    """An idempotency ledger in one PostgreSQL database.
+
+    >>> ledger = Ledger("postgresql://localhost/warehouse")
+    >>> ledger.run("sales/2024-01-01", lambda eos: eos.conn.execute("INSERT ...") and {"ok": 1})
+
+    Connections are kept in a small pool (one per concurrent caller) and reused.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = "eos",
+        connect: Connect | None = None,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+        max_result_bytes: int = MAX_RESULT_BYTES,
+        max_idle: int = 32,
+    ) -> None:
+        if (dsn is None) == (connect is None):
+            raise ConfigurationError("Ledger needs exactly one of dsn= or connect=")
+        if not schema:
+            raise ConfigurationError("schema must be a non-empty name, e.g. 'eos'")
+        self.dsn = dsn
+        self.schema = schema
+        self.wait_timeout = wait_timeout
+        self.max_result_bytes = max_result_bytes
+        self._connect = connect or self._connect_dsn
+        self._idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue(max_idle)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Ledger schema={self.schema!r} idle_connections={self._idle.qsize()}>"
+
+    def _connect_dsn(self) -> psycopg.Connection[Any]:
+        assert self.dsn is not None
+        return psycopg.connect(self.dsn, autocommit=True, application_name="eos-airflow",
+                               **KEEPALIVES)
+
+    def connection(self) -> psycopg.Connection[Any]:
+        """Take a connection from the pool (or open one); give it back with :meth:`putconn`."""
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        if not conn.autocommit:
+            conn.autocommit = True
+        return conn
+
+    def putconn(self, conn: psycopg.Connection[Any]) -> None:
+        idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if self._closed or conn.closed or not idle:
+            conn.close()
+            return
+        try:
+            self._idle.put_nowait(conn)
+        except queue.Full:
+            conn.close()
+
+    def run(
+        self,
+        key: str,
+        fn: Callable[[Effect], Any],
+        *,
+        attempt: int = 1,
+        on_committed: str = "skip",
+        origin: Origin | None = None,
+        wait_timeout: float | None = None,
+    ) -> Any:
+        """Run ``fn(eos)`` as effect ``key`` exactly once and return its (stored) result."""
+        return self.run_outcome(key, fn, attempt=attempt, on_committed=on_committed,
+                                origin=origin, wait_timeout=wait_timeout).result
+
+    def run_outcome(
+        self,
+        key: str,
+        fn: Callable[[Effect], Any],
+        *,
+        attempt: int = 1,
+        on_committed: str = "skip",
+        origin: Origin | None = None,
+        wait_timeout: float | None = None,
+    ) -> Outcome:
+        """Like :meth:`run`, but say what happened (committed, replaced or skipped)."""
+        if on_committed not in ON_COMMITTED:
+            raise ConfigurationError(
+                f"on_committed={on_committed!r} is not one of {', '.join(ON_COMMITTED)}"
+            )
+        if not isinstance(attempt, int) or attempt < 1:
+            raise ConfigurationError(f"attempt must be an integer >= 1, got {attempt!r}")
+        conn = self.connection()
+        try:
+            return run_effect(
+                conn, key, fn, schema=self.schema, attempt=attempt, on_committed=on_committed,
+                origin=origin, max_result_bytes=self.max_result_bytes,
+                wait_timeout=self.wait_timeout if wait_timeout is None else wait_timeout,
+            )
+        finally:
+            self.putconn(conn)
+
+    def migrate(self) -> list[str]:
+        """Create or upgrade the ledger schema; return the revisions applied."""
+        return _migrate.migrate(self._connect, self.schema)
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

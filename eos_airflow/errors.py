@@ -1,0 +1,60 @@
+"""Errors raised by eos-airflow.
+
+Every error derives from :class:`EosError` and says what happened and what to do next.
+``retryable`` tells the Airflow adapters whether another try can succeed: permanent errors
+are raised to Airflow as ``AirflowFailException`` so it does not retry them.
+"""
+
+from __future__ import annotations
+
+
+class EosError(Exception):
+    """Root of every error raised by eos-airflow."""
+
+    retryable: bool = False
+
+
+class LedgerSchemaError(EosError):
+    """The ledger schema is missing, outdated or written by a newer eos-airflow."""
+
+
+class ConfigurationError(EosError):
+    """A connection, option or argument is invalid."""
+
+
+class BadKeyError(ConfigurationError):
+    """An effect key is empty, too long, contains control characters or failed to render."""
+
+
+class ResultError(EosError):
+    """The function's return value cannot be stored in the ledger (not JSON, or too large)."""
+
+
+class FencedError(EosError):
+    """A newer attempt claimed the key: this attempt's writes were rolled back; do not retry it."""
+
+
+class KeyInProgressError(EosError):
+    """Another live attempt holds the key; retry later (the key is not lost)."""
+
+    retryable = True
+
+
+class AlreadyCommittedError(EosError):
+    """The key is committed and ``on_committed="fail"`` forbids running it again."""
+
+
+class UserCodeError(EosError):
+    """The effect's SQL or function failed; its writes were rolled back."""
+
+    retryable = True
+
+
+class FailpointError(EosError):
+    """An injected failure (``EOS_FAILPOINTS``) fired; used only in fault-injection runs."""
+
+    retryable = True
+
+
+class LedgerIntegrityError(EosError):
+    """``ledger verify`` found an event whose hash chain does not hold."""

@@ -1,0 +1,63 @@
+"""Fault injection at named protocol steps, off unless ``EOS_FAILPOINTS`` is set.
+
+``EOS_FAILPOINTS="after_commit=exit,before_commit=raise,after_claim=sleep:2.5"``:
+
+- ``raise``: raise :class:`~eos_airflow.errors.FailpointError` at that step;
+- ``exit``: end the process at once with ``os._exit(EXIT_CODE)`` (no cleanup, like SIGKILL);
+- ``sleep:SECONDS``: pause, e.g. to let a newer attempt claim the key meanwhile.
+
+An optional ``@N`` suffix on the step fires only on attempt N (``after_commit@1=exit``), so a
+retry of the same task runs clean.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from eos_airflow.errors import ConfigurationError, FailpointError
+
+#: Steps of the single-database protocol (docs/guarantees.md names them).
+STEPS = frozenset({"after_claim", "before_commit", "after_commit"})
+#: Exit status used by ``exit``; 137 is what a shell reports for SIGKILL.
+EXIT_CODE = 137
+
+
+def _parse(spec: str) -> dict[tuple[str, int | None], str]:
+    actions: dict[tuple[str, int | None], str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        step, sep, action = item.partition("=")
+        step, _, only = step.strip().partition("@")
+        action = action.strip()
+        if not sep or not (action in ("raise", "exit") or action.startswith("sleep:")):
+            raise ConfigurationError(
+                f"EOS_FAILPOINTS entry {item!r} is not STEP=ACTION; "
+                "ACTION is raise, exit or sleep:SECONDS (e.g. after_commit=exit)"
+            )
+        if action.startswith("sleep:"):
+            try:
+                float(action[6:])
+            except ValueError:
+                raise ConfigurationError(
+                    f"EOS_FAILPOINTS entry {item!r}: sleep needs seconds, e.g. sleep:2.5"
+                ) from None
+        actions[(step, int(only) if only else None)] = action
+    return actions
+
+
+def check(step: str, *, attempt: int | None = None) -> None:
+    """Fire the failpoint configured for ``step`` (and ``attempt``), if any."""
+    spec = os.environ.get("EOS_FAILPOINTS")
+    if not spec:
+        return
+    actions = _parse(spec)
+    action = actions.get((step, attempt)) or actions.get((step, None))
+    if action is None:
+        return
+    if action == "raise":
+        raise FailpointError(f"failpoint {step} fired (EOS_FAILPOINTS={spec!r})")
+    if action == "exit":
+        print(f"eos-airflow: failpoint {step} exits the process", file=sys.stderr, flush=True)
+        os._exit(EXIT_CODE)
+    time.sleep(float(action[6:]))

@@ -1,0 +1,136 @@
+"""Create and upgrade the ledger schema with Alembic (``eos-airflow db migrate``).
+
+The Alembic version table lives inside the ledger schema, next to ``schema_migrations``,
+which records every revision applied with the checksum of its file. Two migrations started
+at once serialise on an advisory lock and the second finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from eos_airflow.errors import LedgerSchemaError
+
+#: Advisory lock key taken by every migration run ("eos-mig" in ASCII).
+MIGRATION_LOCK = 0x656F732D6D6967
+
+
+def _script_location() -> Path:
+    return Path(str(resources.files("eos_airflow.ledger").joinpath("migrations")))
+
+
+def _config(schema: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(_script_location()))
+    config.attributes["schema"] = schema
+    return config
+
+
+def head_revision() -> str:
+    """The newest schema revision this package ships."""
+    head = ScriptDirectory.from_config(_config("eos")).get_current_head()
+    assert head is not None
+    return head
+
+
+def _engine(connect: Callable[[], psycopg.Connection[Any]]) -> sa.Engine:
+    # A DSN may be a libpq key/value string and an Airflow connection comes from its hook,
+    # neither of which a SQLAlchemy URL expresses: let SQLAlchemy use the connection we open.
+    def creator() -> psycopg.Connection[Any]:
+        conn = connect()
+        conn.autocommit = False
+        return conn
+
+    return sa.create_engine("postgresql+psycopg://", creator=creator, poolclass=sa.NullPool)
+
+
+def migrate(target: str | Callable[[], psycopg.Connection[Any]], schema: str = "eos") -> list[str]:
+    """Apply every pending migration to ``target`` (a DSN or a connection factory) and
+    return the revisions applied (empty when the schema is up to date)."""
+    applied: list[str] = []
+    config = _config(schema)
+    config.attributes["applied"] = applied
+    connect = (lambda: psycopg.connect(target)) if isinstance(target, str) else target
+    engine = _engine(connect)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+    return applied
+
+
+def current_revision(conn: psycopg.Connection[Any], schema: str) -> str | None:
+    """The schema revision stored in the database, or None if the ledger was never migrated."""
+    engine = sa.create_engine("postgresql+psycopg://", creator=lambda: conn, poolclass=sa.StaticPool)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"version_table_schema": schema, "version_table": "alembic_version"}
+        )
+        return context.get_current_revision()
+
+
+def check_revision(conn: psycopg.Connection[Any], schema: str) -> str:
+    """Raise :class:`LedgerSchemaError` unless the ledger is at this package's head revision."""
+    found = current_revision(conn, schema)
+    head = head_revision()
+    if found == head:
+        return found
+    if found is None:
+        raise LedgerSchemaError(
+            f'ledger schema "{schema}" is missing in this database; '
+            "create it with `eos-airflow db migrate` (same --dsn/--conn-id)"
+        )
+    known = {s.revision for s in ScriptDirectory.from_config(_config(schema)).walk_revisions()}
+    if found not in known:
+        raise LedgerSchemaError(
+            f'ledger schema "{schema}" is at revision {found}, written by a newer eos-airflow '
+            f"(this one knows up to {head}); upgrade eos-airflow on this machine"
+        )
+    raise LedgerSchemaError(
+        f'ledger schema "{schema}" is at revision {found}, this eos-airflow needs {head}; '
+        "run `eos-airflow db migrate`"
+    )
+
+
+def record_applied(*, ctx: Any, step: Any, heads: Any, run_args: Any) -> None:
+    """Alembic ``on_version_apply`` hook: record the revision and its file checksum."""
+    revision = step.up_revision
+    path = Path(revision.path)
+    config = ctx.config
+    schema = config.attributes["schema"]
+    table = sa.table(
+        "schema_migrations",
+        sa.column("revision"),
+        sa.column("description"),
+        sa.column("checksum"),
+        sa.column("package_version"),
+        schema=schema,
+    )
+    ctx.connection.execute(
+        table.insert().values(
+            revision=revision.revision,
+            description=(revision.doc or "").strip(),
+            checksum=hashlib.sha256(path.read_bytes()).hexdigest(),
+            package_version=_package_version(),
+        )
+    )
+    config.attributes.setdefault("applied", []).append(revision.revision)
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("eos-airflow")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,47 @@
+"""Loads the ledger's SQL (``sql/*.sql``) and renders the schema name as an identifier.
+
+This module is the only reader of the SQL files: the protocol and the CLI ask it for a query
+by name. Identifiers go through :mod:`psycopg.sql`; values are always bound parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def _read(filename: str) -> str:
+    return resources.files("eos_airflow.ledger").joinpath("sql", filename).read_text("utf-8")
+
+
+def render(text: str, schema: str) -> sql.Composed:
+    """Render ``{schema}`` in ``text`` as the quoted identifier ``schema``."""
+    return sql.SQL(text).format(schema=sql.Identifier(schema))
+
+
+@functools.cache
+def _blocks() -> dict[str, str]:
+    parts = _NAME.split(_read("queries.sql"))
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+@functools.cache
+def query(name: str, schema: str) -> bytes:
+    """The named query for ``schema``, rendered once and cached as bytes for the hot path."""
+    return render(_blocks()[name], schema).as_bytes(None)
+
+
+def names() -> list[str]:
+    return sorted(_blocks())
+
+
+def execute_script(conn: psycopg.Connection[Any], filename: str, schema: str) -> None:
+    """Run a whole ``sql/`` script (e.g. a migration's functions) in ``conn``'s transaction."""
+    conn.execute(render(_read(filename), schema))

@@ -1,0 +1,91 @@
+"""The ledger tables, declared once as SQLAlchemy Core metadata.
+
+Migrations (``eos_airflow/ledger/migrations``) create exactly this; a test checks that
+"all migrations applied" has no difference from this metadata. The hot path never uses
+SQLAlchemy: it calls the SQL functions installed by the migrations (``sql/``).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+#: Lifecycle of an effect key.
+EFFECT_STATES = (
+    "running",  # an attempt claimed the key and has not committed or failed yet
+    "committed",  # an attempt's writes and this mark committed in one transaction
+    "failed",  # the last attempt rolled back; the next claim may run the key again
+)
+
+#: Kinds of audit events; each protocol decision appends one.
+EVENT_KINDS = (
+    "claimed",  # an attempt took the key (detail says whose claim it replaced, if any)
+    "committed",  # the effect committed (first version)
+    "replaced",  # on_committed="replace" committed a new version of a committed effect
+    "skipped",  # the key was committed already; the user's code did not run
+    "fenced",  # a newer attempt owned the key; this attempt could not claim or commit
+    "failed",  # the attempt's transaction rolled back (error in user code or SQL)
+)
+
+#: Bytes of a SHA-256 digest; the first event of a key chains to this many zero bytes.
+HASH_BYTES = 32
+
+# C collation: byte-wise order, the same on every server, and prefix scans (LIKE 'sales/%')
+# can use the primary key index.
+_KEY = sa.Text(collation="C")
+
+
+def ledger_metadata(schema: str = "eos") -> sa.MetaData:
+    """Return the ledger's tables in ``schema``."""
+    metadata = sa.MetaData(schema=schema)
+    state = pg.ENUM(*EFFECT_STATES, name="effect_state", schema=schema, create_type=False)
+    kind = pg.ENUM(*EVENT_KINDS, name="event_kind", schema=schema, create_type=False)
+    sa.Table(
+        "ledger",
+        metadata,
+        sa.Column("key", _KEY, primary_key=True),
+        sa.Column("state", state, nullable=False),
+        sa.Column("attempt", sa.Integer, nullable=False),
+        sa.Column("owner", pg.UUID, nullable=True, comment="token of the live claim, if any"),
+        sa.Column("dag_id", sa.Text),
+        sa.Column("task_id", sa.Text),
+        sa.Column("run_id", sa.Text),
+        sa.Column("map_index", sa.Integer),
+        sa.Column("host", sa.Text),
+        sa.Column("pid", sa.Integer),
+        sa.Column("result", pg.JSONB),
+        sa.Column("version", sa.Integer, nullable=False, server_default=sa.text("0")),
+        sa.Column("claimed_at", sa.TIMESTAMP(timezone=True), nullable=False),
+        sa.Column("committed_at", sa.TIMESTAMP(timezone=True)),
+        sa.Column("updated_at", sa.TIMESTAMP(timezone=True), nullable=False),
+        sa.Column("event_seq", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+        sa.Column("last_hash", sa.LargeBinary, nullable=False),
+        sa.Index("ledger_origin_idx", "dag_id", "task_id", "run_id"),
+        sa.Index("ledger_state_idx", "state"),
+    )
+    sa.Table(
+        "ledger_events",
+        metadata,
+        sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+        sa.Column("key", _KEY, nullable=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("event", kind, nullable=False),
+        sa.Column("attempt", sa.Integer, nullable=False),
+        sa.Column("at", sa.TIMESTAMP(timezone=True), nullable=False),
+        sa.Column("detail", pg.JSONB, nullable=False),
+        sa.Column("prev_hash", sa.LargeBinary, nullable=False),
+        sa.Column("hash", sa.LargeBinary, nullable=False),
+        sa.UniqueConstraint("key", "seq", name="ledger_events_key_seq_key"),
+        sa.Index("ledger_events_at_idx", "at"),
+    )
+    sa.Table(
+        "schema_migrations",
+        metadata,
+        sa.Column("revision", sa.Text, primary_key=True),
+        sa.Column("description", sa.Text, nullable=False),
+        sa.Column("checksum", sa.Text, nullable=False, comment="sha256 of the migration file"),
+        sa.Column("package_version", sa.Text, nullable=False),
+        sa.Column("applied_at", sa.TIMESTAMP(timezone=True), nullable=False,
+                  server_default=sa.text("now()")),
+    )
+    return metadata
