@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from eos_airflow.errors import ConfigurationError, FailpointError
 
@@ -22,6 +23,20 @@ from eos_airflow.errors import ConfigurationError, FailpointError
 STEPS = frozenset({"after_claim", "before_commit", "after_commit"})
 #: Exit status used by ``exit``; 137 is what a shell reports for SIGKILL.
 EXIT_CODE = 137
+
+#: In-process hooks by step, for tests that hold attempts at a step (barriers). Set with
+#: :func:`set_hook`; each hook receives the attempt number.
+_hooks: dict[str, Callable[[int | None], None]] = {}
+
+
+def set_hook(step: str, hook: Callable[[int | None], None] | None) -> None:
+    """Call ``hook(attempt)`` whenever a thread of this process reaches ``step`` (None clears)."""
+    if step not in STEPS:
+        raise ConfigurationError(f"unknown failpoint step {step!r}; known: {sorted(STEPS)}")
+    if hook is None:
+        _hooks.pop(step, None)
+    else:
+        _hooks[step] = hook
 
 
 def _parse(spec: str) -> dict[tuple[str, int | None], str]:
@@ -48,6 +63,9 @@ def _parse(spec: str) -> dict[tuple[str, int | None], str]:
 
 def check(step: str, *, attempt: int | None = None) -> None:
     """Fire the failpoint configured for ``step`` (and ``attempt``), if any."""
+    hook = _hooks.get(step)
+    if hook is not None:
+        hook(attempt)
     spec = os.environ.get("EOS_FAILPOINTS")
     if not spec:
         return

