@@ -8,9 +8,10 @@ at once serialise on an advisory lock and the second finds nothing to do.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
