@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,8 @@ def _plain(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, bytes | memoryview):
         return bytes(value).hex()
+    if isinstance(value, uuid.UUID):
+        return str(value)
     return value
 
 
@@ -96,7 +99,7 @@ def verification(args: argparse.Namespace, result: Verification) -> None:
     first = result.first_problem
     data = {
         "ok": result.ok, "events": result.events, "keys": result.keys,
-        "problems": len(result.problems),
+        "problems": result.problem_count,
         "first_bad": None if first is None else {
             "key": first.key, "seq": first.seq, "event_id": first.event_id,
             "reason": first.reason},
@@ -106,7 +109,7 @@ def verification(args: argparse.Namespace, result: Verification) -> None:
     elif result.ok:
         print(f"ledger verified: {result.events} events of {result.keys} keys, hash chains intact")
     else:
-        print(f"LEDGER VERIFICATION FAILED: {len(result.problems)} problem(s) in "
+        print(f"LEDGER VERIFICATION FAILED: {result.problem_count} problem(s) in "
               f"{result.events} events of {result.keys} keys", file=sys.stderr)
         print(f"first bad event: {first}", file=sys.stderr)
         for problem in result.problems[1:10]:

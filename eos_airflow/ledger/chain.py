@@ -58,7 +58,8 @@ class Problem:
 class Verification:
     events: int = 0
     keys: int = 0
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # the first max_problems of them
+    problem_count: int = 0
 
     @property
     def ok(self) -> bool:
@@ -73,7 +74,7 @@ def check_events(rows: Iterable[dict[str, Any]], heads: dict[str, tuple[int, byt
                  *, max_problems: int = 100) -> Verification:
     """Check events ordered by (key, seq) against each other and against the ledger heads."""
     result = Verification()
-    problems = result.problems
+    problems: list[Problem] = []
     key: str | None = None
     expected_seq, prev = 1, GENESIS
 
@@ -96,8 +97,6 @@ def check_events(rows: Iterable[dict[str, Any]], heads: dict[str, tuple[int, byt
             key, expected_seq, prev = row["key"], 1, GENESIS
             result.keys += 1
         result.events += 1
-        if len(problems) >= max_problems:
-            continue
         if row["seq"] != expected_seq:
             problems.append(Problem(key, row["seq"], row["id"],
                                     f"expected event number {expected_seq} of this key "
@@ -115,18 +114,20 @@ def check_events(rows: Iterable[dict[str, Any]], heads: dict[str, tuple[int, byt
         if seq > 0:
             problems.append(Problem(orphan, seq, None,
                                     f"ledger row records {seq} events but none exist (deleted)"))
+    result.problems = problems[:max_problems]
+    result.problem_count = len(problems)
     return result
 
 
 def _stream(conn: psycopg.Connection[Any], schema: str) -> Iterator[dict[str, Any]]:
     with conn.transaction(), conn.cursor("eos_verify", row_factory=dict_row) as cur:
         cur.itersize = 5000
-        cur.execute(query("chain_events", schema))
+        cur.execute(query("chain_events", schema), {})
         yield from cur
 
 
 def verify(conn: psycopg.Connection[Any], schema: str = "eos") -> Verification:
     """Walk every key's chain in the database."""
     with conn.cursor() as cur:
-        heads = {k: (seq, bytes(h)) for k, seq, h in cur.execute(query("chain_heads", schema))}
+        heads = {k: (seq, bytes(h)) for k, seq, h in cur.execute(query("chain_heads", schema), {})}
     return check_events(_stream(conn, schema), heads)

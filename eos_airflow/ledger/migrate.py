@@ -67,6 +67,12 @@ def migrate(target: str | Callable[[], psycopg.Connection[Any]], schema: str = "
         with engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+    except sa.exc.DBAPIError as exc:
+        # SQLAlchemy wraps the driver's errors (e.g. a refused connection); callers, like
+        # `db migrate`, handle psycopg's own.
+        if isinstance(exc.orig, psycopg.Error):
+            raise exc.orig from exc
+        raise
     finally:
         engine.dispose()
     return applied

@@ -34,8 +34,13 @@ def _blocks() -> dict[str, str]:
 
 @functools.cache
 def query(name: str, schema: str) -> bytes:
-    """The named query for ``schema``, rendered once and cached as bytes for the hot path."""
-    return render(_blocks()[name], schema).as_bytes(None)
+    """The named query for ``schema``, rendered once and cached as bytes for the hot path.
+
+    Always execute it with parameters (``{}`` if none): a ``%`` in the schema name is
+    doubled so that psycopg does not read it as a placeholder.
+    """
+    ident = sql.Identifier(schema).as_string(None).replace("%", "%%")
+    return sql.SQL(_blocks()[name]).format(schema=sql.SQL(ident)).as_bytes(None)
 
 
 def names() -> list[str]:

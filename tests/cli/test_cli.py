@@ -178,8 +178,6 @@ def test_ledger_show_entry_and_events(listed: str):
     assert "no ledger entry for key 'sales/1999-01-01'" in unknown.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="bug: output._plain cannot encode the owner UUID of a "
-                   "running key, so `ledger show --format json` crashes")
 def test_ledger_show_json_of_a_running_key(ledger: Ledger, db: str):
     running, done = threading.Event(), threading.Event()
 
@@ -273,8 +271,6 @@ def test_errors_exit_codes_and_messages(empty_db: str):
     assert "unrecognized arguments: --bogus" in bad_option.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="bug: migrate() wraps connection errors in "
-                   "sqlalchemy.exc.OperationalError, which `db migrate` does not catch")
 def test_db_migrate_unreachable_database():
     out = cli("db", "migrate", "--dsn", UNREACHABLE)
     assert out.returncode == 3, out.stderr

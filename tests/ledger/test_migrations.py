@@ -189,8 +189,6 @@ def test_odd_schema_name_migrates_into_exactly_that_schema(empty_db: str):
             check_revision(conn, "eos")
 
 
-@pytest.mark.xfail(strict=True, raises=psycopg.ProgrammingError,
-                   reason="bug: '%' in the schema name is read as a query placeholder")
 def test_schema_name_with_percent_sign(empty_db: str):
     schema = "eos%s 100%"
     assert migrate(empty_db, schema) == ["0001"]

@@ -240,5 +240,6 @@ def test_connection_is_reused_between_effects(ledger: Ledger, sales):
     for i in range(5):
         ledger.run(f"k{i}", insert())
     assert sales.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'eos-airflow'"
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'eos-airflow' "
+        "AND datname = current_database()"
     ).fetchone() == (1,)

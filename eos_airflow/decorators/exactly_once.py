@@ -1,0 +1,95 @@
+"""``@task.exactly_once``: a TaskFlow function whose writes commit with its ledger entry.
+
+.. code-block:: python
+
+    @task.exactly_once(conn_id="warehouse", key="sales/{{ ds }}")
+    def load(eos, ds=None):
+        eos.conn.execute("INSERT INTO sales_daily SELECT ... WHERE day = %s", [ds])
+        return {"day": ds}
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
+from airflow.sdk.bases.decorator import task_decorator_factory
+
+from eos_airflow.operators.base import ExactlyOnceMixin
+from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
+from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT
+
+if TYPE_CHECKING:
+    from airflow.sdk.bases.decorator import TaskDecorator
+
+#: Name of the parameter through which the open effect is passed to the function.
+EFFECT_PARAMETER = "eos"
+
+
+class _ExactlyOnceDecoratedOperator(ExactlyOnceMixin, _PythonDecoratedOperator):
+    """Calls the function inside the effect: ``eos`` (if it takes one) is the open effect."""
+
+    custom_operator_name = "@task.exactly_once"
+
+    def __init__(
+        self,
+        *,
+        python_callable: Callable[..., Any],
+        op_args: Any = None,
+        op_kwargs: dict[str, Any] | None = None,
+        conn_id: str,
+        key: str | None = None,
+        on_committed: str = "skip",
+        ledger_schema: str = "eos",
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+        max_result_bytes: int = MAX_RESULT_BYTES,
+        **kwargs: Any,
+    ) -> None:
+        op_kwargs = dict(op_kwargs or {})
+        self._takes_effect = EFFECT_PARAMETER in inspect.signature(python_callable).parameters
+        if self._takes_effect:
+            # Airflow binds the signature when the DAG is parsed; the real effect exists
+            # only at run time, so a placeholder stands in until execute_callable.
+            op_kwargs.setdefault(EFFECT_PARAMETER, None)
+        super().__init__(python_callable=python_callable, op_args=op_args or (),
+                         op_kwargs=op_kwargs, **kwargs)
+        self._init_effect(conn_id=conn_id, key=key, on_committed=on_committed,
+                          ledger_schema=ledger_schema, wait_timeout=wait_timeout,
+                          max_result_bytes=max_result_bytes)
+        self._effect: Effect | None = None
+
+    def execute(self, context: Any) -> Any:
+        def call(eos: Effect) -> Any:
+            self._effect = eos
+            try:
+                return super(_ExactlyOnceDecoratedOperator, self).execute(context)
+            finally:
+                self._effect = None
+
+        return self.run_effect(context, call)
+
+    def execute_callable(self) -> Any:
+        if self._takes_effect:
+            # a new dict: op_kwargs may be the context itself when the function takes **kwargs
+            self.op_kwargs = {**self.op_kwargs, EFFECT_PARAMETER: self._effect}
+        return super().execute_callable()
+
+
+def exactly_once_task(
+    python_callable: Callable[..., Any] | None = None,
+    multiple_outputs: bool | None = None,
+    **kwargs: Any,
+) -> TaskDecorator:
+    """Wrap a function into an exactly-once task (``@task.exactly_once(conn_id=...)``)."""
+    return task_decorator_factory(
+        python_callable=python_callable,
+        multiple_outputs=multiple_outputs,
+        decorated_operator_class=_ExactlyOnceDecoratedOperator,
+        **kwargs,
+    )
+
+
+#: ``from eos_airflow import exactly_once`` — the same decorator as ``@task.exactly_once``.
+exactly_once = exactly_once_task

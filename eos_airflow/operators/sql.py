@@ -1,0 +1,70 @@
+"""``ExactlyOnceSQLOperator``: templated SQL committed in one transaction with its ledger entry."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from eos_airflow.operators.base import ExactlyOnceMixin
+from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
+from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT
+
+
+class ExactlyOnceSQLOperator(ExactlyOnceMixin, BaseOperator):
+    """Run ``sql`` (one statement or a list) exactly once against ``conn_id``'s database.
+
+    The statements and the ledger's commit mark share one transaction: a retry after a crash
+    either finds the effect committed and skips, or finds nothing written and runs again.
+
+    :param conn_id: Airflow Postgres connection of the target database (holds the ledger).
+    :param sql: SQL string, list of strings, or a ``.sql`` file (templated).
+    :param parameters: bind parameters for every statement (templated).
+    :param key: effect key (templated); default ``{dag_id}/{task_id}/{run_id}/{map_index}``.
+    :param on_committed: ``"skip"`` (default), ``"replace"`` or ``"fail"``.
+    :param ledger_schema: schema holding the ledger (default ``eos``).
+    :param wait_timeout: seconds to wait for another live attempt of the key.
+    :param max_result_bytes: bound on the stored result.
+
+    Returns ``{"rowcounts": [...]}``, one count per statement, stored in the ledger.
+    """
+
+    template_fields: Sequence[str] = ("sql", "parameters")
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers = {"sql": "sql", "parameters": "json"}
+    ui_color = "#cdeccd"
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        sql: str | Sequence[str],
+        parameters: Mapping[str, Any] | Sequence[Any] | None = None,
+        key: str | None = None,
+        on_committed: str = "skip",
+        ledger_schema: str = "eos",
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+        max_result_bytes: int = MAX_RESULT_BYTES,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._init_effect(conn_id=conn_id, key=key, on_committed=on_committed,
+                          ledger_schema=ledger_schema, wait_timeout=wait_timeout,
+                          max_result_bytes=max_result_bytes)
+        if not sql or (not isinstance(sql, str) and not all(isinstance(s, str) for s in sql)):
+            raise ValueError("sql must be a non-empty SQL string or a list of SQL strings")
+        self.sql = sql
+        self.parameters = parameters
+
+    def execute(self, context: Any) -> Any:
+        statements = [self.sql] if isinstance(self.sql, str) else list(self.sql)
+
+        def run_statements(eos: Effect) -> dict[str, list[int]]:
+            rowcounts = []
+            for statement in statements:
+                cursor = eos.conn.execute(statement, self.parameters)
+                rowcounts.append(cursor.rowcount)
+            return {"rowcounts": rowcounts}
+
+        return self.run_effect(context, run_statements)

@@ -1,0 +1,33 @@
+"""Provider metadata read by Airflow through the ``apache_airflow_provider`` entry point.
+
+Kept import-light: Airflow calls this for every command, so it must not import Airflow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "eos-airflow",
+        "name": "eos-airflow",
+        "description": "Exactly-once effects: a fenced PostgreSQL idempotency ledger that "
+        "commits task outputs in the same transaction.",
+        "task-decorators": [
+            {"name": "exactly_once",
+             "class-name": "eos_airflow.decorators.exactly_once.exactly_once_task"},
+        ],
+        "operators": [
+            {"integration-name": "eos-airflow",
+             "python-modules": ["eos_airflow.operators.sql"]},
+        ],
+        "hooks": [
+            {"integration-name": "eos-airflow", "python-modules": ["eos_airflow.hooks.ledger"]},
+        ],
+        "integrations": [
+            {"integration-name": "eos-airflow",
+             "external-doc-url": "https://pypi.org/project/eos-airflow/",
+             "tags": ["service"]},
+        ],
+    }
