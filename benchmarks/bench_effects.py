@@ -47,7 +47,11 @@ P1_GOAL = 1.3
 P2_GOAL = 0.8
 P2_WRITERS = 16
 #: Target wall time of P1's measured rounds when --ops is not given (the whole P1 stays < 60 s).
-P1_BUDGET_S = 35.0
+P1_BUDGET_S = 30.0
+#: P1 stops after the round that passes this many seconds, even if rounds remain.
+P1_DEADLINE_S = 55.0
+#: No statement of the benchmark may hang it: the server cancels any statement after this.
+STATEMENT_TIMEOUT_MS = 120_000
 SETTINGS = ("server_version", "synchronous_commit", "fsync", "wal_sync_method",
             "full_page_writes", "commit_delay", "wal_level", "shared_buffers", "max_connections")
 
@@ -80,6 +84,7 @@ def _check_loopback(dsn: str) -> None:
 def _with_db(dsn: str, dbname: str) -> str:
     params = conninfo.conninfo_to_dict(dsn)
     params["dbname"] = dbname
+    params["options"] = f"{params.get('options') or ''} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
     return conninfo.make_conninfo(**params)
 
 
@@ -162,9 +167,9 @@ def run_p1(dsn: str, ledger: Ledger, rounds: int, ops: int | None, warmup: int,
         w_bare = _timed(bare, seq, warmup)
         w_eos = _timed(eos, seq, warmup)
         seq += warmup
-        if ops is None:
-            per_pair = statistics.median(w_bare) + statistics.median(w_eos)
-            ops = max(100, min(5000, int(P1_BUDGET_S / (rounds * per_pair * 1.15))))
+        if ops is None:  # size from the warm-up means (they include the slow tail)
+            per_pair = statistics.fmean(w_bare) + statistics.fmean(w_eos)
+            ops = max(100, min(5000, int(P1_BUDGET_S / (rounds * per_pair))))
         log(f"P1: warm-up {warmup}+{warmup} ops, then {rounds} rounds x {ops} ops per side")
         _checkpoint(dsn)
         per_round = []
@@ -187,12 +192,15 @@ def run_p1(dsn: str, ledger: Ledger, rounds: int, ops: int | None, warmup: int,
             })
             log(f"  round {r + 1}/{rounds}: bare {per_round[-1]['bare_median_ms']:.3f} ms, "
                 f"eos {per_round[-1]['eos_median_ms']:.3f} ms (medians)")
+            if time.perf_counter() - t_start > P1_DEADLINE_S and r + 1 < rounds:
+                log(f"P1: stopping after {r + 1} rounds ({P1_DEADLINE_S:g} s passed)")
+                break
         elapsed = time.perf_counter() - t_start
     finally:
         bare.close()
         eos.close()
     return {
-        "rounds": rounds, "ops_per_round": ops, "warmup": warmup, "elapsed_s": elapsed,
+        "rounds": len(per_round), "ops_per_round": ops, "warmup": warmup, "elapsed_s": elapsed,
         "per_round": per_round,
         "bare_median_ms": statistics.median(all_bare) * 1e3,
         "eos_median_ms": statistics.median(all_eos) * 1e3,
@@ -224,7 +232,7 @@ def _throughput(kind: str, dsn: str, ledger: Ledger, writers: int, seconds: floa
         side: Bare | Eos
         try:
             side = Bare(dsn) if kind == "bare" else Eos(ledger, f"{tag}/{i}")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
             ready.abort()
             return
@@ -241,7 +249,7 @@ def _throughput(kind: str, dsn: str, ledger: Ledger, writers: int, seconds: floa
                     break
                 if t >= lo:
                     done += 1
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
         finally:
             counts[i] = done
@@ -288,7 +296,7 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     lines = []
     for k, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -320,7 +328,8 @@ def report(settings: dict[str, str], p1: dict[str, Any], p2: dict[int, dict[str,
         f"client: Python {platform.python_version()}, psycopg {psycopg.__version__} "
         f"({psycopg.pq.__impl__}, libpq {psycopg.pq.version()}), {os.cpu_count()} CPUs | "
         f"P1 {p1['rounds']} rounds x {p1['ops_per_round']} ops per side, "
-        f"P2 {next(iter(p2.values()))['seconds']:g} s x 2 runs per side",
+        f"P2 {next(iter(p2.values()))['seconds']:g} s x 2 runs per side | "
+        f"load average at end {os.getloadavg()[0]:.1f}",
     ]
     return _table(rows) + "\n\n" + "\n".join(info)
 

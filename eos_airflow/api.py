@@ -28,7 +28,10 @@ class Ledger:
     """An idempotency ledger in one PostgreSQL database.
 
     >>> ledger = Ledger("postgresql://localhost/warehouse")
-    >>> ledger.run("sales/2024-01-01", lambda eos: eos.conn.execute("INSERT ...") and {"ok": 1})
+    >>> def load(eos):
+    ...     eos.conn.execute("INSERT INTO sales_daily SELECT ... WHERE day = %s", ["2024-01-01"])
+    ...     return {"day": "2024-01-01"}
+    >>> ledger.run("sales_daily/2024-01-01", load)   # a second call skips and returns the same
 
     Connections are kept in a small pool (one per concurrent caller) and reused.
     """

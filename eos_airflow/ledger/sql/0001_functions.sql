@@ -13,11 +13,13 @@ AS $$ SELECT hashtextextended(p_key || '/' || p_owner::text, 0) $$;
 -- SHA-256 over the previous hash and a canonical encoding of the event:
 -- key, seq, event, attempt, at (microseconds since the epoch) and detail (jsonb text),
 -- joined by the unit separator U+001F. eos_airflow/ledger/chain.py computes the same.
+-- STABLE, not IMMUTABLE: concat_ws, convert_to and extract are STABLE, and a SQL function
+-- declared less volatile than its body is re-planned on every call instead of inlined.
 CREATE FUNCTION {schema}.event_hash(
     p_prev bytea, p_key text, p_seq bigint, p_event {schema}.event_kind, p_attempt integer,
     p_at timestamptz, p_detail jsonb
 ) RETURNS bytea
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     SELECT sha256(p_prev || convert_to(concat_ws(chr(31), p_key, p_seq, p_event, p_attempt,
         (extract(epoch FROM p_at) * 1000000)::bigint, p_detail::text), 'UTF8'))
