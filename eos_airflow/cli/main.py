@@ -8,6 +8,7 @@ Every command takes ``--format json``. Exit codes: 0 fine, 1 verification failed
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # stdout carries the command's output (JSON lines, CSV): keep library chatter off it
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except LedgerSchemaError as exc:

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import errors as pgerrors
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from eos_airflow.errors import LedgerSchemaError
+from eos_airflow.ledger.queries import query
 
 #: Advisory lock key taken by every migration run ("eos-mig" in ASCII).
 MIGRATION_LOCK = 0x656F732D6D6967
@@ -80,12 +81,12 @@ def migrate(target: str | Callable[[], psycopg.Connection[Any]], schema: str = "
 
 def current_revision(conn: psycopg.Connection[Any], schema: str) -> str | None:
     """The schema revision stored in the database, or None if the ledger was never migrated."""
-    engine = sa.create_engine("postgresql+psycopg://", creator=lambda: conn, poolclass=sa.StaticPool)
-    with engine.connect() as connection:
-        context = MigrationContext.configure(
-            connection, opts={"version_table_schema": schema, "version_table": "alembic_version"}
-        )
-        return context.get_current_revision()
+    try:
+        with conn.transaction():
+            row = conn.execute(query("schema_revision", schema), {}).fetchone()
+    except (pgerrors.UndefinedTable, pgerrors.InvalidSchemaName):
+        return None
+    return None if row is None else row[0]
 
 
 def check_revision(conn: psycopg.Connection[Any], schema: str) -> str:
