@@ -103,6 +103,33 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_VERIFY_FAILED
 
 
+def cmd_ledger_export(args: argparse.Namespace) -> int:
+    from eos_airflow.cli import audit
+
+    with _checked(args) as conn:
+        audit.export(conn, args)
+    return EXIT_OK
+
+
+def cmd_ledger_stats(args: argparse.Namespace) -> int:
+    from eos_airflow.cli import audit
+
+    with _checked(args) as conn:
+        data = audit.stats(conn, args)
+    audit.print_stats(args, data)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from eos_airflow.cli import doctor
+
+    conn = _open(args)
+    try:
+        return doctor.run(conn, args)
+    finally:
+        conn.close()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from eos_airflow.cli.demo import run_demo
 
@@ -164,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_parser("verify", parents=[common], help="check the events' hash chains"
                       ).set_defaults(func=cmd_ledger_verify)
 
+    export = ledger.add_parser("export", parents=[common],
+                               help="every event (the audit trail) as JSON lines or CSV")
+    export.add_argument("--output", "-o", help="write to this file (default: stdout)")
+    export.add_argument("--since", help="only events newer than 30d, 12h, … or a timestamp")
+    export.add_argument("--prefix", help="only keys starting with this text")
+    export.set_defaults(func=cmd_ledger_export)  # --format table means JSON lines here
+    stats = ledger.add_parser("stats", parents=[common],
+                              help="commits, skips (duplicates prevented), fences, failures")
+    stats.add_argument("--since", help="only events newer than 30d, 12h, … or a timestamp")
+    stats.add_argument("--by", choices=("dag", "day"), default="dag", help="group rows by")
+    stats.set_defaults(func=cmd_ledger_stats)
+
+    sub.add_parser("doctor", parents=[common],
+                   help="check database settings, schema revision, privileges"
+                   ).set_defaults(func=cmd_doctor)
+
     demo = sub.add_parser("demo", parents=[common],
                           help="run the example DAG through Airflow with injected crashes")
     demo.add_argument("--workdir", default=".eos-demo", help="where the demo keeps its files")
@@ -177,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `eos-airflow ledger export | head`: the reader has what it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except LedgerSchemaError as exc:
         output.error(args, exc)
         return EXIT_DATABASE

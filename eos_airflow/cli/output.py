@@ -47,7 +47,7 @@ def _json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=_plain, sort_keys=True) + "\n")
 
 
-def _table(args: argparse.Namespace, title: str, columns: Sequence[str],
+def table(args: argparse.Namespace, title: str, columns: Sequence[str],
            rows: Sequence[dict[str, Any]]) -> None:
     table = Table(title=title, show_lines=False)
     for column in columns:
@@ -57,7 +57,7 @@ def _table(args: argparse.Namespace, title: str, columns: Sequence[str],
     Console().print(table)
 
 
-def _csv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+def write_csv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
     writer = csv.writer(sys.stdout)
     writer.writerow(columns)
     for row in rows:
@@ -78,21 +78,21 @@ def entries(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             _json(row)
     elif args.format == "csv":
-        _csv(_LIST_COLUMNS, rows)
+        write_csv(_LIST_COLUMNS, rows)
     else:
-        _table(args, f"{len(rows)} ledger entries", _LIST_COLUMNS, rows)
+        table(args, f"{len(rows)} ledger entries", _LIST_COLUMNS, rows)
 
 
 def entry(args: argparse.Namespace, row: dict[str, Any], events: list[dict[str, Any]]) -> None:
     if args.format == "json":
         _json({"entry": row, "events": events})
     elif args.format == "csv":
-        _csv(("key", *_EVENT_COLUMNS, "hash"), events)
+        write_csv(("key", *_EVENT_COLUMNS, "hash"), events)
     else:
-        _table(args, f"ledger entry {row['key']}",
+        table(args, f"ledger entry {row['key']}",
                ("state", "attempt", "version", "dag_id", "task_id", "run_id", "map_index",
                 "host", "claimed_at", "committed_at", "result"), [row])
-        _table(args, f"{len(events)} events", _EVENT_COLUMNS, events)
+        table(args, f"{len(events)} events", _EVENT_COLUMNS, events)
 
 
 def verification(args: argparse.Namespace, result: Verification) -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import errors as pgerrors
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from psycopg import errors as pgerrors
 
 from eos_airflow.errors import LedgerSchemaError
 from eos_airflow.ledger.queries import query
@@ -36,6 +36,12 @@ def _config(schema: str) -> Config:
     config.set_main_option("script_location", str(_script_location()))
     config.attributes["schema"] = schema
     return config
+
+
+def script_paths() -> dict[str, Path]:
+    """Every shipped revision and its migration file."""
+    scripts = ScriptDirectory.from_config(_config("eos"))
+    return {s.revision: Path(s.path) for s in scripts.walk_revisions()}
 
 
 def head_revision() -> str:

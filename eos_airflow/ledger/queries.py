@@ -26,10 +26,20 @@ def render(text: str, schema: str) -> sql.Composed:
     return sql.SQL(text).format(schema=sql.Identifier(schema))
 
 
+#: Files of named query blocks: the protocol's hot path, and the audit tools' reads.
+QUERY_FILES = ("queries.sql", "audit.sql")
+
+
 @functools.cache
 def _blocks() -> dict[str, str]:
-    parts = _NAME.split(_read("queries.sql"))
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    blocks: dict[str, str] = {}
+    for filename in QUERY_FILES:
+        parts = _NAME.split(_read(filename))
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in blocks:
+                raise RuntimeError(f"query {name!r} is defined twice ({filename})")
+            blocks[name] = body.strip()
+    return blocks
 
 
 @functools.cache

@@ -1,0 +1,91 @@
+"""``eos-airflow doctor``: check the database settings, schema, privileges and claims."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from eos_airflow.cli import output
+from eos_airflow.errors import LedgerSchemaError
+from eos_airflow.ledger.migrate import check_revision, script_paths
+from eos_airflow.ledger.queries import query
+
+MIN_SERVER_VERSION = 140000
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]:
+    """Every check as {check, status, detail}; FAIL means tasks cannot run exactly once."""
+    checks: list[dict[str, str]] = []
+
+    def add(check: str, status: str, detail: str) -> None:
+        checks.append({"check": check, "status": status, "detail": detail})
+
+    version = conn.info.server_version
+    add("server version", OK if version >= MIN_SERVER_VERSION else FAIL,
+        f"PostgreSQL {version // 10000}.{version % 10000}"
+        + ("" if version >= MIN_SERVER_VERSION else "; eos-airflow needs 14 or newer"))
+    try:
+        revision = check_revision(conn, schema)
+    except LedgerSchemaError as exc:
+        add("schema revision", FAIL, str(exc))
+        return checks
+    add("schema revision", OK, f'schema "{schema}" at revision {revision}')
+
+    cur = conn.cursor(row_factory=dict_row)
+    shipped = {rev: hashlib.sha256(path.read_bytes()).hexdigest()
+               for rev, path in script_paths().items()}
+    changed = [m["revision"] for m in cur.execute(query("applied_migrations", schema), {})
+               if shipped.get(m["revision"]) not in (None, m["checksum"])]
+    add("migration checksums", WARN if changed else OK,
+        f"applied migrations differ from the shipped files: {', '.join(changed)}" if changed
+        else "every applied migration matches its file")
+
+    facts = cur.execute(query("doctor_facts", schema), {"schema": schema}).fetchone()
+    missing = [name for name, ok in (("SELECT/INSERT/UPDATE on ledger", facts["ledger_rw"]),
+                                     ("SELECT/INSERT on ledger_events", facts["events_insert"]),
+                                     ("EXECUTE on the ledger functions", facts["can_claim"]))
+               if not ok]
+    add("privileges", FAIL if missing else OK,
+        f"role {facts['role']} lacks {', '.join(missing)}; GRANT them to the role tasks use"
+        if missing else f"role {facts['role']} can claim and commit")
+    add("append-only events", OK if facts["append_only"] else FAIL,
+        "trigger ledger_events_append_only is enabled" if facts["append_only"] else
+        "trigger ledger_events_append_only is disabled: history can be edited; "
+        f"ALTER TABLE {schema}.ledger_events ENABLE TRIGGER ledger_events_append_only")
+    add("synchronous_commit", OK if facts["synchronous_commit"] in ("on", "remote_apply",
+                                                                    "remote_write", "local")
+        else WARN,
+        f"synchronous_commit = {facts['synchronous_commit']}"
+        + ("" if facts["synchronous_commit"] != "off" else
+           "; a server crash can lose the last commits: set it to on for the target database"))
+    prepared = facts["max_prepared_transactions"]
+    add("max_prepared_transactions", OK if prepared > 0 else WARN,
+        f"{prepared}" + ("" if prepared > 0 else
+                         " — fine for single-database effects; effects across several "
+                         "databases (two-phase commit) need it > 0: ALTER SYSTEM SET "
+                         "max_prepared_transactions = 64, then restart PostgreSQL"))
+    orphaned = cur.execute(query("orphaned_claims", schema), {}).fetchone()["count"]
+    add("claims of dead owners", OK if orphaned == 0 else WARN,
+        "none" if orphaned == 0 else
+        f"{orphaned} running keys belong to sessions that ended (crashed attempts); the next "
+        "claim of each key takes it over")
+    return checks
+
+
+def run(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:
+    checks = diagnose(conn, args.schema)
+    if args.format == "json":
+        output.emit(args, {"checks": checks,
+                           "ok": all(c["status"] != FAIL for c in checks)}, str)
+    elif args.format == "csv":
+        output.write_csv(("check", "status", "detail"), checks)
+    else:
+        output.table(args, "eos-airflow doctor", ("check", "status", "detail"), checks)
+    return 1 if any(c["status"] == FAIL for c in checks) else 0
+

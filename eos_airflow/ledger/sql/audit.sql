@@ -1,0 +1,73 @@
+-- Named queries of the audit tools (eos-airflow ledger export | stats, doctor): reads only.
+
+-- name: export_events
+SELECT e.id, e.key, e.seq, e.event::text AS event, e.attempt, e.at, e.detail,
+       encode(e.prev_hash, 'hex') AS prev_hash, encode(e.hash, 'hex') AS hash
+FROM {schema}.ledger_events AS e
+WHERE (%(since)s::timestamptz IS NULL OR e.at >= %(since)s)
+  AND (%(prefix)s::text IS NULL OR e.key LIKE %(prefix)s ESCAPE '\')
+ORDER BY e.id;
+
+-- name: count_events
+SELECT count(*) FROM {schema}.ledger_events AS e
+WHERE (%(since)s::timestamptz IS NULL OR e.at >= %(since)s)
+  AND (%(prefix)s::text IS NULL OR e.key LIKE %(prefix)s ESCAPE '\');
+
+-- name: stats_by_group
+-- Event counts per DAG (of the key's ledger row) or per day (UTC) of the event.
+SELECT CASE WHEN %(by)s = 'day' THEN to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD')
+            ELSE coalesce(l.dag_id, '(no dag)') END AS grp,
+       e.event::text AS event, count(*) AS n
+FROM {schema}.ledger_events AS e
+LEFT JOIN {schema}.ledger AS l ON l.key = e.key
+WHERE (%(since)s::timestamptz IS NULL OR e.at >= %(since)s)
+GROUP BY 1, 2
+ORDER BY 1, 2;
+
+-- name: commit_latency
+-- Milliseconds from an attempt's claim to its commit (the event just before it).
+SELECT count(*) AS n,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) AS p95,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
+       max(ms) AS max
+FROM (
+    SELECT e.event, e.at >= coalesce(%(since)s::timestamptz, '-infinity') AS recent,
+           extract(epoch FROM e.at - lag(e.at) OVER (PARTITION BY e.key ORDER BY e.seq)) * 1000
+               AS ms,
+           lag(e.event) OVER (PARTITION BY e.key ORDER BY e.seq) AS before
+    FROM {schema}.ledger_events AS e
+) AS t
+WHERE t.event IN ('committed', 'replaced') AND t.before = 'claimed' AND t.recent;
+
+-- name: entry_states
+SELECT state::text AS state, count(*) AS n FROM {schema}.ledger GROUP BY 1 ORDER BY 1;
+
+-- name: doctor_facts
+SELECT current_setting('server_version_num')::int AS server_version_num,
+       current_setting('max_prepared_transactions')::int AS max_prepared_transactions,
+       current_setting('synchronous_commit') AS synchronous_commit,
+       current_user AS role,
+       has_table_privilege(format('%%I.ledger', %(schema)s::text), 'SELECT, INSERT, UPDATE')
+           AS ledger_rw,
+       has_table_privilege(format('%%I.ledger_events', %(schema)s::text), 'SELECT, INSERT')
+           AS events_insert,
+       has_function_privilege(format('%%I.claim(text, uuid, integer, text, text, text, integer, text, integer, text)', %(schema)s::text), 'EXECUTE')
+           AS can_claim,
+       (SELECT tgenabled <> 'D' FROM pg_trigger
+         WHERE tgname = 'ledger_events_append_only'
+           AND tgrelid = format('%%I.ledger_events', %(schema)s::text)::regclass) AS append_only;
+
+-- name: applied_migrations
+SELECT revision, checksum, package_version, applied_at
+FROM {schema}.schema_migrations ORDER BY applied_at, revision;
+
+-- name: orphaned_claims
+-- Running keys whose owner's session is gone (a crash): the next claim takes them over.
+SELECT count(*) FROM {schema}.ledger AS l
+WHERE l.owner IS NOT NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_locks AS k
+      WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1
+        AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND ((k.classid::bigint << 32) | k.objid::bigint) = {schema}.lock_id(l.key, l.owner));
