@@ -120,6 +120,24 @@ def cmd_ledger_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    from eos_airflow.cli.audit import parse_since
+    from eos_airflow.ledger.queries import query
+
+    older_than = parse_since(args.older_than) if args.older_than else None
+    with _checked(args) as conn:
+        rows = conn.cursor(row_factory=psycopg.rows.dict_row).execute(
+            query("recover_claims", args.schema), {"older_than": older_than}).fetchall()
+    if args.format == "json":
+        output.emit(args, {"expired": rows}, str)
+    elif not rows:
+        print("no stale claims: every running key has a live owner")
+    else:
+        output.table(args, f"expired {len(rows)} stale claims (their next claim runs them "
+                     "again)", ("key", "attempt", "run_id", "claimed_at", "reason"), rows)
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from eos_airflow.cli import doctor
 
@@ -202,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--since", help="only events newer than 30d, 12h, … or a timestamp")
     stats.add_argument("--by", choices=("dag", "day"), default="dag", help="group rows by")
     stats.set_defaults(func=cmd_ledger_stats)
+
+    recover = sub.add_parser("recover", parents=[common],
+                             help="expire claims left by crashed or stalled attempts")
+    recover.add_argument("--older-than", help="also expire live claims older than this "
+                         "(30m, 2h, …): their owners are stalled; a late commit is fenced")
+    recover.set_defaults(func=cmd_recover)
 
     sub.add_parser("doctor", parents=[common],
                    help="check database settings, schema revision, privileges"

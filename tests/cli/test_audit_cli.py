@@ -139,3 +139,52 @@ def test_doctor_warns_about_claims_of_crashed_owners(db: str):
     dead = json.loads(cli("doctor", "--format", "json", dsn=db).stdout)
     (check,) = [c for c in dead["checks"] if c["check"] == "claims of dead owners"]
     assert check["status"] == "warn" and check["detail"].startswith("1 running keys")
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from eos_airflow import Ledger, FencedError
+    def hold(eos):
+        eos.conn.execute("CREATE TABLE written (x int)")
+        print("in-run", flush=True)
+        time.sleep(float(sys.argv[2]))
+        return 1
+    try:
+        Ledger(sys.argv[1]).run("k", hold)
+    except FencedError as exc:
+        print("FENCED", exc, flush=True)
+""")
+
+
+def test_recover_expires_claims_of_crashed_owners(db: str):
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, db, "60"], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline().strip() == "in-run"
+    assert json.loads(cli("recover", "--format", "json", dsn=db).stdout) == {"expired": []}
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    out = cli("recover", "--format", "json", dsn=db)
+    assert out.returncode == 0, out.stderr
+    (expired,) = json.loads(out.stdout)["expired"]
+    assert (expired["key"], expired["reason"]) == ("k", "owner session ended")
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT state::text, owner FROM eos.ledger").fetchone() == (
+            "failed", None)
+        detail = conn.execute("SELECT detail FROM eos.ledger_events WHERE seq = 2").fetchone()[0]
+        assert detail["recovered_by"] == "eos-airflow recover"
+    assert cli("ledger", "verify", dsn=db).returncode == 0
+
+
+def test_recover_older_than_fences_a_stalled_owner(db: str):
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, db, "3"], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline().strip() == "in-run"
+    out = cli("recover", "--older-than", "0s", "--format", "json", dsn=db)
+    (expired,) = json.loads(out.stdout)["expired"]
+    assert expired["reason"] == "claim older than the limit"
+    rest, _ = child.communicate(timeout=30)
+    assert rest.startswith("FENCED")
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT to_regclass('written')").fetchone() == (None,)
+        assert conn.execute("SELECT event::text FROM eos.ledger_events ORDER BY seq"
+                            ).fetchall() == [("claimed",), ("failed",), ("fenced",)]
