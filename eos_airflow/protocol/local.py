@@ -194,6 +194,9 @@ def _release(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.U
     except Exception:  # the original exception is re-raised by the caller
         log.warning("could not record %s for effect %s; the next claim takes the key over",
                     event, key, exc_info=True)
+        # The session may still hold the owner's advisory lock, which tells other runs that
+        # the owner is alive: end the session so that the key is free to take over.
+        conn.close()
 
 
 def _execute(conn: psycopg.Connection[Any], name: str, schema: str,
