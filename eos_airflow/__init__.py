@@ -1,7 +1,7 @@
 """eos-airflow: exactly-once effects for Apache Airflow 3.
 
 ``Ledger`` and the errors import without Airflow; the Airflow adapters (``exactly_once``,
-``ExactlyOnceSQLOperator``) are imported on first use, so scripts and the CLI stay light.
+``ExactlyOnceSQLOperator``, ``LedgerSensor``, ``LedgerTrigger``) are imported on first use, so scripts and the CLI stay light.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from eos_airflow.protocol.effect import Effect, Origin, Previous
 if TYPE_CHECKING:
     from eos_airflow.decorators.exactly_once import exactly_once
     from eos_airflow.operators.sql import ExactlyOnceSQLOperator
+    from eos_airflow.sensors.ledger import LedgerSensor
+    from eos_airflow.triggers.ledger import LedgerTrigger
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,8 @@ _LAZY = {
     "exactly_once": "eos_airflow.decorators.exactly_once",
     "ExactlyOnceSQLOperator": "eos_airflow.operators.sql",
     "ExactlyOnceOperator": "eos_airflow.operators.base",
+    "LedgerSensor": "eos_airflow.sensors.ledger",
+    "LedgerTrigger": "eos_airflow.triggers.ledger",
 }
 
 
@@ -57,6 +61,8 @@ __all__ = [
     "Ledger",
     "LedgerIntegrityError",
     "LedgerSchemaError",
+    "LedgerSensor",
+    "LedgerTrigger",
     "Origin",
     "Previous",
     "ResultError",

@@ -22,6 +22,14 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "eos-airflow",
              "python-modules": ["eos_airflow.operators.sql"]},
         ],
+        "sensors": [
+            {"integration-name": "eos-airflow",
+             "python-modules": ["eos_airflow.sensors.ledger"]},
+        ],
+        "triggers": [
+            {"integration-name": "eos-airflow",
+             "python-modules": ["eos_airflow.triggers.ledger"]},
+        ],
         "hooks": [
             {"integration-name": "eos-airflow", "python-modules": ["eos_airflow.hooks.ledger"]},
         ],

@@ -46,3 +46,17 @@ def connect_factory(conn_id: str) -> Callable[[], psycopg.Connection[Any]]:
         return conn
 
     return connect
+
+
+def conninfo(connection: Any) -> str:
+    """A libpq connection string for an Airflow ``postgres`` connection object (as returned
+    by ``await BaseHook.aget_connection``); extras that are libpq parameters (``sslmode``, …)
+    are kept. Used by the trigger, which must not call the blocking hook."""
+    known = {option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults()}
+    params: dict[str, Any] = {
+        key: value for key, value in (connection.extra_dejson or {}).items() if key in known}
+    params.update(host=connection.host or None, port=connection.port or None,
+                  user=connection.login or None, password=connection.password or None,
+                  dbname=connection.schema or None)
+    return psycopg.conninfo.make_conninfo(
+        **{key: value for key, value in params.items() if value is not None})

@@ -7,6 +7,7 @@ by name. Identifiers go through :mod:`psycopg.sql`; values are always bound para
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from importlib import resources
 from typing import Any
@@ -21,9 +22,31 @@ def _read(filename: str) -> str:
     return resources.files("eos_airflow.ledger").joinpath("sql", filename).read_text("utf-8")
 
 
+#: NOTIFY channel names are identifiers: at most 63 bytes (NAMEDATALEN - 1).
+_MAX_CHANNEL_BYTES = 63
+
+
+def notify_channel(schema: str) -> str:
+    """The channel on which the ledger's commit function notifies waiters of ``schema``:
+    ``eos_committed_<schema>``, or a hash of the schema name when that would be too long."""
+    channel = f"eos_committed_{schema}"
+    if len(channel.encode("utf-8")) > _MAX_CHANNEL_BYTES:
+        channel = f"eos_committed_{hashlib.sha256(schema.encode('utf-8')).hexdigest()[:32]}"
+    return channel
+
+
+def _placeholders(schema: str) -> dict[str, sql.Composable]:
+    """``{schema}`` (identifier), ``{channel}`` (identifier, for LISTEN) and
+    ``{channel_literal}`` (string literal, for pg_notify)."""
+    channel = notify_channel(schema)
+    return {"schema": sql.Identifier(schema), "channel": sql.Identifier(channel),
+            "channel_literal": sql.Literal(channel)}
+
+
 def render(text: str, schema: str) -> sql.Composed:
-    """Render ``{schema}`` in ``text`` as the quoted identifier ``schema``."""
-    return sql.SQL(text).format(schema=sql.Identifier(schema))
+    """Render ``{schema}`` in ``text`` as the quoted identifier ``schema`` (and the notify
+    channel placeholders, see :func:`_placeholders`)."""
+    return sql.SQL(text).format(**_placeholders(schema))
 
 
 #: Files of named query blocks: the protocol's hot path, and the audit tools' reads.
@@ -49,8 +72,9 @@ def query(name: str, schema: str) -> bytes:
     Always execute it with parameters (``{}`` if none): a ``%`` in the schema name is
     doubled so that psycopg does not read it as a placeholder.
     """
-    ident = sql.Identifier(schema).as_string(None).replace("%", "%%")
-    return sql.SQL(_blocks()[name]).format(schema=sql.SQL(ident)).as_bytes(None)
+    doubled = {placeholder: sql.SQL(part.as_string(None).replace("%", "%%"))
+               for placeholder, part in _placeholders(schema).items()}
+    return sql.SQL(_blocks()[name]).format(**doubled).as_bytes(None)
 
 
 def names() -> list[str]:

@@ -79,6 +79,18 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         sa.Index("ledger_events_at_idx", "at"),
     )
     sa.Table(
+        "waiters",
+        metadata,
+        sa.Column("key", _KEY, primary_key=True,
+                  comment="an effect key, or a key prefix when is_prefix"),
+        sa.Column("is_prefix", sa.Boolean, primary_key=True),
+        sa.Column("listener", sa.Text, primary_key=True,
+                  comment="the waiting process (host:pid:token)"),
+        sa.Column("expires_at", sa.TIMESTAMP(timezone=True), nullable=False),
+        sa.Index("waiters_prefix_idx", "key", postgresql_where=sa.text("is_prefix")),
+        sa.Index("waiters_listener_idx", "listener"),
+    )
+    sa.Table(
         "schema_migrations",
         metadata,
         sa.Column("revision", sa.Text, primary_key=True),

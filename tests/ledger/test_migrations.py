@@ -22,9 +22,12 @@ from eos_airflow.ledger.migrate import MIGRATION_LOCK, check_revision, head_revi
 from eos_airflow.ledger.tables import EFFECT_STATES, EVENT_KINDS, ledger_metadata
 from tests.conftest import ROOT
 
-MIGRATION_FILE = ROOT / "eos_airflow" / "ledger" / "migrations" / "versions" / "0001_initial.py"
+VERSIONS = ROOT / "eos_airflow" / "ledger" / "migrations" / "versions"
+MIGRATION_FILES = {"0001": VERSIONS / "0001_initial.py", "0002": VERSIONS / "0002_commit_notify.py"}
+REVISIONS = list(MIGRATION_FILES)
+HEAD = REVISIONS[-1]
 ODD_SCHEMA = 'eos "audit"; drop'
-LEDGER_TABLES = {"alembic_version", "ledger", "ledger_events", "schema_migrations"}
+LEDGER_TABLES = {"alembic_version", "ledger", "ledger_events", "schema_migrations", "waiters"}
 
 
 def schemas(conn: psycopg.Connection) -> set[str]:
@@ -44,28 +47,30 @@ def cli(*argv: str) -> subprocess.Popen[str]:
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_migrate_applies_0001_once_and_records_its_checksum(empty_db: str):
-    assert migrate(empty_db) == ["0001"]
+def test_migrate_applies_every_revision_once_and_records_its_checksum(empty_db: str):
+    assert migrate(empty_db) == REVISIONS
     assert migrate(empty_db) == []
     with psycopg.connect(empty_db) as conn:
         rows = conn.execute(
             "SELECT revision, description, checksum, package_version, applied_at "
-            "FROM eos.schema_migrations").fetchall()
+            "FROM eos.schema_migrations ORDER BY revision").fetchall()
         version = conn.execute("SELECT version_num FROM eos.alembic_version").fetchall()
-        assert check_revision(conn, "eos") == "0001"
-    assert len(rows) == 1
-    revision, description, checksum, package_version, applied_at = rows[0]
-    assert revision == "0001" == head_revision()
-    assert description.startswith("Initial ledger")
-    assert checksum == hashlib.sha256(MIGRATION_FILE.read_bytes()).hexdigest()
-    assert package_version == metadata.version("eos-airflow")
-    assert applied_at is not None
-    assert version == [("0001",)]
+        assert check_revision(conn, "eos") == HEAD
+    assert [r[0] for r in rows] == REVISIONS
+    assert HEAD == head_revision()
+    assert rows[0][1].startswith("Initial ledger")
+    assert rows[1][1].startswith("Commit notifications")
+    for revision, _, checksum, package_version, applied_at in rows:
+        path = MIGRATION_FILES[revision]
+        assert checksum == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert package_version == metadata.version("eos-airflow")
+        assert applied_at is not None
+    assert version == [(HEAD,)]
 
 
 def test_concurrent_migrations_serialise_and_create_the_schema_once(empty_db: str):
     """Both `db migrate` processes wait on the migration lock at the same time (held here
-    until both are blocked on it); one applies 0001, the other finds it up to date."""
+    until both are blocked on it); one applies every revision, the other finds it up to date."""
     with psycopg.connect(empty_db, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", [MIGRATION_LOCK])
         procs = [cli("db", "migrate", "--dsn", empty_db) for _ in range(2)]
@@ -83,14 +88,14 @@ def test_concurrent_migrations_serialise_and_create_the_schema_once(empty_db: st
         results = [p.communicate(timeout=60) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], results
         outputs = sorted(out for out, _ in results)
-        assert outputs == ["ledger schema 'eos' at revision 0001 (applied 0001)\n",
-                           "ledger schema 'eos' at revision 0001 (up to date)\n"]
+        assert outputs == [f"ledger schema 'eos' at revision {HEAD} (applied {', '.join(REVISIONS)})\n",
+                           f"ledger schema 'eos' at revision {HEAD} (up to date)\n"]
         assert "eos" in schemas(holder)
         assert tables_in(holder, "eos") == LEDGER_TABLES
-        assert holder.execute("SELECT revision FROM eos.schema_migrations").fetchall() == [
-            ("0001",)]
+        assert holder.execute("SELECT revision FROM eos.schema_migrations ORDER BY 1"
+                              ).fetchall() == [(r,) for r in REVISIONS]
         assert holder.execute("SELECT version_num FROM eos.alembic_version").fetchall() == [
-            ("0001",)]
+            (HEAD,)]
 
 
 # --- "all migrations applied" equals the declared metadata ---------------------------------
@@ -147,7 +152,9 @@ def test_metadata_comparison_sees_differences(db: str):
     """The comparison above is not vacuous: it sees the tables, types, comments and indexes."""
     assert {(d[0], d[1].name) for d in schema_diff(db, "eos", sa.MetaData(schema="eos"))} == {
         ("remove_table", "ledger"), ("remove_table", "ledger_events"),
-        ("remove_table", "schema_migrations"), ("remove_index", "ledger_origin_idx"),
+        ("remove_table", "schema_migrations"), ("remove_table", "waiters"),
+        ("remove_index", "waiters_prefix_idx"), ("remove_index", "waiters_listener_idx"),
+        ("remove_index", "ledger_origin_idx"),
         ("remove_index", "ledger_state_idx"), ("remove_index", "ledger_events_at_idx")}
 
     changed = ledger_metadata("eos")
@@ -168,7 +175,7 @@ def test_metadata_comparison_sees_differences(db: str):
 
 
 def test_odd_schema_name_migrates_into_exactly_that_schema(empty_db: str):
-    assert migrate(empty_db, ODD_SCHEMA) == ["0001"]
+    assert migrate(empty_db, ODD_SCHEMA) == REVISIONS
     assert migrate(empty_db, ODD_SCHEMA) == []
     with psycopg.connect(empty_db, autocommit=True) as conn:
         assert schemas(conn) == {"public", ODD_SCHEMA}
@@ -182,7 +189,7 @@ def test_odd_schema_name_migrates_into_exactly_that_schema(empty_db: str):
             psycopg.sql.SQL("SELECT key, state::text, result FROM {}.ledger").format(
                 psycopg.sql.Identifier(ODD_SCHEMA))).fetchall()
         assert entry == [("k", "committed", {"n": 1})]
-        assert check_revision(conn, ODD_SCHEMA) == "0001"
+        assert check_revision(conn, ODD_SCHEMA) == HEAD
         result = chain.verify(conn, ODD_SCHEMA)
         assert (result.ok, result.events, result.keys) == (True, 3, 1)
         with pytest.raises(LedgerSchemaError, match="eos-airflow db migrate"):
@@ -191,7 +198,7 @@ def test_odd_schema_name_migrates_into_exactly_that_schema(empty_db: str):
 
 def test_schema_name_with_percent_sign(empty_db: str):
     schema = "eos%s 100%"
-    assert migrate(empty_db, schema) == ["0001"]
+    assert migrate(empty_db, schema) == REVISIONS
     with Ledger(empty_db, schema=schema) as ledger:
         assert ledger.run("k", lambda eos: 1) == 1
     with psycopg.connect(empty_db, autocommit=True) as conn:

@@ -45,3 +45,50 @@ FROM {schema}.ledger_events ORDER BY key, seq;
 
 -- name: chain_heads
 SELECT key, event_seq, last_hash FROM {schema}.ledger ORDER BY key;
+
+-- Waiting for committed effects (eos_airflow/ledger/watch.py, LedgerSensor, LedgerTrigger).
+-- A waiter row makes commit() send NOTIFY {channel} with the key as payload; without one,
+-- commit() sends nothing.
+
+-- name: listen
+LISTEN {channel};
+
+-- name: register_waiters
+INSERT INTO {schema}.waiters AS w (key, is_prefix, listener, expires_at)
+SELECT t.key, t.is_prefix, %(listener)s, now() + make_interval(secs => %(ttl)s)
+FROM unnest(%(keys)s::text[], %(is_prefix)s::boolean[]) AS t(key, is_prefix)
+ON CONFLICT (key, is_prefix, listener) DO UPDATE SET expires_at = excluded.expires_at;
+
+-- name: unregister_waiters
+DELETE FROM {schema}.waiters AS w
+USING unnest(%(keys)s::text[], %(is_prefix)s::boolean[]) AS t(key, is_prefix)
+WHERE w.listener = %(listener)s AND w.key = t.key AND w.is_prefix = t.is_prefix;
+
+-- name: refresh_waiters
+-- Keep this listener's rows alive, and drop rows of listeners that died without cleaning up.
+WITH expired AS (DELETE FROM {schema}.waiters WHERE expires_at < now())
+UPDATE {schema}.waiters SET expires_at = now() + make_interval(secs => %(ttl)s)
+WHERE listener = %(listener)s;
+
+-- name: drop_listener
+DELETE FROM {schema}.waiters WHERE listener = %(listener)s;
+
+-- name: watch_keys
+SELECT key, state::text AS state, result FROM {schema}.ledger WHERE key = ANY(%(keys)s::text[]);
+
+-- name: watch_keys_locked
+-- The first check after registering waiters: FOR SHARE waits for a commit() in flight on
+-- these rows to finish, so a commit that ran before the registration is seen here.
+SELECT key, state::text AS state, result FROM {schema}.ledger WHERE key = ANY(%(keys)s::text[])
+FOR SHARE;
+
+-- name: watch_prefix
+-- Keys starting with the prefix, as an index range (C collation: byte order). A key that
+-- continues the prefix with U+10FFFF (a noncharacter) is outside the range.
+SELECT key, state::text AS state, result FROM {schema}.ledger
+WHERE key >= %(prefix)s AND key < %(prefix)s || chr(1114111) AND starts_with(key, %(prefix)s);
+
+-- name: watch_prefix_locked
+SELECT key, state::text AS state, result FROM {schema}.ledger
+WHERE key >= %(prefix)s AND key < %(prefix)s || chr(1114111) AND starts_with(key, %(prefix)s)
+FOR SHARE;
