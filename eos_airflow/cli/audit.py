@@ -18,9 +18,10 @@ from rich.progress import Progress
 from eos_airflow.cli import output
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.tables import EVENT_KINDS
 
 EXPORT_COLUMNS = ("id", "key", "seq", "event", "attempt", "at", "detail", "prev_hash", "hash")
-STAT_EVENTS = ("claimed", "committed", "replaced", "skipped", "fenced", "failed")
+STAT_EVENTS = EVENT_KINDS
 #: Rows fetched per round trip while exporting.
 EXPORT_BATCH = 5000
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")

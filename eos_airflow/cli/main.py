@@ -103,6 +103,36 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_VERIFY_FAILED
 
 
+def cmd_ledger_reopen(args: argparse.Namespace) -> int:
+    import getpass
+
+    from eos_airflow.ledger.queries import query
+
+    if not args.reason.strip():
+        raise ConfigurationError("--reason must say why the key is reprocessed (it is audited)")
+    actor = f"{getpass.getuser()}@{os.uname().nodename}"
+    with _checked(args) as conn:
+        try:
+            row = conn.execute(query("reopen", args.schema),
+                               {"key": args.key, "reason": args.reason, "actor": actor}
+                               ).fetchone()
+        except psycopg.Error as exc:
+            if exc.sqlstate == "EOS04":
+                raise ConfigurationError(
+                    f"no ledger entry for key {args.key!r}; list keys with "
+                    "`eos-airflow ledger list --prefix ...`") from exc
+            if exc.sqlstate == "EOS05":
+                raise ConfigurationError(
+                    f"{exc.diag.message_primary}: only a committed key with no running "
+                    "attempt can be reopened") from exc
+            raise
+    output.emit(args, {"key": args.key, "state": "reopened", "version": row[0], "by": actor,
+                       "reason": args.reason},
+                lambda d: f"reopened {d['key']!r} (version {d['version']}): its next run "
+                "executes again and sees the committed result as eos.previous")
+    return EXIT_OK
+
+
 def cmd_ledger_export(args: argparse.Namespace) -> int:
     from eos_airflow.cli import audit
 
@@ -199,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="ledger_command", required=True, metavar="ACTION")
     lst = ledger.add_parser("list", parents=[common], help="list effect keys")
     lst.add_argument("--dag-id")
-    lst.add_argument("--state", choices=("running", "committed", "failed"))
+    lst.add_argument("--state", choices=("running", "committed", "failed", "reopened"))
     lst.add_argument("--prefix", help="only keys starting with this text")
     lst.add_argument("--limit", type=int, default=1000)
     lst.set_defaults(func=cmd_ledger_list)
@@ -209,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_parser("verify", parents=[common], help="check the events' hash chains"
                       ).set_defaults(func=cmd_ledger_verify)
 
+    reopen = ledger.add_parser("reopen", parents=[common],
+                               help="deliberately reprocess a committed key (audited)")
+    reopen.add_argument("key")
+    reopen.add_argument("--reason", required=True, help="why (recorded in the event)")
+    reopen.set_defaults(func=cmd_ledger_reopen)
     export = ledger.add_parser("export", parents=[common],
                                help="every event (the audit trail) as JSON lines or CSV")
     export.add_argument("--output", "-o", help="write to this file (default: stdout)")

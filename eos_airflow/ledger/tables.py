@@ -15,6 +15,7 @@ EFFECT_STATES = (
     "running",  # an attempt claimed the key and has not committed or failed yet
     "committed",  # an attempt's writes and this mark committed in one transaction
     "failed",  # the last attempt rolled back; the next claim may run the key again
+    "reopened",  # an operator reopened a committed key (ledger reopen): the next claim runs it
 )
 
 #: Kinds of audit events; each protocol decision appends one.
@@ -25,6 +26,7 @@ EVENT_KINDS = (
     "skipped",  # the key was committed already; the user's code did not run
     "fenced",  # a newer attempt owned the key; this attempt could not claim or commit
     "failed",  # the attempt's transaction rolled back (error in user code or SQL)
+    "reopened",  # an operator reopened a committed key for reprocessing (detail: reason, by)
 )
 
 #: Bytes of a SHA-256 digest; the first event of a key chains to this many zero bytes.

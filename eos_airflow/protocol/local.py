@@ -98,6 +98,9 @@ def run_effect(
     previous = None
     if claim["prior_state"] == "committed":
         previous = Previous(claim["result"], claim["version"], claim["committed_at"])
+    elif claim["prior_state"] == "reopened":  # rare: an operator reopened the key
+        entry = _execute(conn, "get_entry", schema, {"key": key}).fetchone()
+        previous = Previous(entry["result"], entry["version"], entry["committed_at"])
     event, detail = "failed", {}
     try:
         failpoints.check("after_claim", attempt=attempt)
@@ -128,7 +131,7 @@ def run_effect(
             raise error from exc
         raise
     failpoints.check("after_commit", attempt=attempt)
-    action = "replaced" if previous else "committed"
+    action = "replaced" if claim["prior_state"] == "committed" else "committed"
     log.info("effect %s %s (version %s)", key, action, committed["version"])
     return Outcome(key, action, json.loads(payload), committed["version"], attempt,
                    committed["committed_at"])

@@ -188,3 +188,43 @@ def test_recover_older_than_fences_a_stalled_owner(db: str):
         assert conn.execute("SELECT to_regclass('written')").fetchone() == (None,)
         assert conn.execute("SELECT event::text FROM eos.ledger_events ORDER BY seq"
                             ).fetchall() == [("claimed",), ("failed",), ("fenced",)]
+
+
+def test_reopen_lets_the_next_run_reprocess_with_the_previous_result(db: str):
+    with Ledger(db) as ledger:
+        ledger.run("sales/2024-01-01", lambda eos: {"rows": 3}, origin=TI)
+        out = cli("ledger", "reopen", "sales/2024-01-01", "--reason", "source file corrected",
+                  "--format", "json", dsn=db)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["state"] == "reopened"
+        seen = {}
+
+        def reload(eos):
+            seen["previous"] = eos.previous
+            return {"rows": 4}
+
+        again = ledger.run_outcome("sales/2024-01-01", reload, origin=Origin("sales", "load",
+                                                                            "run_2", -1))
+    assert again.action == "committed" and again.version == 2
+    assert seen["previous"].result == {"rows": 3} and seen["previous"].version == 1
+    with psycopg.connect(db) as conn:
+        kinds = conn.execute("SELECT event::text, detail->>'reason' FROM eos.ledger_events "
+                             "ORDER BY seq").fetchall()
+    assert kinds == [("claimed", None), ("committed", None),
+                     ("reopened", "source file corrected"), ("claimed", None),
+                     ("committed", None)]
+    stats = json.loads(cli("ledger", "stats", "--format", "json", dsn=db).stdout)
+    assert stats["reopened"] == 1 and stats["committed"] == 2
+    assert cli("ledger", "verify", dsn=db).returncode == 0
+
+
+def test_reopen_refuses_unknown_and_uncommitted_keys(db: str):
+    with Ledger(db) as ledger, pytest.raises(ZeroDivisionError):
+        ledger.run("broken", lambda eos: 1 / 0)
+    unknown = cli("ledger", "reopen", "nope", "--reason", "x", dsn=db)
+    assert unknown.returncode == 2 and "no ledger entry for key 'nope'" in unknown.stderr
+    failed = cli("ledger", "reopen", "broken", "--reason", "x", dsn=db)
+    assert failed.returncode == 2
+    assert "key broken is failed, not committed and idle" in failed.stderr
+    blank = cli("ledger", "reopen", "broken", "--reason", " ", dsn=db)
+    assert blank.returncode == 2 and "--reason must say why" in blank.stderr

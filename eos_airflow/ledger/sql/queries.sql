@@ -12,6 +12,9 @@ SELECT version, committed_at FROM {schema}.commit(%(key)s, %(owner)s, %(result)s
 -- name: release
 SELECT {schema}.release(%(key)s, %(owner)s, %(attempt)s, %(event)s, %(detail)s);
 
+-- name: reopen
+SELECT version, attempt FROM {schema}.reopen(%(key)s, %(reason)s, %(actor)s);
+
 -- name: wait_for_owner
 -- Blocks (up to lock_timeout) until the holder's session lock is released.
 SELECT pg_advisory_xact_lock_shared({schema}.lock_id(%(key)s, %(holder)s));
