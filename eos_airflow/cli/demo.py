@@ -8,7 +8,6 @@ Uses the database from --dsn / EOS_LEDGER_DSN, or starts an embedded PostgreSQL.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -74,25 +73,13 @@ def _fresh_database(admin_dsn: str, name: str) -> str:
 
 
 def _airflow_env(workdir: Path, meta_dsn: str, warehouse_dsn: str) -> dict[str, str]:
-    meta = psycopg.conninfo.conninfo_to_dict(meta_dsn)
-    wh = psycopg.conninfo.conninfo_to_dict(warehouse_dsn)
-    host = meta.get("host", "127.0.0.1")
-    user = meta.get("user", "postgres")
-    if host.startswith("/"):
-        url = f"postgresql+psycopg://{user}@/{meta['dbname']}?host={host}"
-    else:
-        url = f"postgresql+psycopg://{user}@{host}:{meta.get('port', 5432)}/{meta['dbname']}"
-    conn = {"conn_type": "postgres", "host": wh.get("host", "127.0.0.1"),
-            "login": wh.get("user", "postgres"), "schema": wh["dbname"]}
-    if wh.get("port"):
-        conn["port"] = int(wh["port"])
-    if wh.get("password"):
-        conn["password"] = wh["password"]
+    from eos_airflow.hooks.ledger import airflow_conn_json, sqlalchemy_url
+
     env = {**os.environ, "AIRFLOW_HOME": str(workdir / "airflow"),
            "AIRFLOW__CORE__DAGS_FOLDER": str(_dags_folder()),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url,
-           "AIRFLOW_CONN_EOS_WAREHOUSE": json.dumps(conn)}
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(meta_dsn),
+           "AIRFLOW_CONN_EOS_WAREHOUSE": airflow_conn_json(warehouse_dsn)}
     env.pop("EOS_FAILPOINTS", None)
     return env
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -60,3 +61,26 @@ def conninfo(connection: Any) -> str:
                   dbname=connection.schema or None)
     return psycopg.conninfo.make_conninfo(
         **{key: value for key, value in params.items() if value is not None})
+
+
+def airflow_conn_json(dsn: str) -> str:
+    """The ``AIRFLOW_CONN_<ID>`` value (JSON form, which also carries Unix-socket hosts) of a
+    ``postgres`` connection to the database named by a libpq ``dsn``."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    conn: dict[str, Any] = {"conn_type": "postgres", "host": params.get("host", "127.0.0.1"),
+                            "login": params.get("user", "postgres"), "schema": params["dbname"]}
+    if params.get("port"):
+        conn["port"] = int(params["port"])
+    if params.get("password"):
+        conn["password"] = params["password"]
+    return json.dumps(conn)
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    """A ``postgresql+psycopg://`` URL (Airflow's metadata database setting) for ``dsn``."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    host = params.get("host", "127.0.0.1")
+    user = params.get("user", "postgres")
+    if host.startswith("/"):
+        return f"postgresql+psycopg://{user}@/{params['dbname']}?host={host}"
+    return f"postgresql+psycopg://{user}@{host}:{params.get('port', 5432)}/{params['dbname']}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,33 +12,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from eos_airflow.hooks.ledger import airflow_conn_json as airflow_conn
+from eos_airflow.hooks.ledger import sqlalchemy_url
 from tests.conftest import create_database, drop_database
 
 DAGS = Path(__file__).parent / "dags"
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 
 pytestmark = pytest.mark.airflow
-
-
-def airflow_conn(dsn: str) -> str:
-    """An AIRFLOW_CONN_* value (JSON form, which also carries Unix-socket hosts)."""
-    params = psycopg.conninfo.conninfo_to_dict(dsn)
-    conn = {"conn_type": "postgres", "host": params.get("host", "127.0.0.1"),
-            "login": params.get("user", "postgres"), "schema": params["dbname"]}
-    if params.get("port"):
-        conn["port"] = int(params["port"])
-    if params.get("password"):
-        conn["password"] = params["password"]
-    return json.dumps(conn)
-
-
-def sqlalchemy_url(dsn: str) -> str:
-    params = psycopg.conninfo.conninfo_to_dict(dsn)
-    host = params.get("host", "127.0.0.1")
-    user = params.get("user", "postgres")
-    if host.startswith("/"):
-        return f"postgresql+psycopg://{user}@/{params['dbname']}?host={host}"
-    return f"postgresql+psycopg://{user}@{host}:{params.get('port', 5432)}/{params['dbname']}"
 
 
 @pytest.fixture(scope="session")

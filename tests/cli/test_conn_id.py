@@ -9,7 +9,7 @@ import sys
 import psycopg
 
 from eos_airflow import Ledger
-from tests.airflow.conftest import airflow_conn
+from eos_airflow.hooks.ledger import airflow_conn_json as airflow_conn
 
 
 def run_cli(*args: str, env: dict[str, str], tmp_path) -> subprocess.CompletedProcess[str]:
