@@ -6,7 +6,6 @@ The Airflow decorator and operators are thin layers over :meth:`Ledger.run`.
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +55,6 @@ class Ledger:
         self.max_result_bytes = max_result_bytes
         self._connect = connect or self._connect_dsn
         self._idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue(max_idle)
-        self._lock = threading.Lock()
         self._closed = False
 
     def __repr__(self) -> str:

@@ -77,10 +77,6 @@ def query(name: str, schema: str) -> bytes:
     return sql.SQL(_blocks()[name]).format(**doubled).as_bytes(None)
 
 
-def names() -> list[str]:
-    return sorted(_blocks())
-
-
 def execute_script(conn: psycopg.Connection[Any], filename: str, schema: str) -> None:
     """Run a whole ``sql/`` script (e.g. a migration's functions) in ``conn``'s transaction."""
     conn.execute(render(_read(filename), schema))

@@ -29,7 +29,6 @@ from psycopg import errors as pgerrors
 from eos_airflow import failpoints
 from eos_airflow.errors import (
     AlreadyCommittedError,
-    EosError,
     FencedError,
     KeyInProgressError,
     LedgerSchemaError,
@@ -225,4 +224,4 @@ def _hint(exc: psycopg.Error) -> str:
     return exc.diag.message_hint or "Fix the statement or the data it reads."
 
 
-__all__ = ["EosError", "Outcome", "run_effect"]
+__all__ = ["Outcome", "run_effect"]
