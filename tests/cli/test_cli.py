@@ -18,6 +18,7 @@ import pytest
 
 from eos_airflow import Ledger, Origin
 from tests.conftest import ROOT, create_database, drop_database
+from tests.ledger.test_migrations import HEAD, REVISIONS
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/x"
 LIST_COLUMNS = ["key", "state", "attempt", "version", "dag_id", "task_id", "run_id",
@@ -50,21 +51,21 @@ def json_lines(stdout: str) -> list[dict]:
 def test_db_migrate_creates_the_schema_then_is_up_to_date(empty_db: str):
     first = cli("db", "migrate", "--dsn", empty_db)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == "ledger schema 'eos' at revision 0003 (applied 0001, 0002, 0003)\n"
+    assert first.stdout == f"ledger schema 'eos' at revision {HEAD} (applied {', '.join(REVISIONS)})\n"
     again = cli("db", "migrate", "--dsn", empty_db)
     as_json = cli("db", "migrate", "--format", "json", env_dsn=empty_db)
     assert (again.returncode, as_json.returncode) == (0, 0), (again.stderr, as_json.stderr)
-    assert again.stdout == "ledger schema 'eos' at revision 0003 (up to date)\n"
-    assert json.loads(as_json.stdout) == {"applied": [], "revision": "0003", "schema": "eos"}
+    assert again.stdout == f"ledger schema 'eos' at revision {HEAD} (up to date)\n"
+    assert json.loads(as_json.stdout) == {"applied": [], "revision": HEAD, "schema": "eos"}
     with psycopg.connect(empty_db) as conn:
         assert conn.execute("SELECT revision FROM eos.schema_migrations ORDER BY 1"
-                            ).fetchall() == [("0001",), ("0002",), ("0003",)]
+                            ).fetchall() == [(r,) for r in REVISIONS]
 
 
 def test_db_migrate_json_lists_the_applied_revision(empty_db: str):
     out = cli("db", "migrate", "--dsn", empty_db, "--format", "json", "--schema", "audit")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"applied": ["0001", "0002", "0003"], "revision": "0003",
+    assert json.loads(out.stdout) == {"applied": REVISIONS, "revision": HEAD,
                                       "schema": "audit"}
     with psycopg.connect(empty_db) as conn:
         assert conn.execute("SELECT count(*) FROM audit.ledger").fetchone() == (0,)

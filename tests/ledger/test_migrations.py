@@ -23,8 +23,7 @@ from eos_airflow.ledger.tables import EFFECT_STATES, EVENT_KINDS, ledger_metadat
 from tests.conftest import ROOT
 
 VERSIONS = ROOT / "eos_airflow" / "ledger" / "migrations" / "versions"
-MIGRATION_FILES = {"0001": VERSIONS / "0001_initial.py", "0002": VERSIONS / "0002_commit_notify.py",
-                   "0003": VERSIONS / "0003_reopen.py"}
+MIGRATION_FILES = {path.name[:4]: path for path in sorted(VERSIONS.glob("[0-9][0-9][0-9][0-9]_*.py"))}
 REVISIONS = list(MIGRATION_FILES)
 HEAD = REVISIONS[-1]
 ODD_SCHEMA = 'eos "audit"; drop'
