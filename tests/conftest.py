@@ -105,3 +105,13 @@ def events(conn: psycopg.Connection, key: str | None = None) -> list[tuple[str, 
         "SELECT event::text, attempt FROM eos.ledger_events "
         "WHERE %(key)s::text IS NULL OR key = %(key)s ORDER BY id", {"key": key}).fetchall()
     return [(e, a) for e, a in rows]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Heavy fault and load runs (``@pytest.mark.slow``) run only with EOS_SLOW=1."""
+    if os.environ.get("EOS_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="heavy run: set EOS_SLOW=1 to include it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
