@@ -158,8 +158,10 @@ def _claim(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUI
                 "on_committed='skip' to reuse its result or 'replace' to write it again"
             )
         if action == "fenced":
+            # fenced by the try that holds the key, or by one that claimed it and is gone
+            whose = "owns it" if row["holder"] is not None else "claimed it before"
             raise FencedError(
-                f"effect {key!r}: try {row['attempt']} of this task instance owns it, so try "
+                f"effect {key!r}: try {row['attempt']} of this task instance {whose}, so try "
                 f"{attempt} stops without writing (do not retry this one)"
             )
         _wait_for_owner(conn, schema, key, row, deadline, wait_timeout)
