@@ -66,3 +66,22 @@ def test_ledger_model_finds_the_flaw_of_row_only_fencing(tmp_path):
     result = check("ledger.pml", "at_most_once", tmp_path, defines=("ROW_ONLY_FENCING",))
     assert result["errors"] >= 1 and result["violation"], result["output"]
     assert "i>=max_claimed_try" in result["output"]
+
+
+def test_twophase_model_is_atomic_and_never_commits_two_attempts(tmp_path):
+    result = check("twophase.pml", "atomicity", tmp_path)
+    assert result["errors"] == 0, result["output"]
+    print(f"\ntwophase.pml atomicity: {result['states']:,} states, 0 errors")
+
+
+def test_twophase_model_leaves_no_transaction_in_doubt(tmp_path):
+    result = check("twophase.pml", "no_in_doubt_left", tmp_path, liveness=True)
+    assert result["errors"] == 0, result["output"]
+    print(f"\ntwophase.pml no_in_doubt_left: {result['states']:,} states, 0 errors")
+
+
+def test_twophase_model_finds_the_flaw_of_an_unlogged_abort(tmp_path):
+    """Recovery that rolls back an undecided transaction without logging `abort` first lets a
+    late attempt decide `commit` after one participant rolled back: a counterexample."""
+    result = check("twophase.pml", "atomicity", tmp_path, defines=("UNLOGGED_ABORT",))
+    assert result["errors"] >= 1 and result["violation"], result["output"]
