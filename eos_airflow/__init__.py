@@ -13,6 +13,7 @@ from eos_airflow.errors import (
     AlreadyCommittedError,
     BadKeyError,
     ConfigurationError,
+    DatabaseUnavailableError,
     EosError,
     FencedError,
     KeyInProgressError,
@@ -25,7 +26,13 @@ from eos_airflow.protocol.effect import Effect, Origin, Previous
 
 if TYPE_CHECKING:
     from eos_airflow.decorators.exactly_once import exactly_once
+    from eos_airflow.operators.incremental import IncrementalTableOperator
+    from eos_airflow.operators.kafka import KafkaToPostgresOperator
+    from eos_airflow.operators.multi import MultiTargetSQLOperator
+    from eos_airflow.operators.outbox import OutboxRelayOperator
     from eos_airflow.operators.sql import ExactlyOnceSQLOperator
+    from eos_airflow.operators.transfer import ExactlyOnceTransferOperator
+    from eos_airflow.protocol.multiledger import MultiLedger
     from eos_airflow.sensors.ledger import LedgerSensor
     from eos_airflow.triggers.ledger import LedgerTrigger
 
@@ -35,8 +42,14 @@ _LAZY = {
     "exactly_once": "eos_airflow.decorators.exactly_once",
     "ExactlyOnceSQLOperator": "eos_airflow.operators.sql",
     "ExactlyOnceOperator": "eos_airflow.operators.base",
+    "ExactlyOnceTransferOperator": "eos_airflow.operators.transfer",
+    "IncrementalTableOperator": "eos_airflow.operators.incremental",
+    "KafkaToPostgresOperator": "eos_airflow.operators.kafka",
+    "OutboxRelayOperator": "eos_airflow.operators.outbox",
     "LedgerSensor": "eos_airflow.sensors.ledger",
     "LedgerTrigger": "eos_airflow.triggers.ledger",
+    "MultiTargetSQLOperator": "eos_airflow.operators.multi",
+    "MultiLedger": "eos_airflow.protocol.multiledger",
 }
 
 
@@ -53,17 +66,24 @@ __all__ = [
     "AlreadyCommittedError",
     "BadKeyError",
     "ConfigurationError",
+    "DatabaseUnavailableError",
     "Effect",
     "EosError",
     "ExactlyOnceSQLOperator",
+    "ExactlyOnceTransferOperator",
     "FencedError",
+    "IncrementalTableOperator",
+    "KafkaToPostgresOperator",
     "KeyInProgressError",
     "Ledger",
     "LedgerIntegrityError",
     "LedgerSchemaError",
     "LedgerSensor",
     "LedgerTrigger",
+    "MultiLedger",
+    "MultiTargetSQLOperator",
     "Origin",
+    "OutboxRelayOperator",
     "Previous",
     "ResultError",
     "UserCodeError",

@@ -6,12 +6,14 @@ The Airflow decorator and operators are thin layers over :meth:`Ledger.run`.
 from __future__ import annotations
 
 import queue
+import re
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 
-from eos_airflow.errors import ConfigurationError
+from eos_airflow.errors import ConfigurationError, DatabaseUnavailableError
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, ON_COMMITTED, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome, run_effect
 
@@ -21,6 +23,28 @@ Connect = Callable[[], "psycopg.Connection[Any]"]
 #: about a minute instead of the kernel default of two hours.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
               "keepalives_count": 3}
+
+
+#: PostgreSQL's longest identifier (NAMEDATALEN - 1); a longer name is silently truncated.
+MAX_NAME_BYTES = 63
+#: A quoted part of libpq's parse error: it quotes the offending text, which may be (part
+#: of) a password (``invalid percent-encoded token: "s3cr%et"``).
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+def check_dsn(dsn: str) -> str:
+    """Return ``dsn`` if libpq can parse it, else raise :class:`ConfigurationError` (whose
+    message never quotes the DSN: it may hold a password)."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        reason = _QUOTED.sub(lambda m: m[0] if len(m[1]) < 2 else '"…"', str(exc).strip())
+        raise ConfigurationError(
+            f"not a PostgreSQL connection string ({reason}); use a URI such as "
+            "postgresql://USER@HOST:5432/DBNAME or key=value pairs such as "
+            "'host=HOST dbname=DBNAME user=USER'"
+        ) from None
+    return dsn
 
 
 class Ledger:
@@ -49,6 +73,12 @@ class Ledger:
             raise ConfigurationError("Ledger needs exactly one of dsn= or connect=")
         if not schema:
             raise ConfigurationError("schema must be a non-empty name, e.g. 'eos'")
+        if len(schema.encode()) > MAX_NAME_BYTES:  # PostgreSQL would cut it: another schema
+            raise ConfigurationError(
+                f"schema name {schema!r} is {len(schema.encode())} bytes; PostgreSQL names "
+                f"are at most {MAX_NAME_BYTES} bytes: choose a shorter schema name")
+        if dsn is not None:
+            check_dsn(dsn)
         self.dsn = dsn
         self.schema = schema
         self.wait_timeout = wait_timeout
@@ -62,8 +92,14 @@ class Ledger:
 
     def _connect_dsn(self) -> psycopg.Connection[Any]:
         assert self.dsn is not None
-        return psycopg.connect(self.dsn, autocommit=True, application_name="eos-airflow",
-                               **KEEPALIVES)
+        try:
+            return psycopg.connect(self.dsn, autocommit=True, application_name="eos-airflow",
+                                   **KEEPALIVES)
+        except psycopg.OperationalError as exc:  # libpq's message names host, port, user
+            raise DatabaseUnavailableError(
+                f"cannot connect to the ledger database ({str(exc).strip()}); check that the "
+                "server runs and that the DSN's host, port, database and user are right"
+            ) from exc
 
     def connection(self) -> psycopg.Connection[Any]:
         """Take a connection from the pool (or open one); give it back with :meth:`putconn`."""
@@ -122,6 +158,7 @@ class Ledger:
                 conn, key, fn, schema=self.schema, attempt=attempt, on_committed=on_committed,
                 origin=origin, max_result_bytes=self.max_result_bytes,
                 wait_timeout=self.wait_timeout if wait_timeout is None else wait_timeout,
+                reconnect=self._connect,
             )
         finally:
             self.putconn(conn)

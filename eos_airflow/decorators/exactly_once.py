@@ -6,12 +6,22 @@
     def load(eos, ds=None):
         eos.conn.execute("INSERT INTO sales_daily SELECT ... WHERE day = %s", [ds])
         return {"day": ds}
+
+Several databases, committed atomically (docs/twophase.md):
+
+.. code-block:: python
+
+    @task.exactly_once(targets={"a": "bank_a", "b": "bank_b"}, ledger_conn_id="bank_a",
+                       protocol="2pc", key="transfer/{{ ds }}")
+    def transfer(eos, ds=None):
+        eos.conns["a"].execute("UPDATE accounts SET balance = balance - 10 WHERE id = 1")
+        eos.conns["b"].execute("UPDATE accounts SET balance = balance + 10 WHERE id = 1")
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
@@ -39,12 +49,15 @@ class _ExactlyOnceDecoratedOperator(ExactlyOnceMixin, _PythonDecoratedOperator):
         python_callable: Callable[..., Any],
         op_args: Any = None,
         op_kwargs: dict[str, Any] | None = None,
-        conn_id: str,
+        conn_id: str | None = None,
         key: str | None = None,
         on_committed: str = "skip",
         ledger_schema: str = "eos",
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         max_result_bytes: int = MAX_RESULT_BYTES,
+        targets: Mapping[str, str] | None = None,
+        ledger_conn_id: str | None = None,
+        protocol: str = "local",
         **kwargs: Any,
     ) -> None:
         op_kwargs = dict(op_kwargs or {})
@@ -57,7 +70,8 @@ class _ExactlyOnceDecoratedOperator(ExactlyOnceMixin, _PythonDecoratedOperator):
                          op_kwargs=op_kwargs, **kwargs)
         self._init_effect(conn_id=conn_id, key=key, on_committed=on_committed,
                           ledger_schema=ledger_schema, wait_timeout=wait_timeout,
-                          max_result_bytes=max_result_bytes)
+                          max_result_bytes=max_result_bytes, targets=targets,
+                          ledger_conn_id=ledger_conn_id, protocol=protocol)
         self._effect: Effect | None = None
 
     def execute(self, context: Any) -> Any:

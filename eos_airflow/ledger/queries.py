@@ -50,7 +50,7 @@ def render(text: str, schema: str) -> sql.Composed:
 
 
 #: Files of named query blocks: the protocol's hot path, and the audit tools' reads.
-QUERY_FILES = ("queries.sql", "audit.sql")
+QUERY_FILES = ("queries.sql", "audit.sql", "checkpoints.sql", "twophase.sql", "outbox.sql")
 
 
 @functools.cache

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jinja2
@@ -35,16 +35,26 @@ class ExactlyOnceMixin:
     wait_timeout: float
     max_result_bytes: int
 
-    def _init_effect(self, *, conn_id: str, key: str | None, on_committed: str,
-                     ledger_schema: str, wait_timeout: float, max_result_bytes: int) -> None:
+    def _init_effect(self, *, conn_id: str | None, key: str | None, on_committed: str,
+                     ledger_schema: str, wait_timeout: float, max_result_bytes: int,
+                     targets: Mapping[str, str] | None = None,
+                     ledger_conn_id: str | None = None, protocol: str = "local") -> None:
         if on_committed not in ON_COMMITTED:
             raise ValueError(
                 f"on_committed={on_committed!r} is not valid; choose one of "
                 f"{', '.join(map(repr, ON_COMMITTED))}"
             )
-        if not conn_id:
+        if protocol != "local" or targets is not None:
+            from eos_airflow.operators.multi import check_multi
+
+            check_multi(conn_id=conn_id, targets=targets, ledger_conn_id=ledger_conn_id,
+                        protocol=protocol)
+        elif not conn_id:
             raise ValueError("conn_id is required: the Airflow connection of the target database")
-        self.conn_id = conn_id
+        self.targets = dict(targets) if targets is not None else None
+        self.ledger_conn_id = ledger_conn_id
+        self.protocol = protocol
+        self.conn_id = conn_id  # type: ignore[assignment]
         self.key = key
         self.on_committed = on_committed
         self.ledger_schema = ledger_schema
@@ -76,14 +86,19 @@ class ExactlyOnceMixin:
         log = self.log  # type: ignore[attr-defined]
         try:
             key = self.render_key(context)
-            ledger = Ledger(connect=connect_factory(self.conn_id), schema=self.ledger_schema,
-                            wait_timeout=self.wait_timeout,
-                            max_result_bytes=self.max_result_bytes)
-            try:
-                outcome = ledger.run_outcome(key, fn, attempt=ti.try_number,
-                                             on_committed=self.on_committed, origin=origin)
-            finally:
-                ledger.close()
+            if getattr(self, "protocol", "local") != "local":
+                from eos_airflow.operators.multi import run_multi
+
+                outcome = run_multi(self, key, fn, attempt=ti.try_number, origin=origin)
+            else:
+                ledger = Ledger(connect=connect_factory(self.conn_id),
+                                schema=self.ledger_schema, wait_timeout=self.wait_timeout,
+                                max_result_bytes=self.max_result_bytes)
+                try:
+                    outcome = ledger.run_outcome(key, fn, attempt=ti.try_number,
+                                                 on_committed=self.on_committed, origin=origin)
+                finally:
+                    ledger.close()
         except EosError as exc:
             if exc.retryable:
                 raise

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from eos_airflow.errors import BadKeyError, ResultError
+
+if TYPE_CHECKING:
+    from eos_airflow.protocol.checkpoints import Checkpoints
+    from eos_airflow.protocol.offsets import Offsets
 
 #: Longest key accepted. Keys are primary-key values: PostgreSQL's btree entries stop near
 #: 2,700 bytes, and 1,000 characters leaves room for multi-byte text.
@@ -21,6 +27,8 @@ MAX_RESULT_BYTES = 1024 * 1024
 ON_COMMITTED = ("skip", "replace", "fail")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: ``\u0000`` in JSON text, unless its backslash is itself escaped (the text ``\\u0000``).
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 @dataclass(frozen=True)
@@ -55,11 +63,52 @@ class Effect:
     conn: psycopg.Connection[Any]
     previous: Previous | None = None
     origin: Origin = field(default_factory=Origin)
+    schema: str = "eos"
+    #: The protocol's handle for chunk commits (protocol/checkpoints.py); set by the protocol.
+    session: Any = field(default=None, repr=False, compare=False)
+    _offsets: Any = field(default=None, init=False, repr=False, compare=False)
+    #: Sequence number of the last message this effect published (eos_airflow/outbox).
+    _outbox_seq: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
-    def conns(self) -> dict[str, psycopg.Connection[Any]]:
-        """Connections by target name (one target, named ``"default"``, in a local effect)."""
-        return {"default": self.conn}
+    def offsets(self) -> Offsets:
+        """Source positions committed with this effect's writes (protocol/offsets.py)."""
+        if self._offsets is None:
+            from eos_airflow.protocol.offsets import Offsets
+
+            owner = getattr(self.session, "owner", None)
+            self._offsets = Offsets(self.conn, key=self.key, schema=self.schema, owner=owner)
+        return self._offsets
+
+    def checkpoints(self, source: Any, *, every: int | None = None,
+                    seconds: float | None = None, **options: Any) -> Checkpoints:
+        """Iterate ``source`` in chunks, each committed with a recovery point; a retry
+        continues after the last committed chunk (protocol/checkpoints.py)."""
+        from eos_airflow.protocol.checkpoints import Checkpoints
+
+        return Checkpoints(self, source, every=every, seconds=seconds, **options)
+
+    def publish(self, destination: str, payload: Any, key: str | None = None,
+                headers: Mapping[str, str] | None = None) -> str:
+        """Queue a message (``"nats:SUBJECT"`` or ``"kafka:TOPIC"``, JSON payload) in the
+        transactional outbox: it is written in this effect's transaction, so it exists once
+        the effect commits, and a relay delivers it under a deterministic message id
+        (eos_airflow/outbox). Returns the message id."""
+        from eos_airflow.outbox.store import publish
+
+        return publish(self, destination, payload, key=key, headers=headers)
+
+    #: Connections by target name of a multi-target effect (protocol/twophase.py).
+    targets: Mapping[str, psycopg.Connection[Any]] | None = field(
+        default=None, repr=False, compare=False)
+
+    @property
+    def conns(self) -> Mapping[str, psycopg.Connection[Any]]:
+        """Connections by target name: every target of a multi-target effect
+        (``targets={"a": ..., "b": ...}``), or one target named ``"default"``."""
+        if self.targets is not None:
+            return MappingProxyType(dict(self.targets))
+        return MappingProxyType({"default": self.conn})
 
     def __repr__(self) -> str:
         return f"<Effect key={self.key!r} attempt={self.attempt}>"
@@ -99,7 +148,7 @@ def encode_result(result: Any, *, limit: int = MAX_RESULT_BYTES) -> str:
             f"the result must be JSON (dict, list, str, int, float, bool or None), "
             f"got {type(result).__name__}: {exc}; return plain data, e.g. str() a datetime"
         ) from None
-    if "\x00" in text:
+    if _JSON_NUL.search(text):  # json escapes NUL as \u0000, which jsonb refuses
         raise ResultError("the result contains a NUL character, which PostgreSQL cannot store")
     size = len(text.encode())
     if size > limit:

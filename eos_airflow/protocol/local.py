@@ -8,17 +8,23 @@
 3. **commit**: in that same transaction, mark the key committed — only if this attempt still
    owns it — and COMMIT. A fenced attempt's transaction rolls back with its writes.
 On any failure after the claim, **release** records ``failed`` (or ``fenced``) and frees the key.
+
+A chunked effect (``eos.checkpoints``, protocol/checkpoints.py) commits inside step 2: each
+chunk ends with **checkpoint** (fenced like commit, the key stays owned) and COMMIT, and a
+retry starts with **resume** after the newest recovery point. Offsets staged on
+``eos.offsets`` (protocol/offsets.py) are written just before each checkpoint and the commit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -32,9 +38,11 @@ from eos_airflow.errors import (
     FencedError,
     KeyInProgressError,
     LedgerSchemaError,
+    ResultError,
     UserCodeError,
 )
 from eos_airflow.ledger.queries import query
+from eos_airflow.protocol.checkpoints import RecoveryPoint
 from eos_airflow.protocol.effect import (
     MAX_RESULT_BYTES,
     Effect,
@@ -42,6 +50,11 @@ from eos_airflow.protocol.effect import (
     Previous,
     check_key,
     encode_result,
+)
+from eos_airflow.protocol.resolve import (
+    CommitNotDoneError,
+    CommitOutcomeUnknownError,
+    commit_outcome,
 )
 
 log = logging.getLogger(__name__)
@@ -83,8 +96,14 @@ def run_effect(
     origin: Origin | None = None,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     max_result_bytes: int = MAX_RESULT_BYTES,
+    reconnect: Callable[[], psycopg.Connection[Any]] | None = None,
 ) -> Outcome:
-    """Run ``fn`` as the effect ``key`` exactly once on ``conn`` (an autocommit connection)."""
+    """Run ``fn`` as the effect ``key`` exactly once on ``conn`` (an autocommit connection).
+
+    ``reconnect`` opens a new connection to the same database: when the connection breaks
+    during COMMIT, the attempt asks the ledger through it whether the commit happened
+    (protocol/resolve.py); without it, the next try finds out.
+    """
     check_key(key)
     origin = origin or Origin()
     owner = uuid.uuid4()
@@ -101,17 +120,34 @@ def run_effect(
         entry = _execute(conn, "get_entry", schema, {"key": key}).fetchone()
         previous = Previous(entry["result"], entry["version"], entry["committed_at"])
     event, detail = "failed", {}
+    session = Session(conn, schema, key, owner, attempt)
     try:
         failpoints.check("after_claim", attempt=attempt)
-        with conn.transaction():
-            result = fn(Effect(key, attempt, conn, previous, origin))
-            payload = encode_result(result, limit=max_result_bytes)
-            failpoints.check("before_commit", attempt=attempt)
-            committed = _execute(conn, "commit", schema,
-                                 {"key": key, "owner": owner, "result": payload}).fetchone()
+        eos = Effect(key, attempt, conn, previous, origin, schema=schema, session=session)
+        session.begin()
+        with _own_transaction(conn, key):
+            result = fn(eos)
+        payload = encode_result(result, limit=max_result_bytes)
+        failpoints.check("before_commit", attempt=attempt)
+        if eos._offsets is not None:
+            eos._offsets.flush()
+        committed = _execute(conn, "commit", schema,
+                             {"key": key, "owner": owner, "result": payload}).fetchone()
+        try:
+            session.end()
+        except psycopg.OperationalError as exc:  # did COMMIT happen? the ledger knows
+            if reconnect is None:
+                raise
+            conn.close()
+            version, committed_at = commit_outcome(reconnect, schema, key, owner, attempt,
+                                                   wait_timeout, exc)
+            committed = {"version": version, "committed_at": committed_at}
+    except (CommitNotDoneError, CommitOutcomeUnknownError):
+        raise  # resolved (and released) through a new connection
     except BaseException as exc:
+        session.rollback()
         if isinstance(exc, pgerrors.Error) and exc.sqlstate == FENCED_SQLSTATE:
-            event, detail = "fenced", {"step": "commit"}
+            event, detail = "fenced", {"step": session.step}
         else:
             detail = {"error": type(exc).__name__, "message": str(exc)[:500]}
         _release(conn, schema, key, owner, attempt, event, detail)
@@ -134,6 +170,133 @@ def run_effect(
     log.info("effect %s %s (version %s)", key, action, committed["version"])
     return Outcome(key, action, json.loads(payload), committed["version"], attempt,
                    committed["committed_at"])
+
+
+class Session:
+    """The owner's control of the effect's transaction: BEGIN, COMMIT, and in a chunked
+    effect the intermediate commits (step "checkpoint") and the resumption (step "resume").
+
+    The transaction is driven with explicit statements on the autocommit connection, so that
+    a chunk can COMMIT and the next chunk BEGIN inside the user's function; a
+    ``with eos.conn.transaction()`` block in user code becomes a savepoint, as before.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], schema: str, key: str,
+                 owner: uuid.UUID, attempt: int) -> None:
+        self.conn = conn
+        self.schema = schema
+        self.key = key
+        self.owner = owner
+        self.attempt = attempt
+        self.step = "commit"  # the fenced step in progress (for the `fenced` event)
+
+    def __repr__(self) -> str:
+        return f"<Session key={self.key!r} attempt={self.attempt} step={self.step}>"
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN")
+
+    def end(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        """Roll back the open transaction, if any; never hide the caller's exception."""
+        conn = self.conn
+        if conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except psycopg.Error:
+            log.warning("rollback of effect %s failed; closing its connection", self.key,
+                        exc_info=True)
+            conn.close()
+
+    def resume(self, eos: Effect | None = None) -> RecoveryPoint | None:
+        """The newest recovery point of the version being written, recorded as `resumed`
+        and committed at once (with what the function wrote before its loop, and offsets it
+        staged); or None."""
+        found = _execute(self.conn, "has_recovery_point", self.schema,
+                         {"key": self.key}).fetchone()
+        if not found["found"]:
+            return None
+        self.step = "resume"
+        row = _execute(self.conn, "resume", self.schema,
+                       {"key": self.key, "owner": self.owner}).fetchone()
+        if row is None:
+            self.step = "commit"
+            return None
+        offsets = eos._offsets if eos is not None else None
+        if offsets is not None:
+            offsets.flush()
+        self.end()
+        self.step = "commit"
+        if offsets is not None:
+            offsets.transaction_ended()
+        self.begin()
+        return RecoveryPoint(row["seq"], row["rows"], row["position"], row["state"],
+                             row["attempt"])
+
+    def checkpoint(self, eos: Effect, *, rows: int, position: Any, state: Any,
+                   detail: dict[str, Any], final: bool = False) -> int:
+        """Record a recovery point in the chunk's transaction (fenced), then COMMIT it and
+        BEGIN the next chunk — unless this is the final chunk, which commits with the effect."""
+        self.step = "checkpoint"
+        if eos._offsets is not None:
+            eos._offsets.flush()
+        row = _execute(self.conn, "checkpoint", self.schema, {
+            "key": self.key, "owner": self.owner, "rows": rows,
+            "position": _json(position, "position"), "state": _json(state, "state"),
+            "detail": json.dumps(detail)}).fetchone()
+        self.step = "commit"
+        if final:
+            return row["seq"]
+        failpoints.check("before_chunk_commit", attempt=self.attempt)
+        self.end()
+        failpoints.check("after_chunk", attempt=self.attempt)
+        if eos._offsets is not None:
+            eos._offsets.transaction_ended()
+        self.begin()
+        return row["seq"]
+
+
+def _json(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ResultError(f"the recovery point's {what} must be JSON, got "
+                          f"{type(value).__name__}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _own_transaction(conn: psycopg.Connection[Any], key: str) -> Iterator[None]:
+    """While the user's function runs, the effect's transaction is the protocol's: commit()
+    and rollback() on ``eos.conn`` are refused, and ending it with SQL is detected."""
+
+    def refuse() -> None:
+        error = UserCodeError(
+            f"effect {key!r}: eos.conn is inside the effect's transaction: do not call "
+            "commit() or rollback() (the ledger commits your writes with the effect; raise "
+            "an exception to roll them back)"
+        )
+        error.retryable = False  # the code is wrong: another try fails the same way
+        raise error
+
+    conn.commit = refuse  # type: ignore[method-assign]
+    conn.rollback = refuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del conn.commit, conn.rollback
+    if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+        error = UserCodeError(
+            f"effect {key!r}: the function ended the effect's transaction itself (a COMMIT or "
+            "ROLLBACK statement); writes it committed that way escaped the ledger. Remove the "
+            "statement: the ledger commits your writes with the effect"
+        )
+        error.retryable = False
+        raise error
 
 
 def _claim(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUID,
@@ -226,4 +389,4 @@ def _hint(exc: psycopg.Error) -> str:
     return exc.diag.message_hint or "Fix the statement or the data it reads."
 
 
-__all__ = ["Outcome", "run_effect"]
+__all__ = ["Outcome", "Session", "run_effect"]

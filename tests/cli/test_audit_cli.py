@@ -160,7 +160,7 @@ def test_recover_expires_claims_of_crashed_owners(db: str):
     child = subprocess.Popen([sys.executable, "-c", HOLDER, db, "60"], stdout=subprocess.PIPE,
                              text=True)
     assert child.stdout.readline().strip() == "in-run"
-    assert json.loads(cli("recover", "--format", "json", dsn=db).stdout) == {"expired": []}
+    assert json.loads(cli("recover", "--format", "json", dsn=db).stdout) == {"expired": [], "transactions": []}
     child.send_signal(signal.SIGKILL)
     child.wait(10)
     out = cli("recover", "--format", "json", dsn=db)

@@ -161,7 +161,8 @@ def test_ledger_show_entry_and_events(listed: str):
         assert word in table.stdout
 
     shown = json.loads(as_json.stdout)
-    assert set(shown) == {"entry", "events"}
+    assert set(shown) == {"entry", "events", "recovery_points"}
+    assert shown["recovery_points"] == []  # not a chunked effect
     entry = shown["entry"]
     assert (entry["key"], entry["state"], entry["version"], entry["event_seq"]) == (
         "sales/2024-01-01", "committed", 1, 3)

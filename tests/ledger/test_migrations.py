@@ -27,7 +27,9 @@ MIGRATION_FILES = {path.name[:4]: path for path in sorted(VERSIONS.glob("[0-9][0
 REVISIONS = list(MIGRATION_FILES)
 HEAD = REVISIONS[-1]
 ODD_SCHEMA = 'eos "audit"; drop'
-LEDGER_TABLES = {"alembic_version", "ledger", "ledger_events", "schema_migrations", "waiters"}
+LEDGER_TABLES = {"alembic_version", "inbox", "ledger", "ledger_events", "offsets", "outbox",
+                 "precommits", "pruned_chains", "recovery_points", "schema_migrations",
+                 "twophase", "waiters"}
 
 
 def schemas(conn: psycopg.Connection) -> set[str]:
@@ -155,7 +157,13 @@ def test_metadata_comparison_sees_differences(db: str):
         ("remove_table", "schema_migrations"), ("remove_table", "waiters"),
         ("remove_index", "waiters_prefix_idx"), ("remove_index", "waiters_listener_idx"),
         ("remove_index", "ledger_origin_idx"),
-        ("remove_index", "ledger_state_idx"), ("remove_index", "ledger_events_at_idx")}
+        ("remove_index", "ledger_state_idx"), ("remove_index", "ledger_events_at_idx"),
+        ("remove_table", "twophase"), ("remove_table", "precommits"),
+        ("remove_index", "twophase_key_idx"), ("remove_index", "twophase_unresolved_idx"),
+        ("remove_table", "pruned_chains"),
+        ("remove_table", "recovery_points"), ("remove_table", "offsets"),
+        ("remove_table", "outbox"), ("remove_table", "inbox"),
+        ("remove_index", "outbox_pending_idx")}
 
     changed = ledger_metadata("eos")
     ledger = changed.tables["eos.ledger"]

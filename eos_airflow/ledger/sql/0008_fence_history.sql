@@ -8,6 +8,9 @@
 -- guarantee did not. claim() now fences against the highest try of the task instance that ever
 -- claimed the key: the row's attempt when the row names this task instance, else the claim
 -- history (a rare path: the key was last claimed by another origin).
+--
+-- commit() now records the committing attempt's owner token in its event, so that an attempt
+-- whose connection broke during COMMIT can learn from the ledger whether its commit happened.
 
 CREATE OR REPLACE FUNCTION {schema}.claim(
     p_key text, p_owner uuid, p_attempt integer,
@@ -125,5 +128,40 @@ BEGIN
     PERFORM pg_advisory_lock({schema}.lock_id(p_key, p_owner));
     RETURN QUERY SELECT 'run'::text, r.state, p_attempt, r.version,
         CASE WHEN r.state = 'committed' THEN r.result END, NULL::uuid, r.committed_at;
+END
+$$;
+
+-- The commit event names the owner token (see above); otherwise as in revision 0002.
+CREATE OR REPLACE FUNCTION {schema}.commit(p_key text, p_owner uuid, p_result jsonb)
+RETURNS TABLE (version integer, committed_at timestamptz)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    r {schema}.ledger;
+    v_at timestamptz := clock_timestamp();
+    v_hash bytea;
+BEGIN
+    SELECT * INTO r FROM {schema}.ledger AS l WHERE l.key = p_key FOR UPDATE;
+    IF NOT FOUND OR r.owner IS DISTINCT FROM p_owner THEN
+        RAISE EXCEPTION 'effect % is owned by attempt % now', p_key, r.attempt
+            USING ERRCODE = 'EOS01';
+    END IF;
+    v_hash := {schema}.append_event(p_key, r.event_seq + 1, r.last_hash,
+        CASE WHEN r.state = 'committed' THEN 'replaced'::{schema}.event_kind
+             ELSE 'committed'::{schema}.event_kind END,
+        r.attempt, jsonb_build_object('version', r.version + 1, 'run_id', r.run_id,
+                                      'owner', p_owner));
+    UPDATE {schema}.ledger AS l SET state = 'committed', result = p_result,
+        version = r.version + 1, committed_at = v_at, updated_at = v_at, owner = NULL,
+        event_seq = r.event_seq + 1, last_hash = v_hash
+    WHERE l.key = p_key;
+    PERFORM pg_advisory_unlock({schema}.lock_id(p_key, p_owner));
+    -- Wake the sensors waiting for this key (delivered at COMMIT, so only committed keys
+    -- notify). Only when someone waits: NOTIFY takes a database-wide lock at commit that
+    -- would serialise every committing effect.
+    IF {schema}.is_awaited(p_key) THEN
+        PERFORM pg_notify({channel_literal}, p_key);
+    END IF;
+    RETURN QUERY SELECT r.version + 1, v_at;
 END
 $$;

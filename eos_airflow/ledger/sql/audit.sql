@@ -106,3 +106,86 @@ WHERE l.key = e.key
 RETURNING l.key, l.attempt, l.run_id, e.claimed_at,
           CASE WHEN e.owner_gone THEN 'owner session ended'
                ELSE 'claim older than the limit' END AS reason;
+
+-- name: chain_entries
+-- What verify checks each key's events against: the chain head and the state they imply.
+SELECT key, event_seq, last_hash, state::text AS state, attempt, version,
+       result IS NOT NULL AS has_result
+FROM {schema}.ledger ORDER BY key;
+
+-- name: chain_starts
+-- Keys whose oldest events ledger gc removed: their remaining chain starts after through_seq.
+SELECT key, through_seq, through_hash, versions FROM {schema}.pruned_chains;
+
+-- name: checkpoint_last_event
+SELECT id, key, seq, hash FROM {schema}.ledger_events ORDER BY id DESC LIMIT 1;
+
+-- name: checkpoint_counts
+SELECT (SELECT count(*) FROM {schema}.ledger_events),
+       (SELECT coalesce(sum(events), 0)::bigint FROM {schema}.pruned_chains);
+
+-- name: event_hash_at
+SELECT hash FROM {schema}.ledger_events WHERE key = %(key)s AND seq = %(seq)s;
+
+-- name: gc_candidates
+-- Committed, idle keys committed before the cutoff that still have events older than it
+-- (other than a previous gc's `pruned` event).
+SELECT l.key FROM {schema}.ledger AS l
+WHERE l.state::text = 'committed' AND l.owner IS NULL AND l.committed_at < %(cutoff)s
+  AND EXISTS (SELECT 1 FROM {schema}.ledger_events AS e
+              WHERE e.key = l.key AND e.at < %(cutoff)s AND e.event::text <> 'pruned')
+  AND (%(prefix)s::text IS NULL OR l.key LIKE %(prefix)s ESCAPE '\')
+ORDER BY l.key;
+
+-- name: gc_preview
+-- What gc would remove for the given keys (dry run): events older than the cutoff, up to the
+-- newest of them.
+SELECT count(*) AS events FROM {schema}.ledger_events AS e
+JOIN (SELECT e2.key, max(e2.seq) AS through FROM {schema}.ledger_events AS e2
+      WHERE e2.key = ANY(%(keys)s) AND e2.at < %(cutoff)s GROUP BY e2.key) AS t
+  ON t.key = e.key AND e.seq <= t.through;
+
+-- name: gc_prune
+SELECT pruned_key, pruned_events, pruned_through
+FROM {schema}.gc_prune(%(keys)s, %(cutoff)s, %(actor)s);
+
+-- Reads of the audit page (eos_airflow/web).
+
+-- name: web_entries
+SELECT key, state::text AS state, attempt, version, dag_id, task_id, run_id, map_index, host,
+       claimed_at, committed_at, updated_at, event_seq, result
+FROM {schema}.ledger
+WHERE (%(dag_id)s::text IS NULL OR dag_id = %(dag_id)s)
+  AND (%(state)s::text IS NULL OR state::text = %(state)s)
+  AND (%(prefix)s::text IS NULL OR key LIKE %(prefix)s ESCAPE '\')
+  AND (%(since)s::timestamptz IS NULL OR updated_at >= %(since)s)
+  AND (%(all_dags)s OR dag_id = ANY(%(dag_ids)s))
+ORDER BY updated_at DESC, key
+LIMIT %(limit)s;
+
+-- name: web_ti_keys
+-- Keys a task instance touched: the ledger rows it claimed last, and keys whose events name
+-- it (a key template shared by several runs, or a later run that replaced it).
+SELECT l.key FROM {schema}.ledger AS l
+WHERE l.dag_id = %(dag_id)s AND l.task_id = %(task_id)s AND l.run_id = %(run_id)s
+  AND l.map_index = %(map_index)s
+UNION
+SELECT DISTINCT e.key FROM {schema}.ledger_events AS e
+WHERE e.detail @> jsonb_build_object('dag_id', %(dag_id)s::text, 'task_id', %(task_id)s::text,
+                                     'run_id', %(run_id)s::text,
+                                     'map_index', %(map_index)s::int)
+ORDER BY 1
+LIMIT 100;
+
+-- name: web_activity
+-- Commits, skips, fences and failures per hour or day (UTC) since a time.
+SELECT date_trunc(%(bucket)s, e.at AT TIME ZONE 'UTC') AS bucket,
+       count(*) FILTER (WHERE e.event::text IN ('committed', 'replaced')) AS commits,
+       count(*) FILTER (WHERE e.event::text = 'skipped') AS skips,
+       count(*) FILTER (WHERE e.event::text = 'fenced') AS fences,
+       count(*) FILTER (WHERE e.event::text = 'failed') AS failures
+FROM {schema}.ledger_events AS e
+LEFT JOIN {schema}.ledger AS l ON l.key = e.key
+WHERE e.at >= %(since)s AND (%(all_dags)s OR l.dag_id = ANY(%(dag_ids)s))
+GROUP BY 1
+ORDER BY 1;

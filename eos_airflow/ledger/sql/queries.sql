@@ -95,3 +95,14 @@ WHERE key >= %(prefix)s AND key < %(prefix)s || chr(1114111) AND starts_with(key
 SELECT key, state::text AS state, result FROM {schema}.ledger
 WHERE key >= %(prefix)s AND key < %(prefix)s || chr(1114111) AND starts_with(key, %(prefix)s)
 FOR SHARE;
+
+-- name: commit_outcome_wait
+-- After a connection broke during COMMIT: FOR SHARE waits until the broken session's
+-- transaction (which holds this row FOR UPDATE from commit()) has committed or rolled back.
+SELECT owner, version FROM {schema}.ledger WHERE key = %(key)s FOR SHARE;
+
+-- name: commit_outcome
+-- Did the attempt with this owner token commit the key? (commit() names it in its event.)
+SELECT (detail->>'version')::integer AS version, at AS committed_at
+FROM {schema}.ledger_events
+WHERE key = %(key)s AND event IN ('committed', 'replaced') AND detail->>'owner' = %(owner)s;

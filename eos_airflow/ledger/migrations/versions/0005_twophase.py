@@ -6,9 +6,14 @@ Revises: 0004
 
 from __future__ import annotations
 
+from alembic import context, op
+
+from eos_airflow.ledger.queries import execute_script
+
 revision = "0005"
 down_revision = "0004"
 
 
 def upgrade() -> None:
-    pass  # reserved: filled in by the feature that owns this revision
+    schema = context.config.attributes["schema"]
+    execute_script(op.get_bind().connection.driver_connection, "0005_twophase.sql", schema)

@@ -1,4 +1,4 @@
-"""Data movement: source offsets and the transactional outbox.
+"""Data movement: the transactional outbox and the consumers' inbox (source offsets: 0004).
 
 Revision ID: 0007
 Revises: 0006
@@ -6,9 +6,14 @@ Revises: 0006
 
 from __future__ import annotations
 
+from alembic import context, op
+
+from eos_airflow.ledger.queries import execute_script
+
 revision = "0007"
 down_revision = "0006"
 
 
 def upgrade() -> None:
-    pass  # reserved: filled in by the feature that owns this revision
+    schema = context.config.attributes["schema"]
+    execute_script(op.get_bind().connection.driver_connection, "0007_movement.sql", schema)

@@ -1,4 +1,4 @@
-"""Fencing remembers every try that claimed a key: claim() fences against the claim history.
+"""Fencing remembers every try that claimed a key; the commit event names its owner token.
 
 Revision ID: 0008
 Revises: 0007

@@ -1,0 +1,144 @@
+"""Checkpoints: what the ledger looked like at one moment, kept outside the database.
+
+The hash chains show that no event was edited, inserted or removed *inside* a key's chain,
+but someone able to bypass the append-only trigger could also cut a chain's newest events
+and set the ledger row's head back, or remove a key's whole history with its row: what is
+left still verifies. A checkpoint written to a file (or a ticket, or another system) pins
+each key's head at the time it was taken::
+
+    eos-airflow ledger checkpoint --out /audit/eos-2024-06-30.json
+    eos-airflow ledger verify --checkpoint /audit/eos-2024-06-30.json
+
+Each chain must still contain the checkpointed head event with the same hash (or gc must
+have removed it, recording that in the chain), and the newest event of the checkpoint must
+still be there. The file carries a digest over its heads, so an edited file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from eos_airflow.errors import ConfigurationError
+from eos_airflow.ledger.chain import Problem, load_starts
+from eos_airflow.ledger.queries import query
+
+FORMAT = "eos-airflow-checkpoint"
+FORMAT_VERSION = 1
+
+
+def heads_digest(heads: dict[str, list[Any]]) -> str:
+    """SHA-256 over every key's head, in key order: ``key US seq US hash LF``."""
+    digest = hashlib.sha256()
+    for key in sorted(heads, key=lambda k: k.encode()):
+        seq, head = heads[key]
+        digest.update(f"{key}\x1f{seq}\x1f{head}\n".encode())
+    return digest.hexdigest()
+
+
+def take(conn: psycopg.Connection[Any], schema: str) -> dict[str, Any]:
+    """The checkpoint of the ledger now (one consistent snapshot)."""
+    outermost = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with conn.transaction():
+        if outermost:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        heads = {key: [seq, bytes(h).hex()] for key, seq, h
+                 in conn.execute(query("chain_heads", schema), {})}
+        last = conn.execute(query("checkpoint_last_event", schema), {}).fetchone()
+        events, pruned = conn.execute(query("checkpoint_counts", schema), {}).fetchone()
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "schema": schema,
+        "database": conn.info.dbname,
+        "taken_at": datetime.now(timezone.utc).isoformat(),
+        "last_event": None if last is None else {
+            "id": last[0], "key": last[1], "seq": last[2], "hash": bytes(last[3]).hex()},
+        "events": events, "pruned_events": pruned, "keys": len(heads),
+        "heads_digest": heads_digest(heads), "heads": heads,
+    }
+
+
+def write(checkpoint: dict[str, Any], path: str) -> None:
+    Path(path).write_text(json.dumps(checkpoint, sort_keys=True, indent=1) + "\n", "utf-8")
+
+
+def load(path: str) -> dict[str, Any]:
+    """Read and self-check a checkpoint file; a damaged or foreign file is a clear error."""
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except FileNotFoundError:
+        raise ConfigurationError(f"checkpoint file {path!r} does not exist; write one with "
+                                 "`eos-airflow ledger checkpoint --out FILE`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigurationError(f"checkpoint file {path!r} is not a checkpoint written by "
+                                 f"`eos-airflow ledger checkpoint` ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigurationError(f"checkpoint file {path!r} is not a checkpoint written by "
+                                 "`eos-airflow ledger checkpoint` (no format marker)")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ConfigurationError(
+            f"checkpoint file {path!r} has format version {data.get('format_version')!r}; "
+            f"this eos-airflow reads version {FORMAT_VERSION}: upgrade eos-airflow")
+    heads = data.get("heads")
+    try:
+        valid = isinstance(heads, dict) and heads_digest(heads) == data.get("heads_digest")
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ConfigurationError(
+            f"checkpoint file {path!r} is damaged: its heads do not match its heads_digest "
+            "(edited after it was written); use an intact copy")
+    return data
+
+
+def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]
+          ) -> list[Problem]:
+    """Where the ledger lost history the checkpoint recorded."""
+    if checkpoint.get("schema") != schema:
+        raise ConfigurationError(
+            f"the checkpoint was taken of ledger schema {checkpoint.get('schema')!r}, "
+            f"not {schema!r}; pass --schema {checkpoint.get('schema')}")
+    problems: list[Problem] = []
+    starts = load_starts(conn, schema)
+    rows = {key: seq for key, seq, _ in conn.execute(query("chain_heads", schema), {})}
+    for key, (seq, head) in sorted(checkpoint["heads"].items(), key=lambda kv: kv[0].encode()):
+        if key not in rows:
+            problems.append(Problem(key, seq, None, f"the checkpoint records {seq} events of "
+                                    "this key; its ledger row and history are gone (removed)"))
+            continue
+        found = _event_hash(conn, schema, key, seq)
+        start = starts.get(key)
+        if found is not None:
+            if found.hex() != head:
+                problems.append(Problem(key, seq, None, f"event {seq} differs from the "
+                                        "checkpoint's (history rewritten since)"))
+        elif start is not None and start.through_seq >= seq:
+            if start.through_seq == seq and start.through_hash.hex() != head:
+                problems.append(Problem(key, seq, None, f"gc says it removed events up to "
+                                        f"{seq}, but not the ones the checkpoint recorded"))
+        elif rows[key] < seq:
+            problems.append(Problem(key, seq, None,
+                                    f"the checkpoint records event {seq} ({head[:16]}…), the "
+                                    f"ledger now ends at {rows[key]} (the tail was removed)"))
+        else:
+            problems.append(Problem(key, seq, None, f"event {seq}, recorded by the "
+                                    "checkpoint, is missing (removed)"))
+    last = checkpoint.get("last_event")
+    if last is not None:
+        newest = conn.execute(query("checkpoint_last_event", schema), {}).fetchone()
+        newest_id = newest[0] if newest else 0
+        if newest_id < last["id"]:
+            problems.append(Problem(last["key"], last["seq"], last["id"],
+                                    f"the checkpoint's newest event has id {last['id']}; the "
+                                    f"ledger's newest is {newest_id} (the newest events were "
+                                    "removed)"))
+    return problems
+
+
+def _event_hash(conn: psycopg.Connection[Any], schema: str, key: str, seq: int) -> bytes | None:
+    row = conn.execute(query("event_hash_at", schema), {"key": key, "seq": seq}).fetchone()
+    return None if row is None else bytes(row[0])

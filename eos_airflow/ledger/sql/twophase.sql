@@ -1,0 +1,73 @@
+-- Named queries of effects across several databases (eos_airflow/protocol/twophase.py and
+-- recovery.py). {schema} is the quoted ledger schema; values are parameters.
+
+-- name: twophase_begin
+SELECT txid, protocol, decision, participants, attempt
+FROM {schema}.twophase_begin(%(txid)s, %(key)s, %(attempt)s, %(owner)s, %(protocol)s,
+                             %(participants)s);
+
+-- name: twophase_decide
+SELECT version, committed_at FROM {schema}.twophase_decide(%(txid)s, %(key)s, %(owner)s,
+                                                           %(result)s);
+
+-- name: twophase_abort
+SELECT {schema}.twophase_abort(%(txid)s, %(attempt)s, %(by)s, %(reason)s) AS decision;
+
+-- name: twophase_resolved
+SELECT {schema}.twophase_resolved(%(txid)s, %(outcome)s, %(by)s, %(result)s) AS outcome;
+
+-- name: twophase_get
+SELECT txid, key, attempt, protocol, decision, outcome, participants, created_at
+FROM {schema}.twophase WHERE txid = %(txid)s;
+
+-- name: twophase_unresolved
+SELECT txid, key, attempt, protocol, decision, outcome, participants, created_at
+FROM {schema}.twophase WHERE outcome IS NULL ORDER BY created_at;
+
+-- name: twophase_key_entry
+SELECT state::text AS state, result, version, committed_at FROM {schema}.ledger
+WHERE key = %(key)s;
+
+-- name: prepared_xacts
+-- This database's prepared transactions written by eos-airflow (gids start with "eos:").
+SELECT gid, prepared FROM pg_prepared_xacts
+WHERE database = current_database() AND starts_with(gid, %(prefix)s)
+ORDER BY gid;
+
+-- name: precommit_vote
+-- Write a three-phase vote unless one exists; return the vote in force. (When another
+-- session's vote commits while this one waits, the statement's snapshot misses it: the
+-- caller reads it again.)
+WITH written AS (
+    INSERT INTO {schema}.precommits AS p (txid, key, attempt, state, participants, result)
+    VALUES (%(txid)s, %(key)s, %(attempt)s, %(state)s, %(participants)s, %(result)s)
+    ON CONFLICT (txid) DO NOTHING
+    RETURNING p.state, p.result
+)
+SELECT state, result FROM written
+UNION ALL
+SELECT state, result FROM {schema}.precommits WHERE txid = %(txid)s
+LIMIT 1;
+
+-- name: precommit_get
+SELECT txid, key, attempt, state, participants, result FROM {schema}.precommits
+WHERE txid = ANY(%(txids)s::text[]);
+
+-- name: twophase_unresolved_key
+SELECT txid, protocol, decision, participants, attempt
+FROM {schema}.twophase WHERE key = %(key)s AND outcome IS NULL ORDER BY created_at;
+
+-- name: twophase_forget
+-- The attempt found its key committed by an earlier transaction before it prepared anything:
+-- its own txid never had a participant, so it leaves no row (a forgotten txid cannot decide).
+DELETE FROM {schema}.twophase WHERE txid = %(txid)s AND decision IS NULL;
+
+-- name: precommit_check
+-- Three-phase commit needs the vote table in every participant: fails before anything runs.
+SELECT 1 FROM {schema}.precommits LIMIT 0;
+
+-- name: doctor_in_doubt
+-- Prepared transactions of eos-airflow in this database older than a minute: in doubt.
+SELECT count(*) AS count FROM pg_prepared_xacts
+WHERE database = current_database() AND starts_with(gid, 'eos:')
+  AND prepared < now() - interval '60 seconds';

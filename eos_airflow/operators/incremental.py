@@ -1,0 +1,331 @@
+"""``IncrementalTableOperator``: copy a table's new rows exactly once, by a monotonic column.
+
+Each run reads the source rows whose ``column`` is past the position committed by the last
+run (``eos.offsets``, source ``table:<source_conn_id>/<source_table>``), writes them into the
+target table and advances the position **in the same transaction** as the rows and the ledger
+mark. A crash anywhere leaves either nothing (the retry reads the same rows again) or rows and
+position together (the retry skips): no gap, no duplicate.
+
+**Late commits.** A sequence (``serial``, identity) hands out values when rows are inserted,
+not when they commit: a transaction can insert id 101, stay open, and commit after another
+one inserted and committed id 102. A reader that saw 102 and stored "102" as its position
+would never read 101. So a run reads only up to a **safe horizon**, ``horizon=``:
+
+- ``"xmin"`` (default): in one snapshot of the source, find the table's in-flight writers
+  (other transactions holding a write lock on it, from ``pg_locks``; prepared transactions
+  too) and the oldest of their transaction ids. The horizon is the largest ``column`` among
+  visible rows past the position whose inserting transaction (``xmin``) is older than that
+  writer; the run copies every visible row up to the horizon and stores the horizon as the
+  position. An in-flight writer got its transaction id after the transactions that wrote the
+  rows at or below the horizon, and takes its sequence value when it inserts, so its rows
+  land above the horizon and a later run reads them. Only writers of this table hold the
+  horizon back (unrelated transactions and readers do not). Assumptions: the column is
+  filled by a ``CACHE 1`` sequence (the default; per-session caches hand out values out of
+  order) when the row is inserted; a transaction does not write elsewhere long before it
+  inserts into the source (its transaction id would predate its value); rows are not
+  updated in place (an update gives the row a new ``xmin``). The price: while a writer
+  keeps a transaction open, rows committed after it started wait for a later run.
+- ``"none"``: read up to the largest visible value. Correct only when a single writer inserts
+  in commit order.
+
+``lag=`` additionally keeps the horizon at least ``lag`` below the largest visible value
+(a number for numeric columns, or an interval string such as ``"5 minutes"`` for timestamp
+columns): a time-based allowance for writers whose transactions the ``xmin`` rule cannot
+see (another database, a replica).
+
+``chunk_rows=N`` commits every N rows with a recovery point (and advances the position with
+each chunk); the column must then be unique (a key), so that a chunk boundary falls between
+two values. Concurrent runs of one source serialise: the position is read under a lock held
+until the run commits (with ``chunk_rows``, a session lock held for the whole run).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+from psycopg import sql
+
+from eos_airflow.errors import ConfigurationError
+from eos_airflow.hooks.ledger import connect_factory
+from eos_airflow.ledger.queries import render
+from eos_airflow.operators.base import ExactlyOnceMixin
+from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
+from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT
+from eos_airflow.protocol.transfer import (
+    Connect,
+    _Stream,
+    table_identifier,
+    target_columns,
+    transfer,
+)
+
+log = logging.getLogger(__name__)
+
+HORIZONS = ("xmin", "none")
+
+
+def _jsonable(value: Any) -> Any:
+    """A column value as a JSON position (and back as a SQL literal through psycopg)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float | decimal.Decimal):
+        return str(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    return str(value)
+
+
+#: The in-flight writers of the source table: other transactions holding a write lock on it
+#: (pg_locks, readable without extra privileges; prepared transactions included), and the
+#: age of the oldest one's transaction id. Writers that have no transaction id yet have not
+#: inserted a row yet, and get an id newer than every row visible now.
+_WRITERS = """
+    SELECT max(age(x.transactionid)) AS oldest
+    FROM pg_locks AS l
+    JOIN pg_locks AS x ON x.locktype = 'transactionid' AND x.mode = 'ExclusiveLock'
+        AND x.virtualtransaction = l.virtualtransaction
+    WHERE l.locktype = 'relation' AND l.relation = {regclass}::regclass AND l.granted
+      AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                     'AccessExclusiveLock')
+      AND l.pid IS DISTINCT FROM pg_backend_pid()
+"""
+
+
+def horizon_query(source: sql.Identifier, column: sql.Identifier, horizon: str,
+                  lag: Any, after: Any, table_name: str) -> sql.Composed:
+    """(largest visible value past the position, safe horizon) in one snapshot."""
+    safe = sql.SQL("true")
+    if horizon == "xmin":
+        safe = sql.SQL("w.oldest IS NULL OR age(s.xmin) > w.oldest")
+    bound = sql.SQL("")
+    if lag is not None:
+        bound = sql.SQL(" AND {col} <= (SELECT max({col}) FROM {src}) - {lag}").format(
+            col=column, src=source,
+            lag=sql.Literal(lag) if not isinstance(lag, str)
+            else sql.SQL("{}::interval").format(sql.Literal(lag)))
+    return sql.SQL(
+        "WITH w AS (" + _WRITERS + ") "
+        "SELECT max({col}) AS visible, max({col}) FILTER (WHERE ({safe}){bound}) AS safe "
+        "FROM {src} AS s, w WHERE {after}::text IS NULL OR {col} > {after}"
+    ).format(col=column, src=source, safe=safe, bound=bound, after=sql.Literal(after),
+             regclass=sql.Literal(table_name))
+
+
+def incremental(
+    eos: Effect,
+    source: Connect,
+    *,
+    source_table: str,
+    column: str,
+    target_table: str,
+    columns: Sequence[str] | None = None,
+    offset_source: str,
+    horizon: str = "xmin",
+    lag: Any = None,
+    chunk_rows: int | None = None,
+) -> dict[str, Any]:
+    """Copy the rows of ``source_table`` past the committed position of ``column`` into
+    ``target_table``, advancing the position in the effect's transaction."""
+    if horizon not in HORIZONS:
+        raise ConfigurationError(f"horizon={horizon!r} is not valid; choose one of "
+                                 f"{', '.join(map(repr, HORIZONS))}")
+    src_ident = table_identifier(source_table)
+    target = table_identifier(target_table)
+    names = list(columns) if columns else [name for name, _ in target_columns(eos.conn, target)]
+    if chunk_rows is not None:
+        if column not in names:
+            raise ConfigurationError(
+                f"with chunk_rows, the copied columns must include {column!r} (the position)")
+        # one run of this source at a time for the whole chunked run (ends with the session)
+        eos.conn.execute(render("SELECT pg_advisory_lock({schema}.offset_lock_id(%s))",
+                                eos.schema), [offset_source])
+    try:
+        chunks = None
+        if chunk_rows is not None:
+            stream: list[_Stream] = []
+            chunks = eos.checkpoints(lambda done: stream[0].rows(skip=done), every=chunk_rows)
+        if chunks is not None and chunks.resumed is not None and chunks.resumed.state:
+            # the range this run fixed before its first chunk; the position moved since
+            after, to = chunks.resumed.state["from"], chunks.resumed.state["to"]
+            visible = chunks.resumed.state.get("visible")
+        else:
+            after = eos.offsets.get(offset_source)
+            visible, to = _horizon(source, source_table, column, horizon, lag, after)
+        result: dict[str, Any] = {"source": offset_source, "from": after, "to": to, "rows": 0,
+                                  "visible": visible}
+        if to is None:
+            log.info("effect %s: no rows of %s past %r below the safe horizon (largest "
+                     "visible %r)", eos.key, source_table, after, visible)
+            result["to"] = after
+            return result
+        select = sql.SQL(
+            "SELECT {cols} FROM {src} WHERE ({after}::text IS NULL OR {col} > {after}) "
+            "AND {col} <= {to} ORDER BY {col}").format(
+                cols=sql.SQL(", ").join(map(sql.Identifier, names)), src=src_ident,
+                col=sql.Identifier(column), after=sql.Literal(after), to=sql.Literal(to))
+        conn = source()
+        try:
+            conn.autocommit = True
+            query = select.as_string(conn)
+            if chunks is None:
+                copied = transfer(eos, source, query=query, table=target_table, columns=names)
+                result.update(rows=copied["rows"], format=copied["format"])
+            else:
+                stream.append(_Stream(conn, query, binary=False))
+                chunks.state = {"from": after, "to": to, "visible": visible}
+                result.update(_chunked(eos, chunks, target, names, names.index(column),
+                                       offset_source))
+        finally:
+            conn.close()
+        eos.offsets[offset_source] = to
+        log.info("effect %s: %s rows of %s, %s %r -> %r", eos.key, result["rows"],
+                 source_table, column, after, to)
+        return result
+    finally:
+        if chunk_rows is not None:
+            _unlock(eos, offset_source)
+
+
+def _unlock(eos: Effect, offset_source: str) -> None:
+    """Drop the run's session lock on the source, also when the run failed (an aborted
+    transaction is rolled back first: the effect fails anyway). Never hides the error."""
+    conn = eos.conn
+    if conn.closed:
+        return
+    try:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            conn.execute("ROLLBACK")
+        conn.execute(render("SELECT pg_advisory_unlock({schema}.offset_lock_id(%s))",
+                            eos.schema), [offset_source])
+    except psycopg.Error:
+        log.warning("could not unlock source %s; closing the connection frees it",
+                    offset_source, exc_info=True)
+        conn.close()
+
+
+def _horizon(source: Connect, source_table: str, column: str, horizon: str, lag: Any,
+             after: Any) -> tuple[Any, Any]:
+    """(largest visible value, safe horizon) past ``after``, in one snapshot of the source."""
+    conn = source()
+    try:
+        conn.autocommit = True
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            try:
+                ident = table_identifier(source_table)
+                row = conn.execute(horizon_query(ident, sql.Identifier(column), horizon, lag,
+                                                 after, ident.as_string(conn))).fetchone()
+            except psycopg.Error as exc:
+                raise ConfigurationError(
+                    f"cannot read {source_table}.{column} in database {conn.info.dbname!r} "
+                    f"({exc.sqlstate}: {exc.diag.message_primary}); check source_table, column and "
+                    "lag (nothing was written)") from exc
+    finally:
+        conn.close()
+    visible, safe = row if row else (None, None)
+    return _jsonable(visible), _jsonable(safe)
+
+
+def _chunked(eos: Effect, chunks: Any, target: sql.Identifier, names: list[str], index: int,
+             offset_source: str) -> dict[str, Any]:
+    """Chunked copy ordered by the (unique) column: each chunk advances the position."""
+    copy_in = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        target, sql.SQL(", ").join(map(sql.Identifier, names)))
+    for chunk in chunks:
+        with eos.conn.cursor().copy(copy_in) as copy:
+            copy.write(b"".join(chunk))
+        last = bytes(chunk[-1]).rstrip(b"\n").split(b"\t")[index].decode()
+        eos.offsets[offset_source] = int(last) if last.lstrip("-").isdigit() else last
+    return {"rows": chunks.rows - (chunks.resumed.rows if chunks.resumed else 0),
+            "rows_total": chunks.rows, "chunks": chunks.chunks, "format": "text",
+            "resumed_after": chunks.resumed.rows if chunks.resumed else None}
+
+
+class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
+    """Copy the rows of ``source_table`` added since the last run into ``target_table``.
+
+    :param source_conn_id: Airflow Postgres connection of the source table.
+    :param source_table: ``"table"`` or ``"schema.table"``.
+    :param column: monotonic column (a ``serial``/identity id, or an insert timestamp).
+    :param target_conn_id: Airflow Postgres connection of the target (holds the ledger).
+    :param target_table: ``"table"`` or ``"schema.table"``.
+    :param columns: columns copied (same names on both sides); default all target columns.
+    :param key: effect key (templated); default ``{dag_id}/{task_id}/{run_id}/{map_index}``.
+    :param chunk_rows: commit every N rows with a recovery point (``column`` must be unique).
+    :param horizon: ``"xmin"`` (default) or ``"none"``; see the module documentation.
+    :param lag: keep the horizon this far below the largest visible value.
+    :param offset_source: name of the position in ``eos.offsets`` (default
+        ``table:<source_conn_id>/<source_table>``).
+
+    Returns ``{"source", "from", "to", "rows", "visible", ...}``, stored in the ledger.
+    """
+
+    template_fields: Sequence[str] = ("source_table", "target_table")
+    ui_color = "#e4ecd0"
+
+    def __init__(
+        self,
+        *,
+        source_conn_id: str,
+        source_table: str,
+        column: str,
+        target_conn_id: str,
+        target_table: str,
+        columns: Sequence[str] | None = None,
+        key: str | None = None,
+        chunk_rows: int | None = None,
+        horizon: str = "xmin",
+        lag: Any = None,
+        offset_source: str | None = None,
+        on_committed: str = "skip",
+        ledger_schema: str = "eos",
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+        max_result_bytes: int = MAX_RESULT_BYTES,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._init_effect(conn_id=target_conn_id, key=key, on_committed=on_committed,
+                          ledger_schema=ledger_schema, wait_timeout=wait_timeout,
+                          max_result_bytes=max_result_bytes)
+        if horizon not in HORIZONS:
+            raise ValueError(f"horizon={horizon!r} is not valid; choose one of "
+                             f"{', '.join(map(repr, HORIZONS))}")
+        if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+            raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
+        if not column:
+            raise ValueError("column is required: the monotonic column that orders new rows")
+        self.source_conn_id = source_conn_id
+        self.source_table = source_table
+        self.column = column
+        self.target_table = target_table
+        self.columns = list(columns) if columns else None
+        self.chunk_rows = chunk_rows
+        self.horizon = horizon
+        self.lag = lag
+        self.offset_source = offset_source
+
+    def execute(self, context: Any) -> Any:
+        source = connect_factory(self.source_conn_id)
+        try:
+            source().close()  # an unknown or unreachable source fails before the claim
+        except ConfigurationError as exc:
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        name = self.offset_source or f"table:{self.source_conn_id}/{self.source_table}"
+
+        def run(eos: Effect) -> dict[str, Any]:
+            return incremental(eos, source, source_table=self.source_table, column=self.column,
+                               target_table=self.target_table, columns=self.columns,
+                               offset_source=name, horizon=self.horizon, lag=self.lag,
+                               chunk_rows=self.chunk_rows)
+
+        return self.run_effect(context, run)
+
+
+__all__ = ["IncrementalTableOperator", "incremental"]

@@ -1,0 +1,313 @@
+"""Finishing in-doubt transactions across several databases (docs/twophase.md, "Recovery").
+
+A transaction is in doubt while a participant holds it prepared. Three callers finish it,
+all through :func:`resolve`:
+
+- the **next attempt** of the key, right after its claim: it owns the key now, so the
+  earlier attempts' undecided transactions can be aborted at once;
+- **recover** (``eos-airflow recover``): with the coordinator's decision log; undecided
+  transactions are aborted only after a grace period (their attempt may be about to decide);
+- **terminate** (``eos-airflow recover --terminate``, 3PC only): without the coordinator,
+  from the participants' votes — any ``precommitted`` → commit; otherwise abort, by writing
+  ``aborted`` votes in participant order (the first participant's vote decides a race with a
+  late coordinator). Two-phase transactions cannot be terminated: they wait (block) for the
+  coordinator's decision.
+Every participant is finished with COMMIT PREPARED or ROLLBACK PREPARED, and the outcome is
+recorded in the coordinator's log when it is reachable (the key gets a ``recovered`` event).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from eos_airflow.errors import EosError
+from eos_airflow.protocol.local import _execute
+from eos_airflow.protocol.twophase import (
+    GID_PREFIX,
+    _statement,
+    gid_of,
+    key_hash,
+    parse_gid,
+)
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[], "psycopg.Connection[Any]"]
+
+#: Seconds an undecided prepared transaction is left alone by `recover`: its attempt may still
+#: be about to decide. Prepare-to-decision takes milliseconds; a minute also covers a stalled
+#: process whose decision would then be refused (the abort is logged first).
+DEFAULT_GRACE = 60.0
+
+
+@dataclass
+class Resolution:
+    """What recovery did with one global transaction."""
+
+    txid: str
+    key: str | None
+    protocol: str
+    outcome: str  # committed, aborted, waiting (undecided, in grace), blocked, unreachable
+    participants: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+def rollback_open(conn: psycopg.Connection[Any]) -> None:
+    """Roll back an open (not prepared) transaction; close the connection if that fails."""
+    if conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except psycopg.Error:
+        conn.close()
+
+
+def finish_prepared(conn: psycopg.Connection[Any], gid: str, *, commit: bool) -> bool:
+    """COMMIT or ROLLBACK PREPARED ``gid``; False when it is not (or no longer) prepared."""
+    try:
+        conn.execute(_statement("COMMIT PREPARED" if commit else "ROLLBACK PREPARED", gid))
+    except pgerrors.UndefinedObject:  # finished already (by another recovery or the attempt)
+        return False
+    return True
+
+
+def prepared_on(conn: psycopg.Connection[Any], prefix: str = GID_PREFIX) -> dict[str, datetime]:
+    """This database's prepared transactions whose gid starts with ``prefix``."""
+    rows = conn.execute(
+        "SELECT gid, prepared FROM pg_prepared_xacts "
+        "WHERE database = current_database() AND starts_with(gid, %s)", [prefix]).fetchall()
+    return {gid: prepared for gid, prepared in rows}
+
+
+def vote(conn: psycopg.Connection[Any], schema: str, txid: str, key: str | None,
+         attempt: int, state: str, names: list[str], result: str | None) -> dict[str, Any]:
+    """Write a 3PC vote at a participant unless one exists; return the vote in force."""
+    params = {"txid": txid, "key": key, "attempt": attempt, "state": state,
+              "participants": json.dumps(names), "result": result}
+    for _ in range(5):
+        row = _execute(conn, "precommit_vote", schema, params).fetchone()
+        if row is not None:
+            return row
+    raise RuntimeError(f"the vote of {txid} could not be read back")  # pragma: no cover
+
+
+def _votes(conns: Mapping[str, psycopg.Connection[Any]], schema: str,
+           txid: str) -> dict[str, dict[str, Any]]:
+    found = {}
+    for name, conn in conns.items():
+        row = _execute(conn, "precommit_get", schema, {"txids": [txid]}).fetchone()
+        if row is not None:
+            found[name] = row
+    return found
+
+
+def resolve(txid: str, *, protocol: str, conns: Mapping[str, psycopg.Connection[Any]],
+            coordinator: psycopg.Connection[Any] | None, schema: str = "eos",
+            decision: str | None = None, key: str | None = None, attempt: int = 0,
+            force: bool = False, by: str = "eos-airflow recover") -> Resolution:
+    """Finish ``txid`` on ``conns`` (its participants by name) and log the outcome."""
+    names = sorted(conns)
+    done = Resolution(txid, key, protocol, "waiting", names)
+    result = None
+    if protocol == "3pc":
+        votes = _votes(conns, schema, txid)
+        states = {v["state"] for v in votes.values()}
+        if key is None:
+            key = next((v["key"] for v in votes.values() if v["key"]), None)
+            done.key = key
+        if decision == "commit" or "precommitted" in states:
+            commit = True
+            result = next((v["result"] for v in votes.values()
+                           if v["state"] == "precommitted"), None)
+        elif decision == "abort" or "aborted" in states:
+            commit = False
+        elif not force:
+            done.detail = "undecided, no pre-commit yet: within the grace period"
+            return done
+        else:
+            commit = False
+            for name in names:  # the first participant's vote decides a race
+                row = vote(conns[name], schema, txid, key, attempt, "aborted", names, None)
+                if row["state"] == "precommitted":
+                    commit, result = True, row["result"]
+                    break
+    else:
+        if decision is None:
+            if coordinator is None:
+                done.outcome = "blocked"
+                done.detail = ("two-phase commit: only the coordinator's decision log can "
+                               "decide; bring the coordinator back, then run eos-airflow recover")
+                return done
+            if not force:
+                done.detail = "undecided: within the grace period"
+                return done
+            decision = _abort(coordinator, schema, txid, attempt, by, "no decision (presumed abort)")
+        commit = decision == "commit"
+    finished = [name for name in names
+                if finish_prepared(conns[name], gid_of(txid, name), commit=commit)]
+    done.outcome = "committed" if commit else "aborted"
+    done.detail = (f"{'COMMIT' if commit else 'ROLLBACK'} PREPARED on "
+                   f"{', '.join(finished) or 'no participant (finished before)'}")
+    if coordinator is not None:
+        if not commit and decision != "abort":
+            _abort(coordinator, schema, txid, attempt, by, "participants aborted (3PC)")
+        _execute(coordinator, "twophase_resolved", schema, {
+            "txid": txid, "outcome": done.outcome, "by": by,
+            "result": None if result is None else json.dumps(result)})
+    log.info("transaction %s (%s) %s: %s", txid, key, done.outcome, done.detail)
+    return done
+
+
+def _abort(coordinator: psycopg.Connection[Any], schema: str, txid: str, attempt: int,
+           by: str, reason: str) -> str:
+    return _execute(coordinator, "twophase_abort", schema, {
+        "txid": txid, "attempt": attempt, "by": by, "reason": reason}).fetchone()["decision"]
+
+
+def finish_for_key(coordinator: psycopg.Connection[Any],
+                   conns: Mapping[str, psycopg.Connection[Any]], rows: list[dict[str, Any]],
+                   key: str, *, schema: str, by: str, scan: bool,
+                   exclude: str | None = None) -> list[Resolution]:
+    """Finish the key's other transactions at once (the caller owns or skipped the key);
+    with ``scan``, also the prepared ones the coordinator has no row for."""
+    txids = {row["txid"]: row for row in rows}
+    if scan:
+        hashed = key_hash(key)
+        for conn in conns.values():
+            for gid in prepared_on(conn):
+                parsed = parse_gid(gid)
+                if (parsed is None or parsed.key_hash != hashed or parsed.txid == exclude
+                        or parsed.txid in txids):
+                    continue
+                row = _execute(coordinator, "twophase_get", schema,
+                               {"txid": parsed.txid}).fetchone()
+                txids[parsed.txid] = row or {"txid": parsed.txid, "protocol": parsed.protocol,
+                                             "decision": None, "attempt": parsed.attempt,
+                                             "participants": {}}
+    done = []
+    for txid, row in txids.items():
+        members = {n: c for n, c in conns.items() if not row["participants"]
+                   or n in row["participants"]}
+        done.append(resolve(txid, protocol=row["protocol"], conns=members,
+                            coordinator=coordinator, schema=schema, decision=row["decision"],
+                            key=key, attempt=row["attempt"], force=True, by=by))
+    return done
+
+
+class _Participants:
+    """Connections to participants by name, opened on first use and closed at the end."""
+
+    def __init__(self, given: Mapping[str, Connect],
+                 by_conn_id: Callable[[str], Connect] | None) -> None:
+        self.given = dict(given)
+        self.by_conn_id = by_conn_id
+        self.open: dict[tuple[str, str | None], psycopg.Connection[Any]] = {}
+
+    def get(self, name: str, conn_id: str | None) -> psycopg.Connection[Any]:
+        slot = (name, None if name in self.given else conn_id)
+        if slot not in self.open:
+            if name in self.given:
+                connect = self.given[name]
+            elif conn_id and self.by_conn_id is not None:
+                connect = self.by_conn_id(conn_id)
+            else:
+                raise LookupError(
+                    f"participant {name!r} has no Airflow connection id in the decision log; "
+                    f"pass --participant {name}=DSN")
+            conn = connect()
+            conn.autocommit = True
+            self.open[slot] = conn
+        return self.open[slot]
+
+    def close(self) -> None:
+        for conn in self.open.values():
+            conn.close()
+
+
+def recover(coordinator: psycopg.Connection[Any], *, schema: str = "eos",
+            participants: Mapping[str, Connect] | None = None,
+            by_conn_id: Callable[[str], Connect] | None = None,
+            grace: float = DEFAULT_GRACE, by: str = "eos-airflow recover") -> list[Resolution]:
+    """Finish every in-doubt transaction of the coordinator ``coordinator``.
+
+    Participants are found by the Airflow connection ids in the decision log
+    (``by_conn_id``), or given by name in ``participants`` (which are also scanned for
+    prepared transactions the log has no row for)."""
+    rows = {r["txid"]: r for r in _execute(coordinator, "twophase_unresolved", schema, {})}
+    pool = _Participants(participants or {}, by_conn_id)
+    now = datetime.now(timezone.utc)
+    prepared_at: dict[str, datetime] = {}
+    done: list[Resolution] = []
+    try:
+        for name in sorted(participants or {}):
+            for gid, at in prepared_on(pool.get(name, None)).items():
+                parsed = parse_gid(gid)
+                if parsed is None or parsed.participant != name:
+                    continue
+                prepared_at[parsed.txid] = min(at, prepared_at.get(parsed.txid, at))
+                if parsed.txid not in rows:
+                    row = _execute(coordinator, "twophase_get", schema,
+                                   {"txid": parsed.txid}).fetchone()
+                    rows[parsed.txid] = row or {
+                        "txid": parsed.txid, "key": None, "attempt": parsed.attempt,
+                        "protocol": parsed.protocol, "decision": None, "created_at": at,
+                        "participants": {n: {"conn_id": None} for n in participants or {}}}
+        for txid, row in rows.items():
+            members = row["participants"] or {n: {"conn_id": None} for n in participants or {}}
+            born = prepared_at.get(txid, row["created_at"])
+            try:
+                conns = {n: pool.get(n, (info or {}).get("conn_id")) for n, info in
+                         members.items()}
+            except (LookupError, psycopg.OperationalError, EosError) as exc:
+                done.append(Resolution(txid, row["key"], row["protocol"], "unreachable",
+                                       sorted(members), str(exc).strip()))
+                continue
+            done.append(resolve(txid, protocol=row["protocol"], conns=conns,
+                                coordinator=coordinator, schema=schema,
+                                decision=row["decision"], key=row["key"],
+                                attempt=row["attempt"],
+                                force=(now - born).total_seconds() >= grace, by=by))
+    finally:
+        pool.close()
+    return done
+
+
+def terminate(participants: Mapping[str, Connect], *, schema: str = "eos",
+              grace: float = DEFAULT_GRACE,
+              by: str = "eos-airflow recover --terminate") -> list[Resolution]:
+    """The 3PC termination protocol, run on the participants alone (coordinator down).
+
+    Pass every participant of the transactions to finish. Three-phase transactions end
+    committed (a participant pre-committed) or aborted; two-phase ones are reported
+    ``blocked``: they need the coordinator's decision."""
+    pool = _Participants(participants, None)
+    now = datetime.now(timezone.utc)
+    found: dict[str, tuple[str, int, datetime]] = {}
+    done: list[Resolution] = []
+    try:
+        for name in sorted(participants):
+            for gid, at in prepared_on(pool.get(name, None)).items():
+                parsed = parse_gid(gid)
+                if parsed is None or parsed.participant != name:
+                    continue
+                _, _, oldest = found.get(parsed.txid, (None, None, at))
+                found[parsed.txid] = (parsed.protocol, parsed.attempt, min(at, oldest))
+        conns = {name: pool.get(name, None) for name in participants}
+        for txid, (protocol, attempt, born) in sorted(found.items()):
+            done.append(resolve(txid, protocol=protocol, conns=conns, coordinator=None,
+                                schema=schema, attempt=attempt,
+                                force=(now - born).total_seconds() >= grace, by=by))
+    finally:
+        pool.close()
+    return done
+
+
+__all__ = ["DEFAULT_GRACE", "Resolution", "finish_prepared", "recover", "resolve", "terminate"]

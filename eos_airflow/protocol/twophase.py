@@ -1,0 +1,427 @@
+"""Effects across several databases: two-phase commit through the ledger (docs/twophase.md).
+
+The coordinator is the ledger of one database (``ledger_conn_id``); the participants are the
+target databases. Presumed abort: nothing but the decision makes a transaction commit.
+
+1. **claim** the key in the coordinator's ledger, as in the single-database protocol; then
+   **begin**: log the global transaction id (txid) and its participants, and finish the key's
+   earlier in-doubt transactions (recovery.py) — the new owner may abort them at once.
+2. **run** the user's function with one open transaction per participant (``eos.conns``).
+3. **prepare** every participant (``PREPARE TRANSACTION``, in parallel threads).
+4. (3PC only) **pre-commit**: inside the coordinator's decision transaction, record a
+   ``precommitted`` vote in each participant's ledger, in participant order.
+5. **decide** (the commit point): in one coordinator transaction, decide ``commit`` for the
+   txid and commit the key — fenced like the single-database commit: only while this
+   attempt owns the key and nobody aborted the txid.
+6. **commit prepared** everywhere (in parallel), then mark the txid resolved.
+A failure before the decision rolls every participant back and releases the key; after it
+(or when the decision's fate is unknown) the transaction stays in doubt until the next attempt,
+``eos-airflow recover`` or (3PC) the termination protocol finishes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg import sql
+
+from eos_airflow import failpoints
+from eos_airflow.errors import ConfigurationError, EosError, FencedError, UserCodeError
+from eos_airflow.protocol.effect import (
+    MAX_RESULT_BYTES,
+    Effect,
+    Origin,
+    Previous,
+    check_key,
+    encode_result,
+)
+from eos_airflow.protocol.local import (
+    _PERMANENT_SQLSTATE_CLASSES,
+    DEFAULT_WAIT_TIMEOUT,
+    FENCED_SQLSTATE,
+    Outcome,
+    _claim,
+    _execute,
+    _hint,
+    _release,
+)
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("2pc", "3pc")
+#: Every global transaction id starts with this, so recovery recognises its own.
+GID_PREFIX = "eos:"
+#: PostgreSQL limits a prepared transaction's gid to 200 bytes (GIDSIZE).
+MAX_GID_BYTES = 200
+#: SQLSTATE of twophase_decide() when recovery decided the txid already.
+ABORTED_SQLSTATE = "EOS07"
+_NAME = re.compile(r"^[A-Za-z0-9_]{1,40}$")
+_GID = re.compile(r"^eos:([23]):([0-9a-f]{16}):(\d+):([0-9a-f]{8}):([A-Za-z0-9_]{1,40})$")
+
+
+class InDoubtError(EosError):
+    """The commit decision's fate is unknown (the coordinator became unreachable); the next
+    attempt or ``eos-airflow recover`` finishes the prepared transactions."""
+
+    retryable = True
+
+
+class ParticipantError(UserCodeError):
+    """A participant refused a statement or PREPARE; nothing was committed anywhere."""
+
+    retryable = False  # the same function fails the same way; SQL errors set it per SQLSTATE
+
+
+@dataclass(frozen=True)
+class Gid:
+    """A parsed global transaction id: ``eos:<2|3>:<key hash>:<attempt>:<token>:<name>``."""
+
+    txid: str
+    participant: str
+    protocol: str
+    key_hash: str
+    attempt: int
+
+
+def key_hash(key: str) -> str:
+    """16 hex digits of SHA-256 of the key: keys may be 1,000 characters, gids only 200 bytes."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def make_txid(protocol: str, key: str, attempt: int, owner: uuid.UUID) -> str:
+    return f"{GID_PREFIX}{protocol[0]}:{key_hash(key)}:{attempt}:{owner.hex[:8]}"
+
+
+def gid_of(txid: str, participant: str) -> str:
+    return f"{txid}:{participant}"
+
+
+def parse_gid(gid: str) -> Gid | None:
+    """The parts of one of our gids, or None for someone else's prepared transaction."""
+    match = _GID.match(gid)
+    if match is None:
+        return None
+    protocol, hashed, attempt, _, name = match.groups()
+    return Gid(gid.rsplit(":", 1)[0], name, f"{protocol}pc", hashed, int(attempt))
+
+
+def check_targets(targets: Mapping[str, Any], protocol: str) -> None:
+    """Raise :class:`ConfigurationError` unless ``targets`` and ``protocol`` are usable."""
+    if protocol not in PROTOCOLS:
+        raise ConfigurationError(
+            f"protocol={protocol!r} is not valid for several targets; choose '2pc' or '3pc'")
+    if not isinstance(targets, Mapping) or len(targets) < 2:
+        raise ConfigurationError(
+            "targets must map at least two names to databases, e.g. "
+            "targets={'a': 'bank_a', 'b': 'bank_b'}; use conn_id= for one database")
+    for name in targets:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigurationError(
+                f"target name {name!r} must be 1-40 letters, digits or underscores "
+                "(it is part of the prepared transaction's id)")
+
+
+class MultiEffect(Effect):
+    """The open effect of several targets: write through ``eos.conns[name]``."""
+
+    @property  # type: ignore[override]
+    def conn(self) -> psycopg.Connection[Any]:
+        names = ", ".join(repr(n) for n in (self.targets or {}))
+        raise ConfigurationError(
+            f"this effect writes to several targets ({names}): use eos.conns[name], e.g. "
+            f"eos.conns[{next(iter(self.targets or {'a': 0}))!r}], instead of eos.conn")
+
+    @conn.setter
+    def conn(self, value: Any) -> None:  # the dataclass __init__ assigns the placeholder
+        pass
+
+    def __repr__(self) -> str:
+        return (f"<MultiEffect key={self.key!r} attempt={self.attempt} "
+                f"targets={sorted(self.targets or {})}>")
+
+
+def run_two_phase(
+    coordinator: psycopg.Connection[Any],
+    conns: Mapping[str, psycopg.Connection[Any]],
+    key: str,
+    fn: Callable[[Effect], Any],
+    *,
+    protocol: str = "2pc",
+    conn_ids: Mapping[str, str | None] | None = None,
+    schema: str = "eos",
+    attempt: int = 1,
+    on_committed: str = "skip",
+    origin: Origin | None = None,
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+    max_result_bytes: int = MAX_RESULT_BYTES,
+    executor: ThreadPoolExecutor | None = None,
+) -> Outcome:
+    """Run ``fn`` as effect ``key`` exactly once across ``conns`` (autocommit connections by
+    participant name), coordinated through the ledger on ``coordinator``."""
+    from eos_airflow.protocol import recovery
+
+    check_key(key)
+    check_targets(conns, protocol)
+    origin = origin or Origin()
+    owner = uuid.uuid4()
+    txid = make_txid(protocol, key, attempt, owner)
+    names = sorted(conns)  # participant order: 3PC votes are written in this order
+    claim = _claim(coordinator, schema, key, owner, attempt, origin, on_committed, wait_timeout)
+    by = f"attempt {attempt}"
+    if claim["action"] == "skip":
+        rows = _execute(coordinator, "twophase_unresolved_key", schema, {"key": key}).fetchall()
+        recovery.finish_for_key(coordinator, conns, rows, key, schema=schema, by=by, scan=False)
+        log.info("effect %s is committed (version %s): skipped", key, claim["version"])
+        return Outcome(key, "skipped", claim["result"], claim["version"], attempt,
+                       claim["committed_at"])
+    try:
+        participants = {n: {"gid": gid_of(txid, n), "conn_id": (conn_ids or {}).get(n)}
+                        for n in names}
+        others = _execute(coordinator, "twophase_begin", schema, {
+            "txid": txid, "key": key, "attempt": attempt, "owner": owner,
+            "protocol": protocol, "participants": json.dumps(participants)}).fetchall()
+        if others or claim["prior_state"] is not None:
+            recovery.finish_for_key(coordinator, conns, others, key, schema=schema, by=by,
+                                    scan=True, exclude=txid)
+            entry = _execute(coordinator, "twophase_key_entry", schema, {"key": key}).fetchone()
+            if entry["state"] == "committed" and claim["prior_state"] != "committed":
+                # an earlier attempt's three-phase transaction committed on the participants
+                _execute(coordinator, "twophase_forget", schema, {"txid": txid})
+                _release(coordinator, schema, key, owner, attempt, "skipped",
+                         {"reason": "an earlier attempt's transaction committed", "by": by})
+                return Outcome(key, "recovered", entry["result"], entry["version"], attempt,
+                               entry["committed_at"])
+    except BaseException as exc:
+        _release(coordinator, schema, key, owner, attempt, "failed",
+                 {"error": type(exc).__name__, "message": str(exc)[:500], "step": "begin"})
+        raise
+    previous = None
+    if claim["prior_state"] in ("committed", "reopened"):
+        entry = _execute(coordinator, "get_entry", schema, {"key": key}).fetchone()
+        previous = Previous(entry["result"], entry["version"], entry["committed_at"])
+    step = Step()
+    pool = executor or ThreadPoolExecutor(max_workers=len(names))
+    try:
+        failpoints.check("after_claim", attempt=attempt)
+        for name in names:
+            step.participant = name
+            if protocol == "3pc":  # its votes need the ledger schema in every participant
+                _execute(conns[name], "precommit_check", schema, {})
+            conns[name].execute("BEGIN")
+            step.open.add(name)
+        step.participant = None
+        eos = MultiEffect(key, attempt, None, previous, origin,  # type: ignore[arg-type]
+                          schema=schema, targets={n: conns[n] for n in names})
+        result = fn(eos)
+        payload = encode_result(result, limit=max_result_bytes)
+        failpoints.check("before_commit", attempt=attempt)
+        step.name = "prepare"
+        _prepare_all(pool, conns, names, txid, step, attempt)
+        step.name = "decide"
+        if protocol == "3pc":
+            with coordinator.transaction():
+                committed = _decide(coordinator, schema, txid, key, owner, payload)
+                step.name = "precommit"
+                for name in names:
+                    step.participant = name
+                    vote = recovery.vote(conns[name], schema, txid, key, attempt, "precommitted",
+                                         names, payload)
+                    if vote["state"] != "precommitted":
+                        raise InDoubtError(
+                            f"effect {key!r}: recovery aborted transaction {txid} at "
+                            f"participant {name!r} before it pre-committed; nothing was "
+                            "committed. Retry (Airflow retries this)")
+                    step.precommitted = True
+                step.participant = None
+                failpoints.check("after_precommit", attempt=attempt)
+                step.name = "decide"
+        else:
+            committed = _decide(coordinator, schema, txid, key, owner, payload)
+        step.decided = True
+        failpoints.check("after_decision", attempt=attempt)
+        step.name = "commit prepared"
+        _commit_prepared_all(pool, conns, names, txid, attempt)
+        _execute(coordinator, "twophase_resolved", schema,
+                 {"txid": txid, "outcome": "committed", "by": None, "result": None})
+    except BaseException as exc:
+        _fail(exc, coordinator, conns, schema, key, txid, owner, attempt, step)
+        raise  # _fail raises the mapped error; this keeps type checkers informed
+    finally:
+        if executor is None:
+            pool.shutdown(wait=False)
+    failpoints.check("after_commit", attempt=attempt)
+    action = "replaced" if claim["prior_state"] == "committed" else "committed"
+    log.info("effect %s %s across %s (version %s, %s)", key, action, ", ".join(names),
+             committed["version"], protocol)
+    return Outcome(key, action, json.loads(payload), committed["version"], attempt,
+                   committed["committed_at"])
+
+
+class Step:
+    """Where the attempt is, for the failure path."""
+
+    def __init__(self) -> None:
+        self.name = "run"
+        self.participant: str | None = None
+        self.open: set[str] = set()  # participants with an open transaction
+        self.prepared: set[str] = set()
+        self.precommitted = False
+        self.decided = False
+
+
+def _decide(coordinator: psycopg.Connection[Any], schema: str, txid: str, key: str,
+            owner: uuid.UUID, payload: str) -> dict[str, Any]:
+    return _execute(coordinator, "twophase_decide", schema,
+                    {"txid": txid, "key": key, "owner": owner, "result": payload}).fetchone()
+
+
+def _statement(verb: str, gid: str) -> sql.Composed:
+    return sql.SQL(verb + " {}").format(sql.Literal(gid))
+
+
+def _prepare_all(pool: ThreadPoolExecutor, conns: Mapping[str, psycopg.Connection[Any]],
+                 names: list[str], txid: str, step: Step, attempt: int) -> None:
+    """PREPARE every participant in parallel; raise the first refusal once all finished."""
+    def prepare(name: str) -> str:
+        conn = conns[name]
+        status = conn.info.transaction_status
+        if status == psycopg.pq.TransactionStatus.INERROR:
+            raise ParticipantError(
+                f"a statement failed in participant {name!r}'s transaction and the function "
+                "went on (it caught the error); nothing was committed. Let the error "
+                f"propagate, or wrap the statement in `with eos.conns[{name!r}].transaction():`")
+        if status != psycopg.pq.TransactionStatus.INTRANS:
+            raise ParticipantError(
+                f"the function ended participant {name!r}'s transaction itself (commit or "
+                "rollback), so it cannot be prepared; what it committed there stays. Do not "
+                "call commit() or rollback() on eos.conns[...]: eos-airflow commits them")
+        done = conn.execute(_statement("PREPARE TRANSACTION", gid_of(txid, name)))
+        if done.statusmessage != "PREPARE TRANSACTION":  # PostgreSQL rolled it back instead
+            raise ParticipantError(f"participant {name!r} did not prepare "
+                                   f"({done.statusmessage}); nothing was committed")
+        return name
+
+    futures: dict[Future[str], str] = {pool.submit(prepare, n): n for n in names}
+    errors: list[tuple[str, BaseException]] = []
+    first = True
+    for future in as_completed(futures):
+        name = futures[future]
+        step.open.discard(name)  # PREPARE ends the session's transaction either way
+        try:
+            future.result()
+        except BaseException as exc:
+            errors.append((name, exc))
+            continue
+        step.prepared.add(name)
+        if first:
+            first = False
+            try:
+                failpoints.check("after_prepare", attempt=attempt)
+            except BaseException as exc:
+                errors.append(("", exc))
+    if errors:
+        name, exc = errors[0]
+        step.participant = name or None
+        raise exc
+
+
+def _commit_prepared_all(pool: ThreadPoolExecutor,
+                         conns: Mapping[str, psycopg.Connection[Any]], names: list[str],
+                         txid: str, attempt: int) -> None:
+    futures = [pool.submit(conns[n].execute, _statement("COMMIT PREPARED", gid_of(txid, n)))
+               for n in names]
+    errors: list[BaseException] = []
+    for done, future in enumerate(as_completed(futures), 1):
+        # wait for every thread, so that none still uses its connection when this returns
+        try:
+            future.result()
+            if done == 1:
+                failpoints.check("after_first_commit_prepared", attempt=attempt)
+        except BaseException as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def _fail(exc: BaseException, coordinator: psycopg.Connection[Any],
+          conns: Mapping[str, psycopg.Connection[Any]], schema: str, key: str, txid: str,
+          owner: uuid.UUID, attempt: int, step: Step) -> None:
+    """Undo what can be undone, record why, and raise the error the caller should see."""
+    from eos_airflow.protocol import recovery
+
+    for name in step.open:
+        recovery.rollback_open(conns[name])
+    in_doubt = step.decided or step.precommitted or (
+        step.name == "decide" and isinstance(exc, psycopg.OperationalError))
+    if in_doubt:
+        log.warning("effect %s: transaction %s is in doubt after %s (%s); the next attempt or "
+                    "`eos-airflow recover` finishes it", key, txid, step.name, exc)
+        if isinstance(exc, psycopg.OperationalError):
+            raise InDoubtError(
+                f"effect {key!r}: lost the coordinator during {step.name} of transaction "
+                f"{txid} ({str(exc).strip()}); its prepared work stays in doubt until the "
+                "coordinator is back: the next attempt or `eos-airflow recover` finishes it"
+            ) from exc
+        raise exc
+    fenced = isinstance(exc, pgerrors.Error) and exc.sqlstate == FENCED_SQLSTATE
+    try:  # log the abort first: nobody can decide the txid afterwards
+        _execute(coordinator, "twophase_abort", schema, {
+            "txid": txid, "attempt": attempt, "by": f"attempt {attempt}",
+            "reason": "fenced" if fenced else f"{type(exc).__name__} at {step.name}"})
+    except psycopg.Error:
+        log.warning("could not log the abort of %s; rolling back anyway (presumed abort)",
+                    txid, exc_info=True)
+    for name in sorted(step.prepared):
+        recovery.finish_prepared(conns[name], gid_of(txid, name), commit=False)
+    try:
+        _execute(coordinator, "twophase_resolved", schema,
+                 {"txid": txid, "outcome": "aborted", "by": None, "result": None})
+    except psycopg.Error:
+        log.warning("could not mark %s resolved; `eos-airflow recover` does", txid,
+                    exc_info=True)
+    detail: dict[str, Any] = {"step": step.name, "txid": txid}
+    if not fenced:
+        detail.update(error=type(exc).__name__, message=str(exc)[:500])
+        if step.participant:
+            detail["participant"] = step.participant
+    _release(coordinator, schema, key, owner, attempt, "fenced" if fenced else "failed",
+             detail)
+    if fenced:
+        raise FencedError(
+            f"effect {key!r}: a newer attempt claimed it while attempt {attempt} ran; this "
+            "attempt's prepared transactions were rolled back on every participant. Nothing "
+            "to do: the newer attempt writes the effect (do not retry this one)") from exc
+    if isinstance(exc, pgerrors.Error) and exc.sqlstate == ABORTED_SQLSTATE:
+        error: EosError = InDoubtError(
+            f"effect {key!r}: recovery aborted transaction {txid} before attempt {attempt} "
+            "decided it; nothing was committed. Retry (Airflow retries this)")
+        raise error from exc
+    if isinstance(exc, pgerrors.Error) and not isinstance(exc, pgerrors.OperationalError):
+        where = f"participant {step.participant!r}" if step.participant else "a participant"
+        if isinstance(exc, pgerrors.ObjectNotInPrerequisiteState) and "prepared" in str(exc):
+            raise ConfigurationError(
+                f"effect {key!r}: {where} cannot prepare transactions ({exc}); nothing was "
+                "committed anywhere. Set max_prepared_transactions > 0 on its server "
+                "(ALTER SYSTEM SET max_prepared_transactions = 64, then restart PostgreSQL)"
+            ) from exc
+        action = "refused to prepare" if step.name == "prepare" else "refused a statement"
+        error = ParticipantError(
+            f"effect {key!r} attempt {attempt}: {where} {action} ({exc.sqlstate}: "
+            f"{str(exc).strip()}); nothing was committed on any database. {_hint(exc)}")
+        error.retryable = (exc.sqlstate or "")[:2] not in _PERMANENT_SQLSTATE_CLASSES
+        raise error from exc
+    raise exc
+
+
+__all__ = ["PROTOCOLS", "Gid", "InDoubtError", "MultiEffect", "ParticipantError",
+           "check_targets", "gid_of", "key_hash", "make_txid", "parse_gid", "run_two_phase"]
