@@ -300,16 +300,19 @@ def _own_transaction(conn: psycopg.Connection[Any], key: str) -> Iterator[None]:
 
 
 def _claim(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUID,
-           attempt: int, origin: Origin, on_committed: str, wait_timeout: float
+           attempt: int, origin: Origin, on_committed: str, wait_timeout: float,
+           *, query_name: str = "claim", extra: dict[str, Any] | None = None
            ) -> dict[str, Any]:
+    """The claim step; ``query_name``/``extra`` select a variant that does more in the same
+    round trip (the two-phase protocol logs its transaction id with the claim)."""
     params = {
         "key": key, "owner": owner, "attempt": attempt, "dag_id": origin.dag_id,
         "task_id": origin.task_id, "run_id": origin.run_id, "map_index": origin.map_index,
-        "host": _HOST, "pid": os.getpid(), "on_committed": on_committed,
+        "host": _HOST, "pid": os.getpid(), "on_committed": on_committed, **(extra or {}),
     }
     deadline = time.monotonic() + wait_timeout
     while True:
-        row = _execute(conn, "claim", schema, params).fetchone()
+        row = _execute(conn, query_name, schema, params).fetchone()
         assert row is not None
         action = row["action"]
         if action in ("run", "skip"):

@@ -176,7 +176,13 @@ def run_two_phase(
     owner = uuid.uuid4()
     txid = make_txid(protocol, key, attempt, owner)
     names = sorted(conns)  # participant order: 3PC votes are written in this order
-    claim = _claim(coordinator, schema, key, owner, attempt, origin, on_committed, wait_timeout)
+    participants = {n: {"gid": gid_of(txid, n), "conn_id": (conn_ids or {}).get(n)}
+                    for n in names}
+    # claim, and (when this attempt runs) log the txid and its participants: one round trip
+    claim = _claim(coordinator, schema, key, owner, attempt, origin, on_committed, wait_timeout,
+                   query_name="twophase_claim",
+                   extra={"txid": txid, "protocol": protocol,
+                          "participants": json.dumps(participants)})
     by = f"attempt {attempt}"
     if claim["action"] == "skip":
         rows = _execute(coordinator, "twophase_unresolved_key", schema, {"key": key}).fetchall()
@@ -185,11 +191,7 @@ def run_two_phase(
         return Outcome(key, "skipped", claim["result"], claim["version"], attempt,
                        claim["committed_at"])
     try:
-        participants = {n: {"gid": gid_of(txid, n), "conn_id": (conn_ids or {}).get(n)}
-                        for n in names}
-        others = _execute(coordinator, "twophase_begin", schema, {
-            "txid": txid, "key": key, "attempt": attempt, "owner": owner,
-            "protocol": protocol, "participants": json.dumps(participants)}).fetchall()
+        others = claim["others"] or []
         if others or claim["prior_state"] is not None:
             recovery.finish_for_key(coordinator, conns, others, key, schema=schema, by=by,
                                     scan=True, exclude=txid)

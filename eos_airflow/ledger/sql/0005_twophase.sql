@@ -68,6 +68,35 @@ BEGIN
 END
 $$;
 
+-- Steps "claim" and "begin" in one round trip: claim the key; when this attempt runs, log
+-- its txid and return the key's other unresolved transactions (as JSON) with the claim.
+CREATE FUNCTION {schema}.twophase_claim(
+    p_key text, p_owner uuid, p_attempt integer,
+    p_dag_id text, p_task_id text, p_run_id text, p_map_index integer,
+    p_host text, p_pid integer, p_on_committed text,
+    p_txid text, p_protocol text, p_participants jsonb
+) RETURNS TABLE (
+    action text, prior_state text, attempt integer, version integer,
+    result jsonb, holder uuid, committed_at timestamptz, others jsonb
+)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    c record;
+    v_others jsonb;
+BEGIN
+    SELECT * INTO c FROM {schema}.claim(p_key, p_owner, p_attempt, p_dag_id, p_task_id,
+        p_run_id, p_map_index, p_host, p_pid, p_on_committed);
+    IF c.action = 'run' THEN
+        SELECT coalesce(jsonb_agg(to_jsonb(b)), '[]'::jsonb) INTO v_others
+        FROM {schema}.twophase_begin(p_txid, p_key, p_attempt, p_owner, p_protocol,
+                                     p_participants) AS b;
+    END IF;
+    RETURN QUERY SELECT c.action, c.prior_state::text, c.attempt, c.version, c.result,
+        c.holder, c.committed_at, v_others;
+END
+$$;
+
 -- The commit point: decide `commit` for p_txid and commit the key's ledger entry, in one
 -- transaction, only while p_owner owns the key (EOS01, like commit()) and nobody decided
 -- the txid yet (EOS07: recovery aborted it).

@@ -1,6 +1,12 @@
 -- Named queries of effects across several databases (eos_airflow/protocol/twophase.py and
 -- recovery.py). {schema} is the quoted ledger schema; values are parameters.
 
+-- name: twophase_claim
+SELECT action, prior_state, attempt, version, result, holder, committed_at, others
+FROM {schema}.twophase_claim(%(key)s, %(owner)s, %(attempt)s, %(dag_id)s, %(task_id)s,
+                             %(run_id)s, %(map_index)s, %(host)s, %(pid)s, %(on_committed)s,
+                             %(txid)s, %(protocol)s, %(participants)s);
+
 -- name: twophase_begin
 SELECT txid, protocol, decision, participants, attempt
 FROM {schema}.twophase_begin(%(txid)s, %(key)s, %(attempt)s, %(owner)s, %(protocol)s,
