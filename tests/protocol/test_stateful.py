@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from psycopg import errors as pgerrors
 
 from eos_airflow.ledger.chain import verify
 from eos_airflow.ledger.queries import query
@@ -152,7 +151,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert expected, f"{me} committed, the model says it is fenced"
             # fencing: no higher try of its task instance had claimed the key
             assert me[1] >= self.model.max_claimed[me[0]], (me, self.model)
-        except pgerrors.RaiseException as exc:
+        except psycopg.Error as exc:  # SQLSTATE EOS01: a newer attempt owns the key
             assert exc.sqlstate == "EOS01" and not expected, (me, exc)
             attempt.conn.execute("ROLLBACK")
             self._call(attempt, "release", key=self.key, owner=attempt.owner, attempt=me[1],
