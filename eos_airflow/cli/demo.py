@@ -1,18 +1,33 @@
-"""``eos-airflow demo``: the example DAG through real Airflow, with injected crashes.
+"""``eos-airflow demo``: the example DAGs through real Airflow, with injected crashes.
 
 Runs ``dags/eos_sales_daily.py`` and its plain twin ``dags/plain_sales_daily.py`` with
-``airflow dags test`` under the same failures, then prints what the ledger prevented.
-Uses the database from --dsn / EOS_LEDGER_DSN, or starts an embedded PostgreSQL.
+``airflow dags test`` under the same failures, then prints what the ledger prevented. Then
+the three example uses, each under its own failure (see :mod:`eos_airflow.cli.demo_examples`):
+``eos_analytics_daily`` (a chunked load that crashes mid-load and resumes, then a re-run of
+the day that replaces it), ``eos_iot_readings`` (Kafka ingest and outbox alerts, crashing
+during the ingest) and ``eos_bank_transfer`` (two-phase commit killed after its decision,
+then recovered). Uses the database from --dsn / EOS_LEDGER_DSN, or starts an embedded
+PostgreSQL. Nothing else needs to run: Kafka is librdkafka's mock cluster, owned by this
+process; NATS JetStream is used when a server listens on ``EOS_DEMO_NATS_URL`` (default
+``nats://127.0.0.1:4222``; empty: never), otherwise the alerts go to Kafka only.
+
+Retries: the example DAGs wait a minute between tries, as production DAGs do; the demo's
+Airflow shortens every task's ``retry_delay`` to :data:`DEMO_RETRY_DELAY` with a cluster
+policy (``airflow_local_settings.py`` in its ``AIRFLOW_HOME/config``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +41,8 @@ from eos_airflow.ledger.chain import verify
 from eos_airflow.ledger.migrate import migrate
 
 WAREHOUSE_DB, AIRFLOW_DB = "eos_demo_warehouse", "eos_demo_airflow"
+#: The example uses run meanwhile, in a warehouse and an Airflow metadata database of their own.
+EXAMPLES_DB, EXAMPLES_AIRFLOW_DB = "eos_demo_examples", "eos_demo_airflow_examples"
 DAYS = ("2024-01-01", "2024-01-02", "2024-01-03")
 
 #: (title, DAG logical date, EOS_FAILPOINTS, what happens)
@@ -65,10 +82,13 @@ def _server(args: argparse.Namespace, workdir: Path) -> tuple[str, Any]:
     return server.dsn, server
 
 
-def _fresh_database(admin_dsn: str, name: str) -> str:
+def _fresh_database(admin_dsn: str, name: str, template: str | None = None) -> str:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        conn.execute(create)
     return psycopg.conninfo.make_conninfo(admin_dsn, dbname=name)
 
 
@@ -81,7 +101,22 @@ def _airflow_env(workdir: Path, meta_dsn: str, warehouse_dsn: str) -> dict[str, 
            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(meta_dsn),
            "AIRFLOW_CONN_EOS_WAREHOUSE": airflow_conn_json(warehouse_dsn)}
     env.pop("EOS_FAILPOINTS", None)
+    config = workdir / "airflow" / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "airflow_local_settings.py").write_text(RETRY_POLICY.format(DEMO_RETRY_DELAY))
     return env
+
+
+#: Seconds between tries in the demo's Airflow (the example DAGs ask for up to a minute).
+DEMO_RETRY_DELAY = 1
+RETRY_POLICY = """\
+# written by eos-airflow demo: short retry delays, so that the demo does not wait minutes
+from datetime import timedelta
+
+
+def task_policy(task):
+    task.retry_delay = min(task.retry_delay, timedelta(seconds={}))
+"""
 
 
 def _airflow(env: dict[str, str], log: Path, *argv: str, failpoints: str | None = None) -> int:
@@ -130,16 +165,20 @@ def run_demo(args: argparse.Namespace) -> int:
     log = workdir / "airflow.log"
     log.write_text("")
     admin_dsn, server = _server(args, workdir)
+    finish_examples: Callable[..., bool] | None = None
     try:
         warehouse = _fresh_database(admin_dsn, WAREHOUSE_DB)
         meta = _fresh_database(admin_dsn, AIRFLOW_DB)
         _setup_warehouse(warehouse)
         env = _airflow_env(workdir, meta, warehouse)
-        console.print("[bold]eos-airflow demo[/bold]: daily sales loads through real Airflow "
-                      f"(airflow dags test), logs in {log}")
+        console.print("[bold]eos-airflow demo[/bold]: daily sales loads and the example uses "
+                      f"through real Airflow (airflow dags test), logs in {log}")
         console.print("preparing Airflow's metadata database…")
         if _airflow(env, log, "db", "migrate") != 0:
             raise ConfigurationError(f"airflow db migrate failed; see {log}")
+        examples, finish_examples = _start_examples(admin_dsn, env, workdir)
+        console.print("[dim]the three example uses run meanwhile (their report follows the "
+                      "sales report)[/dim]")
         for title, logical_date, fp, what in SCENARIOS:
             console.print(f"\n[bold cyan]▶ {title}[/bold cyan] — {what}")
             for dag_id in ("eos_sales_daily", "plain_sales_daily"):
@@ -148,12 +187,61 @@ def run_demo(args: argparse.Namespace) -> int:
                     code, f"run failed (exit {code})")
                 console.print(f"  {dag_id:<18} {outcome}")
         _report(_counts(warehouse))
+        ok = finish_examples()
         console.print(f"\n[dim]finished in {time.monotonic() - started:.0f} s; inspect the "
-                      f"ledger with: eos-airflow ledger list --dsn '{warehouse}'[/dim]")
-        return 0
+                      f"ledger with: eos-airflow ledger list --dsn '{warehouse}' (sales) or "
+                      f"--dsn '{examples}' (analytics, IoT)[/dim]")
+        return 0 if ok else 1
     finally:
+        if finish_examples is not None:  # wait for them before the server stops under them
+            with contextlib.suppress(Exception):
+                finish_examples(timeout=600)
         if server is not None:
             server.stop()
+
+
+def _start_examples(admin_dsn: str, env: dict[str, str], workdir: Path
+                    ) -> tuple[str, Callable[..., bool]]:
+    """Start the example uses (:mod:`eos_airflow.cli.demo_examples`) in a thread, with their
+    own warehouse, Airflow metadata database (a copy of the migrated one) and log; return
+    the warehouse DSN and ``finish()``, which waits for them and prints their report (once)."""
+    from eos_airflow.cli import demo_examples
+    from eos_airflow.hooks.ledger import airflow_conn_json, sqlalchemy_url
+
+    warehouse = _fresh_database(admin_dsn, EXAMPLES_DB)
+    migrate(warehouse)
+    meta = _fresh_database(admin_dsn, EXAMPLES_AIRFLOW_DB, template=AIRFLOW_DB)
+    lane_env = {**env, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(meta),
+                "AIRFLOW_CONN_EOS_WAREHOUSE": airflow_conn_json(warehouse)}
+    log = workdir / "airflow-examples.log"
+    log.write_text("")
+    buffer = io.StringIO()
+    out = Console(file=buffer, force_terminal=console.is_terminal, width=console.width)
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["ok"] = demo_examples.run_examples(
+                admin_dsn, warehouse, lane_env, log, out=out,
+                run=lambda *argv, failpoints=None: _airflow(lane_env, log, *argv,
+                                                            failpoints=failpoints))
+        except BaseException as exc:  # reported by finish()
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, name="eos-demo-examples", daemon=True)
+    thread.start()
+
+    def finish(timeout: float | None = None) -> bool:
+        thread.join(timeout)
+        if "printed" not in result:
+            result["printed"] = True
+            console.file.write(buffer.getvalue())
+            console.file.flush()
+        if "error" in result:
+            raise result.pop("error")
+        return bool(result.get("ok"))
+
+    return warehouse, finish
 
 
 def _report(c: dict[str, Any]) -> None:

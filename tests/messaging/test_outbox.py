@@ -129,8 +129,20 @@ def test_relay_needs_a_sink_for_each_destination(conn):
     with pytest.raises(ConfigurationError, match="include scheme.s. kafka but the relay has no "
                                                  "sink for them"):
         Relay(conn, {}, destinations=["kafka:*"])
+    with pytest.raises(ConfigurationError, match="include scheme.s. kafka but the relay has no "
+                                                 "sink for them"):
+        Relay(conn, {}, destinations=["kafka:alerts"])
     with pytest.raises(MessageError, match="unknown scheme 'mqtt'"):
         Relay(conn, {}, destinations=["mqtt:*"])
+
+
+def test_relay_takes_exact_destinations_that_its_sinks_serve(conn, kafka_bootstrap):
+    sink = make_sink("kafka", kafka_bootstrap)
+    try:
+        relay = Relay(conn, {"kafka": sink}, destinations=["kafka:alerts"])
+        assert (relay.exact, relay.schemes) == (["kafka:alerts"], [])
+    finally:
+        sink.close()
 
 
 def test_missing_stream_is_a_clear_delivery_error_and_nothing_is_marked(ledger, db, conn):
