@@ -362,6 +362,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EosError as exc:
         output.error(args, exc)
         return EXIT_USAGE
+    except psycopg.errors.InsufficientPrivilege as exc:  # e.g. the auditor role tried to write
+        output.error(args, PermissionDenied(
+            f"permission denied: {exc.diag.message_primary}; this command needs more "
+            "privileges than the role it connected as (an auditor role only reads): run it "
+            "as the ledger's owner or a role granted by `eos-airflow db grant --writer`"))
+        return EXIT_DATABASE
+
+
+class PermissionDenied(EosError):
+    """The connected role may not do what the command asked."""
 
 
 if __name__ == "__main__":

@@ -148,13 +148,20 @@ def incremental(
                                 eos.schema), [offset_source])
     try:
         chunks = None
+        seek: Any = None  # a resumed run continues after this committed position
         if chunk_rows is not None:
             stream: list[_Stream] = []
-            chunks = eos.checkpoints(lambda done: stream[0].rows(skip=done), every=chunk_rows)
+            chunks = eos.checkpoints(
+                lambda done: stream[0].rows(skip=0 if seek is not None else done),
+                every=chunk_rows)
         if chunks is not None and chunks.resumed is not None and chunks.resumed.state:
             # the range this run fixed before its first chunk; the position moved since
             after, to = chunks.resumed.state["from"], chunks.resumed.state["to"]
             visible = chunks.resumed.state.get("visible")
+            # Continue after the committed position rather than after the rows this run
+            # consumed: while this run was failed it held no lock on the source, and another
+            # run may have copied past its last chunk (those rows must not be copied again).
+            seek = eos.offsets.get(offset_source)
         else:
             after = eos.offsets.get(offset_source)
             visible, to = _horizon(source, source_table, column, horizon, lag, after)
@@ -169,7 +176,8 @@ def incremental(
             "SELECT {cols} FROM {src} WHERE ({after}::text IS NULL OR {col} > {after}) "
             "AND {col} <= {to} ORDER BY {col}").format(
                 cols=sql.SQL(", ").join(map(sql.Identifier, names)), src=src_ident,
-                col=sql.Identifier(column), after=sql.Literal(after), to=sql.Literal(to))
+                col=sql.Identifier(column), after=sql.Literal(after if seek is None else seek),
+                to=sql.Literal(to))
         conn = source()
         try:
             conn.autocommit = True
@@ -184,13 +192,25 @@ def incremental(
                                        offset_source))
         finally:
             conn.close()
-        eos.offsets[offset_source] = to
+        if seek is None or not _beyond(seek, to):  # never move the position back
+            eos.offsets[offset_source] = to
         log.info("effect %s: %s rows of %s, %s %r -> %r", eos.key, result["rows"],
                  source_table, column, after, to)
         return result
     finally:
         if chunk_rows is not None:
             _unlock(eos, offset_source)
+
+
+def _beyond(a: Any, b: Any) -> bool:
+    """Is position ``a`` past position ``b``? Positions are JSON: numbers, or the text of
+    numbers, timestamps and other values (see :func:`_jsonable`)."""
+    for convert in (decimal.Decimal, dt.datetime.fromisoformat):
+        try:
+            return bool(convert(a) > convert(b))  # type: ignore[operator]
+        except (ValueError, TypeError, decimal.InvalidOperation):
+            continue
+    return str(a) > str(b)
 
 
 def _unlock(eos: Effect, offset_source: str) -> None:

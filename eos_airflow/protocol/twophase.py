@@ -365,6 +365,20 @@ def _fail(exc: BaseException, coordinator: psycopg.Connection[Any],
         recovery.rollback_open(conns[name])
     in_doubt = step.decided or step.precommitted or (
         step.name == "decide" and isinstance(exc, psycopg.OperationalError))
+    if step.decided and not isinstance(exc, psycopg.OperationalError):
+        # The commit decision is durable and the databases answer: finish it now rather than
+        # leave prepared transactions holding their locks until the next attempt or recover.
+        try:
+            for name in sorted(step.prepared):
+                recovery.finish_prepared(conns[name], gid_of(txid, name), commit=True)
+            _execute(coordinator, "twophase_resolved", schema,
+                     {"txid": txid, "outcome": "committed", "by": None, "result": None})
+            in_doubt = False
+        except psycopg.Error:
+            log.warning("effect %s: could not finish committed transaction %s now",
+                        key, txid, exc_info=True)
+        if not in_doubt:
+            raise exc  # committed everywhere; the caller still sees what interrupted it
     if in_doubt:
         log.warning("effect %s: transaction %s is in doubt after %s (%s); the next attempt or "
                     "`eos-airflow recover` finishes it", key, txid, step.name, exc)

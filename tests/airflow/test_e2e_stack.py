@@ -95,9 +95,11 @@ def test_mapped_effects_survive_killed_workers_and_a_scheduler_restart(
             after_commit, mid_effect = [], []
             for proc in stack.task_processes("eos_e2e_mapped"):
                 state, attempt = states.get(f"{prefix}{proc.map_index}", (None, None))
-                if state == "committed":
+                if attempt != proc.try_number:
+                    continue  # a later try of a key: its claim has not happened yet
+                if state == "committed":  # the try that committed, before Airflow heard
                     after_commit.append(proc)
-                elif state == "running" and attempt == proc.try_number:
+                elif state == "running":
                     mid_effect.append(proc)
             want_after = kills["after_commit"] <= kills["mid_effect"]
             pool = (after_commit or mid_effect) if want_after else (mid_effect or after_commit)

@@ -47,6 +47,9 @@ STEPS = {"after_prepare": "2pc", "after_decision": "2pc",
 #: Does the effect stand after a crash at this step (the decision was taken)?
 DECIDED = {"after_prepare": False, "after_decision": True,
            "after_first_commit_prepared": True, "after_precommit": True}
+#: Steps after the decision committed: an attempt interrupted there by an exception (not a
+#: crash) finishes its transaction itself before it fails, leaving nothing in doubt.
+ROLLED_FORWARD = {"after_decision", "after_first_commit_prepared"}
 
 SETUP = """
 CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL);
@@ -287,10 +290,16 @@ def test_raise_at_each_failpoint_then_retry_moves_money_once(banks, step, monkey
     with banks.ledger(protocol) as ledger:
         with pytest.raises(FailpointError):
             ledger.run(KEY, transfer, origin=ORIGIN)
+        if step in ROLLED_FORWARD:  # attempt 1 committed everywhere before failing
+            assert banks.prepared() == []
+            banks.assert_moved(1)
         retry = ledger.run_outcome(KEY, transfer, attempt=2, origin=ORIGIN)
     banks.assert_moved(1)
     assert banks.state() == "committed"
-    if DECIDED[step]:  # the retry finished attempt 1's transaction and ran nothing
+    if step in ROLLED_FORWARD:  # the retry skips: nothing was left to finish
+        assert (retry.action, retry.result) == ("skipped", {"amount": 10, "by_try": 1})
+        assert "recovered" not in banks.events()
+    elif DECIDED[step]:  # the retry finished attempt 1's transaction and ran nothing
         assert retry.result == {"amount": 10, "by_try": 1}
         assert retry.action in ("skipped", "recovered")
         assert "recovered" in banks.events()
@@ -337,7 +346,10 @@ def _crash_and_finish(banks: Banks, protocol: str, step: str, how: str, key: str
     with banks.ledger(protocol) as ledger:
         if how == "recover":
             done = ledger.recover(grace=0)
-            expected = ["committed"] if decided else ([] if action == "raise" else ["aborted"])
+            if action == "raise" and step in ROLLED_FORWARD:  # finished by attempt 1 itself
+                expected = []
+            else:
+                expected = ["committed"] if decided else ([] if action == "raise" else ["aborted"])
             assert [r.outcome for r in done] == expected, done
             banks.assert_moved(moved + int(decided))
             assert banks.state(key) == ("committed" if decided else "failed")
