@@ -51,11 +51,11 @@ def produce_json(bootstrap: str, topic: str, rows: list[dict], *, partitions: in
     assert producer.flush(10) == 0
 
 
-def consume_all(bootstrap: str, topic: str) -> list:
+def consume_all(bootstrap: str, topic: str, isolation: str = "read_committed") -> list:
     """Every committed message of ``topic`` from the beginning (a read_committed consumer)."""
     consumer = confluent_kafka.Consumer({
         "bootstrap.servers": bootstrap, "group.id": f"check-{uuid.uuid4().hex}",
-        "isolation.level": "read_committed", "enable.partition.eof": True,
+        "isolation.level": isolation, "enable.partition.eof": True,
         "fetch.wait.max.ms": 50, "enable.auto.commit": False, "log_level": 0})
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING)
