@@ -40,6 +40,8 @@ EXIT_CODE = 137
 _hooks: dict[str, Callable[[int | None], None]] = {}
 #: How often this process reached each step (for ``#K``).
 _hits: dict[str, int] = {}
+# a forked child is a new process: it counts its own hits from zero
+os.register_at_fork(after_in_child=_hits.clear)
 
 
 def set_hook(step: str, hook: Callable[[int | None], None] | None) -> None:
