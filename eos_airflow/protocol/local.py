@@ -107,36 +107,35 @@ def run_effect(
     check_key(key)
     origin = origin or Origin()
     owner = uuid.uuid4()
-    claim = _claim(conn, schema, key, owner, attempt, origin, on_committed, wait_timeout)
+    # The claim, its COMMIT and the effect's BEGIN travel in one round trip.
+    claim = _claim(conn, schema, key, owner, attempt, origin, on_committed, wait_timeout,
+                   begin=True)
     if claim["action"] == "skip":
         log.info("effect %s is committed (version %s): skipped", key, claim["version"])
         return Outcome(key, "skipped", claim["result"], claim["version"], attempt,
                        claim["committed_at"])
 
-    previous = None
-    if claim["prior_state"] == "committed":
-        previous = Previous(claim["result"], claim["version"], claim["committed_at"])
-    elif claim["prior_state"] == "reopened":  # rare: an operator reopened the key
-        entry = _execute(conn, "get_entry", schema, {"key": key}).fetchone()
-        previous = Previous(entry["result"], entry["version"], entry["committed_at"])
     event, detail = "failed", {}
     session = Session(conn, schema, key, owner, attempt)
     try:
+        previous = None
+        if claim["prior_state"] == "committed":
+            previous = Previous(claim["result"], claim["version"], claim["committed_at"])
+        elif claim["prior_state"] == "reopened":  # rare: an operator reopened the key
+            entry = _execute(conn, "get_entry", schema, {"key": key}).fetchone()
+            previous = Previous(entry["result"], entry["version"], entry["committed_at"])
         failpoints.check("after_claim", attempt=attempt)
         eos = Effect(key, attempt, conn, previous, origin, schema=schema, session=session)
-        session.begin()
         with _own_transaction(conn, key):
             result = fn(eos)
         payload = encode_result(result, limit=max_result_bytes)
         failpoints.check("before_commit", attempt=attempt)
         if eos._offsets is not None:
             eos._offsets.flush()
-        committed = _execute(conn, "commit", schema,
-                             {"key": key, "owner": owner, "result": payload}).fetchone()
         try:
-            session.end()
+            committed = session.commit(payload)
         except psycopg.OperationalError as exc:  # did COMMIT happen? the ledger knows
-            if reconnect is None:
+            if reconnect is None or not conn.broken:
                 raise
             conn.close()
             version, committed_at = commit_outcome(reconnect, schema, key, owner, attempt,
@@ -195,6 +194,20 @@ class Session:
 
     def begin(self) -> None:
         self.conn.execute("BEGIN")
+
+    def commit(self, payload: str) -> dict[str, Any]:
+        """The effect's last step: the ledger's commit() (fenced) and COMMIT, pipelined into
+        one round trip. If commit() raises, COMMIT is skipped and the transaction stays
+        aborted (the caller rolls it back)."""
+        conn = self.conn
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        with conn.pipeline():
+            cur.execute(query("commit", self.schema),
+                        {"key": self.key, "owner": self.owner, "result": payload})
+            conn.execute("COMMIT")
+        row = cur.fetchone()
+        assert row is not None
+        return row
 
     def end(self) -> None:
         self.conn.execute("COMMIT")
@@ -301,10 +314,12 @@ def _own_transaction(conn: psycopg.Connection[Any], key: str) -> Iterator[None]:
 
 def _claim(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUID,
            attempt: int, origin: Origin, on_committed: str, wait_timeout: float,
-           *, query_name: str = "claim", extra: dict[str, Any] | None = None
-           ) -> dict[str, Any]:
+           *, query_name: str = "claim", extra: dict[str, Any] | None = None,
+           begin: bool = False) -> dict[str, Any]:
     """The claim step; ``query_name``/``extra`` select a variant that does more in the same
-    round trip (the two-phase protocol logs its transaction id with the claim)."""
+    round trip (the two-phase protocol logs its transaction id with the claim). With
+    ``begin``, a claim that returns ``run`` leaves the effect's transaction open (BEGIN sent
+    in the same round trip); any other outcome leaves the connection idle."""
     params = {
         "key": key, "owner": owner, "attempt": attempt, "dag_id": origin.dag_id,
         "task_id": origin.task_id, "run_id": origin.run_id, "map_index": origin.map_index,
@@ -312,10 +327,17 @@ def _claim(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUI
     }
     deadline = time.monotonic() + wait_timeout
     while True:
-        row = _execute(conn, query_name, schema, params).fetchone()
+        if begin:
+            row = _claim_then_begin(conn, query_name, schema, params)
+        else:
+            row = _execute(conn, query_name, schema, params).fetchone()
         assert row is not None
         action = row["action"]
-        if action in ("run", "skip"):
+        if action == "run":
+            return row
+        if begin:  # the effect will not run: close the transaction opened for it
+            conn.execute("ROLLBACK")
+        if action == "skip":
             return row
         if action == "refuse":
             raise AlreadyCommittedError(
@@ -369,6 +391,46 @@ def _release(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.U
         conn.close()
 
 
+def _claim_then_begin(conn: psycopg.Connection[Any], name: str, schema: str,
+                      params: dict[str, Any]) -> dict[str, Any]:
+    """The claim in its own transaction, then BEGIN of the effect's transaction, in one round
+    trip: pipelined, with a Sync between them so that the claim commits first (without it,
+    BEGIN would pull the claim into the effect's transaction). psycopg has no public call
+    that queues a Sync without waiting for it; where that is missing, two round trips."""
+    enqueue_sync = getattr(psycopg.Pipeline, "_enqueue_sync", None)
+    if enqueue_sync is None:
+        row = _execute(conn, name, schema, params).fetchone()
+        conn.execute("BEGIN")
+        return row
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    try:
+        with conn.pipeline() as pipeline:
+            cur.execute(query(name, schema), params)
+            enqueue_sync(pipeline)
+            conn.execute("BEGIN")
+    except BaseException as exc:
+        # BEGIN follows the Sync, so it ran even though the claim failed
+        if not conn.broken and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        if isinstance(exc, (pgerrors.UndefinedFunction, pgerrors.InvalidSchemaName,
+                            pgerrors.UndefinedTable)):
+            raise _schema_error(conn, schema, exc) from exc
+        raise
+    row = cur.fetchone()
+    assert row is not None
+    return row
+
+
+def _schema_error(conn: psycopg.Connection[Any], schema: str,
+                  exc: psycopg.Error) -> LedgerSchemaError:
+    return LedgerSchemaError(
+        f'the ledger schema "{schema}" is missing or incomplete in database '
+        f'"{conn.info.dbname}" ({exc.diag.message_primary}); create it with '
+        "`eos-airflow db migrate` (same --dsn or --conn-id)"
+    )
+
+
 def _execute(conn: psycopg.Connection[Any], name: str, schema: str,
              params: dict[str, Any]) -> psycopg.Cursor[Any]:
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
@@ -377,11 +439,7 @@ def _execute(conn: psycopg.Connection[Any], name: str, schema: str,
     except (pgerrors.UndefinedFunction, pgerrors.InvalidSchemaName, pgerrors.UndefinedTable) as exc:
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             raise  # the user's own statement referenced something missing
-        raise LedgerSchemaError(
-            f'the ledger schema "{schema}" is missing or incomplete in database '
-            f'"{conn.info.dbname}" ({exc.diag.message_primary}); create it with '
-            "`eos-airflow db migrate` (same --dsn or --conn-id)"
-        ) from exc
+        raise _schema_error(conn, schema, exc) from exc
 
 
 def _hint(exc: psycopg.Error) -> str:

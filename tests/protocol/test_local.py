@@ -243,3 +243,43 @@ def test_connection_is_reused_between_effects(ledger: Ledger, sales):
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'eos-airflow' "
         "AND datname = current_database()"
     ).fetchone() == (1,)
+
+
+def test_claim_commits_before_the_function_runs_in_its_own_transaction(ledger: Ledger, sales):
+    """The claim and the effect's BEGIN share one round trip, but not one transaction: other
+    sessions see the claim while the function runs, and none of the function's writes."""
+    seen = {}
+
+    def fn(eos):
+        eos.conn.execute("INSERT INTO sales VALUES ('2024-01-01', 1, 1)")
+        with psycopg.connect(sales.info.dsn, autocommit=True) as other:
+            seen["ledger"] = other.execute(
+                "SELECT state::text, attempt, owner IS NOT NULL FROM eos.ledger").fetchone()
+            seen["events"] = events(other)
+            seen["sales"] = other.execute("SELECT count(*) FROM sales").fetchone()[0]
+        seen["status"] = eos.conn.info.transaction_status
+        return None
+
+    ledger.run("k", fn, origin=TI)
+    assert seen == {"ledger": ("running", 1, True), "events": [("claimed", 1)], "sales": 0,
+                    "status": psycopg.pq.TransactionStatus.INTRANS}
+    assert rows(sales) == [("2024-01-01", 1, 1)]
+
+
+def test_every_claim_outcome_leaves_the_pooled_connection_idle(ledger: Ledger, sales):
+    ledger.run("k", insert(), origin=TI)
+    ledger.run("k", insert(), attempt=2, origin=TI)  # skipped
+    with pytest.raises(AlreadyCommittedError):
+        ledger.run("k", insert(), attempt=3, on_committed="fail", origin=TI)
+    with pytest.raises(UserCodeError):
+        ledger.run("k2", lambda eos: eos.conn.execute("SELECT 1/0"), origin=TI)
+    conn = ledger.connection()
+    try:
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    finally:
+        ledger.putconn(conn)
+    assert sales.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'eos-airflow' "
+        "AND datname = current_database()"
+    ).fetchone() == (1,)
+    assert rows(sales) == [("2024-01-01", 10, 1)]
