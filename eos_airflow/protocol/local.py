@@ -71,6 +71,9 @@ DEFAULT_WAIT_TIMEOUT = 30.0
 _PERMANENT_SQLSTATE_CLASSES = frozenset({"22", "23", "42", "0A", "28", "3D", "3F"})
 
 _HOST = socket.gethostname()
+#: psycopg's (private) call that queues a pipeline Sync without waiting for it; None if a
+#: psycopg release drops it, and the claim and BEGIN then take a round trip each.
+_QUEUE_SYNC: Callable[[Any], None] | None = getattr(psycopg.Pipeline, "_enqueue_sync", None)
 
 
 @dataclass(frozen=True)
@@ -397,7 +400,7 @@ def _claim_then_begin(conn: psycopg.Connection[Any], name: str, schema: str,
     trip: pipelined, with a Sync between them so that the claim commits first (without it,
     BEGIN would pull the claim into the effect's transaction). psycopg has no public call
     that queues a Sync without waiting for it; where that is missing, two round trips."""
-    enqueue_sync = getattr(psycopg.Pipeline, "_enqueue_sync", None)
+    enqueue_sync = _QUEUE_SYNC
     if enqueue_sync is None:
         row = _execute(conn, name, schema, params).fetchone()
         conn.execute("BEGIN")
