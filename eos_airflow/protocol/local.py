@@ -71,9 +71,6 @@ DEFAULT_WAIT_TIMEOUT = 30.0
 _PERMANENT_SQLSTATE_CLASSES = frozenset({"22", "23", "42", "0A", "28", "3D", "3F"})
 
 _HOST = socket.gethostname()
-#: psycopg's (private) call that queues a pipeline Sync without waiting for it; None if a
-#: psycopg release drops it, and the claim and BEGIN then take a round trip each.
-_QUEUE_SYNC: Callable[[Any], None] | None = getattr(psycopg.Pipeline, "_enqueue_sync", None)
 
 
 @dataclass(frozen=True)
@@ -199,16 +196,11 @@ class Session:
         self.conn.execute("BEGIN")
 
     def commit(self, payload: str) -> dict[str, Any]:
-        """The effect's last step: the ledger's commit() (fenced) and COMMIT, pipelined into
-        one round trip. If commit() raises, COMMIT is skipped and the transaction stays
-        aborted (the caller rolls it back)."""
-        conn = self.conn
-        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-        with conn.pipeline():
-            cur.execute(query("commit", self.schema),
-                        {"key": self.key, "owner": self.owner, "result": payload})
-            conn.execute("COMMIT")
-        row = cur.fetchone()
+        """The effect's last step: the ledger's commit() (fenced) and COMMIT in one round
+        trip. If commit() raises, COMMIT does not run and the transaction stays aborted (the
+        caller rolls it back)."""
+        row = _script(self.conn, "commit_then_end", self.schema,
+                      {"key": self.key, "owner": self.owner, "result": payload})
         assert row is not None
         return row
 
@@ -331,7 +323,7 @@ def _claim(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUI
     deadline = time.monotonic() + wait_timeout
     while True:
         if begin:
-            row = _claim_then_begin(conn, query_name, schema, params)
+            row = _script(conn, "claim_then_begin", schema, params)
         else:
             row = _execute(conn, query_name, schema, params).fetchone()
         assert row is not None
@@ -394,35 +386,18 @@ def _release(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.U
         conn.close()
 
 
-def _claim_then_begin(conn: psycopg.Connection[Any], name: str, schema: str,
-                      params: dict[str, Any]) -> dict[str, Any]:
-    """The claim in its own transaction, then BEGIN of the effect's transaction, in one round
-    trip: pipelined, with a Sync between them so that the claim commits first (without it,
-    BEGIN would pull the claim into the effect's transaction). psycopg has no public call
-    that queues a Sync without waiting for it; where that is missing, two round trips."""
-    enqueue_sync = _QUEUE_SYNC
-    if enqueue_sync is None:
-        row = _execute(conn, name, schema, params).fetchone()
-        conn.execute("BEGIN")
-        return row
-    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+def _script(conn: psycopg.Connection[Any], name: str, schema: str,
+            params: dict[str, Any]) -> dict[str, Any] | None:
+    """Run a named block of several statements in one round trip: bound on the client and
+    sent as one simple-protocol message (the server stops at the first error). Return the
+    first statement's row."""
+    cur = psycopg.ClientCursor(conn, row_factory=psycopg.rows.dict_row)
     try:
-        with conn.pipeline() as pipeline:
-            cur.execute(query(name, schema), params)
-            enqueue_sync(pipeline)
-            conn.execute("BEGIN")
-    except BaseException as exc:
-        # BEGIN follows the Sync, so it ran even though the claim failed
-        if not conn.broken and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
-        if isinstance(exc, (pgerrors.UndefinedFunction, pgerrors.InvalidSchemaName,
-                            pgerrors.UndefinedTable)):
-            raise _schema_error(conn, schema, exc) from exc
-        raise
-    row = cur.fetchone()
-    assert row is not None
-    return row
+        return cur.execute(query(name, schema), params).fetchone()
+    except (pgerrors.UndefinedFunction, pgerrors.InvalidSchemaName, pgerrors.UndefinedTable) as exc:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            raise
+        raise _schema_error(conn, schema, exc) from exc
 
 
 def _schema_error(conn: psycopg.Connection[Any], schema: str,

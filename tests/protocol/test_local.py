@@ -245,15 +245,9 @@ def test_connection_is_reused_between_effects(ledger: Ledger, sales):
     ).fetchone() == (1,)
 
 
-@pytest.mark.parametrize("wire", ["pipelined", "without psycopg's sync call"])
-def test_claim_commits_before_the_function_runs_in_its_own_transaction(
-        ledger: Ledger, sales, monkeypatch, wire):
+def test_claim_commits_before_the_function_runs_in_its_own_transaction(ledger: Ledger, sales):
     """The claim and the effect's BEGIN share one round trip, but not one transaction: other
-    sessions see the claim while the function runs, and none of the function's writes. (If
-    psycopg ever drops the call that queues a Sync, the claim and BEGIN go separately.)"""
-    if wire != "pipelined":
-        from eos_airflow.protocol import local
-        monkeypatch.setattr(local, "_QUEUE_SYNC", None)
+    sessions see the claim while the function runs, and none of the function's writes."""
     seen = {}
 
     def fn(eos):

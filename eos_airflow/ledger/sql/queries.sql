@@ -9,6 +9,23 @@ FROM {schema}.claim(%(key)s, %(owner)s, %(attempt)s, %(dag_id)s, %(task_id)s, %(
 -- name: commit
 SELECT version, committed_at FROM {schema}.commit(%(key)s, %(owner)s, %(result)s);
 
+-- The hot path's two round trips (protocol/local.py): each block is one simple-protocol
+-- message, bound on the client. The statements run in order, each in its own transaction
+-- unless BEGIN opened one; the first error skips the rest.
+
+-- name: claim_then_begin
+-- The claim commits on its own (COMMIT), then the effect's transaction opens (BEGIN).
+SELECT action, prior_state::text AS prior_state, attempt, version, result, holder, committed_at
+FROM {schema}.claim(%(key)s, %(owner)s, %(attempt)s, %(dag_id)s, %(task_id)s, %(run_id)s,
+                    %(map_index)s, %(host)s, %(pid)s, %(on_committed)s);
+COMMIT;
+BEGIN;
+
+-- name: commit_then_end
+-- If commit() raises (fenced), COMMIT does not run and the transaction stays aborted.
+SELECT version, committed_at FROM {schema}.commit(%(key)s, %(owner)s, %(result)s);
+COMMIT;
+
 -- name: release
 SELECT {schema}.release(%(key)s, %(owner)s, %(attempt)s, %(event)s, %(detail)s);
 
