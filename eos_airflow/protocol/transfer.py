@@ -26,6 +26,7 @@ readers never see a half-loaded partition).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 MODES = ("append", "replace")
 VISIBILITIES = ("chunks", "atomic")
+
+#: Rows copied between two looks at the clock for a progress line.
+_BLOCK_ROWS = 65_536
 
 #: Binary COPY framing (PostgreSQL docs, "Binary Format"): 11-byte signature, flags, header
 #: extension length; the stream ends with a field count of -1.
@@ -231,10 +235,14 @@ def _copy_all(eos: Effect, src: psycopg.Connection[Any], query: str, target: sql
     out_sql = sql.SQL("COPY ({}) TO STDOUT {}").format(sql.SQL(query), fmt)
     tgt = eos.conn.cursor()
     with src.cursor().copy(out_sql) as out, tgt.copy(_copy_into(target, columns, fmt)) as inp:
-        write = inp.write
-        for messages, data in enumerate(out, 1):  # one message per row
-            write(data)
-            if not messages & 0xFFFF and (now := time.monotonic()) - last >= PROGRESS_EVERY:
+        messages, source = 0, iter(out)  # one message per row
+        while True:
+            # a block of rows copied by a loop in C (map), not one Python step per row
+            block = len(list(map(inp.write, itertools.islice(source, _BLOCK_ROWS))))
+            messages += block
+            if block < _BLOCK_ROWS:
+                break
+            if (now := time.monotonic()) - last >= PROGRESS_EVERY:
                 last = now
                 log.info("effect %s: copied %s rows (%s rows/s)", eos.key, f"{messages:,}",
                          f"{messages / (now - started):,.0f}")
