@@ -126,7 +126,9 @@ class Eos:
 
     def __init__(self, ledger: Ledger, tag: str) -> None:
         self.ledger = ledger
-        self.tag = tag
+        # a fresh key space per instance: a repeated run on the same ledger must write new
+        # effects, not skip the committed keys of the previous run
+        self.tag = f"{tag}/{secrets.token_hex(4)}"
 
     def op(self, n: int) -> None:
         def fn(eos: Any) -> None:
