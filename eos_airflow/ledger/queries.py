@@ -35,12 +35,22 @@ def notify_channel(schema: str) -> str:
     return channel
 
 
+def prepared_names(schema: str) -> tuple[str, str]:
+    """The session-level prepared statements of the hot path for ``schema``: claim, commit."""
+    digest = hashlib.sha256(schema.encode("utf-8")).hexdigest()[:16]
+    return f"eos_claim_{digest}", f"eos_commit_{digest}"
+
+
 def _placeholders(schema: str) -> dict[str, sql.Composable]:
-    """``{schema}`` (identifier), ``{channel}`` (identifier, for LISTEN) and
-    ``{channel_literal}`` (string literal, for pg_notify)."""
+    """``{schema}`` (identifier), ``{channel}`` (identifier, for LISTEN),
+    ``{channel_literal}`` (string literal, for pg_notify) and the hot path's prepared
+    statement names ``{claim_statement}``, ``{commit_statement}`` (identifiers)."""
     channel = notify_channel(schema)
+    claim_statement, commit_statement = prepared_names(schema)
     return {"schema": sql.Identifier(schema), "channel": sql.Identifier(channel),
-            "channel_literal": sql.Literal(channel)}
+            "channel_literal": sql.Literal(channel),
+            "claim_statement": sql.Identifier(claim_statement),
+            "commit_statement": sql.Identifier(commit_statement)}
 
 
 def render(text: str, schema: str) -> sql.Composed:

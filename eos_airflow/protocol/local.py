@@ -24,6 +24,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,7 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg import sql
 
 from eos_airflow import failpoints
 from eos_airflow.errors import (
@@ -41,7 +43,7 @@ from eos_airflow.errors import (
     ResultError,
     UserCodeError,
 )
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.queries import prepared_names, query
 from eos_airflow.protocol.checkpoints import RecoveryPoint
 from eos_airflow.protocol.effect import (
     MAX_RESULT_BYTES,
@@ -199,8 +201,20 @@ class Session:
         """The effect's last step: the ledger's commit() (fenced) and COMMIT in one round
         trip. If commit() raises, COMMIT does not run and the transaction stays aborted (the
         caller rolls it back)."""
-        row = _script(self.conn, "commit_then_end", self.schema,
-                      {"key": self.key, "owner": self.owner, "result": payload})
+        conn, schema = self.conn, self.schema
+        prepared = _hot_paths.get(conn, {}).get(schema) == _PREPARED
+        message = query("commit_prepared_then_end" if prepared else "commit_then_end", schema)
+        try:
+            row = _script(conn, message, schema,
+                          {"key": self.key, "owner": self.owner, "result": payload})
+        except pgerrors.InvalidSqlStatementName as exc:
+            _hot_paths[conn][schema] = _NEVER  # this session's code drops prepared statements
+            error = UserCodeError(
+                f"effect {self.key!r}: the function dropped this session's prepared statements "
+                "(DEALLOCATE ALL or DISCARD ALL), the ledger's among them; nothing was written. "
+                "The next try on this connection does without them; better, remove the statement")
+            error.retryable = True
+            raise error from exc
         assert row is not None
         return row
 
@@ -323,7 +337,7 @@ def _claim(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUI
     deadline = time.monotonic() + wait_timeout
     while True:
         if begin:
-            row = _script(conn, "claim_then_begin", schema, params)
+            row = _claim_then_begin(conn, schema, params)
         else:
             row = _execute(conn, query_name, schema, params).fetchone()
         assert row is not None
@@ -386,18 +400,84 @@ def _release(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.U
         conn.close()
 
 
-def _script(conn: psycopg.Connection[Any], name: str, schema: str,
+def _script(conn: psycopg.Connection[Any], message: bytes, schema: str,
             params: dict[str, Any]) -> dict[str, Any] | None:
-    """Run a named block of several statements in one round trip: bound on the client and
-    sent as one simple-protocol message (the server stops at the first error). Return the
-    first statement's row."""
+    """Send several statements in one round trip: bound on the client, one simple-protocol
+    message (the server stops at the first error). Return the first row of the first
+    statement that returns rows."""
     cur = psycopg.ClientCursor(conn, row_factory=psycopg.rows.dict_row)
     try:
-        return cur.execute(query(name, schema), params).fetchone()
+        cur.execute(message, params)
     except (pgerrors.UndefinedFunction, pgerrors.InvalidSchemaName, pgerrors.UndefinedTable) as exc:
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             raise
         raise _schema_error(conn, schema, exc) from exc
+    while cur.description is None and cur.nextset():
+        pass
+    return cur.fetchone()
+
+
+#: Per connection and ledger schema, the state of the hot path's prepared statements: absent
+#: before the connection's first effect, then one of these.
+_PLAIN, _PREPARED, _NEVER = 0, 1, 2  # not prepared yet; prepared; the session drops them
+_hot_paths: weakref.WeakKeyDictionary[psycopg.Connection[Any], dict[str, int]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _claim_then_begin(conn: psycopg.Connection[Any], schema: str,
+                      params: dict[str, Any]) -> dict[str, Any]:
+    """The claim in its own transaction, then BEGIN, in one round trip. A connection's first
+    effect sends the claim as a plain statement (an Airflow task runs one effect per
+    connection: preparing would not pay); the second also prepares the claim and the commit
+    call, which later effects execute without parsing or planning them again."""
+    states = _hot_paths.setdefault(conn, {})
+    for again in (True, True, False):
+        state = states.get(schema)
+        preparing = state == _PLAIN
+        if state is None or state == _NEVER:
+            message = query("claim_then_begin", schema)
+            states.setdefault(schema, _PLAIN)
+        elif state == _PREPARED:
+            message = query("claim_prepared_then_begin", schema)
+        else:
+            message = (query("prepare_hot_path", schema) + b"\n"
+                       + query("claim_prepared_then_begin", schema))
+        try:
+            row = _script(conn, message, schema, params)
+        except pgerrors.InvalidSqlStatementName:
+            if state != _PREPARED or not again:
+                raise
+            states[schema] = _PLAIN  # the session lost them (DEALLOCATE, DISCARD): again
+            continue
+        except pgerrors.DuplicatePreparedStatement:
+            _drop_prepared(conn, schema)  # left over from a failed message: drop, again
+            if not again:
+                raise
+            continue
+        except BaseException:
+            if preparing:
+                _drop_prepared(conn, schema)
+            raise
+        if preparing:
+            states[schema] = _PREPARED
+        assert row is not None
+        return row
+    raise AssertionError("unreachable")
+
+
+def _drop_prepared(conn: psycopg.Connection[Any], schema: str) -> None:
+    """After a failed message that prepared the hot path: drop what it prepared, if
+    anything, so that the next effect can prepare again."""
+    if conn.broken or conn.closed:
+        return
+    try:
+        names = prepared_names(schema)
+        found = _execute(conn, "prepared_hot_path", schema, {"names": list(names)}).fetchall()
+        for row in found:
+            conn.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(row["name"])))
+    except psycopg.Error:
+        log.warning("could not drop the prepared statements of the ledger on this connection",
+                    exc_info=True)
 
 
 def _schema_error(conn: psycopg.Connection[Any], schema: str,

@@ -283,3 +283,69 @@ def test_every_claim_outcome_leaves_the_pooled_connection_idle(ledger: Ledger, s
         "AND datname = current_database()"
     ).fetchone() == (1,)
     assert rows(sales) == [("2024-01-01", 10, 1)]
+
+
+def _prepared(conn) -> list[str]:
+    return [name for (name,) in conn.execute(
+        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'eos\\_%' ORDER BY name")]
+
+
+def test_a_connection_prepares_the_ledger_calls_at_its_second_effect(ledger: Ledger, sales):
+    """The first effect on a connection sends the claim and commit calls as plain statements;
+    the second prepares them in its claim's round trip; later effects only execute them."""
+    seen = []
+
+    def fn(eos):
+        seen.append(_prepared(eos.conn))
+        eos.conn.execute("INSERT INTO sales VALUES ('2024-01-01', 1, %s)", [len(seen)])
+
+    for i in range(4):
+        ledger.run(f"k{i}", fn, origin=TI)
+    from eos_airflow.ledger.queries import prepared_names
+    assert seen[0] == []
+    assert seen[1:] == [sorted(prepared_names("eos"))] * 3
+    assert len(rows(sales)) == 4
+    assert [e for e, _ in events(sales)] == ["claimed", "committed"] * 4
+
+
+def test_prepared_statements_dropped_between_effects_are_prepared_again(ledger: Ledger, sales):
+    for i in range(2):
+        ledger.run(f"k{i}", insert(), origin=TI)
+    conn = ledger.connection()
+    conn.execute("DEALLOCATE ALL")
+    ledger.putconn(conn)
+    assert ledger.run_outcome("k2", insert(), origin=TI).action == "committed"
+    conn = ledger.connection()
+    try:
+        assert len(_prepared(conn)) == 2
+        # a leftover of the same name (e.g. from a failed message) does not block either
+        conn.execute("DEALLOCATE ALL")
+        from eos_airflow.ledger.queries import prepared_names
+        from eos_airflow.protocol import local
+        local._hot_paths[conn]["eos"] = local._PLAIN
+        conn.execute(f"PREPARE {prepared_names('eos')[0]} AS SELECT 1")
+    finally:
+        ledger.putconn(conn)
+    assert ledger.run_outcome("k3", insert(), origin=TI).action == "committed"
+    assert len(rows(sales)) == 4
+
+
+def test_a_function_that_drops_prepared_statements_fails_cleanly_then_works(ledger: Ledger,
+                                                                              sales):
+    for i in range(2):
+        ledger.run(f"k{i}", insert(), origin=TI)
+
+    def discard(eos):
+        eos.conn.execute("INSERT INTO sales VALUES ('2024-01-02', 5, %s)", [eos.attempt])
+        eos.conn.execute("DEALLOCATE ALL")
+        return {"ok": True}
+
+    with pytest.raises(UserCodeError, match="dropped this session's prepared statements") as err:
+        ledger.run("k2", discard, origin=TI)
+    assert err.value.retryable
+    assert sales.execute("SELECT count(*) FROM sales WHERE day = '2024-01-02'").fetchone() == (0,)
+    assert ledger.run("k2", discard, attempt=2, origin=TI) == {"ok": True}
+    assert ledger.run("k3", discard, origin=TI) == {"ok": True}
+    assert sales.execute("SELECT attempt FROM sales WHERE day = '2024-01-02' "
+                         "ORDER BY attempt").fetchall() == [(1,), (2,)]
+    assert [e for e, _ in events(sales, "k2")] == ["claimed", "failed", "claimed", "committed"]

@@ -11,7 +11,10 @@ SELECT version, committed_at FROM {schema}.commit(%(key)s, %(owner)s, %(result)s
 
 -- The hot path's two round trips (protocol/local.py): each block is one simple-protocol
 -- message, bound on the client. The statements run in order, each in its own transaction
--- unless BEGIN opened one; the first error skips the rest.
+-- unless BEGIN opened one; the first error skips the rest. A connection's first effect sends
+-- the plain blocks; its second prepares the two calls (prepare_hot_path, in the same message
+-- as the claim), and from then on the *_prepared_* blocks execute them without parsing or
+-- planning them again.
 
 -- name: claim_then_begin
 -- The claim commits on its own (COMMIT), then the effect's transaction opens (BEGIN).
@@ -25,6 +28,26 @@ BEGIN;
 -- If commit() raises (fenced), COMMIT does not run and the transaction stays aborted.
 SELECT version, committed_at FROM {schema}.commit(%(key)s, %(owner)s, %(result)s);
 COMMIT;
+
+-- name: prepare_hot_path
+PREPARE {claim_statement} (text, uuid, integer, text, text, text, integer, text, integer, text) AS
+SELECT action, prior_state::text AS prior_state, attempt, version, result, holder, committed_at
+FROM {schema}.claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
+PREPARE {commit_statement} (text, uuid, jsonb) AS
+SELECT version, committed_at FROM {schema}.commit($1, $2, $3);
+
+-- name: claim_prepared_then_begin
+EXECUTE {claim_statement}(%(key)s, %(owner)s, %(attempt)s, %(dag_id)s, %(task_id)s,
+                          %(run_id)s, %(map_index)s, %(host)s, %(pid)s, %(on_committed)s);
+COMMIT;
+BEGIN;
+
+-- name: commit_prepared_then_end
+EXECUTE {commit_statement}(%(key)s, %(owner)s, %(result)s);
+COMMIT;
+
+-- name: prepared_hot_path
+SELECT name FROM pg_prepared_statements WHERE name = ANY(%(names)s);
 
 -- name: release
 SELECT {schema}.release(%(key)s, %(owner)s, %(attempt)s, %(event)s, %(detail)s);
