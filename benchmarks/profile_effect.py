@@ -24,9 +24,10 @@ connections calling the shipped ledger functions, so that only the wire differs:
   shipped);
 - ``combined``: the claim with COMMIT and BEGIN, and commit() with COMMIT, each one
   simple-protocol message bound on the client (``claim_then_begin``, ``commit_then_end``) --
-  what the protocol sends;
-- ``prepared``: the same messages executing session-level prepared statements (``EXECUTE``;
-  measured, not shipped: within noise of ``combined``).
+  what a connection's first effect sends (an Airflow task's only one);
+- ``prepared``: the same messages executing session-level prepared statements (``EXECUTE``)
+  -- what later effects on a connection send (the protocol prepares the calls in its second
+  effect's claim message; here they are prepared once up front).
 
 Each is timed interleaved with the others (median wall time and client CPU per effect, one
 thread), then as throughput with ``--writers`` threads, one connection each.

@@ -21,8 +21,10 @@ from eos_airflow.ledger.chain import verify
 CUTS = int(os.environ.get("EOS_CUTS", "0")) or None
 #: Where to cut: a client message containing these bytes ... An effect sends two protocol
 #: messages around the user's statements: the claim with its COMMIT and the effect's BEGIN,
-#: then the ledger's commit() with the effect's COMMIT.
-MOMENTS = (b".claim(", b"INSERT INTO target", b".commit(", b".release(")
+#: then the ledger's commit() with the effect's COMMIT. From a connection's second effect on,
+#: both run as prepared statements, named in the message (EXECUTE "eos_claim_…").
+MOMENTS = (b".claim(", b'EXECUTE "eos_claim_', b"INSERT INTO target", b".commit(",
+           b'EXECUTE "eos_commit_', b".release(")
 #: ... dropped before the server sees it, or forwarded and its reply lost.
 MODES = ("drop", "lose_reply")
 
@@ -69,8 +71,8 @@ def test_commit_reply_lost_is_resolved_from_the_ledger(proxy, target):
 def test_random_cuts_never_duplicate_or_lose_a_commit(proxy, target, cuts):
     rng = random.Random(int(os.environ.get("EOS_FAULT_SEED", "0")) or None)
     dbname = target.rsplit("/", 1)[1]
-    # no server-side prepared statements: a prepared statement travels without its text, and
-    # the proxy would no longer see the moment to cut (a long run would never finish)
+    # none of psycopg's automatic prepared statements: those travel without their text, and
+    # the proxy would no longer see the moment to cut (the ledger's own are named in theirs)
     dsn = proxy.dsn(dbname)
     ledger = Ledger(connect=lambda: psycopg.connect(dsn, autocommit=True, prepare_threshold=None),
                     wait_timeout=10)
