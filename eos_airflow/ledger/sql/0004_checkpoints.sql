@@ -45,24 +45,6 @@ CREATE FUNCTION {schema}.offset_lock_id(p_source text) RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT hashtextextended('offsets/' || p_source, 1) $$;
 
--- The key's ledger row, locked, if p_owner owns the key (or, with p_any_owner, if the row
--- exists); otherwise SQLSTATE EOS01, which rolls the caller's transaction back (fencing).
-CREATE FUNCTION {schema}.owned_entry(p_key text, p_owner uuid, p_any_owner boolean DEFAULT false)
-RETURNS {schema}.ledger
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    r {schema}.ledger;
-BEGIN
-    SELECT * INTO r FROM {schema}.ledger AS l WHERE l.key = p_key FOR UPDATE;
-    IF NOT FOUND OR (NOT p_any_owner AND r.owner IS DISTINCT FROM p_owner) THEN
-        RAISE EXCEPTION 'effect % is owned by attempt % now', p_key, r.attempt
-            USING ERRCODE = 'EOS01';
-    END IF;
-    RETURN r;
-END
-$$;
-
 -- Step "checkpoint", called in a chunk's transaction after the chunk's writes. Fenced like
 -- commit(): SQLSTATE EOS01 when p_owner no longer owns the key, so the chunk rolls back.
 -- The key stays owned (state running); the recovery point belongs to version + 1.
@@ -77,7 +59,11 @@ DECLARE
     v_seq integer;
     v_hash bytea;
 BEGIN
-    r := {schema}.owned_entry(p_key, p_owner);
+    SELECT * INTO r FROM {schema}.ledger AS l WHERE l.key = p_key FOR UPDATE;
+    IF NOT FOUND OR r.owner IS DISTINCT FROM p_owner THEN
+        RAISE EXCEPTION 'effect % is owned by attempt % now', p_key, r.attempt
+            USING ERRCODE = 'EOS01';
+    END IF;
     SELECT coalesce(max(rp.seq), 0) + 1 INTO v_seq FROM {schema}.recovery_points AS rp
     WHERE rp.key = p_key AND rp.version = r.version + 1;
     INSERT INTO {schema}.recovery_points (key, version, seq, attempt, rows, position, state, at)
@@ -106,7 +92,11 @@ DECLARE
     p {schema}.recovery_points;
     v_hash bytea;
 BEGIN
-    r := {schema}.owned_entry(p_key, p_owner);
+    SELECT * INTO r FROM {schema}.ledger AS l WHERE l.key = p_key FOR UPDATE;
+    IF NOT FOUND OR r.owner IS DISTINCT FROM p_owner THEN
+        RAISE EXCEPTION 'effect % is owned by attempt % now', p_key, r.attempt
+            USING ERRCODE = 'EOS01';
+    END IF;
     SELECT * INTO p FROM {schema}.recovery_points AS rp
     WHERE rp.key = p_key AND rp.version = r.version + 1 ORDER BY rp.seq DESC LIMIT 1;
     IF NOT FOUND THEN
@@ -139,7 +129,11 @@ DECLARE
     v_moves jsonb := jsonb_build_object();
     v_hash bytea;
 BEGIN
-    r := {schema}.owned_entry(p_key, p_owner, p_owner IS NULL);
+    SELECT * INTO r FROM {schema}.ledger AS l WHERE l.key = p_key FOR UPDATE;
+    IF NOT FOUND OR (p_owner IS NOT NULL AND r.owner IS DISTINCT FROM p_owner) THEN
+        RAISE EXCEPTION 'effect % is owned by attempt % now', p_key, r.attempt
+            USING ERRCODE = 'EOS01';
+    END IF;
     FOR v_source IN SELECT s FROM jsonb_object_keys(p_positions) AS s ORDER BY s COLLATE "C"
     LOOP
         PERFORM pg_advisory_xact_lock({schema}.offset_lock_id(v_source));

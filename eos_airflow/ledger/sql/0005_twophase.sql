@@ -109,7 +109,11 @@ DECLARE
     r {schema}.ledger;
     v_hash bytea;
 BEGIN
-    r := {schema}.owned_entry(p_key, p_owner);
+    SELECT * INTO r FROM {schema}.ledger AS l WHERE l.key = p_key FOR UPDATE;
+    IF NOT FOUND OR r.owner IS DISTINCT FROM p_owner THEN
+        RAISE EXCEPTION 'effect % is owned by attempt % now', p_key, r.attempt
+            USING ERRCODE = 'EOS01';
+    END IF;
     SELECT * INTO t FROM {schema}.twophase AS x WHERE x.txid = p_txid FOR UPDATE;
     IF NOT FOUND OR t.decision IS NOT NULL THEN
         RAISE EXCEPTION 'transaction % was % by recovery', p_txid,
