@@ -406,12 +406,8 @@ def _script(conn: psycopg.Connection[Any], message: bytes, schema: str,
     message (the server stops at the first error). Return the first row of the first
     statement that returns rows."""
     cur = psycopg.ClientCursor(conn, row_factory=psycopg.rows.dict_row)
-    try:
+    with _schema_errors(conn, schema):
         cur.execute(message, params)
-    except (pgerrors.UndefinedFunction, pgerrors.InvalidSchemaName, pgerrors.UndefinedTable) as exc:
-        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-            raise
-        raise _schema_error(conn, schema, exc) from exc
     while cur.description is None and cur.nextset():
         pass
     return cur.fetchone()
@@ -480,24 +476,26 @@ def _drop_prepared(conn: psycopg.Connection[Any], schema: str) -> None:
                     exc_info=True)
 
 
-def _schema_error(conn: psycopg.Connection[Any], schema: str,
-                  exc: psycopg.Error) -> LedgerSchemaError:
-    return LedgerSchemaError(
-        f'the ledger schema "{schema}" is missing or incomplete in database '
-        f'"{conn.info.dbname}" ({exc.diag.message_primary}); create it with '
-        "`eos-airflow db migrate` (same --dsn or --conn-id)"
-    )
+@contextlib.contextmanager
+def _schema_errors(conn: psycopg.Connection[Any], schema: str) -> Iterator[None]:
+    """A ledger statement that finds no ledger function, schema or table: say how to create it."""
+    try:
+        yield
+    except (pgerrors.UndefinedFunction, pgerrors.InvalidSchemaName, pgerrors.UndefinedTable) as exc:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            raise  # the user's own statement referenced something missing
+        raise LedgerSchemaError(
+            f'the ledger schema "{schema}" is missing or incomplete in database '
+            f'"{conn.info.dbname}" ({exc.diag.message_primary}); create it with '
+            "`eos-airflow db migrate` (same --dsn or --conn-id)"
+        ) from exc
 
 
 def _execute(conn: psycopg.Connection[Any], name: str, schema: str,
              params: dict[str, Any]) -> psycopg.Cursor[Any]:
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-    try:
+    with _schema_errors(conn, schema):
         return cur.execute(query(name, schema), params)
-    except (pgerrors.UndefinedFunction, pgerrors.InvalidSchemaName, pgerrors.UndefinedTable) as exc:
-        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-            raise  # the user's own statement referenced something missing
-        raise _schema_error(conn, schema, exc) from exc
 
 
 def _hint(exc: psycopg.Error) -> str:
