@@ -7,7 +7,8 @@ Prints the port it listens on (127.0.0.1), then serves until killed. Each direct
 connection has a reader thread and a sender thread; the sender holds every chunk until its
 due time (arrival + delay), in arrival order, so the byte stream is unchanged. Used by
 benchmarks/bench_network.py; run it in its own process so that its threads do not share the
-measured process's interpreter lock.
+measured process's interpreter lock. (tests/faults/proxy.py, the fault proxy of the tests, runs
+inside the test process and breaks connections; it has no notion of delay.)
 """
 
 from __future__ import annotations

@@ -705,23 +705,20 @@ def plots(results: dict[str, Any], img_dir: Path) -> list[tuple[str, str]]:
     if "rows_per_effect" in results:
         rp = results["rows_per_effect"]
         ns = sorted(int(n) for n in rp)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-        a1.plot(ns, [rp[str(n)]["bare_ms"] for n in ns], "o-", label="bare transaction")
-        a1.plot(ns, [rp[str(n)]["eos_ms"] for n in ns], "s-", label="effect")
-        a1.set_xscale("log")
-        a1.set_yscale("log")
-        a1.set_xlabel("rows per effect (COPY)")
-        a1.set_ylabel("latency, median (ms)")
-        a1.set_title("Latency vs rows per effect")
-        a1.legend()
-        a2.plot(ns, [rp[str(n)]["bare_rows_s"] for n in ns], "o-", label="bare transaction")
-        a2.plot(ns, [rp[str(n)]["eos_rows_s"] for n in ns], "s-", label="effect")
-        a2.set_xscale("log")
-        a2.set_yscale("log")
-        a2.set_xlabel("rows per effect (COPY)")
-        a2.set_ylabel("rows / s (1 writer)")
-        a2.set_title("Throughput vs rows per effect")
-        a2.legend()
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, (field, ylabel, title) in zip(axes, (
+                ("ms", "latency, median (ms)", "Latency vs rows per effect"),
+                ("rows_s", "rows / s (1 writer)", "Throughput vs rows per effect")),
+                strict=True):
+            ax.plot(ns, [rp[str(n)][f"bare_{field}"] for n in ns], "o-",
+                    label="bare transaction")
+            ax.plot(ns, [rp[str(n)][f"eos_{field}"] for n in ns], "s-", label="effect")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("rows per effect (COPY)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            ax.legend()
         fig.tight_layout()
         fig.savefig(img_dir / "bench_rows.png", dpi=110)
         plt.close(fig)
