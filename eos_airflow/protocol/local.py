@@ -137,7 +137,7 @@ def run_effect(
         try:
             committed = session.commit(payload)
         except psycopg.OperationalError as exc:  # did COMMIT happen? the ledger knows
-            if reconnect is None or not conn.broken:
+            if reconnect is None or _server_refused(conn, exc):
                 raise
             conn.close()
             version, committed_at = commit_outcome(reconnect, schema, key, owner, attempt,
@@ -171,6 +171,15 @@ def run_effect(
     log.info("effect %s %s (version %s)", key, action, committed["version"])
     return Outcome(key, action, json.loads(payload), committed["version"], attempt,
                    committed["committed_at"])
+
+
+def _server_refused(conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:
+    """True when the server answered the commit round trip with an error on a live
+    connection: then COMMIT did not take effect. Any other failure — no answer (psycopg may
+    raise "connection socket closed" on EOF before libpq marks the connection bad), or an
+    answer on a connection that broke (a FATAL shutdown message) — leaves the outcome
+    unknown to this session, and only the ledger can tell."""
+    return exc.sqlstate is not None and not conn.closed and not conn.broken
 
 
 class Session:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections import Counter
 
@@ -65,6 +66,47 @@ def test_commit_reply_lost_is_resolved_from_the_ledger(proxy, target):
             ("dropped", "claimed", 1), ("dropped", "failed", 1), ("dropped", "claimed", 2),
             ("dropped", "committed", 2), ("lost-reply", "claimed", 1),
             ("lost-reply", "committed", 1)]
+
+
+def test_socket_closed_before_the_connection_counts_as_broken_is_resolved(proxy, target):
+    """psycopg reports "connection socket closed" when poll() flags the socket bad before
+    libpq has read the EOF; the connection does not count as broken yet. COMMIT reached the
+    server: the call must still ask the ledger, not fail a task whose effect landed."""
+    dbname = target.rsplit("/", 1)[1]
+    opened: list[psycopg.Connection] = []
+
+    def connect() -> psycopg.Connection:
+        opened.append(psycopg.connect(proxy.dsn(dbname), autocommit=True))
+        return opened[-1]
+
+    # A pipe's write end whose reader is gone: poll() answers POLLERR and never POLLIN, the
+    # state psycopg reports as a closed socket while libpq still calls the connection OK.
+    reader, writer = os.pipe()
+    os.close(reader)
+    fired = proxy.arm(b".commit(", "lose_reply")  # COMMIT runs; its reply never comes
+
+    def flag_socket() -> None:
+        if fired.wait(10):
+            os.dup2(writer, opened[0].fileno())
+
+    flagger = threading.Thread(target=flag_socket)
+    try:
+        with Ledger(connect=connect) as ledger:
+            flagger.start()
+            outcome = ledger.run_outcome("socket-closed", write, origin=Origin("d", "t", "r", -1))
+    finally:
+        flagger.join()
+        os.close(writer)
+    assert fired.is_set() and len(opened) == 2, "the ledger was asked on a new connection"
+    assert (outcome.action, outcome.result, outcome.version) == ("committed", {"attempt": 1}, 1)
+    with psycopg.connect(target) as conn:
+        assert conn.execute("SELECT key, attempt FROM target").fetchall() == [("socket-closed", 1)]
+        assert events_of(conn, "socket-closed") == [("claimed", 1), ("committed", 1)]
+
+
+def events_of(conn: psycopg.Connection, key: str) -> list[tuple[str, int]]:
+    return conn.execute("SELECT event::text, attempt FROM eos.ledger_events WHERE key = %s "
+                        "ORDER BY seq", [key]).fetchall()
 
 
 @pytest.mark.parametrize("cuts", [CUTS or 60, pytest.param(CUTS or 500, marks=pytest.mark.slow)])
