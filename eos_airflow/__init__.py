@@ -19,6 +19,7 @@ from eos_airflow.errors import (
     KeyInProgressError,
     LedgerIntegrityError,
     LedgerSchemaError,
+    LostClaimError,
     ResultError,
     UserCodeError,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "Ledger",
     "LedgerIntegrityError",
     "LedgerSchemaError",
+    "LostClaimError",
     "LedgerSensor",
     "LedgerTrigger",
     "MultiLedger",

@@ -34,6 +34,13 @@ class FencedError(EosError):
     """A newer attempt claimed the key: this attempt's writes were rolled back; do not retry it."""
 
 
+class LostClaimError(EosError):
+    """The key was released while the attempt ran (not taken by another attempt): its writes
+    were rolled back; retry it."""
+
+    retryable = True
+
+
 class KeyInProgressError(EosError):
     """Another live attempt holds the key; retry later (the key is not lost)."""
 

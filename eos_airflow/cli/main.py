@@ -200,10 +200,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
         return EXIT_OK
     with _checked(args) as conn:
         transactions = twophase.run(args, conn)  # in-doubt work first: it may release claims
-        rows = conn.cursor(row_factory=psycopg.rows.dict_row).execute(
-            query("recover_claims", args.schema), {"older_than": older_than}).fetchall()
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        rows = cur.execute(query("recover_claims", args.schema),
+                           {"older_than": older_than}).fetchall()
+        held = [] if older_than is None else cur.execute(
+            query("live_claims", args.schema), {"older_than": older_than}).fetchall()
     if args.format == "json":
-        output.emit(args, {"expired": rows, "transactions": transactions}, str)
+        output.emit(args, {"expired": rows, "held": held, "transactions": transactions}, str)
         return EXIT_OK
     twophase.show(args, transactions)
     if not rows:
@@ -211,6 +214,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
     else:
         output.table(args, f"expired {len(rows)} stale claims (their next claim runs them "
                      "again)", ("key", "attempt", "run_id", "claimed_at", "reason"), rows)
+    if held:
+        output.table(args, f"left {len(held)} claims older than --older-than alone: their "
+                     "sessions are alive and may still commit (end a stuck one with "
+                     "pg_terminate_backend, then run recover again)",
+                     ("key", "attempt", "run_id", "host", "pid", "claimed_at"), held)
     return EXIT_OK
 
 
@@ -324,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     recover = sub.add_parser("recover", parents=[common],
                              help="finish in-doubt multi-database commits, expire claims left "
                              "by crashed or stalled attempts")
-    recover.add_argument("--older-than", help="also expire live claims older than this "
-                         "(30m, 2h, …): their owners are stalled; a late commit is fenced")
+    recover.add_argument("--older-than", help="only expire claims taken before this (30m, "
+                         "2h, …); live claims that old are listed, never expired")
     from eos_airflow.cli import twophase
 
     twophase.add_arguments(recover)

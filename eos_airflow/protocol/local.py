@@ -40,6 +40,7 @@ from eos_airflow.errors import (
     FencedError,
     KeyInProgressError,
     LedgerSchemaError,
+    LostClaimError,
     ResultError,
     UserCodeError,
 )
@@ -120,12 +121,7 @@ def run_effect(
     event, detail = "failed", {}
     session = Session(conn, schema, key, owner, attempt)
     try:
-        previous = None
-        if claim["prior_state"] == "committed":
-            previous = Previous(claim["result"], claim["version"], claim["committed_at"])
-        elif claim["prior_state"] == "reopened":  # rare: an operator reopened the key
-            entry = _execute(conn, "get_entry", schema, {"key": key}).fetchone()
-            previous = Previous(entry["result"], entry["version"], entry["committed_at"])
+        previous = _previous(conn, schema, key, claim)
         failpoints.check("after_claim", attempt=attempt)
         eos = Effect(key, attempt, conn, previous, origin, schema=schema, session=session)
         with _own_transaction(conn, key):
@@ -147,16 +143,24 @@ def run_effect(
         raise  # resolved (and released) through a new connection
     except BaseException as exc:
         session.rollback()
+        holder = None
         if isinstance(exc, pgerrors.Error) and exc.sqlstate == FENCED_SQLSTATE:
             event, detail = "fenced", {"step": session.step}
+            holder = lost_to(conn, schema, key, owner, attempt)
         else:
             detail = {"error": type(exc).__name__, "message": str(exc)[:500]}
         _release(conn, schema, key, owner, attempt, event, detail)
+        if event == "fenced" and holder is None:  # released, not taken by another attempt
+            raise LostClaimError(
+                f"effect {key!r} attempt {attempt}: `eos-airflow recover` released the key "
+                "while the attempt ran (its session looked gone: was its advisory lock "
+                "dropped?); its writes were rolled back. Retry (Airflow retries this)"
+            ) from exc
         if event == "fenced":
             raise FencedError(
-                f"effect {key!r}: a newer attempt claimed it while attempt {attempt} ran; "
-                "this attempt's writes were rolled back. Nothing to do: the newer attempt "
-                "writes the effect (do not retry this one)"
+                f"effect {key!r}: a newer attempt claimed it while attempt {attempt} ran "
+                f"(try {holder}); this attempt's writes were rolled back. Nothing to do: the "
+                "newer attempt writes the effect (do not retry this one)"
             ) from exc
         if isinstance(exc, pgerrors.Error) and not isinstance(exc, pgerrors.OperationalError):
             error = UserCodeError(
@@ -171,6 +175,33 @@ def run_effect(
     log.info("effect %s %s (version %s)", key, action, committed["version"])
     return Outcome(key, action, json.loads(payload), committed["version"], attempt,
                    committed["committed_at"])
+
+
+def lost_to(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUID,
+            attempt: int, txid: str | None = None) -> int | None:
+    """After a fenced commit: the try that took ``key`` from the attempt ``owner``, or None
+    when recovery released it (or the ledger cannot say) — then nobody writes the effect
+    unless the attempt is retried."""
+    try:
+        row = _execute(conn, "fence_cause", schema,
+                       {"key": key, "owner": str(owner), "attempt": attempt,
+                        "txid": txid}).fetchone()
+    except psycopg.Error:
+        return None
+    return None if row is None or row["released"] else row["attempt"]
+
+
+def _previous(conn: psycopg.Connection[Any], schema: str, key: str,
+              claim: dict[str, Any]) -> Previous | None:
+    """The committed version this attempt supersedes, if the row holds one: under "replace",
+    and whenever an operator reopened the key — also after attempts that failed or crashed
+    since the reopen, which left the row ``failed`` or ``running`` with that version."""
+    if claim["prior_state"] == "committed":
+        return Previous(claim["result"], claim["version"], claim["committed_at"])
+    if not claim["version"]:
+        return None
+    entry = _execute(conn, "get_entry", schema, {"key": key}).fetchone()
+    return Previous(entry["result"], entry["version"], entry["committed_at"])
 
 
 def _server_refused(conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:

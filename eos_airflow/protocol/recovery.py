@@ -5,8 +5,10 @@ all through :func:`resolve`:
 
 - the **next attempt** of the key, right after its claim: it owns the key now, so the
   earlier attempts' undecided transactions can be aborted at once;
-- **recover** (``eos-airflow recover``): with the coordinator's decision log; undecided
-  transactions are aborted only after a grace period (their attempt may be about to decide);
+- **recover** (``eos-airflow recover``): with the coordinator's decision log; an undecided
+  transaction is aborted only when it is provably abandoned: its attempt's session is gone
+  (the claim's lock is free, so it can never decide) and its participants prepared it longer
+  than a grace period ago;
 - **terminate** (``eos-airflow recover --terminate``, 3PC only): without the coordinator,
   from the participants' votes — any ``precommitted`` → commit; otherwise abort, by writing
   ``aborted`` votes in participant order (the first participant's vote decides a race with a
@@ -42,9 +44,9 @@ log = logging.getLogger(__name__)
 
 Connect = Callable[[], "psycopg.Connection[Any]"]
 
-#: Seconds an undecided prepared transaction is left alone by `recover`: its attempt may still
-#: be about to decide. Prepare-to-decision takes milliseconds; a minute also covers a stalled
-#: process whose decision would then be refused (the abort is logged first).
+#: Seconds since its first PREPARE for which `recover` leaves an undecided transaction alone
+#: even when its attempt's session is gone. PREPARE-to-decision takes milliseconds; a minute
+#: also covers a transaction found on a participant alone, whose owner cannot be asked.
 DEFAULT_GRACE = 60.0
 
 
@@ -112,8 +114,11 @@ def _votes(conns: Mapping[str, psycopg.Connection[Any]], schema: str,
 def resolve(txid: str, *, protocol: str, conns: Mapping[str, psycopg.Connection[Any]],
             coordinator: psycopg.Connection[Any] | None, schema: str = "eos",
             decision: str | None = None, key: str | None = None, attempt: int = 0,
-            force: bool = False, by: str = "eos-airflow recover") -> Resolution:
-    """Finish ``txid`` on ``conns`` (its participants by name) and log the outcome."""
+            force: bool = False, by: str = "eos-airflow recover",
+            waiting: str = "within the grace period") -> Resolution:
+    """Finish ``txid`` on ``conns`` (its participants by name) and log the outcome. An
+    undecided transaction is aborted only with ``force``; otherwise it is reported as
+    waiting, for the reason ``waiting``."""
     names = sorted(conns)
     done = Resolution(txid, key, protocol, "waiting", names)
     result = None
@@ -130,7 +135,7 @@ def resolve(txid: str, *, protocol: str, conns: Mapping[str, psycopg.Connection[
         elif decision == "abort" or "aborted" in states:
             commit = False
         elif not force:
-            done.detail = "undecided, no pre-commit yet: within the grace period"
+            done.detail = f"undecided, no pre-commit yet: {waiting}"
             return done
         else:
             commit = False
@@ -147,7 +152,7 @@ def resolve(txid: str, *, protocol: str, conns: Mapping[str, psycopg.Connection[
                                "decide; bring the coordinator back, then run eos-airflow recover")
                 return done
             if not force:
-                done.detail = "undecided: within the grace period"
+                done.detail = f"undecided: {waiting}"
                 return done
             decision = _abort(coordinator, schema, txid, attempt, by, "no decision (presumed abort)")
         commit = decision == "commit"
@@ -262,7 +267,6 @@ def recover(coordinator: psycopg.Connection[Any], *, schema: str = "eos",
                         "participants": {n: {"conn_id": None} for n in participants or {}}}
         for txid, row in rows.items():
             members = row["participants"] or {n: {"conn_id": None} for n in participants or {}}
-            born = prepared_at.get(txid, row["created_at"])
             try:
                 conns = {n: pool.get(n, (info or {}).get("conn_id")) for n, info in
                          members.items()}
@@ -270,14 +274,44 @@ def recover(coordinator: psycopg.Connection[Any], *, schema: str = "eos",
                 done.append(Resolution(txid, row["key"], row["protocol"], "unreachable",
                                        sorted(members), str(exc).strip()))
                 continue
+            waiting = None
+            if row["decision"] is None:
+                waiting = _still_live(coordinator, schema, row, conns, now, grace,
+                                      prepared_at.get(txid))
             done.append(resolve(txid, protocol=row["protocol"], conns=conns,
                                 coordinator=coordinator, schema=schema,
                                 decision=row["decision"], key=row["key"],
-                                attempt=row["attempt"],
-                                force=(now - born).total_seconds() >= grace, by=by))
+                                attempt=row["attempt"], force=waiting is None, by=by,
+                                waiting=waiting or ""))
     finally:
         pool.close()
     return done
+
+
+def _still_live(coordinator: psycopg.Connection[Any], schema: str, row: dict[str, Any],
+                conns: Mapping[str, psycopg.Connection[Any]], now: datetime, grace: float,
+                prepared_at: datetime | None) -> str | None:
+    """Why an undecided transaction must be left alone, or None when it is abandoned.
+
+    Its attempt is alive while its session holds the claim's lock: it may still decide, and
+    aborting it under its feet would fail an effect that no try then writes. Once the
+    session is gone it can never decide. The grace period, counted from the earliest
+    PREPARE on its participants (from the log entry when nothing is prepared), covers what
+    the lock cannot tell: a transaction found on a participant alone names no owner."""
+    if row.get("owner") is not None and row.get("key") is not None:
+        alive = _execute(coordinator, "owner_alive", schema,
+                         {"key": row["key"], "owner": row["owner"]}).fetchone()["alive"]
+        if alive:
+            return ("its attempt is alive (its session holds the claim): it decides or aborts "
+                    "the transaction itself")
+    for name, conn in conns.items():
+        for at in prepared_on(conn, gid_of(row["txid"], name)).values():
+            prepared_at = at if prepared_at is None else min(prepared_at, at)
+    born = prepared_at or row["created_at"]
+    age = (now - born).total_seconds()
+    if age < grace:
+        return f"prepared {age:.0f} s ago, within the grace period of {grace:g} s"
+    return None
 
 
 def terminate(participants: Mapping[str, Connect], *, schema: str = "eos",

@@ -3,12 +3,14 @@
 A client whose connection breaks after it sent COMMIT cannot know whether the server committed.
 Its writes and its ledger commit share one transaction, so the ledger knows: commit() names
 the attempt's owner token in its ``committed`` event. From a new connection, the attempt first
-waits for the broken session's transaction to end (its row lock on the ledger entry), then
-looks for that event:
+waits for the broken session's transaction to end (its row lock on the ledger entry), locks
+the entry itself, then looks for that event:
 
 - found: the effect committed; the attempt reports it, as if the reply had arrived;
-- not found: nothing committed; the attempt releases its claim (event ``failed``) and fails
-  with a retryable error, and the next try writes the effect;
+- not found: nothing committed; still holding the entry's lock, the attempt releases its
+  claim (event ``failed``), so a commit() of the broken session that had not reached the
+  entry yet is fenced and cannot commit after all; it fails with a retryable error, and the
+  next try writes the effect;
 - the old transaction is still open after ``wait_timeout`` (the server has not noticed the
   broken connection yet): the outcome stays unknown to this attempt, which fails retryably;
   the next try learns it from the ledger, as any try does.
@@ -67,6 +69,12 @@ def commit_outcome(connect: Callable[[], psycopg.Connection[Any]], schema: str, 
                 cur.execute(query("commit_outcome_wait", schema), {"key": key})
                 found = cur.execute(query("commit_outcome", schema),
                                     {"key": key, "owner": str(owner)}).fetchone()
+                if found is None:  # released under the row lock: a late commit() is fenced
+                    detail = {"error": type(cause).__name__, "message": str(cause)[:500],
+                              "step": "commit", "resolved": "not committed"}
+                    cur.execute(query("release", schema), {
+                        "key": key, "owner": owner, "attempt": attempt, "event": "failed",
+                        "detail": json.dumps(detail)})
         except pgerrors.LockNotAvailable:
             raise CommitOutcomeUnknownError(
                 f"effect {key!r} attempt {attempt}: the connection broke during COMMIT "
@@ -78,11 +86,6 @@ def commit_outcome(connect: Callable[[], psycopg.Connection[Any]], schema: str, 
             log.warning("effect %s: the connection broke during COMMIT; the ledger shows the "
                         "commit happened (version %s)", key, found["version"])
             return found["version"], found["committed_at"]
-        detail = {"error": type(cause).__name__, "message": str(cause)[:500],
-                  "step": "commit", "resolved": "not committed"}
-        cur.execute(query("release", schema), {"key": key, "owner": owner, "attempt": attempt,
-                                               "event": "failed",
-                                               "detail": json.dumps(detail)})
     finally:
         conn.close()
     raise CommitNotDoneError(

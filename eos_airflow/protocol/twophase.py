@@ -36,12 +36,17 @@ from psycopg import errors as pgerrors
 from psycopg import sql
 
 from eos_airflow import failpoints
-from eos_airflow.errors import ConfigurationError, EosError, FencedError, UserCodeError
+from eos_airflow.errors import (
+    ConfigurationError,
+    EosError,
+    FencedError,
+    LostClaimError,
+    UserCodeError,
+)
 from eos_airflow.protocol.effect import (
     MAX_RESULT_BYTES,
     Effect,
     Origin,
-    Previous,
     check_key,
     encode_result,
 )
@@ -53,7 +58,9 @@ from eos_airflow.protocol.local import (
     _claim,
     _execute,
     _hint,
+    _previous,
     _release,
+    lost_to,
 )
 
 log = logging.getLogger(__name__)
@@ -207,10 +214,7 @@ def run_two_phase(
         _release(coordinator, schema, key, owner, attempt, "failed",
                  {"error": type(exc).__name__, "message": str(exc)[:500], "step": "begin"})
         raise
-    previous = None
-    if claim["prior_state"] in ("committed", "reopened"):
-        entry = _execute(coordinator, "get_entry", schema, {"key": key}).fetchone()
-        previous = Previous(entry["result"], entry["version"], entry["committed_at"])
+    previous = _previous(coordinator, schema, key, claim)
     step = Step()
     pool = executor or ThreadPoolExecutor(max_workers=len(names))
     try:
@@ -340,7 +344,11 @@ def _prepare_all(pool: ThreadPoolExecutor, conns: Mapping[str, psycopg.Connectio
 def _commit_prepared_all(pool: ThreadPoolExecutor,
                          conns: Mapping[str, psycopg.Connection[Any]], names: list[str],
                          txid: str, attempt: int) -> None:
-    futures = [pool.submit(conns[n].execute, _statement("COMMIT PREPARED", gid_of(txid, n)))
+    from eos_airflow.protocol.recovery import finish_prepared
+
+    # Once the decision is durable, another run that skips the key, or `recover`, may finish
+    # a participant first: a gid that is no longer prepared was committed by them.
+    futures = [pool.submit(finish_prepared, conns[n], gid_of(txid, n), commit=True)
                for n in names]
     errors: list[BaseException] = []
     for done, future in enumerate(as_completed(futures), 1):
@@ -390,6 +398,7 @@ def _fail(exc: BaseException, coordinator: psycopg.Connection[Any],
             ) from exc
         raise exc
     fenced = isinstance(exc, pgerrors.Error) and exc.sqlstate == FENCED_SQLSTATE
+    holder = lost_to(coordinator, schema, key, owner, attempt, txid) if fenced else None
     try:  # log the abort first: nobody can decide the txid afterwards
         _execute(coordinator, "twophase_abort", schema, {
             "txid": txid, "attempt": attempt, "by": f"attempt {attempt}",
@@ -412,11 +421,18 @@ def _fail(exc: BaseException, coordinator: psycopg.Connection[Any],
             detail["participant"] = step.participant
     _release(coordinator, schema, key, owner, attempt, "fenced" if fenced else "failed",
              detail)
+    if fenced and holder is None:  # released by recovery, not taken by another attempt
+        raise LostClaimError(
+            f"effect {key!r} attempt {attempt}: recovery aborted its transaction {txid} "
+            "while it ran (its coordinator session looked gone); its prepared transactions "
+            "were rolled back on every participant and nothing was committed. Retry (Airflow "
+            "retries this)") from exc
     if fenced:
         raise FencedError(
-            f"effect {key!r}: a newer attempt claimed it while attempt {attempt} ran; this "
-            "attempt's prepared transactions were rolled back on every participant. Nothing "
-            "to do: the newer attempt writes the effect (do not retry this one)") from exc
+            f"effect {key!r}: a newer attempt claimed it while attempt {attempt} ran "
+            f"(try {holder}); this attempt's prepared transactions were rolled back on every "
+            "participant. Nothing to do: the newer attempt writes the effect (do not retry "
+            "this one)") from exc
     if isinstance(exc, pgerrors.Error) and exc.sqlstate == ABORTED_SQLSTATE:
         error: EosError = InDoubtError(
             f"effect {key!r}: recovery aborted transaction {txid} before attempt {attempt} "

@@ -104,6 +104,40 @@ def test_socket_closed_before_the_connection_counts_as_broken_is_resolved(proxy,
         assert events_of(conn, "socket-closed") == [("claimed", 1), ("committed", 1)]
 
 
+def test_a_commit_that_reaches_the_ledger_late_is_resolved_consistently(proxy, target):
+    """The broken session's commit() has not locked the ledger entry yet when the new
+    connection asks (here another session's FOR SHARE holds it back). The answer must match
+    what happens: either the late commit() is fenced (the release comes first), or the
+    question waits for it. Found by review: the question ran with FOR SHARE, which does not
+    wait behind a share lock, and released in a later transaction — the ledger then said
+    `failed ... not committed` after `committed`, and the caller was told nothing committed."""
+    dbname = target.rsplit("/", 1)[1]
+    blocker = psycopg.connect(target, autocommit=True)
+
+    def write_then_hold_the_entry(eos):
+        eos.conn.execute("INSERT INTO target (key, attempt) VALUES (%s, %s)",
+                         [eos.key, eos.attempt])
+        blocker.execute("BEGIN")
+        blocker.execute("SELECT 1 FROM eos.ledger WHERE key = %s FOR SHARE", [eos.key])
+        threading.Timer(1.5, blocker.execute, ["COMMIT"]).start()
+        return {"attempt": eos.attempt}
+
+    try:
+        with Ledger(proxy.dsn(dbname)) as ledger:
+            fired = proxy.arm(b".commit(", "lose_reply")
+            outcome = ledger.run_outcome("late", write_then_hold_the_entry,
+                                         origin=Origin("d", "t", "r", -1))
+            assert fired.is_set()
+    finally:
+        time.sleep(1.6)
+        blocker.close()
+    with psycopg.connect(target) as conn:
+        trail = events_of(conn, "late")
+        rows = conn.execute("SELECT count(*) FROM target WHERE key = 'late'").fetchone()[0]
+    assert (outcome.action, outcome.version) == ("committed", 1)
+    assert trail == [("claimed", 1), ("committed", 1)] and rows == 1
+
+
 def events_of(conn: psycopg.Connection, key: str) -> list[tuple[str, int]]:
     return conn.execute("SELECT event::text, attempt FROM eos.ledger_events WHERE key = %s "
                         "ORDER BY seq", [key]).fetchall()

@@ -73,29 +73,25 @@ WHERE l.owner IS NOT NULL
         AND ((k.classid::bigint << 32) | k.objid::bigint) = {schema}.lock_id(l.key, l.owner));
 
 -- name: recover_claims
--- Expire claims whose owner's session ended (a crashed attempt), and with older_than also
--- live claims taken before that time (a stalled owner: its commit is then fenced). Each
--- expired claim gets a `failed` event; keys being claimed right now are skipped.
+-- Expire claims whose owner's session ended (a crashed attempt; with older_than, only those
+-- claimed before that time). A claim held by a live session is never expired: its attempt
+-- may still commit, and fencing it would lose the effect (a stalled task's next try takes
+-- the key over by itself). Each expired claim gets a `failed` event; keys being claimed right
+-- now are skipped.
 WITH stale AS (
-    SELECT l.key, l.owner, l.attempt, l.state, l.event_seq, l.last_hash, l.claimed_at,
-           NOT EXISTS (
-               SELECT 1 FROM pg_locks AS k
-               WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1
-                 AND k.database = (SELECT oid FROM pg_database
-                                   WHERE datname = current_database())
-                 AND ((k.classid::bigint << 32) | k.objid::bigint)
-                     = {schema}.lock_id(l.key, l.owner)) AS owner_gone
+    SELECT l.key, l.owner, l.attempt, l.state, l.event_seq, l.last_hash, l.claimed_at
     FROM {schema}.ledger AS l
     WHERE l.owner IS NOT NULL
+      AND (%(older_than)s::timestamptz IS NULL OR l.claimed_at < %(older_than)s::timestamptz)
     FOR UPDATE SKIP LOCKED
 ), expired AS (
     SELECT s.*, {schema}.append_event(s.key, s.event_seq + 1, s.last_hash, 'failed', s.attempt,
                jsonb_build_object('recovered_by', 'eos-airflow recover',
-                                  'reason', CASE WHEN s.owner_gone THEN 'owner session ended'
-                                                 ELSE 'claim older than the limit' END,
-                                  'claimed_at', s.claimed_at)) AS hash
+                                  'reason', 'owner session ended',
+                                  'claimed_at', s.claimed_at,
+                                  'released_owner', s.owner)) AS hash
     FROM stale AS s
-    WHERE s.owner_gone OR s.claimed_at < %(older_than)s::timestamptz
+    WHERE NOT {schema}.owner_alive(s.key, s.owner)
 )
 UPDATE {schema}.ledger AS l
 SET state = CASE WHEN e.state = 'running' THEN 'failed'::{schema}.effect_state ELSE e.state END,
@@ -103,9 +99,15 @@ SET state = CASE WHEN e.state = 'running' THEN 'failed'::{schema}.effect_state E
     updated_at = clock_timestamp()
 FROM expired AS e
 WHERE l.key = e.key
-RETURNING l.key, l.attempt, l.run_id, e.claimed_at,
-          CASE WHEN e.owner_gone THEN 'owner session ended'
-               ELSE 'claim older than the limit' END AS reason;
+RETURNING l.key, l.attempt, l.run_id, e.claimed_at, 'owner session ended' AS reason;
+
+-- name: live_claims
+-- Claims held by a live session, claimed before older_than: left alone by recover, listed.
+SELECT l.key, l.attempt, l.run_id, l.host, l.pid, l.claimed_at
+FROM {schema}.ledger AS l
+WHERE l.owner IS NOT NULL AND l.claimed_at < %(older_than)s::timestamptz
+  AND {schema}.owner_alive(l.key, l.owner)
+ORDER BY l.claimed_at;
 
 -- name: chain_entries
 -- What verify checks each key's events against: the chain head and the state they imply.

@@ -137,12 +137,25 @@ WHERE key >= %(prefix)s AND key < %(prefix)s || chr(1114111) AND starts_with(key
 FOR SHARE;
 
 -- name: commit_outcome_wait
--- After a connection broke during COMMIT: FOR SHARE waits until the broken session's
--- transaction (which holds this row FOR UPDATE from commit()) has committed or rolled back.
-SELECT owner, version FROM {schema}.ledger WHERE key = %(key)s FOR SHARE;
+-- After a connection broke during COMMIT: FOR UPDATE waits until the broken session's
+-- transaction (which holds this row FOR UPDATE from commit()) has committed or rolled back,
+-- and keeps a commit() that has not locked the row yet (its message still on the way, or
+-- waiting for another lock) out until the caller has recorded what it found.
+SELECT owner, version FROM {schema}.ledger WHERE key = %(key)s FOR UPDATE;
 
 -- name: commit_outcome
 -- Did the attempt with this owner token commit the key? (commit() names it in its event.)
 SELECT (detail->>'version')::integer AS version, at AS committed_at
 FROM {schema}.ledger_events
 WHERE key = %(key)s AND event IN ('committed', 'replaced') AND detail->>'owner' = %(owner)s;
+
+-- name: fence_cause
+-- Why an attempt lost the key (its commit raised EOS01): recovery released it (an expired
+-- claim names its owner token; an aborted multi-database transaction its txid) and nobody
+-- claimed the key since, or another attempt claimed it — the row's attempt is its try.
+SELECT l.attempt, l.owner IS NULL AND l.attempt = %(attempt)s AND EXISTS (
+    SELECT 1 FROM {schema}.ledger_events AS e
+    WHERE e.key = %(key)s
+      AND ((e.event = 'failed' AND e.detail->>'released_owner' = %(owner)s::text)
+        OR (e.event = 'aborted' AND e.detail->>'txid' = %(txid)s::text))) AS released
+FROM {schema}.ledger AS l WHERE l.key = %(key)s;

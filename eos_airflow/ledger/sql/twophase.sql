@@ -23,12 +23,16 @@ SELECT {schema}.twophase_abort(%(txid)s, %(attempt)s, %(by)s, %(reason)s) AS dec
 SELECT {schema}.twophase_resolved(%(txid)s, %(outcome)s, %(by)s, %(result)s) AS outcome;
 
 -- name: twophase_get
-SELECT txid, key, attempt, protocol, decision, outcome, participants, created_at
+SELECT txid, key, attempt, owner, protocol, decision, outcome, participants, created_at
 FROM {schema}.twophase WHERE txid = %(txid)s;
 
 -- name: twophase_unresolved
-SELECT txid, key, attempt, protocol, decision, outcome, participants, created_at
+SELECT txid, key, attempt, owner, protocol, decision, outcome, participants, created_at
 FROM {schema}.twophase WHERE outcome IS NULL ORDER BY created_at;
+
+-- name: owner_alive
+-- Does the attempt with this owner token still live (its session holds the claim's lock)?
+SELECT {schema}.owner_alive(%(key)s, %(owner)s) AS alive;
 
 -- name: twophase_key_entry
 SELECT state::text AS state, result, version, committed_at FROM {schema}.ledger
@@ -60,8 +64,14 @@ SELECT txid, key, attempt, state, participants, result FROM {schema}.precommits
 WHERE txid = ANY(%(txids)s::text[]);
 
 -- name: twophase_unresolved_key
+-- The key's unfinished transactions that a run which skips the key may finish: decided ones,
+-- and undecided ones whose attempt is gone. Another run's live attempt (a replace in
+-- progress) is left to finish its own.
 SELECT txid, protocol, decision, participants, attempt
-FROM {schema}.twophase WHERE key = %(key)s AND outcome IS NULL ORDER BY created_at;
+FROM {schema}.twophase AS t
+WHERE t.key = %(key)s AND t.outcome IS NULL
+  AND (t.decision IS NOT NULL OR NOT {schema}.owner_alive(t.key, t.owner))
+ORDER BY t.created_at;
 
 -- name: twophase_forget
 -- The attempt found its key committed by an earlier transaction before it prepared anything:
