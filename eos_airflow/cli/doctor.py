@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import uuid
 from typing import Any
 
 import psycopg
@@ -13,6 +14,7 @@ from eos_airflow.cli import output
 from eos_airflow.errors import LedgerSchemaError
 from eos_airflow.ledger.migrate import check_revision, script_paths
 from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.roles import direct_writers
 
 MIN_SERVER_VERSION = 140000
 
@@ -47,13 +49,14 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
         else "every applied migration matches its file")
 
     facts = cur.execute(query("doctor_facts", schema), {"schema": schema}).fetchone()
-    missing = [name for name, ok in (("SELECT/INSERT/UPDATE on ledger", facts["ledger_rw"]),
-                                     ("SELECT/INSERT on ledger_events", facts["events_insert"]),
-                                     ("EXECUTE on the ledger functions", facts["can_claim"]))
-               if not ok]
-    add("privileges", FAIL if missing else OK,
-        f"role {facts['role']} lacks {', '.join(missing)}; GRANT them to the role tasks use"
-        if missing else f"role {facts['role']} can claim and commit")
+    add(*_effect_probe(conn, schema, facts["role"], facts["can_claim"]))
+    writers = direct_writers(conn, schema)
+    add("direct writes", WARN if writers else OK,
+        "roles that may write ledger tables directly, and so forge history: "
+        + "; ".join(f"{w['role']} ({w['privileges']} on {w['table']})" for w in writers)
+        + ". Re-apply `eos-airflow db grant --writer ROLE --auditor ROLE` (tasks need only "
+        "the protocol's functions), or REVOKE those privileges" if writers else
+        "only the owner writes the ledger's tables; other roles go through its functions")
     add("append-only events", OK if facts["append_only"] else FAIL,
         "trigger ledger_events_append_only is enabled" if facts["append_only"] else
         "trigger ledger_events_append_only is disabled: history can be edited; "
@@ -82,6 +85,34 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
         f"{orphaned} running keys belong to sessions that ended (crashed attempts); the next "
         "claim of each key takes it over")
     return checks
+
+
+def _effect_probe(conn: psycopg.Connection[Any], schema: str, role: str,
+                  can_claim: bool) -> tuple[str, str, str]:
+    """Run a real claim and commit as this role, in a transaction that is rolled back: the
+    privileges check PostgreSQL itself answers, whatever the grants look like."""
+    if not can_claim:
+        return ("privileges", WARN,
+                f"role {role} may read the ledger but not run effects (no EXECUTE on "
+                f"{schema}.claim): fine for an auditor; the role tasks use needs `eos-airflow "
+                "db grant --writer ROLE --auditor ROLE` or the ledger's owner")
+    key = f"eos-doctor/probe/{uuid.uuid4()}"
+    owner = uuid.uuid4()
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute(query("claim", schema), {
+                "key": key, "owner": owner, "attempt": 1, "dag_id": "eos-doctor",
+                "task_id": "probe", "run_id": "probe", "map_index": -1, "host": "doctor",
+                "pid": 0, "on_committed": "skip"})
+            conn.execute(query("commit", schema), {"key": key, "owner": owner,
+                                                   "result": "null"})
+    except psycopg.errors.InsufficientPrivilege as exc:
+        return ("privileges", FAIL,
+                f"role {role} cannot run an effect ({exc.diag.message_primary}); grant the "
+                "role tasks use with `eos-airflow db grant --writer ROLE --auditor ROLE`")
+    finally:
+        conn.execute("SELECT pg_advisory_unlock_all()")
+    return ("privileges", OK, f"role {role} ran a claim and a commit (rolled back)")
 
 
 def run(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:

@@ -145,12 +145,13 @@ def cmd_ledger_reopen(args: argparse.Namespace) -> int:
 
     if not args.reason.strip():
         raise ConfigurationError("--reason must say why the key is reprocessed (it is audited)")
-    actor = f"{getpass.getuser()}@{os.uname().nodename}"
+    on_behalf_of = f"{getpass.getuser()}@{os.uname().nodename}"
     with _checked(args) as conn:
+        role = conn.info.user
         try:
             row = conn.execute(query("reopen", args.schema),
-                               {"key": args.key, "reason": args.reason, "actor": actor}
-                               ).fetchone()
+                               {"key": args.key, "reason": args.reason,
+                                "on_behalf_of": on_behalf_of}).fetchone()
         except psycopg.Error as exc:
             if exc.sqlstate == "EOS04":
                 raise ConfigurationError(
@@ -161,7 +162,8 @@ def cmd_ledger_reopen(args: argparse.Namespace) -> int:
                     f"{exc.diag.message_primary}: only a committed key with no running "
                     "attempt can be reopened") from exc
             raise
-    output.emit(args, {"key": args.key, "state": "reopened", "version": row[0], "by": actor,
+    output.emit(args, {"key": args.key, "state": "reopened", "version": row[0],
+                       "by": role, "on_behalf_of": on_behalf_of,
                        "reason": args.reason},
                 lambda d: f"reopened {d['key']!r} (version {d['version']}): its next run "
                 "executes again and sees the committed result as eos.previous")

@@ -59,7 +59,7 @@ def gc(conn: psycopg.Connection[Any], schema: str, cutoff: datetime, *, dry_run:
     is called after each batch."""
     report = GcReport(cutoff, dry_run)
     keys = candidates(conn, schema, cutoff, prefix)
-    by = actor()
+    on_behalf_of = actor()
     for start in range(0, len(keys), BATCH_KEYS):
         batch = keys[start:start + BATCH_KEYS]
         if dry_run:
@@ -72,7 +72,8 @@ def gc(conn: psycopg.Connection[Any], schema: str, cutoff: datetime, *, dry_run:
             try:
                 with conn.transaction():
                     rows = conn.execute(query("gc_prune", schema),
-                                        {"keys": batch, "cutoff": cutoff, "actor": by}).fetchall()
+                                        {"keys": batch, "cutoff": cutoff,
+                                         "on_behalf_of": on_behalf_of}).fetchall()
             except psycopg.errors.InsufficientPrivilege as exc:
                 raise ConfigurationError(
                     f"this database role may not run gc ({exc.diag.message_primary}); run "

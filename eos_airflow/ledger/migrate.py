@@ -62,9 +62,11 @@ def _engine(connect: Callable[[], psycopg.Connection[Any]]) -> sa.Engine:
     return sa.create_engine("postgresql+psycopg://", creator=creator, poolclass=sa.NullPool)
 
 
-def migrate(target: str | Callable[[], psycopg.Connection[Any]], schema: str = "eos") -> list[str]:
+def migrate(target: str | Callable[[], psycopg.Connection[Any]], schema: str = "eos", *,
+            revision: str = "head") -> list[str]:
     """Apply every pending migration to ``target`` (a DSN or a connection factory) and
-    return the revisions applied (empty when the schema is up to date)."""
+    return the revisions applied (empty when the schema is up to date). ``revision`` stops
+    at an earlier revision (upgrade tests)."""
     applied: list[str] = []
     config = _config(schema)
     config.attributes["applied"] = applied
@@ -73,7 +75,7 @@ def migrate(target: str | Callable[[], psycopg.Connection[Any]], schema: str = "
     try:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
     except sa.exc.DBAPIError as exc:
         # SQLAlchemy wraps the driver's errors (e.g. a refused connection); callers, like
         # `db migrate`, handle psycopg's own.

@@ -1,16 +1,21 @@
-"""``eos-airflow db grant``: a role layout in which the audit trail is insert-only.
+"""``eos-airflow db grant``: least privilege for the role tasks connect as.
 
-- **writer** — what tasks connect as: runs the protocol (claim, commit, release, reopen,
-  waiting), so it reads and writes the ledger rows and *inserts* events; it has no UPDATE,
-  DELETE or TRUNCATE on ``ledger_events`` (and no DELETE on ``ledger``), and may not run gc.
-- **auditor** — reads everything in the ledger schema, writes nothing.
-- the **owner** (the role that ran ``db migrate``) keeps everything else, including
-  ``ledger gc``. Keep it for migrations and gc only; a superuser can bypass any of this,
-  which ``ledger verify`` (and a checkpoint kept elsewhere) detects.
+Every function that changes the ledger runs as the ledger's owner (SECURITY DEFINER, schema
+revision 0011) and records only what it does. So:
+
+- **writer** — what tasks connect as: reads the ledger's tables and EXECUTEs the protocol's
+  functions (claim, commit, release, chunk checkpoints, offsets, outbox and inbox, waiters,
+  two-phase steps, recovery of abandoned attempts). No INSERT, UPDATE, DELETE or TRUNCATE on
+  any ledger table: it cannot append an event, move a chain head or edit a row except through
+  the protocol. It may not reopen keys or run gc.
+- **auditor** — reads everything in the ledger schema, executes nothing that writes.
+- the **owner** (the role that ran ``db migrate``) keeps everything else: ``ledger reopen``,
+  ``ledger gc``, migrations. A superuser can bypass any of this, which ``ledger verify`` (and
+  a checkpoint kept elsewhere) detects.
 
 Roles that do not exist are created ``NOLOGIN``: grant them to login roles
 (``GRANT eos_writer TO airflow_worker``) or ``ALTER ROLE ... LOGIN PASSWORD ...``.
-Running the command again re-applies the layout (after a migration added tables, too).
+Running the command again re-applies the layout (after a migration added functions, too).
 """
 
 from __future__ import annotations
@@ -22,10 +27,8 @@ from psycopg import sql
 
 from eos_airflow.errors import ConfigurationError
 
-#: Tables the writer may only read (the audit trail's bookkeeping and the schema's history).
-WRITER_READ_ONLY = ("pruned_chains", "schema_migrations", "alembic_version")
-#: The functions that remove history: owner only.
-OWNER_ONLY_FUNCTIONS = ("gc_prune(text[], timestamptz, text)",)
+#: Functions only the owner runs: they change what is committed on an operator's word.
+OWNER_ONLY_FUNCTIONS = ("reopen", "gc_prune")
 
 
 def _exists(conn: psycopg.Connection[Any], role: str) -> bool:
@@ -36,6 +39,30 @@ def _tables(conn: psycopg.Connection[Any], schema: str) -> list[str]:
     return [t for (t,) in conn.execute(
         "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
         "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1", [schema])]
+
+
+def writer_functions(conn: psycopg.Connection[Any], schema: str) -> list[str]:
+    """The protocol's functions the writer may execute: every SECURITY DEFINER function of
+    the schema but the owner's (as ``schema.name(argument types)``, quoted by PostgreSQL)."""
+    return [f for (f,) in conn.execute(
+        "SELECT p.oid::regprocedure::text FROM pg_proc AS p "
+        "JOIN pg_namespace AS n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s AND p.prosecdef AND p.proname <> ALL(%s) ORDER BY 1",
+        [schema, list(OWNER_ONLY_FUNCTIONS)])]
+
+
+def direct_writers(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    """Roles other than the owner that may write a ledger table directly (and so forge its
+    history), with what they may do: ``[{role, table, privileges}]``."""
+    return [{"role": r, "table": t, "privileges": p} for r, t, p in conn.execute(
+        "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END, "
+        "c.relname::text, string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type) "
+        "FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace, "
+        "aclexplode(c.relacl) AS a "
+        "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') "
+        "AND a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE') "
+        "AND a.grantee NOT IN (c.relowner, n.nspowner) "
+        "GROUP BY 1, 2 ORDER BY 1, 2", [schema])]
 
 
 def grant(conn: psycopg.Connection[Any], schema: str, writer: str, auditor: str
@@ -53,26 +80,14 @@ def grant(conn: psycopg.Connection[Any], schema: str, writer: str, auditor: str
                 created.append(role)
         tables = _tables(conn, schema)
         for role in (w, a):
-            conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM {}").format(s, role))
+            for kind in ("TABLES", "SEQUENCES", "FUNCTIONS"):
+                conn.execute(sql.SQL("REVOKE ALL ON ALL " + kind + " IN SCHEMA {} FROM {}")
+                             .format(s, role))
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, role))
             conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(s, role))
-            conn.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(s, role))
-            conn.execute(sql.SQL("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {} TO {}")
-                         .format(s, role))
-            for function in OWNER_ONLY_FUNCTIONS:
-                name, args = function.split("(", 1)
-                conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {}.{}(" + args + " FROM {}")
-                             .format(s, sql.Identifier(name), role))
-        for table in tables:
-            t = sql.Identifier(schema, table)
-            if table == "ledger_events":
-                privileges = "INSERT"
-            elif table == "ledger":
-                privileges = "INSERT, UPDATE"
-            elif table in WRITER_READ_ONLY:
-                continue
-            else:  # the protocol's working tables (waiters, recovery points, offsets, ...)
-                privileges = "INSERT, UPDATE, DELETE"
-            conn.execute(sql.SQL("GRANT " + privileges + " ON {} TO {}").format(t, w))
+        functions = writer_functions(conn, schema)
+        for function in functions:  # regprocedure text: qualified and quoted by PostgreSQL
+            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+                sql.SQL(function), w))
     return {"schema": schema, "writer": writer, "auditor": auditor, "created": created,
-            "tables": tables}
+            "tables": tables, "writer_functions": len(functions)}

@@ -47,7 +47,8 @@ def publish(eos: Effect, destination: str, payload: Any, key: str | None = None,
     seq = eos._outbox_seq + 1
     mid = message_id(eos.conn.info.dbname, eos.schema, eos.key, version, seq)
     cur.execute(query("outbox_insert", eos.schema), {
-        "key": eos.key, "version": version, "seq": seq, "message_id": mid,
+        "key": eos.key, "owner": getattr(eos.session, "owner", None), "version": version,
+        "seq": seq, "message_id": mid,
         "destination": destination, "message_key": key, "payload": body,
         "headers": header_json})
     eos._outbox_seq = seq
@@ -81,8 +82,9 @@ def pending(conn: psycopg.Connection[Any], schema: str, exact: list[str], scheme
 
 def mark_delivered(conn: psycopg.Connection[Any], schema: str, ids: list[int],
                    relay: str) -> int:
-    cur = conn.execute(query("outbox_mark_delivered", schema), {"ids": ids, "relay": relay})
-    return cur.rowcount
+    row = conn.execute(query("outbox_mark_delivered", schema),
+                       {"ids": ids, "relay": relay}).fetchone()
+    return row[0] if row else 0
 
 
 def backlog(conn: psycopg.Connection[Any], schema: str = "eos") -> list[dict[str, Any]]:

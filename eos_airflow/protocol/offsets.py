@@ -64,7 +64,6 @@ class Offsets:
     def _committed(self, source: str) -> Any:
         if source not in self._locked:
             cur = self._conn.cursor(row_factory=dict_row)
-            cur.execute(query("lock_offset", self._schema), {"source": source})
             row = cur.execute(query("get_offset", self._schema), {"source": source}).fetchone()
             self._locked[source] = _MISSING if row is None else row["position"]
         return self._locked[source]

@@ -62,19 +62,15 @@ def commit_outcome(connect: Callable[[], psycopg.Connection[Any]], schema: str, 
     try:
         conn.autocommit = True
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        detail = {"error": type(cause).__name__, "message": str(cause)[:500],
+                  "step": "commit", "resolved": "not committed"}
         try:
             with conn.transaction():
                 cur.execute("SELECT set_config('lock_timeout', %s, true)",
                             [f"{max(1, int(wait_timeout * 1000))}ms"])
-                cur.execute(query("commit_outcome_wait", schema), {"key": key})
-                found = cur.execute(query("commit_outcome", schema),
-                                    {"key": key, "owner": str(owner)}).fetchone()
-                if found is None:  # released under the row lock: a late commit() is fenced
-                    detail = {"error": type(cause).__name__, "message": str(cause)[:500],
-                              "step": "commit", "resolved": "not committed"}
-                    cur.execute(query("release", schema), {
-                        "key": key, "owner": owner, "attempt": attempt, "event": "failed",
-                        "detail": json.dumps(detail)})
+                found = cur.execute(query("commit_outcome", schema), {
+                    "key": key, "owner": owner, "attempt": attempt,
+                    "detail": json.dumps(detail)}).fetchone()
         except pgerrors.LockNotAvailable:
             raise CommitOutcomeUnknownError(
                 f"effect {key!r} attempt {attempt}: the connection broke during COMMIT "

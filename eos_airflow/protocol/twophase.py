@@ -205,7 +205,7 @@ def run_two_phase(
             entry = _execute(coordinator, "twophase_key_entry", schema, {"key": key}).fetchone()
             if entry["state"] == "committed" and claim["prior_state"] != "committed":
                 # an earlier attempt's three-phase transaction committed on the participants
-                _execute(coordinator, "twophase_forget", schema, {"txid": txid})
+                _execute(coordinator, "twophase_forget", schema, {"txid": txid, "owner": owner})
                 _release(coordinator, schema, key, owner, attempt, "skipped",
                          {"reason": "an earlier attempt's transaction committed", "by": by})
                 return Outcome(key, "recovered", entry["result"], entry["version"], attempt,

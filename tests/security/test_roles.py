@@ -12,43 +12,14 @@ history; the auditor's verify and refused writes):
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from eos_airflow import EosError, Ledger, Origin
-from tests.conftest import dsn_for
 from tests.security.conftest import cli
 
 TI = Origin("roles", "load", "run_1", -1)
-
-
-@pytest.fixture
-def granted(db: str, pg_admin_dsn: str) -> Iterator[tuple[str, str, str]]:
-    """(owner DSN, writer DSN, auditor DSN) of a ledger with both roles granted."""
-    suffix = uuid.uuid4().hex[:8]
-    writer, auditor = f"eos_w_{suffix}", f"eos_a_{suffix}"
-    with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE target (key text, n int); CREATE TABLE source (n int)")
-        conn.execute("INSERT INTO source SELECT generate_series(1, 10)")
-    done = cli("db", "grant", "--writer", writer, "--auditor", auditor, "--dsn", db)
-    assert done.returncode == 0, done.stderr
-    with psycopg.connect(db, autocommit=True) as conn:
-        for role in (writer, auditor):
-            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("GRANT SELECT, INSERT ON target, source TO {}").format(
-            sql.Identifier(writer)))
-    dbname = psycopg.conninfo.conninfo_to_dict(db)["dbname"]
-    yield db, dsn_for(db, dbname) + f" user={writer}", dsn_for(db, dbname) + f" user={auditor}"
-    with psycopg.connect(db, autocommit=True) as conn:
-        for role in (writer, auditor):
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
-        for role in (writer, auditor):
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
 def test_the_writer_runs_every_single_database_protocol(granted):

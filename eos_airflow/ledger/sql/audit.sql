@@ -48,10 +48,6 @@ SELECT current_setting('server_version_num')::int AS server_version_num,
        current_setting('max_prepared_transactions')::int AS max_prepared_transactions,
        current_setting('synchronous_commit') AS synchronous_commit,
        current_user AS role,
-       has_table_privilege(format('%%I.ledger', %(schema)s::text), 'SELECT, INSERT, UPDATE')
-           AS ledger_rw,
-       has_table_privilege(format('%%I.ledger_events', %(schema)s::text), 'SELECT, INSERT')
-           AS events_insert,
        has_function_privilege(format('%%I.claim(text, uuid, integer, text, text, text, integer, text, integer, text)', %(schema)s::text), 'EXECUTE')
            AS can_claim,
        (SELECT tgenabled <> 'D' FROM pg_trigger
@@ -73,33 +69,10 @@ WHERE l.owner IS NOT NULL
         AND ((k.classid::bigint << 32) | k.objid::bigint) = {schema}.lock_id(l.key, l.owner));
 
 -- name: recover_claims
--- Expire claims whose owner's session ended (a crashed attempt; with older_than, only those
--- claimed before that time). A claim held by a live session is never expired: its attempt
--- may still commit, and fencing it would lose the effect (a stalled task's next try takes
--- the key over by itself). Each expired claim gets a `failed` event; keys being claimed right
--- now are skipped.
-WITH stale AS (
-    SELECT l.key, l.owner, l.attempt, l.state, l.event_seq, l.last_hash, l.claimed_at
-    FROM {schema}.ledger AS l
-    WHERE l.owner IS NOT NULL
-      AND (%(older_than)s::timestamptz IS NULL OR l.claimed_at < %(older_than)s::timestamptz)
-    FOR UPDATE SKIP LOCKED
-), expired AS (
-    SELECT s.*, {schema}.append_event(s.key, s.event_seq + 1, s.last_hash, 'failed', s.attempt,
-               jsonb_build_object('recovered_by', 'eos-airflow recover',
-                                  'reason', 'owner session ended',
-                                  'claimed_at', s.claimed_at,
-                                  'released_owner', s.owner)) AS hash
-    FROM stale AS s
-    WHERE NOT {schema}.owner_alive(s.key, s.owner)
-)
-UPDATE {schema}.ledger AS l
-SET state = CASE WHEN e.state = 'running' THEN 'failed'::{schema}.effect_state ELSE e.state END,
-    owner = NULL, event_seq = e.event_seq + 1, last_hash = e.hash,
-    updated_at = clock_timestamp()
-FROM expired AS e
-WHERE l.key = e.key
-RETURNING l.key, l.attempt, l.run_id, e.claimed_at, 'owner session ended' AS reason;
+-- Expire claims whose owner's session ended (with older_than, only those claimed before it);
+-- a claim held by a live session is never expired (expire_claims, schema revision 0011).
+SELECT key, attempt, run_id, claimed_at, reason
+FROM {schema}.expire_claims(%(older_than)s::timestamptz);
 
 -- name: live_claims
 -- Claims held by a live session, claimed before older_than: left alone by recover, listed.
@@ -149,7 +122,7 @@ JOIN (SELECT e2.key, max(e2.seq) AS through FROM {schema}.ledger_events AS e2
 
 -- name: gc_prune
 SELECT pruned_key, pruned_events, pruned_through
-FROM {schema}.gc_prune(%(keys)s, %(cutoff)s, %(actor)s);
+FROM {schema}.gc_prune(%(keys)s, %(cutoff)s, %(on_behalf_of)s);
 
 -- Reads of the audit page (eos_airflow/web).
 

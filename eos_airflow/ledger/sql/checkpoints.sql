@@ -22,12 +22,10 @@ SELECT EXISTS (
 SELECT version, seq, attempt, rows, position, state, at
 FROM {schema}.recovery_points WHERE key = %(key)s ORDER BY version, seq;
 
--- name: lock_offset
--- Serialises effects on one source until the reading transaction ends.
-SELECT pg_advisory_xact_lock({schema}.offset_lock_id(%(source)s));
-
 -- name: get_offset
-SELECT position FROM {schema}.offsets WHERE source = %(source)s FOR UPDATE;
+-- The committed position, read under the source's lock: effects on one source serialise
+-- until the reading transaction ends.
+SELECT committed_position AS position FROM {schema}.offset_position(%(source)s);
 
 -- name: advance_offsets
 SELECT {schema}.advance_offsets(%(key)s, %(owner)s, %(positions)s) AS moves;

@@ -53,7 +53,8 @@ SELECT name FROM pg_prepared_statements WHERE name = ANY(%(names)s);
 SELECT {schema}.release(%(key)s, %(owner)s, %(attempt)s, %(event)s, %(detail)s);
 
 -- name: reopen
-SELECT version, attempt FROM {schema}.reopen(%(key)s, %(reason)s, %(actor)s);
+-- The actor is the session's role; on_behalf_of is recorded beside it (who asked).
+SELECT version, attempt FROM {schema}.reopen(%(key)s, %(reason)s, %(on_behalf_of)s);
 
 -- name: wait_for_owner
 -- Blocks (up to lock_timeout) until the holder's session lock is released.
@@ -97,24 +98,18 @@ SELECT key, event_seq, last_hash FROM {schema}.ledger ORDER BY key;
 LISTEN {channel};
 
 -- name: register_waiters
-INSERT INTO {schema}.waiters AS w (key, is_prefix, listener, expires_at)
-SELECT t.key, t.is_prefix, %(listener)s, now() + make_interval(secs => %(ttl)s)
-FROM unnest(%(keys)s::text[], %(is_prefix)s::boolean[]) AS t(key, is_prefix)
-ON CONFLICT (key, is_prefix, listener) DO UPDATE SET expires_at = excluded.expires_at;
+SELECT {schema}.waiters_register(%(listener)s, %(keys)s::text[], %(is_prefix)s::boolean[],
+                                 %(ttl)s);
 
 -- name: unregister_waiters
-DELETE FROM {schema}.waiters AS w
-USING unnest(%(keys)s::text[], %(is_prefix)s::boolean[]) AS t(key, is_prefix)
-WHERE w.listener = %(listener)s AND w.key = t.key AND w.is_prefix = t.is_prefix;
+SELECT {schema}.waiters_unregister(%(listener)s, %(keys)s::text[], %(is_prefix)s::boolean[]);
 
 -- name: refresh_waiters
 -- Keep this listener's rows alive, and drop rows of listeners that died without cleaning up.
-WITH expired AS (DELETE FROM {schema}.waiters WHERE expires_at < now())
-UPDATE {schema}.waiters SET expires_at = now() + make_interval(secs => %(ttl)s)
-WHERE listener = %(listener)s;
+SELECT {schema}.waiters_refresh(%(listener)s, %(ttl)s);
 
 -- name: drop_listener
-DELETE FROM {schema}.waiters WHERE listener = %(listener)s;
+SELECT {schema}.waiters_drop(%(listener)s);
 
 -- name: watch_keys
 SELECT key, state::text AS state, result FROM {schema}.ledger WHERE key = ANY(%(keys)s::text[]);
@@ -122,8 +117,7 @@ SELECT key, state::text AS state, result FROM {schema}.ledger WHERE key = ANY(%(
 -- name: watch_keys_locked
 -- The first check after registering waiters: FOR SHARE waits for a commit() in flight on
 -- these rows to finish, so a commit that ran before the registration is seen here.
-SELECT key, state::text AS state, result FROM {schema}.ledger WHERE key = ANY(%(keys)s::text[])
-FOR SHARE;
+SELECT key, state, result FROM {schema}.watch_lock(%(keys)s::text[]);
 
 -- name: watch_prefix
 -- Keys starting with the prefix, as an index range (C collation: byte order). A key that
@@ -132,22 +126,14 @@ SELECT key, state::text AS state, result FROM {schema}.ledger
 WHERE key >= %(prefix)s AND key < %(prefix)s || chr(1114111) AND starts_with(key, %(prefix)s);
 
 -- name: watch_prefix_locked
-SELECT key, state::text AS state, result FROM {schema}.ledger
-WHERE key >= %(prefix)s AND key < %(prefix)s || chr(1114111) AND starts_with(key, %(prefix)s)
-FOR SHARE;
-
--- name: commit_outcome_wait
--- After a connection broke during COMMIT: FOR UPDATE waits until the broken session's
--- transaction (which holds this row FOR UPDATE from commit()) has committed or rolled back,
--- and keeps a commit() that has not locked the row yet (its message still on the way, or
--- waiting for another lock) out until the caller has recorded what it found.
-SELECT owner, version FROM {schema}.ledger WHERE key = %(key)s FOR UPDATE;
+SELECT key, state, result FROM {schema}.watch_prefix_lock(%(prefix)s);
 
 -- name: commit_outcome
--- Did the attempt with this owner token commit the key? (commit() names it in its event.)
-SELECT (detail->>'version')::integer AS version, at AS committed_at
-FROM {schema}.ledger_events
-WHERE key = %(key)s AND event IN ('committed', 'replaced') AND detail->>'owner' = %(owner)s;
+-- After a connection broke during COMMIT: waits (row lock) until the broken session's
+-- transaction has ended, then returns its commit, or releases the claim under that lock so a
+-- commit() of the broken session that had not locked the row yet is fenced.
+SELECT version, committed_at
+FROM {schema}.commit_outcome(%(key)s, %(owner)s, %(attempt)s, %(detail)s::jsonb);
 
 -- name: fence_cause
 -- Why an attempt lost the key (its commit raised EOS01): recovery released it (an expired

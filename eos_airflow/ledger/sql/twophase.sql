@@ -46,18 +46,9 @@ ORDER BY gid;
 
 -- name: precommit_vote
 -- Write a three-phase vote unless one exists; return the vote in force. (When another
--- session's vote commits while this one waits, the statement's snapshot misses it: the
--- caller reads it again.)
-WITH written AS (
-    INSERT INTO {schema}.precommits AS p (txid, key, attempt, state, participants, result)
-    VALUES (%(txid)s, %(key)s, %(attempt)s, %(state)s, %(participants)s, %(result)s)
-    ON CONFLICT (txid) DO NOTHING
-    RETURNING p.state, p.result
-)
-SELECT state, result FROM written
-UNION ALL
-SELECT state, result FROM {schema}.precommits WHERE txid = %(txid)s
-LIMIT 1;
+-- session's vote commits while this one waits, none is returned: the caller reads again.)
+SELECT state, result FROM {schema}.precommit_vote(%(txid)s, %(key)s, %(attempt)s, %(state)s,
+                                                  %(participants)s::jsonb, %(result)s::jsonb);
 
 -- name: precommit_get
 SELECT txid, key, attempt, state, participants, result FROM {schema}.precommits
@@ -76,7 +67,7 @@ ORDER BY t.created_at;
 -- name: twophase_forget
 -- The attempt found its key committed by an earlier transaction before it prepared anything:
 -- its own txid never had a participant, so it leaves no row (a forgotten txid cannot decide).
-DELETE FROM {schema}.twophase WHERE txid = %(txid)s AND decision IS NULL;
+SELECT {schema}.twophase_forget(%(txid)s, %(owner)s);
 
 -- name: precommit_check
 -- Three-phase commit needs the vote table in every participant: fails before anything runs.
