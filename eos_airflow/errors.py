@@ -67,6 +67,13 @@ class LedgerIntegrityError(EosError):
     """``ledger verify`` found an event whose hash chain does not hold."""
 
 
+class HorizonTimeoutError(EosError):
+    """An incremental copy waited longer than ``horizon_timeout`` for source transactions that
+    may hold drawn sequence values; nothing was copied; retry, or end those transactions."""
+
+    retryable = True
+
+
 class DatabaseUnavailableError(EosError):
     """The database cannot be reached (down, wrong address, refused credentials)."""
 

@@ -6,32 +6,25 @@ target table and advances the position **in the same transaction** as the rows a
 mark. A crash anywhere leaves either nothing (the retry reads the same rows again) or rows and
 position together (the retry skips): no gap, no duplicate.
 
-**Late commits.** A sequence (``serial``, identity) hands out values when rows are inserted,
-not when they commit: a transaction can insert id 101, stay open, and commit after another
-one inserted and committed id 102. A reader that saw 102 and stored "102" as its position
-would never read 101. So a run reads only up to a **safe horizon**, ``horizon=``:
+**Late commits.** A sequence (``serial``, identity) hands out values when ``nextval`` runs,
+not when the row commits: a writer can hold id 101 (drawn by a default, a BEFORE trigger or an
+ORM that fetches ids first) while another commits id 102. A reader that stored "102" as its
+position would never read 101. So a run reads only up to a **safe horizon**, ``horizon=``
+(:mod:`eos_airflow.protocol.horizon`, argued in docs/guarantees.md):
 
-- ``"xmin"`` (default): in one snapshot of the source, find the table's in-flight writers
-  (other transactions holding a write lock on it, from ``pg_locks``; prepared transactions
-  too) and the oldest of their transaction ids. The horizon is the largest ``column`` among
-  visible rows past the position whose inserting transaction (``xmin``) is older than that
-  writer; the run copies every visible row up to the horizon and stores the horizon as the
-  position. An in-flight writer got its transaction id after the transactions that wrote the
-  rows at or below the horizon, and takes its sequence value when it inserts, so its rows
-  land above the horizon and a later run reads them. Only writers of this table hold the
-  horizon back (unrelated transactions and readers do not). Assumptions: the column is
-  filled by a ``CACHE 1`` sequence (the default; per-session caches hand out values out of
-  order) when the row is inserted; a transaction does not write elsewhere long before it
-  inserts into the source (its transaction id would predate its value); rows are not
-  updated in place (an update gives the row a new ``xmin``). The price: while a writer
-  keeps a transaction open, rows committed after it started wait for a later run.
+- ``"wait"`` (default): read the last value of the column's sequence, wait until every
+  transaction that held the sequence at that moment has ended (at most ``horizon_timeout``
+  seconds, else a retryable :class:`~eos_airflow.errors.HorizonTimeoutError`), then copy up to
+  that value from a new snapshot. Refused (``ConfigurationError``) for columns without a
+  ``CACHE 1`` ascending sequence and for standbys, unless ``lag`` is given. ``"xmin"`` is a
+  deprecated alias.
 - ``"none"``: read up to the largest visible value. Correct only when a single writer inserts
   in commit order.
 
 ``lag=`` additionally keeps the horizon at least ``lag`` below the largest visible value
 (a number for numeric columns, or an interval string such as ``"5 minutes"`` for timestamp
-columns): a time-based allowance for writers whose transactions the ``xmin`` rule cannot
-see (another database, a replica).
+columns): an allowance for what the wait cannot see (a value drawn in one transaction and
+inserted by a later one, timestamps, another database).
 
 ``chunk_rows=N`` commits every N rows with a recovery point (and advances the position with
 each chunk); the column must then be unique (a key), so that a chunk boundary falls between
@@ -57,6 +50,12 @@ from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.queries import render
 from eos_airflow.operators.base import ExactlyOnceMixin
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
+from eos_airflow.protocol.horizon import (
+    DEFAULT_HORIZON_TIMEOUT,
+    HORIZONS,
+    normalize_horizon,
+    safe_horizon,
+)
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT
 from eos_airflow.protocol.transfer import (
     Connect,
@@ -67,9 +66,6 @@ from eos_airflow.protocol.transfer import (
 )
 
 log = logging.getLogger(__name__)
-
-HORIZONS = ("xmin", "none")
-
 
 def _jsonable(value: Any) -> Any:
     """A column value as a JSON position (and back as a SQL literal through psycopg)."""
@@ -82,42 +78,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-#: The in-flight writers of the source table: other transactions holding a write lock on it
-#: (pg_locks, readable without extra privileges; prepared transactions included), and the
-#: age of the oldest one's transaction id. Writers that have no transaction id yet have not
-#: inserted a row yet, and get an id newer than every row visible now.
-_WRITERS = """
-    SELECT max(age(x.transactionid)) AS oldest
-    FROM pg_locks AS l
-    JOIN pg_locks AS x ON x.locktype = 'transactionid' AND x.mode = 'ExclusiveLock'
-        AND x.virtualtransaction = l.virtualtransaction
-    WHERE l.locktype = 'relation' AND l.relation = {regclass}::regclass AND l.granted
-      AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
-                     'AccessExclusiveLock')
-      AND l.pid IS DISTINCT FROM pg_backend_pid()
-"""
-
-
-def horizon_query(source: sql.Identifier, column: sql.Identifier, horizon: str,
-                  lag: Any, after: Any, table_name: str) -> sql.Composed:
-    """(largest visible value past the position, safe horizon) in one snapshot."""
-    safe = sql.SQL("true")
-    if horizon == "xmin":
-        safe = sql.SQL("w.oldest IS NULL OR age(s.xmin) > w.oldest")
-    bound = sql.SQL("")
-    if lag is not None:
-        bound = sql.SQL(" AND {col} <= (SELECT max({col}) FROM {src}) - {lag}").format(
-            col=column, src=source,
-            lag=sql.Literal(lag) if not isinstance(lag, str)
-            else sql.SQL("{}::interval").format(sql.Literal(lag)))
-    return sql.SQL(
-        "WITH w AS (" + _WRITERS + ") "
-        "SELECT max({col}) AS visible, max({col}) FILTER (WHERE ({safe}){bound}) AS safe "
-        "FROM {src} AS s, w WHERE {after}::text IS NULL OR {col} > {after}"
-    ).format(col=column, src=source, safe=safe, bound=bound, after=sql.Literal(after),
-             regclass=sql.Literal(table_name))
-
-
 def incremental(
     eos: Effect,
     source: Connect,
@@ -127,15 +87,14 @@ def incremental(
     target_table: str,
     columns: Sequence[str] | None = None,
     offset_source: str,
-    horizon: str = "xmin",
+    horizon: str = "wait",
     lag: Any = None,
     chunk_rows: int | None = None,
+    horizon_timeout: float = DEFAULT_HORIZON_TIMEOUT,
 ) -> dict[str, Any]:
     """Copy the rows of ``source_table`` past the committed position of ``column`` into
     ``target_table``, advancing the position in the effect's transaction."""
-    if horizon not in HORIZONS:
-        raise ConfigurationError(f"horizon={horizon!r} is not valid; choose one of "
-                                 f"{', '.join(map(repr, HORIZONS))}")
+    horizon = normalize_horizon(horizon)
     src_ident = table_identifier(source_table)
     target = table_identifier(target_table)
     names = list(columns) if columns else [name for name, _ in target_columns(eos.conn, target)]
@@ -164,7 +123,8 @@ def incremental(
             seek = eos.offsets.get(offset_source)
         else:
             after = eos.offsets.get(offset_source)
-            visible, to = _horizon(source, source_table, column, horizon, lag, after)
+            visible, to = _horizon(source, source_table, column, horizon, lag, after,
+                                   horizon_timeout, f"effect {eos.key}")
         result: dict[str, Any] = {"source": offset_source, "from": after, "to": to, "rows": 0,
                                   "visible": visible}
         if to is None:
@@ -231,25 +191,10 @@ def _unlock(eos: Effect, offset_source: str) -> None:
 
 
 def _horizon(source: Connect, source_table: str, column: str, horizon: str, lag: Any,
-             after: Any) -> tuple[Any, Any]:
-    """(largest visible value, safe horizon) past ``after``, in one snapshot of the source."""
-    conn = source()
-    try:
-        conn.autocommit = True
-        with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            try:
-                ident = table_identifier(source_table)
-                row = conn.execute(horizon_query(ident, sql.Identifier(column), horizon, lag,
-                                                 after, ident.as_string(conn))).fetchone()
-            except psycopg.Error as exc:
-                raise ConfigurationError(
-                    f"cannot read {source_table}.{column} in database {conn.info.dbname!r} "
-                    f"({exc.sqlstate}: {exc.diag.message_primary}); check source_table, column and "
-                    "lag (nothing was written)") from exc
-    finally:
-        conn.close()
-    visible, safe = row if row else (None, None)
+             after: Any, timeout: float, what: str) -> tuple[Any, Any]:
+    """(largest visible value, safe horizon) past ``after`` (see :mod:`..protocol.horizon`)."""
+    visible, safe = safe_horizon(source, source_table, column, horizon=horizon, lag=lag,
+                                 after=after, timeout=timeout, what=what)
     return _jsonable(visible), _jsonable(safe)
 
 
@@ -279,7 +224,9 @@ class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
     :param columns: columns copied (same names on both sides); default all target columns.
     :param key: effect key (templated); default ``{dag_id}/{task_id}/{run_id}/{map_index}``.
     :param chunk_rows: commit every N rows with a recovery point (``column`` must be unique).
-    :param horizon: ``"xmin"`` (default) or ``"none"``; see the module documentation.
+    :param horizon: ``"wait"`` (default) or ``"none"``; see the module documentation
+        (``"xmin"``: deprecated alias of ``"wait"``).
+    :param horizon_timeout: seconds to wait for source writers holding drawn sequence values.
     :param lag: keep the horizon this far below the largest visible value.
     :param offset_source: name of the position in ``eos.offsets`` (default
         ``table:<source_conn_id>/<source_table>``).
@@ -301,8 +248,9 @@ class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
         columns: Sequence[str] | None = None,
         key: str | None = None,
         chunk_rows: int | None = None,
-        horizon: str = "xmin",
+        horizon: str = "wait",
         lag: Any = None,
+        horizon_timeout: float = DEFAULT_HORIZON_TIMEOUT,
         offset_source: str | None = None,
         on_committed: str = "skip",
         ledger_schema: str = "eos",
@@ -315,8 +263,13 @@ class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
                           ledger_schema=ledger_schema, wait_timeout=wait_timeout,
                           max_result_bytes=max_result_bytes)
         if horizon not in HORIZONS:
-            raise ValueError(f"horizon={horizon!r} is not valid; choose one of "
-                             f"{', '.join(map(repr, HORIZONS))}")
+            try:
+                horizon = normalize_horizon(horizon)  # a deprecated alias warns here
+            except ConfigurationError as exc:
+                raise ValueError(str(exc)) from None
+        if not isinstance(horizon_timeout, int | float) or horizon_timeout <= 0:
+            raise ValueError(f"horizon_timeout must be a number of seconds > 0, got "
+                             f"{horizon_timeout!r}")
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
         if not column:
@@ -328,6 +281,7 @@ class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
         self.columns = list(columns) if columns else None
         self.chunk_rows = chunk_rows
         self.horizon = horizon
+        self.horizon_timeout = float(horizon_timeout)
         self.lag = lag
         self.offset_source = offset_source
 
@@ -343,7 +297,8 @@ class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
             return incremental(eos, source, source_table=self.source_table, column=self.column,
                                target_table=self.target_table, columns=self.columns,
                                offset_source=name, horizon=self.horizon, lag=self.lag,
-                               chunk_rows=self.chunk_rows)
+                               chunk_rows=self.chunk_rows,
+                               horizon_timeout=self.horizon_timeout)
 
         return self.run_effect(context, run)
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from eos_airflow import ConfigurationError, Ledger, Origin, failpoints
-from eos_airflow.errors import FailpointError
+from eos_airflow.errors import FailpointError, HorizonTimeoutError
 from eos_airflow.operators.incremental import incremental
 from eos_airflow.protocol.transfer import transfer
 from tests.conftest import ROOT, events
@@ -238,17 +238,19 @@ def test_incremental_chunked_resumes_within_the_fixed_range(db: str, ledger: Led
 
 
 def test_incremental_late_commit_is_not_skipped(db: str, ledger: Ledger, readings):
-    """A transaction takes id 11 and commits after id 12 did: the xmin horizon stops before
-    12 until 11 is committed, so 11 is copied; horizon='none' would lose it."""
+    """A transaction takes id 11 and stays open while id 12 commits: the run waits for it
+    (here: gives up after horizon_timeout, copying nothing), so 11 is copied once it commits;
+    horizon='none' would lose it."""
     add(readings, 10)
     with psycopg.connect(db) as late:  # a transaction left open
         late.execute("INSERT INTO readings (value) VALUES (-1)")  # id 11, not committed
         add(readings, 1)  # id 12, committed
-        out = ledger.run("run1", incr(db))
-        assert (out["to"], out["rows"], out["visible"]) == (10, 10, 12)
+        with pytest.raises(HorizonTimeoutError, match=r"pid \d+ \(idle in transaction"):
+            ledger.run("run1", incr(db, horizon_timeout=0.3))
+        assert copied(readings) == (0, 0, None) and position(readings) is None
         late.commit()
-    out = ledger.run("run2", incr(db))
-    assert (out["from"], out["to"], out["rows"]) == (10, 12, 2)
+    out = ledger.run("run1", incr(db), attempt=2)
+    assert (out["from"], out["to"], out["rows"]) == (None, 12, 12)
     assert copied(readings) == (12, 12, 12)
 
     # the same situation without the horizon loses the late row for good
