@@ -126,7 +126,8 @@ def order_sequence(conn: psycopg.Connection[Any], table: str, column: str
 
 def refusal(conn: psycopg.Connection[Any], table: str, column: str,
             sequence: OrderSequence | None) -> str | None:
-    """Why ``"wait"`` cannot make ``table.column`` safe (None when it can)."""
+    """Why ``"wait"`` cannot make ``table.column`` safe (None when it can); ``table`` as the
+    user wrote it, for the message."""
     where = f"{table}.{column}"
     if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
         return (f"the source of {where} is a standby: the writers' locks live on the primary; "
@@ -239,7 +240,7 @@ def safe_horizon(connect: Callable[[], psycopg.Connection[Any]], source_table: s
                     f"cannot read {source_table}.{column} in database {conn.info.dbname!r} "
                     f"({exc.sqlstate}: {exc.diag.message_primary}); check source_table and "
                     "column (nothing was written)") from exc
-            reason = refusal(conn, table, column, sequence)
+            reason = refusal(conn, source_table, column, sequence)
             if reason is None and sequence is not None:
                 ceiling = wait_for_writers(conn, sequence, timeout=timeout, what=what)
                 use_ceiling = True
