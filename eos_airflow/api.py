@@ -14,6 +14,7 @@ import psycopg
 import psycopg.conninfo
 
 from eos_airflow.errors import ConfigurationError, DatabaseUnavailableError
+from eos_airflow.ledger.queries import check_schema
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, ON_COMMITTED, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome, run_effect
 
@@ -71,12 +72,7 @@ class Ledger:
     ) -> None:
         if (dsn is None) == (connect is None):
             raise ConfigurationError("Ledger needs exactly one of dsn= or connect=")
-        if not schema:
-            raise ConfigurationError("schema must be a non-empty name, e.g. 'eos'")
-        if len(schema.encode()) > MAX_NAME_BYTES:  # PostgreSQL would cut it: another schema
-            raise ConfigurationError(
-                f"schema name {schema!r} is {len(schema.encode())} bytes; PostgreSQL names "
-                f"are at most {MAX_NAME_BYTES} bytes: choose a shorter schema name")
+        check_schema(schema)
         if dsn is not None:
             check_dsn(dsn)
         self.dsn = dsn

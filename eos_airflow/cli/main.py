@@ -23,6 +23,7 @@ from eos_airflow.errors import (
     EosError,
     LedgerSchemaError,
 )
+from eos_airflow.ledger.queries import check_schema
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 
@@ -359,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stdout carries the command's output (JSON lines, CSV): keep library chatter off it
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
+        if getattr(args, "schema", None) is not None:
+            check_schema(args.schema)
         return args.func(args)
     except BrokenPipeError:  # `eos-airflow ledger export | head`: the reader has what it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

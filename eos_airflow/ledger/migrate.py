@@ -21,7 +21,7 @@ from alembic.script import ScriptDirectory
 from psycopg import errors as pgerrors
 
 from eos_airflow.errors import LedgerSchemaError
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.queries import check_schema, query
 
 #: Advisory lock key taken by every migration run ("eos-mig" in ASCII).
 MIGRATION_LOCK = 0x656F732D6D6967
@@ -67,6 +67,7 @@ def migrate(target: str | Callable[[], psycopg.Connection[Any]], schema: str = "
     """Apply every pending migration to ``target`` (a DSN or a connection factory) and
     return the revisions applied (empty when the schema is up to date). ``revision`` stops
     at an earlier revision (upgrade tests)."""
+    check_schema(schema)
     applied: list[str] = []
     config = _config(schema)
     config.attributes["applied"] = applied

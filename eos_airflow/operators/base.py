@@ -11,6 +11,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from eos_airflow.api import Ledger
 from eos_airflow.errors import BadKeyError, EosError
 from eos_airflow.hooks.ledger import connect_factory
+from eos_airflow.ledger.queries import check_schema
 from eos_airflow.protocol.effect import ON_COMMITTED, Effect, Origin
 
 #: Default effect key: retries and clears of one task instance are one effect.
@@ -57,7 +58,7 @@ class ExactlyOnceMixin:
         self.conn_id = conn_id  # type: ignore[assignment]
         self.key = key
         self.on_committed = on_committed
-        self.ledger_schema = ledger_schema
+        self.ledger_schema = check_schema(ledger_schema)
         self.wait_timeout = wait_timeout
         self.max_result_bytes = max_result_bytes
 

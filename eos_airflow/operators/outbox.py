@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from eos_airflow.errors import ConfigurationError, EosError
 from eos_airflow.hooks.ledger import connect_factory
+from eos_airflow.ledger.queries import check_schema
 from eos_airflow.operators.kafka import kafka_config
 from eos_airflow.outbox.relay import DEFAULT_BATCH_SIZE, Relay
 from eos_airflow.outbox.sinks import DEFAULT_SEND_TIMEOUT, KafkaSink, NatsSink, Sink
@@ -105,7 +106,7 @@ class OutboxRelayOperator(BaseOperator):
         self.batch_size = batch_size
         self.max_messages = max_messages
         self.relay_id = relay_id
-        self.ledger_schema = ledger_schema
+        self.ledger_schema = check_schema(ledger_schema)
         self.send_timeout = send_timeout
 
     def execute(self, context: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
 from eos_airflow.errors import EosError
 from eos_airflow.hooks.ledger import connect_factory
+from eos_airflow.ledger.queries import check_schema
 from eos_airflow.ledger.watch import DEFAULT_POLL_INTERVAL, Verdict, WaitSpec, check
 from eos_airflow.triggers.ledger import LedgerTrigger
 
@@ -83,7 +84,7 @@ class LedgerSensor(BaseSensorOperator):
         self.wait_for_run_id = wait_for_run_id
         self.min_count = min_count
         self.fail_on_failed = fail_on_failed
-        self.ledger_schema = ledger_schema
+        self.ledger_schema = check_schema(ledger_schema)
         self.deferrable = deferrable
         self.trigger_poll_interval = trigger_poll_interval
 
