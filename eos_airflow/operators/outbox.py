@@ -20,13 +20,21 @@ from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.queries import check_schema
 from eos_airflow.operators.kafka import kafka_config
 from eos_airflow.outbox.relay import DEFAULT_BATCH_SIZE, Relay
-from eos_airflow.outbox.sinks import DEFAULT_SEND_TIMEOUT, KafkaSink, NatsSink, Sink
+from eos_airflow.outbox.sinks import (
+    DEFAULT_SEND_TIMEOUT,
+    KafkaSink,
+    NatsCredentials,
+    NatsSink,
+    Sink,
+)
 from eos_airflow.outbox.store import split_destinations
 
 
 def nats_servers(conn_id: str) -> list[str]:
     """NATS server URLs of Airflow connection ``conn_id`` (host/port/login/password, or
-    ``{"servers": [...]}`` in its extra)."""
+    ``{"servers": [...]}`` in its extra). Login and password become percent-encoded user info
+    (a login or password alone: a token); :class:`NatsSink` takes them out of the URL again
+    and hands them to nats-py as options."""
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
@@ -42,11 +50,14 @@ def nats_servers(conn_id: str) -> list[str]:
     if not connection.host:
         raise ConfigurationError(f"Airflow connection {conn_id!r} has no host (or extra "
                                  "'servers'); set the NATS server's host and port")
-    auth = ""
-    if connection.login:
-        auth = connection.login + (f":{connection.password}" if connection.password else "")
-        auth += "@"
-    return [f"nats://{auth}{connection.host}:{connection.port or 4222}"]
+    # percent-encoded: a password with "/", "#", "?" or "@" stays inside the user info
+    if connection.login and connection.password:
+        credentials = NatsCredentials(user=connection.login, password=connection.password)
+    elif connection.login or connection.password:  # a single secret: token authentication
+        credentials = NatsCredentials(token=connection.login or connection.password)
+    else:
+        credentials = NatsCredentials()
+    return [credentials.url(f"nats://{connection.host}:{connection.port or 4222}")]
 
 
 class OutboxRelayOperator(BaseOperator):

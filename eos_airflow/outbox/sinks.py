@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote
 
 from eos_airflow.errors import ConfigurationError, EosError
 from eos_airflow.outbox.message import KAFKA_MSG_ID_HEADER, NATS_MSG_ID_HEADER, OutboxMessage
@@ -64,7 +65,10 @@ class NatsSink:
         except ImportError:
             raise ConfigurationError("the NATS sink needs nats-py: pip install 'eos-airflow[nats]'"
                                      ) from None
-        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        urls = [servers] if isinstance(servers, str) else list(servers)
+        # The credentials travel as nats-py options, never inside the URLs it may show.
+        self.servers, credentials = split_servers(urls)
+        self._shown = [_redact(url) for url in urls]
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
         try:
@@ -72,17 +76,16 @@ class NatsSink:
                 servers=self.servers, connect_timeout=min(timeout, 10.0),
                 allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.2,
                 error_cb=_nats_error,
-                **dict(options or {})))
+                **{**credentials.options(), **dict(options or {})}))
         except Exception as exc:
             self._loop.close()
-            shown = ", ".join(_redact(s) for s in self.servers)
-            raise DeliveryError(f"cannot connect to NATS at {shown}: "
+            raise DeliveryError(f"cannot connect to NATS at {', '.join(self._shown)}: "
                                 f"{exc or type(exc).__name__}; check the URL and that the "
                                 "server runs with JetStream enabled (-js)") from exc
         self._js = self._nc.jetstream(timeout=timeout)
 
     def __repr__(self) -> str:
-        return f"<NatsSink servers={[_redact(s) for s in self.servers]!r}>"
+        return f"<NatsSink servers={self._shown!r}>"
 
     def send(self, messages: Sequence[OutboxMessage]) -> int:
         return self._loop.run_until_complete(self._send(messages))
@@ -125,13 +128,85 @@ async def _nats_error(exc: Exception) -> None:
     log.debug("NATS client error: %s", exc)
 
 
+@dataclass(frozen=True)
+class NatsCredentials:
+    """The credentials of a NATS server URL: ``user`` and ``password``, or a ``token``."""
+
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    def __repr__(self) -> str:  # never shows a secret
+        return (f"NatsCredentials(user={self.user!r}, password={_hidden(self.password)}, "
+                f"token={_hidden(self.token)})")
+
+    def options(self) -> dict[str, str]:
+        """Keyword arguments of ``nats.connect`` (only those that are set)."""
+        given = {"user": self.user, "password": self.password, "token": self.token}
+        return {name: value for name, value in given.items() if value is not None}
+
+    def url(self, server: str) -> str:
+        """``server`` (without credentials) with these credentials percent-encoded into it."""
+        scheme, sep, rest = server.partition("://")
+        if not sep:
+            scheme, rest = "", server
+        if self.token is not None:
+            auth = quote(self.token, safe="") + "@"
+        elif self.user is not None:
+            auth = quote(self.user, safe="")
+            auth += (":" + quote(self.password, safe="")) if self.password is not None else ""
+            auth += "@"
+        else:
+            auth = ""
+        return f"{scheme}{sep}{auth}{rest}"
+
+
+def _hidden(secret: str | None) -> str:
+    return "None" if secret is None else "'***'"
+
+
+def split_url(url: str) -> tuple[str, NatsCredentials]:
+    """``nats://user:pass@host:4222`` → (``nats://host:4222``, the credentials).
+
+    The user info is everything between ``://`` and the *last* ``@`` of the authority, so a
+    password with an unescaped ``/``, ``#``, ``?`` or ``@`` is still taken whole; percent-escapes
+    are decoded. ``nats://TOKEN@host`` (no ``:``) is token authentication.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return url, NatsCredentials()
+    userinfo, _, hostpart = rest.rpartition("@")
+    prefix = f"{scheme}://" if sep else ""
+    if ":" in userinfo:
+        user, _, password = userinfo.partition(":")
+        credentials = NatsCredentials(user=unquote(user), password=unquote(password))
+    else:
+        credentials = NatsCredentials(token=unquote(userinfo))
+    return prefix + hostpart, credentials
+
+
+def split_servers(urls: Sequence[str]) -> tuple[list[str], NatsCredentials]:
+    """The URLs without credentials, and their one set of credentials (nats-py takes one)."""
+    split = [split_url(url) for url in urls]
+    found = {credentials for _, credentials in split if credentials != NatsCredentials()}
+    if len(found) > 1:
+        raise ConfigurationError(
+            "the NATS server URLs carry different credentials; nats-py uses one set for every "
+            "server: give the same user/password or token in each URL")
+    return [server for server, _ in split], (found.pop() if found else NatsCredentials())
+
+
 def _redact(url: str) -> str:
-    """``nats://user:secret@host:4222`` → ``nats://user:***@host:4222`` (for messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """A URL fit for messages and logs: ``nats://user:***@host:4222``, ``nats://***@host``
+    (a token), anything else unchanged."""
+    server, credentials = split_url(url)
+    if credentials == NatsCredentials():
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    shown = (NatsCredentials(token="***") if credentials.token is not None
+             else NatsCredentials(user=credentials.user, password="***"))
+    return shown.url(server).replace("%2A%2A%2A", "***")
 
 
 class KafkaSink:
@@ -217,4 +292,5 @@ class KafkaSink:
             self._producer = None
 
 
-__all__ = ["DEFAULT_SEND_TIMEOUT", "DeliveryError", "KafkaSink", "NatsSink", "Sink"]
+__all__ = ["DEFAULT_SEND_TIMEOUT", "DeliveryError", "KafkaSink", "NatsCredentials", "NatsSink",
+           "Sink", "split_servers", "split_url"]
