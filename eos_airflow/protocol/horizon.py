@@ -143,6 +143,11 @@ def refusal(conn: psycopg.Connection[Any], table: str, column: str,
         return (f"sequence {sequence.name} behind {where} "
                 f"{'descends' if sequence.increment < 0 else 'cycles'}: its values do not grow "
                 "with time")
+    if not conn.execute("SELECT has_sequence_privilege(%s::oid, 'SELECT, USAGE')",
+                        [sequence.oid]).fetchone()[0]:  # type: ignore[index]
+        return (f"the source's role {conn.info.user!r} cannot read sequence {sequence.name} "
+                f"behind {where}; run GRANT SELECT ON SEQUENCE {sequence.name} TO "
+                f"{conn.info.user}")
     return None
 
 

@@ -255,3 +255,23 @@ def test_xmin_is_a_deprecated_alias_of_wait(db: str, ledger: Ledger, readings, s
     with pytest.raises(ConfigurationError, match="horizon='later' is not valid; choose one of "
                                                  "'wait', 'none'"):
         ledger.run("bad", incr(db, horizon="later"))
+
+
+def test_a_source_role_that_cannot_read_the_sequence_is_told_to_grant(db: str, ledger: Ledger,
+                                                                      readings):
+    add(readings, 2)
+    role = f"hz_reader_{db[-10:]}"
+    readings.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        readings.execute(sql.SQL("GRANT SELECT ON readings TO {}").format(sql.Identifier(role)))
+        as_reader = psycopg.conninfo.make_conninfo(db, user=role)
+        with pytest.raises(ConfigurationError, match=rf"role '{role}' cannot read sequence "
+                           rf"readings_id_seq .*GRANT SELECT ON SEQUENCE readings_id_seq TO "
+                           rf"{role}"):
+            ledger.run("k", lambda eos: incremental(
+                eos, lambda: psycopg.connect(as_reader), source_table="readings", column="id",
+                target_table="readings_copy", offset_source=SOURCE))
+        assert position(readings) is None and copied_ids(readings) == []
+    finally:
+        readings.execute(sql.SQL("DROP OWNED BY {}; DROP ROLE {}").format(
+            sql.Identifier(role), sql.Identifier(role)))
