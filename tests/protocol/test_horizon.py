@@ -275,3 +275,20 @@ def test_a_source_role_that_cannot_read_the_sequence_is_told_to_grant(db: str, l
     finally:
         readings.execute(sql.SQL("DROP OWNED BY {}; DROP ROLE {}").format(
             sql.Identifier(role), sql.Identifier(role)))
+
+
+def test_the_operator_maps_xmin_to_wait_and_checks_its_options():
+    from eos_airflow import IncrementalTableOperator
+
+    def make(**options):
+        return IncrementalTableOperator(task_id="t", source_conn_id="s", source_table="a",
+                                        column="id", target_conn_id="c", target_table="b",
+                                        **options)
+
+    assert make().horizon == "wait"
+    with pytest.warns(DeprecationWarning, match="horizon='xmin' is deprecated"):
+        assert make(horizon="xmin").horizon == "wait"
+    with pytest.raises(ValueError, match="horizon='later' is not valid"):
+        make(horizon="later")
+    with pytest.raises(ValueError, match="horizon_timeout must be a number of seconds > 0"):
+        make(horizon_timeout=0)
