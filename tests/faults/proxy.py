@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 class _Armed:
     trigger: bytes
     mode: str
+    reply_wait: float = 10.0
     fired: threading.Event = field(default_factory=threading.Event)
 
 
@@ -56,11 +57,16 @@ class FaultProxy:
 
     # --- faults --------------------------------------------------------------------------
 
-    def arm(self, trigger: bytes, mode: str) -> threading.Event:
-        """Break the connection at the next client message containing ``trigger``."""
+    def arm(self, trigger: bytes, mode: str, *, reply_wait: float = 10.0) -> threading.Event:
+        """Break the connection at the next client message containing ``trigger``.
+
+        With ``"lose_reply"`` the returned event is set once the server has answered the
+        message (the answer is swallowed), or after ``reply_wait`` seconds when it does not
+        answer (a statement blocked on a lock): a test that sees the event knows the statement
+        ran, however loaded the machine."""
         if mode not in ("drop", "lose_reply"):
             raise ValueError(f"mode must be 'drop' or 'lose_reply', got {mode!r}")
-        armed = _Armed(trigger, mode)
+        armed = _Armed(trigger, mode, reply_wait)
         with self._lock:
             self._armed = armed
         return armed.fired
@@ -132,10 +138,13 @@ class FaultProxy:
         client, upstream = pair
         pending = b""  # client bytes not yet framed into whole messages
         startup = True  # the first client message has no type byte
-        lose_reply = False
+        swallowing: _Armed | None = None  # lose_reply: drop the answer, then reset
+        swallowed = b""
+        deadline = 0.0
         try:
             while True:
-                readable, _, _ = select.select([client, upstream], [], [], 0.5)
+                readable, _, _ = select.select([client, upstream], [], [],
+                                              0.05 if swallowing else 0.5)
                 while time.monotonic() < self._stalled_until:
                     time.sleep(0.01)
                 if client in readable:
@@ -160,17 +169,25 @@ class FaultProxy:
                             raise ConnectionResetError
                         upstream.sendall(message)
                         if armed is not None:  # lose_reply: the server got it; no answer
-                            self.fired["lose_reply"] += 1
-                            lose_reply = True
-                            armed.fired.set()
-                if lose_reply:
-                    time.sleep(0.2)  # let the server act on the message
-                    raise ConnectionResetError
+                            swallowing = armed
+                            deadline = time.monotonic() + armed.reply_wait
                 if upstream in readable:
                     data = upstream.recv(65536)
                     if not data:
                         break
-                    client.sendall(data)
+                    if swallowing is None:
+                        client.sendall(data)
+                    else:
+                        swallowed += data
+                # The answer to the armed message ends with ReadyForQuery ('Z', length 5),
+                # sent once the server has acted on it (after a Sync, for the extended
+                # protocol: later client messages are still forwarded meanwhile).
+                if swallowing is not None and (b"Z\x00\x00\x00\x05" in swallowed
+                                               or time.monotonic() >= deadline):
+                    self.fired["lose_reply"] += 1
+                    swallowing.fired.set()
+                    time.sleep(0.2)  # a test may act on the client's socket first
+                    raise ConnectionResetError
         except OSError:
             pass
         finally:

@@ -124,7 +124,7 @@ def test_a_commit_that_reaches_the_ledger_late_is_resolved_consistently(proxy, t
 
     try:
         with Ledger(proxy.dsn(dbname)) as ledger:
-            fired = proxy.arm(b".commit(", "lose_reply")
+            fired = proxy.arm(b".commit(", "lose_reply", reply_wait=0)
             outcome = ledger.run_outcome("late", write_then_hold_the_entry,
                                          origin=Origin("d", "t", "r", -1))
             assert fired.is_set()
