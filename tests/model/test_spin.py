@@ -164,6 +164,12 @@ def test_twophase_model_safety_and_end_states(tmp_path):
     verified("twophase.pml", tmp_path)
 
 
+def test_twophase_model_safety_and_end_states_with_two_faults(tmp_path):
+    """The same with two faults per run (e.g. a lost coordinator session, then a crash)."""
+    result = search("twophase.pml", tmp_path, defines=("CRASHES=2",))
+    assert result.errors == 0 and not result.incomplete, result.output + result.trail
+
+
 def test_twophase_model_invariant_as_ltl(tmp_path):
     verified("twophase.pml", tmp_path, "safety")
 
