@@ -3,12 +3,16 @@
 A transaction is in doubt while a participant holds it prepared. Three callers finish it,
 all through :func:`resolve`:
 
-- the **next attempt** of the key, right after its claim: it owns the key now, so the
-  earlier attempts' undecided transactions can be aborted at once;
+- the **next attempt** of the key, right after its claim: it finishes the transactions no
+  attempt can decide any more -- decided ones, and undecided ones whose attempt's session is
+  gone or which no longer owns the key; a live attempt that owns the key (a newer try that
+  claimed it meanwhile) is left to finish its own;
 - **recover** (``eos-airflow recover``): with the coordinator's decision log; an undecided
   transaction is aborted only when it is provably abandoned: its attempt's session is gone
   (the claim's lock is free, so it can never decide) and its participants prepared it longer
-  than a grace period ago;
+  than a grace period ago. It also looks on the participants the log names for prepared
+  transactions that the log no longer lists (an attempt that lost its coordinator session
+  prepared after recovery closed its txid) and finishes them as decided;
 - **terminate** (``eos-airflow recover --terminate``, 3PC only): without the coordinator,
   from the participants' votes — any ``precommitted`` → commit; otherwise abort, by writing
   ``aborted`` votes in participant order (the first participant's vote decides a race with a

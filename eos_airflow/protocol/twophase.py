@@ -5,9 +5,13 @@ target databases. Presumed abort: nothing but the decision makes a transaction c
 
 1. **claim** the key in the coordinator's ledger, as in the single-database protocol; then
    **begin**: log the global transaction id (txid) and its participants, and finish the key's
-   earlier in-doubt transactions (recovery.py) — the new owner may abort them at once.
+   earlier in-doubt transactions that no attempt can decide any more (recovery.py); a live
+   attempt that owns the key is left to finish its own.
 2. **run** the user's function with one open transaction per participant (``eos.conns``).
-3. **prepare** every participant (``PREPARE TRANSACTION``, in parallel threads).
+3. **prepare** every participant (``PREPARE TRANSACTION``, in parallel threads), once the
+   coordinator session (which holds the claim's lock) answered. When that session is lost
+   around PREPARE or the decision, the attempt settles its txid in a new session (``abort``
+   unless decided) and finishes its own prepared work as decided.
 4. (3PC only) **pre-commit**: inside the coordinator's decision transaction, record a
    ``precommitted`` vote in each participant's ledger, in participant order.
 5. **decide** (the commit point): in one coordinator transaction, decide ``commit`` for the
