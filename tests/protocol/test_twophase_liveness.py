@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from eos_airflow import FencedError, LostClaimError, failpoints
+from eos_airflow import DatabaseUnavailableError, FencedError, LostClaimError, failpoints
 from eos_airflow.protocol.multiledger import MultiLedger
 from eos_airflow.protocol.recovery import recover
 from tests.conftest import ROOT
@@ -173,6 +173,24 @@ def test_an_attempt_that_lost_its_coordinator_session_rolls_back_what_it_prepare
         assert lost.value.retryable
         assert banks.prepared() == [], "the attempt rolled back what it prepared"
         assert banks.balances() == (100, 100)
+        again = ledger.run_outcome(KEY, move_once, attempt=2, origin=ORIGIN)
+    assert (again.action, again.version) == ("committed", 1)
+    banks.assert_moved(1)
+
+
+def test_an_attempt_whose_coordinator_session_ended_while_it_ran_prepares_nothing(banks):
+    """The coordinator session ends while the function runs: the attempt checks its session
+    right before PREPARE, so it prepares nothing (no window in which an orphan could hold the
+    account's row lock), rolls both participants back and fails retryably."""
+    def cut_then_move(eos):
+        _cut_coordinator(banks)
+        return move_once(eos)
+
+    with banks.ledger() as ledger:
+        with pytest.raises(DatabaseUnavailableError, match="before transaction") as lost:
+            ledger.run(KEY, cut_then_move, attempt=1, origin=ORIGIN)
+        assert lost.value.retryable and "nothing was committed" in str(lost.value)
+        assert banks.prepared() == [] and banks.balances() == (100, 100)
         again = ledger.run_outcome(KEY, move_once, attempt=2, origin=ORIGIN)
     assert (again.action, again.version) == ("committed", 1)
     banks.assert_moved(1)
