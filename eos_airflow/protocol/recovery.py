@@ -3,12 +3,16 @@
 A transaction is in doubt while a participant holds it prepared. Three callers finish it,
 all through :func:`resolve`:
 
-- the **next attempt** of the key, right after its claim: it owns the key now, so the
-  earlier attempts' undecided transactions can be aborted at once;
+- the **next attempt** of the key, right after its claim: it finishes the transactions no
+  attempt can decide any more -- decided ones, and undecided ones whose attempt's session is
+  gone or which no longer owns the key; a live attempt that owns the key (a newer try that
+  claimed it meanwhile) is left to finish its own;
 - **recover** (``eos-airflow recover``): with the coordinator's decision log; an undecided
   transaction is aborted only when it is provably abandoned: its attempt's session is gone
   (the claim's lock is free, so it can never decide) and its participants prepared it longer
-  than a grace period ago;
+  than a grace period ago. It also looks on the participants the log names for prepared
+  transactions that the log no longer lists (an attempt that lost its coordinator session
+  prepared after recovery closed its txid) and finishes them as decided;
 - **terminate** (``eos-airflow recover --terminate``, 3PC only): without the coordinator,
   from the participants' votes — any ``precommitted`` → commit; otherwise abort, by writing
   ``aborted`` votes in participant order (the first participant's vote decides a race with a
@@ -181,8 +185,14 @@ def finish_for_key(coordinator: psycopg.Connection[Any],
                    conns: Mapping[str, psycopg.Connection[Any]], rows: list[dict[str, Any]],
                    key: str, *, schema: str, by: str, scan: bool,
                    exclude: str | None = None) -> list[Resolution]:
-    """Finish the key's other transactions at once (the caller owns or skipped the key);
-    with ``scan``, also the prepared ones the coordinator has no row for."""
+    """Finish the key's other transactions that no attempt can decide any more (the caller
+    claimed or skipped the key); with ``scan``, also look for them on the participants.
+
+    A transaction is finished as decided, or aborted when it is abandoned (see the query
+    ``twophase_abandoned``): its attempt's session is gone or the attempt no longer owns the
+    key. The transaction of a live attempt that owns the key -- a newer try that claimed it
+    after the caller did, another run's replace -- is left alone: it decides or aborts its own.
+    The check runs per transaction right before it is finished, not on the claim's snapshot."""
     txids = {row["txid"]: row for row in rows}
     if scan:
         hashed = key_hash(key)
@@ -201,9 +211,17 @@ def finish_for_key(coordinator: psycopg.Connection[Any],
     for txid, row in txids.items():
         members = {n: c for n, c in conns.items() if not row["participants"]
                    or n in row["participants"]}
+        check = _execute(coordinator, "twophase_abandoned", schema, {"txid": txid}).fetchone()
+        if not check["abandoned"]:
+            done.append(Resolution(txid, key, row["protocol"], "waiting", sorted(members),
+                                   "its attempt is alive and owns the key: it decides or "
+                                   "aborts the transaction itself"))
+            log.info("transaction %s (%s) left to its live attempt", txid, key)
+            continue
         done.append(resolve(txid, protocol=row["protocol"], conns=members,
-                            coordinator=coordinator, schema=schema, decision=row["decision"],
-                            key=key, attempt=row["attempt"], force=True, by=by))
+                            coordinator=coordinator, schema=schema,
+                            decision=check["decision"] or row["decision"], key=key,
+                            attempt=row["attempt"], force=True, by=by))
     return done
 
 
@@ -265,6 +283,8 @@ def recover(coordinator: psycopg.Connection[Any], *, schema: str = "eos",
                         "txid": parsed.txid, "key": None, "attempt": parsed.attempt,
                         "protocol": parsed.protocol, "decision": None, "created_at": at,
                         "participants": {n: {"conn_id": None} for n in participants or {}}}
+        _scan_logged_participants(coordinator, schema, pool, rows, prepared_at,
+                                  skip=set(participants or {}))
         for txid, row in rows.items():
             members = row["participants"] or {n: {"conn_id": None} for n in participants or {}}
             try:
@@ -286,6 +306,47 @@ def recover(coordinator: psycopg.Connection[Any], *, schema: str = "eos",
     finally:
         pool.close()
     return done
+
+
+def _scan_logged_participants(coordinator: psycopg.Connection[Any], schema: str,
+                              pool: _Participants, rows: dict[str, dict[str, Any]],
+                              prepared_at: dict[str, datetime], skip: set[str]) -> None:
+    """Look on every participant the decision log names by Airflow connection id for our
+    prepared transactions that the log does not list as unfinished: an attempt that lost its
+    coordinator session may PREPARE after recovery decided abort and resolved its txid (it
+    found nothing prepared then). Such a transaction is finished as its decision says; one
+    without a log row waits out the grace period like any other."""
+    if pool.by_conn_id is None:
+        return
+    known = _execute(coordinator, "twophase_known_participants", schema, {}).fetchall()
+    partial: set[str] = set()
+    for name, conn_id in ((r["name"], r["conn_id"]) for r in known):
+        if name in skip:
+            continue
+        try:
+            found = prepared_on(pool.get(name, conn_id))
+        except (LookupError, psycopg.Error, EosError) as exc:
+            log.warning("cannot look for prepared transactions on participant %s "
+                        "(connection id %s): %s", name, conn_id, str(exc).strip())
+            continue
+        for gid, at in found.items():
+            parsed = parse_gid(gid)
+            if parsed is None or parsed.participant != name:
+                continue
+            prepared_at[parsed.txid] = min(at, prepared_at.get(parsed.txid, at))
+            if parsed.txid in rows and parsed.txid not in partial:
+                continue
+            row = rows.get(parsed.txid) or _execute(coordinator, "twophase_get", schema,
+                                                    {"txid": parsed.txid}).fetchone()
+            if row is not None and row["participants"] and parsed.txid not in partial:
+                rows[parsed.txid] = row
+                continue
+            partial.add(parsed.txid)  # the log does not say where it lives: collect that
+            rows[parsed.txid] = row = row or {
+                "txid": parsed.txid, "key": None, "attempt": parsed.attempt,
+                "protocol": parsed.protocol, "decision": None, "created_at": at,
+                "participants": {}}
+            row["participants"] = {**row["participants"], name: {"conn_id": conn_id}}
 
 
 def _still_live(coordinator: psycopg.Connection[Any], schema: str, row: dict[str, Any],

@@ -5,9 +5,13 @@ target databases. Presumed abort: nothing but the decision makes a transaction c
 
 1. **claim** the key in the coordinator's ledger, as in the single-database protocol; then
    **begin**: log the global transaction id (txid) and its participants, and finish the key's
-   earlier in-doubt transactions (recovery.py) — the new owner may abort them at once.
+   earlier in-doubt transactions that no attempt can decide any more (recovery.py); a live
+   attempt that owns the key is left to finish its own.
 2. **run** the user's function with one open transaction per participant (``eos.conns``).
-3. **prepare** every participant (``PREPARE TRANSACTION``, in parallel threads).
+3. **prepare** every participant (``PREPARE TRANSACTION``, in parallel threads), once the
+   coordinator session (which holds the claim's lock) answered. When that session is lost
+   around PREPARE or the decision, the attempt settles its txid in a new session (``abort``
+   unless decided) and finishes its own prepared work as decided.
 4. (3PC only) **pre-commit**: inside the coordinator's decision transaction, record a
    ``precommitted`` vote in each participant's ledger, in participant order.
 5. **decide** (the commit point): in one coordinator transaction, decide ``commit`` for the
@@ -38,6 +42,7 @@ from psycopg import sql
 from eos_airflow import failpoints
 from eos_airflow.errors import (
     ConfigurationError,
+    DatabaseUnavailableError,
     EosError,
     FencedError,
     LostClaimError,
@@ -216,6 +221,7 @@ def run_two_phase(
         raise
     previous = _previous(coordinator, schema, key, claim)
     step = Step()
+    step.redial = _redial(coordinator)
     pool = executor or ThreadPoolExecutor(max_workers=len(names))
     try:
         failpoints.check("after_claim", attempt=attempt)
@@ -230,6 +236,7 @@ def run_two_phase(
                           schema=schema, targets={n: conns[n] for n in names})
         result = fn(eos)
         payload = encode_result(result, limit=max_result_bytes)
+        _check_coordinator(coordinator, key, txid)
         failpoints.check("before_commit", attempt=attempt)
         step.name = "prepare"
         _prepare_all(pool, conns, names, txid, step, attempt)
@@ -273,6 +280,42 @@ def run_two_phase(
                    committed["committed_at"])
 
 
+def _settle(exc: psycopg.OperationalError, redial: Callable[[], psycopg.Connection[Any]],
+            conns: Mapping[str, psycopg.Connection[Any]], schema: str, key: str, txid: str,
+            attempt: int, step: Step) -> None:
+    """The coordinator session was lost around PREPARE or the decision, while the
+    participants still answer: in a new session, abort the txid unless it is decided (the
+    decision in force is returned) and finish this attempt's prepared work accordingly, so
+    that nothing it prepared outlives it. Returns when that was impossible (the
+    coordinator is unreachable): the transaction then stays in doubt as before."""
+    from eos_airflow.protocol import recovery
+
+    try:
+        with redial() as coordinator:
+            decision = _execute(coordinator, "twophase_abort", schema, {
+                "txid": txid, "attempt": attempt, "by": f"attempt {attempt}",
+                "reason": "the attempt lost its coordinator session"}).fetchone()["decision"]
+            commit = decision == "commit"
+            for name in sorted(step.prepared):
+                recovery.finish_prepared(conns[name], gid_of(txid, name), commit=commit)
+            _execute(coordinator, "twophase_resolved", schema, {
+                "txid": txid, "outcome": "committed" if commit else "aborted", "by": None,
+                "result": None})
+    except psycopg.Error:
+        log.warning("effect %s: could not reach the coordinator again to settle %s",
+                    key, txid, exc_info=True)
+        return
+    if commit:
+        log.warning("effect %s: transaction %s committed although the coordinator session was "
+                    "lost after its decision; finished it on every participant", key, txid)
+        raise exc  # committed everywhere; the caller still sees what interrupted it
+    raise LostClaimError(
+        f"effect {key!r} attempt {attempt}: lost the coordinator's session during {step.name} "
+        f"of transaction {txid} ({str(exc).strip()}); it was aborted and its prepared "
+        "transactions rolled back on every participant, nothing was committed. Retry "
+        "(Airflow retries this)") from exc
+
+
 class Step:
     """Where the attempt is, for the failure path."""
 
@@ -283,6 +326,32 @@ class Step:
         self.prepared: set[str] = set()
         self.precommitted = False
         self.decided = False
+        #: a new coordinator connection, for settling the txid after its session was lost
+        self.redial: Callable[[], psycopg.Connection[Any]] | None = None
+
+
+def _redial(coordinator: psycopg.Connection[Any]) -> Callable[[], psycopg.Connection[Any]]:
+    """A way to reach the coordinator again in a new session (same server and settings)."""
+    dsn, password = coordinator.info.dsn, coordinator.info.password
+
+    def connect() -> psycopg.Connection[Any]:
+        extra = {"password": password} if password else {}
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=10, **extra)
+
+    return connect
+
+
+def _check_coordinator(coordinator: psycopg.Connection[Any], key: str, txid: str) -> None:
+    """Before anything is prepared: is the coordinator session (which holds the claim's lock)
+    still there? Once it is gone, recovery may abort and resolve the txid, and work prepared
+    afterwards would be an orphan that holds its row locks."""
+    try:
+        coordinator.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailableError(
+            f"effect {key!r}: lost the coordinator's session before transaction {txid} was "
+            f"prepared ({str(exc).strip()}); every participant was rolled back and nothing "
+            "was committed. Retry (Airflow retries this)") from exc
 
 
 def _decide(coordinator: psycopg.Connection[Any], schema: str, txid: str, key: str,
@@ -387,6 +456,9 @@ def _fail(exc: BaseException, coordinator: psycopg.Connection[Any],
                         key, txid, exc_info=True)
         if not in_doubt:
             raise exc  # committed everywhere; the caller still sees what interrupted it
+    if (in_doubt and isinstance(exc, psycopg.OperationalError) and not step.decided
+            and not step.precommitted and step.redial is not None):
+        _settle(exc, step.redial, conns, schema, key, txid, attempt, step)
     if in_doubt:
         log.warning("effect %s: transaction %s is in doubt after %s (%s); the next attempt or "
                     "`eos-airflow recover` finishes it", key, txid, step.name, exc)

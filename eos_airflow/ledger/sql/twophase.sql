@@ -78,3 +78,27 @@ SELECT 1 FROM {schema}.precommits LIMIT 0;
 SELECT count(*) AS count FROM pg_prepared_xacts
 WHERE database = current_database() AND starts_with(gid, 'eos:')
   AND prepared < now() - interval '60 seconds';
+
+-- name: twophase_abandoned
+-- Can this transaction's attempt never decide it, so that another run may abort it now? Yes
+-- when it is decided already (the decision is finished as it is), when the log has no row for
+-- it (nobody can decide a txid without one), when its attempt's session is gone, or when its
+-- attempt no longer owns the key (the decision needs the ledger row's owner). Each of these
+-- stays true once it is, so no lock needs to be held between this check and the abort.
+-- A live attempt that still owns the key -- a newer try that claimed it meanwhile, a replace in
+-- progress -- is left to decide or abort its own transaction.
+SELECT t.txid IS NULL OR t.decision IS NOT NULL
+       OR NOT {schema}.owner_alive(t.key, t.owner)
+       OR l.owner IS DISTINCT FROM t.owner AS abandoned,
+       t.decision
+FROM (SELECT %(txid)s::text COLLATE "C" AS txid) AS q
+LEFT JOIN {schema}.twophase AS t ON t.txid = q.txid
+LEFT JOIN {schema}.ledger AS l ON l.key = t.key;
+
+-- name: twophase_known_participants
+-- The participants named in the decision log with an Airflow connection id: where `recover`
+-- looks for prepared transactions that the log no longer lists as unfinished.
+SELECT DISTINCT p.key AS name, p.value->>'conn_id' AS conn_id
+FROM {schema}.twophase AS t, jsonb_each(t.participants) AS p
+WHERE jsonb_typeof(p.value) = 'object' AND p.value->>'conn_id' IS NOT NULL
+ORDER BY 1, 2;
