@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 
 from eos_airflow import EosError, Ledger, Origin
-from eos_airflow.errors import FailpointError
+from eos_airflow import failpoints as eos_failpoints
 from eos_airflow.ledger.chain import verify
 from eos_airflow.outbox.message import KAFKA_MSG_ID_HEADER, NATS_MSG_ID_HEADER
 from eos_airflow.protocol.multiledger import MultiLedger
@@ -47,31 +47,54 @@ Report = Callable[[dict[str, Any]], None]
 class Child:
     pid: int
     fd: int
+    data: bytes = b""
+    eof: bool = False
+
+    def _read(self, deadline: float) -> bool:
+        """Read what the child wrote until ``deadline``; False once the time is up."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if select.select([self.fd], [], [], remaining)[0]:
+            chunk = os.read(self.fd, 65536)
+            self.data += chunk
+            self.eof = not chunk
+        return True
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.data.decode().splitlines(keepends=True)
+                if line.endswith("\n")]
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool],
+                 timeout: float = 60.0) -> bool:
+        """Wait until the child reports a line matching ``predicate`` (True), or ends or the
+        time is up without one (False); the child goes on either way."""
+        deadline = time.monotonic() + timeout
+        while not any(predicate(line) for line in self.lines()):
+            if self.eof or not self._read(deadline):
+                return False
+        return True
 
     def wait(self, timeout: float = 120.0) -> tuple[int, list[dict[str, Any]]]:
         """(exit status, reported lines); a child that hangs is killed and fails the test."""
-        data, deadline = b"", time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        deadline = time.monotonic() + timeout
+        while not self.eof:
+            if not self._read(deadline):
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
                 os.close(self.fd)
                 raise AssertionError(f"child {self.pid} hung for {timeout} s; it reported "
-                                     f"{data.decode()!r}")
-            if select.select([self.fd], [], [], remaining)[0]:
-                chunk = os.read(self.fd, 65536)
-                if not chunk:
-                    break
-                data += chunk
+                                     f"{self.data.decode()!r}")
         os.close(self.fd)
         _, status = os.waitpid(self.pid, 0)
-        return os.waitstatus_to_exitcode(status), [json.loads(line)
-                                                   for line in data.decode().splitlines()]
+        return os.waitstatus_to_exitcode(status), self.lines()
 
 
 def spawn(body: Callable[[Report], None], failpoints: str | None = None) -> Child:
-    """Run ``body(report)`` in a forked child with ``EOS_FAILPOINTS=failpoints``."""
+    """Run ``body(report)`` in a forked child with ``EOS_FAILPOINTS=failpoints``. The child
+    reports each failpoint that fires (``{"fired": step, "action": ...}``) the moment it
+    fires, through :func:`eos_airflow.failpoints.set_observer`: the evidence that the fault
+    happened, written before an ``exit`` ends the child."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never return into the test runner
@@ -86,6 +109,8 @@ def spawn(body: Callable[[Report], None], failpoints: str | None = None) -> Chil
             def report(line: dict[str, Any]) -> None:
                 os.write(write, (json.dumps(line, default=str) + "\n").encode())
 
+            eos_failpoints.set_observer(lambda step, action, attempt: report(
+                {"fired": step, "action": action, "attempt": attempt}))
             body(report)
         except BaseException:
             traceback.print_exc()
@@ -146,16 +171,21 @@ def attempt_jobs(run: Run, report: Report, one: Callable[[Job, int, Origin, floa
 
 def merge_reports(run: Run, code: int, lines: list[dict[str, Any]]) -> None:
     """Fold a child's reports into ``run``; two callers told different results for one key
-    means that two attempts committed it."""
+    means that two attempts committed it. The fault counts as fired only on the child's own
+    evidence (its failpoint observer's report), which must name the run's step and action."""
     for line in lines:
         if "told" in line:
             key = line["key"]
             assert run.told.setdefault(key, line["told"]) == line["told"], (
                 f"{key}: one caller was told {run.told[key]}, another {line['told']}")
-        elif line.get("error") == FailpointError.__name__:
+        elif "fired" in line:
+            assert (line["fired"], line["action"].split(":")[0]) == (run.failpoint,
+                                                                     run.action), (
+                f"failpoint {line} fired in a run that injects {run.action} at {run.step}")
             run.fired = True
     if code == 137:
-        run.fired = True
+        assert any(line.get("action") == "exit" for line in lines), (
+            f"child ended with status 137 but no exit failpoint fired: {lines}")
     assert code in (0, 137), f"child failed with status {code}: {lines}"
 
 

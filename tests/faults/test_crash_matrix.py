@@ -178,10 +178,13 @@ def drive(scenario: crash.Scenario, plan: list[tuple[str, str]]) -> dict[str, ob
             if action == "sleep":
                 sleep = float(spec.rsplit(":", 1)[1])
                 sleeper = crash.spawn(body, spec)
-                time.sleep(rng.uniform(0.02, sleep * 0.7))
+                # the competitor starts while the sleeper sleeps at its step: once the
+                # sleeper reported that the failpoint fired (if it never does, the run
+                # counts as not fired)
+                if sleeper.wait_for(lambda line: "fired" in line):
+                    time.sleep(rng.uniform(0, sleep * 0.5))
                 crash.merge_reports(run, *crash.run_child(scenario.competitor(run, sleep)))
                 crash.merge_reports(run, *sleeper.wait())
-                run.fired = True
             else:
                 crash.merge_reports(run, *crash.run_child(body, spec))
             scenario.recover(run)
