@@ -204,8 +204,10 @@ def report(scenario: crash.Scenario, tally: dict[str, object]) -> None:
     if "messages" in tally:
         extra = f", {tally['messages']} messages ({tally['broker_copies']} copies at the broker)"
     print(f"\ncrash matrix {scenario.name} (EOS_FAULT_SEED={SEED}): {tally['runs']} runs, "
-          f"{tally['fired']} faults fired, {tally['keys']} keys, 0 duplicates, 0 lost, "
-          f"0 prepared left{extra}; {tally['seconds']:.1f} s\n  {steps}")
+          f"{tally['fired']} faults fired, {tally['keys']} keys, {tally['duplicates']} "
+          f"duplicates, {tally['lost']} lost, {tally['prepared']} prepared left{extra}; "
+          f"{tally['seconds']:.1f} s\n  {steps}")
+    assert (tally["duplicates"], tally["lost"], tally["prepared"]) == (0, 0, 0), tally
 
 
 def sample_plan(name: str) -> list[tuple[str, str]]:
