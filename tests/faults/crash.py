@@ -804,6 +804,8 @@ class Outbox(Scenario):
             out["duplicates"] += sum(n - 1 for n in copies.values())
         out["messages"] = len(ids)
         out["broker_copies"] = sum(copies.values())
+        if hasattr(self, "aborted_copies"):
+            out["aborted_copies"] = self.aborted_copies
         return out
 
 
@@ -835,20 +837,22 @@ class OutboxKafka(Outbox):
     scheme = "kafka"
     broker_dedupes = False
 
+    #: The journal of the relay's committed producer transactions (tests/messaging/kafka_log.py).
+    journal = ""
+
     def received(self) -> list[str]:
-        from tests.messaging.conftest import consume_all
+        """Ids of the copies a read_committed consumer gets: records of aborted or unfinished
+        producer transactions do not count as delivered (see kafka_log: the mock cluster
+        cannot hide them, so the relay's producer journals what it committed)."""
+        from tests.messaging.kafka_log import committed_messages
 
         bootstrap, topic = self.broker, self.destination[6:]
 
-        # read_uncommitted: a relay killed inside a producer transaction leaves it open on
-        # librdkafka's mock cluster, whose read_committed consumers then stop at that
-        # transaction (the last stable offset) and miss every later committed batch. The
-        # mock does not hide aborted batches from read_committed consumers either, so
-        # read_committed would prove nothing more here (real brokers abort the open
-        # transaction when the next relay with the same transactional.id starts).
         def read(report: Report) -> None:
-            report({"ids": [dict(m.headers())[KAFKA_MSG_ID_HEADER].decode()
-                            for m in consume_all(bootstrap, topic, "read_uncommitted")]})
+            kept, aborted = committed_messages(bootstrap, topic, self.journal)
+            report({"ids": [dict(m.headers())[KAFKA_MSG_ID_HEADER].decode() for m in kept],
+                    "aborted": aborted})
         code, lines = run_child(read)
         assert code == 0, lines
+        self.aborted_copies = lines[0]["aborted"]
         return lines[0]["ids"]

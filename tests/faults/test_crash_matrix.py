@@ -96,7 +96,8 @@ def nats_stream(name: str, prefix: str, *, delete: bool = False) -> None:
 
 
 @pytest.fixture
-def scenario(request, pg_admin_dsn: str, template_db: str) -> Iterator[crash.Scenario]:
+def scenario(request, pg_admin_dsn: str, template_db: str,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[crash.Scenario]:
     """The protocol's scenario over fresh databases (and broker stream or topic)."""
     name, big = request.param
     cls = SCENARIOS[name]
@@ -128,10 +129,13 @@ def scenario(request, pg_admin_dsn: str, template_db: str) -> Iterator[crash.Sce
             bootstrap = request.getfixturevalue("kafka_bootstrap")
             topic = f"eoscrash-{token}"
 
+            journal = str(tmp_path_factory.mktemp("kafka") / "committed.jsonl")
+
             def kafka_sink():
-                from eos_airflow.outbox import KafkaSink
-                return KafkaSink({"bootstrap.servers": bootstrap, "log_level": 0},
-                                 transactional_id=f"eos-crash-{token}", timeout=10)
+                from tests.messaging.kafka_log import JournaledKafkaSink
+                return JournaledKafkaSink({"bootstrap.servers": bootstrap, "log_level": 0},
+                                          transactional_id=f"eos-crash-{token}", timeout=10,
+                                          journal=journal)
 
             def create_topic(report):
                 from tests.messaging.conftest import create_topic
@@ -140,6 +144,7 @@ def scenario(request, pg_admin_dsn: str, template_db: str) -> Iterator[crash.Sce
             assert code == 0, lines
             built = cls(dsns, rng, big, destination=f"kafka:{topic}", make_sink=kafka_sink,
                         broker=bootstrap)
+            built.journal = journal
         else:
             built = cls(dsns, rng, big)
         built.setup()
@@ -202,7 +207,10 @@ def report(scenario: crash.Scenario, tally: dict[str, object]) -> None:
     steps = ", ".join(f"{s}/{a} {n}" for (s, a), n in sorted(tally["by_step"].items()))
     extra = ""
     if "messages" in tally:
-        extra = f", {tally['messages']} messages ({tally['broker_copies']} copies at the broker)"
+        extra = f", {tally['messages']} messages ({tally['broker_copies']} copies at the broker"
+        if "aborted_copies" in tally:
+            extra += f", {tally['aborted_copies']} in aborted transactions not counted"
+        extra += ")"
     print(f"\ncrash matrix {scenario.name} (EOS_FAULT_SEED={SEED}): {tally['runs']} runs, "
           f"{tally['fired']} faults fired, {tally['keys']} keys, {tally['duplicates']} "
           f"duplicates, {tally['lost']} lost, {tally['prepared']} prepared left{extra}; "
