@@ -44,7 +44,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.conftest import create_database, drop_database
+from tests.conftest import create_database, drop_database, prepared_transactions_or_skip
 from tests.faults import crash
 
 SEED = int(os.environ.get("EOS_FAULT_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
@@ -111,9 +111,7 @@ def scenario(request, pg_admin_dsn: str, template_db: str,
     cleanup = []
     try:
         if name in ("2pc", "3pc"):
-            with psycopg.connect(dsns["a"]) as conn:
-                if int(conn.execute("SHOW max_prepared_transactions").fetchone()[0]) == 0:
-                    pytest.skip("max_prepared_transactions = 0 on the test server")
+            prepared_transactions_or_skip(dsns["a"])
         if name == "outbox-nats":
             stream = f"EOSCRASH_{token.upper()}"
             prefix = f"eoscrash.{token}"
