@@ -6,6 +6,9 @@
 - ``exit``: end the process at once with ``os._exit(EXIT_CODE)`` (no cleanup, like SIGKILL);
 - ``sleep:SECONDS``: pause, e.g. to let a newer attempt claim the key meanwhile.
 
+A process can watch its failpoints fire with :func:`set_observer` (the crash matrix's forked
+children report each firing to the test, as evidence that the fault really happened).
+
 An optional ``@N`` suffix on the step fires only on attempt N (``after_commit@1=exit``), so a
 retry of the same task runs clean. An optional ``#K`` suffix fires only the K-th time this
 process reaches the step (``after_chunk@1#7=exit``: attempt 1 dies after its 7th chunk).
@@ -38,6 +41,9 @@ EXIT_CODE = 137
 #: In-process hooks by step, for tests that hold attempts at a step (barriers). Set with
 #: :func:`set_hook`; each hook receives the attempt number.
 _hooks: dict[str, Callable[[int | None], None]] = {}
+#: Called as ``observer(step, action, attempt)`` when a configured failpoint fires, before
+#: its action runs (so an ``exit`` is observed too). Set with :func:`set_observer`.
+_observer: Callable[[str, str, int | None], None] | None = None
 #: How often this process reached each step (for ``#K``).
 _hits: dict[str, int] = {}
 # a forked child is a new process: it counts its own hits from zero
@@ -52,6 +58,14 @@ def set_hook(step: str, hook: Callable[[int | None], None] | None) -> None:
         _hooks.pop(step, None)
     else:
         _hooks[step] = hook
+
+
+def set_observer(observer: Callable[[str, str, int | None], None] | None) -> None:
+    """Call ``observer(step, action, attempt)`` whenever a failpoint of ``EOS_FAILPOINTS``
+    fires in this process, just before its action (``raise``, ``exit``, ``sleep:S``) runs;
+    None clears it. Steps that are reached without firing are not reported."""
+    global _observer
+    _observer = observer
 
 
 def _parse(spec: str) -> dict[tuple[str, int | None, int | None], str]:
@@ -101,6 +115,8 @@ def check(step: str, *, attempt: int | None = None) -> None:
               or actions.get((step, attempt, None)) or actions.get((step, None, None)))
     if action is None:
         return
+    if _observer is not None:
+        _observer(step, action, attempt)
     if action == "raise":
         raise FailpointError(f"failpoint {step} fired (EOS_FAILPOINTS={spec!r})")
     if action == "exit":

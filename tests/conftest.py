@@ -99,6 +99,22 @@ def conn(db: str) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+def prepared_transactions_or_skip(dsn: str) -> None:
+    """Skip a two- or three-phase commit test when the server has max_prepared_transactions
+    = 0 (it cannot PREPARE); with EOS_REQUIRE_2PC=1 (CI) fail instead: there a skipped 2PC
+    test would hide the whole multi-database protocol."""
+    with psycopg.connect(dsn) as conn:
+        slots = int(conn.execute("SHOW max_prepared_transactions").fetchone()[0])
+    if slots > 0:
+        return
+    message = ("the test server has max_prepared_transactions = 0: two- and three-phase "
+               "commit need it > 0 (ALTER SYSTEM SET max_prepared_transactions = 64 and "
+               "restart; the embedded server sets 64 when it starts fresh)")
+    if os.environ.get("EOS_REQUIRE_2PC") == "1":
+        pytest.fail(f"EOS_REQUIRE_2PC=1: {message}", pytrace=False)
+    pytest.skip(message)
+
+
 def events(conn: psycopg.Connection, key: str | None = None) -> list[tuple[str, int]]:
     """(event, attempt) of every event, in order, optionally of one key."""
     rows = conn.execute(

@@ -18,7 +18,7 @@ import pytest
 
 from eos_airflow.failpoints import EXIT_CODE
 from eos_airflow.hooks.ledger import airflow_conn_json
-from tests.conftest import ROOT, create_database, drop_database
+from tests.conftest import ROOT, create_database, drop_database, prepared_transactions_or_skip
 from tests.protocol.test_twophase import finish_leftovers
 
 pytestmark = pytest.mark.airflow
@@ -29,6 +29,7 @@ SETUP = "CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL); " \
 
 @pytest.fixture
 def banks(pg_admin_dsn, template_db, airflow):
+    prepared_transactions_or_skip(pg_admin_dsn)
     token = uuid.uuid4().hex[:8]
     names = {n: f"eos_af2pc_{n}_{token}" for n in ("a", "b")}
     dsns = {n: create_database(pg_admin_dsn, db, template=template_db) for n, db in names.items()}

@@ -28,7 +28,7 @@ import pytest
 
 from eos_airflow import failpoints
 from eos_airflow.ledger.migrate import migrate
-from tests.conftest import ROOT, create_database, drop_database
+from tests.conftest import ROOT, create_database, drop_database, prepared_transactions_or_skip
 from tests.faults.server import LocalServer
 from tests.protocol.test_twophase import SETUP, finish_leftovers
 
@@ -57,9 +57,7 @@ def coordinator() -> Iterator[LocalServer]:
 def bank_dsns(pg_admin_dsn: str, template_db: str) -> Iterator[dict[str, str]]:
     names = {n: f"eos_crash_{n}_{uuid.uuid4().hex[:8]}" for n in ("a", "b")}
     dsns = {n: create_database(pg_admin_dsn, db, template=template_db) for n, db in names.items()}
-    with psycopg.connect(dsns["a"]) as conn:
-        if int(conn.execute("SHOW max_prepared_transactions").fetchone()[0]) == 0:
-            pytest.skip("the test server has max_prepared_transactions = 0")
+    prepared_transactions_or_skip(dsns["a"])
     for dsn in dsns.values():
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(SETUP)

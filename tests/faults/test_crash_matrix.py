@@ -44,7 +44,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.conftest import create_database, drop_database
+from tests.conftest import create_database, drop_database, prepared_transactions_or_skip
 from tests.faults import crash
 
 SEED = int(os.environ.get("EOS_FAULT_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
@@ -96,7 +96,8 @@ def nats_stream(name: str, prefix: str, *, delete: bool = False) -> None:
 
 
 @pytest.fixture
-def scenario(request, pg_admin_dsn: str, template_db: str) -> Iterator[crash.Scenario]:
+def scenario(request, pg_admin_dsn: str, template_db: str,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[crash.Scenario]:
     """The protocol's scenario over fresh databases (and broker stream or topic)."""
     name, big = request.param
     cls = SCENARIOS[name]
@@ -110,9 +111,7 @@ def scenario(request, pg_admin_dsn: str, template_db: str) -> Iterator[crash.Sce
     cleanup = []
     try:
         if name in ("2pc", "3pc"):
-            with psycopg.connect(dsns["a"]) as conn:
-                if int(conn.execute("SHOW max_prepared_transactions").fetchone()[0]) == 0:
-                    pytest.skip("max_prepared_transactions = 0 on the test server")
+            prepared_transactions_or_skip(dsns["a"])
         if name == "outbox-nats":
             stream = f"EOSCRASH_{token.upper()}"
             prefix = f"eoscrash.{token}"
@@ -128,10 +127,13 @@ def scenario(request, pg_admin_dsn: str, template_db: str) -> Iterator[crash.Sce
             bootstrap = request.getfixturevalue("kafka_bootstrap")
             topic = f"eoscrash-{token}"
 
+            journal = str(tmp_path_factory.mktemp("kafka") / "committed.jsonl")
+
             def kafka_sink():
-                from eos_airflow.outbox import KafkaSink
-                return KafkaSink({"bootstrap.servers": bootstrap, "log_level": 0},
-                                 transactional_id=f"eos-crash-{token}", timeout=10)
+                from tests.messaging.kafka_log import JournaledKafkaSink
+                return JournaledKafkaSink({"bootstrap.servers": bootstrap, "log_level": 0},
+                                          transactional_id=f"eos-crash-{token}", timeout=10,
+                                          journal=journal)
 
             def create_topic(report):
                 from tests.messaging.conftest import create_topic
@@ -140,6 +142,7 @@ def scenario(request, pg_admin_dsn: str, template_db: str) -> Iterator[crash.Sce
             assert code == 0, lines
             built = cls(dsns, rng, big, destination=f"kafka:{topic}", make_sink=kafka_sink,
                         broker=bootstrap)
+            built.journal = journal
         else:
             built = cls(dsns, rng, big)
         built.setup()
@@ -178,10 +181,13 @@ def drive(scenario: crash.Scenario, plan: list[tuple[str, str]]) -> dict[str, ob
             if action == "sleep":
                 sleep = float(spec.rsplit(":", 1)[1])
                 sleeper = crash.spawn(body, spec)
-                time.sleep(rng.uniform(0.02, sleep * 0.7))
+                # the competitor starts while the sleeper sleeps at its step: once the
+                # sleeper reported that the failpoint fired (if it never does, the run
+                # counts as not fired)
+                if sleeper.wait_for(lambda line: "fired" in line):
+                    time.sleep(rng.uniform(0, sleep * 0.5))
                 crash.merge_reports(run, *crash.run_child(scenario.competitor(run, sleep)))
                 crash.merge_reports(run, *sleeper.wait())
-                run.fired = True
             else:
                 crash.merge_reports(run, *crash.run_child(body, spec))
             scenario.recover(run)
@@ -199,10 +205,15 @@ def report(scenario: crash.Scenario, tally: dict[str, object]) -> None:
     steps = ", ".join(f"{s}/{a} {n}" for (s, a), n in sorted(tally["by_step"].items()))
     extra = ""
     if "messages" in tally:
-        extra = f", {tally['messages']} messages ({tally['broker_copies']} copies at the broker)"
+        extra = f", {tally['messages']} messages ({tally['broker_copies']} copies at the broker"
+        if "aborted_copies" in tally:
+            extra += f", {tally['aborted_copies']} in aborted transactions not counted"
+        extra += ")"
     print(f"\ncrash matrix {scenario.name} (EOS_FAULT_SEED={SEED}): {tally['runs']} runs, "
-          f"{tally['fired']} faults fired, {tally['keys']} keys, 0 duplicates, 0 lost, "
-          f"0 prepared left{extra}; {tally['seconds']:.1f} s\n  {steps}")
+          f"{tally['fired']} faults fired, {tally['keys']} keys, {tally['duplicates']} "
+          f"duplicates, {tally['lost']} lost, {tally['prepared']} prepared left{extra}; "
+          f"{tally['seconds']:.1f} s\n  {steps}")
+    assert (tally["duplicates"], tally["lost"], tally["prepared"]) == (0, 0, 0), tally
 
 
 def sample_plan(name: str) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from psycopg import sql
 
 from eos_airflow import ConfigurationError, HorizonTimeoutError, Ledger
 from eos_airflow.operators.incremental import incremental
+from tests.conftest import prepared_transactions_or_skip
 
 #: Advisory lock key the slow writer's BEFORE trigger waits on (held by the test).
 GATE = 4_004_004
@@ -180,9 +181,7 @@ def test_a_run_without_writers_does_not_wait(db: str, ledger: Ledger, readings):
 
 
 def test_a_prepared_writer_is_waited_for(db: str, ledger: Ledger, readings, pg_admin_dsn):
-    with psycopg.connect(pg_admin_dsn) as admin:
-        if admin.execute("SHOW max_prepared_transactions").fetchone()[0] == "0":
-            pytest.skip("max_prepared_transactions = 0 on this server")
+    prepared_transactions_or_skip(pg_admin_dsn)
     add(readings, 3)
     gid = f"horizon-{db[-10:]}"
     with psycopg.connect(db) as writer:

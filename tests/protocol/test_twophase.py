@@ -37,7 +37,14 @@ from eos_airflow.protocol.twophase import (
     make_txid,
     parse_gid,
 )
-from tests.conftest import ROOT, create_database, drop_database, dsn_for, events
+from tests.conftest import (
+    ROOT,
+    create_database,
+    drop_database,
+    dsn_for,
+    events,
+    prepared_transactions_or_skip,
+)
 
 KEY = "transfer/2024-01-01"
 ORIGIN = Origin("bank", "transfer", "run-1", -1)
@@ -147,12 +154,12 @@ def _banks(admin: str, template: str, *, separate_coordinator: bool) -> Iterator
                                                  else ("a", "b"))}
     dsns = {n: create_database(admin, db, template=template) for n, db in names.items()}
     dsns.setdefault("c", dsns["a"])  # else bank a's ledger coordinates, as in most set-ups
-    with psycopg.connect(dsns["a"]) as conn:
-        if int(conn.execute("SHOW max_prepared_transactions").fetchone()[0]) == 0:
-            for db in names.values():
-                drop_database(admin, db)
-            pytest.skip("the test server has max_prepared_transactions = 0: two-phase commit "
-                        "needs it > 0 (the embedded server sets 64 when it starts fresh)")
+    try:
+        prepared_transactions_or_skip(dsns["a"])
+    except BaseException:  # skipped or failed: leave no databases behind
+        for db in names.values():
+            drop_database(admin, db)
+        raise
     for name in ("a", "b"):
         with psycopg.connect(dsns[name], autocommit=True) as conn:
             conn.execute(SETUP)
@@ -314,15 +321,18 @@ def test_process_killed_at_each_failpoint_is_finished_by_retry_or_recover(banks,
     _crash_and_finish(banks, STEPS[step], step, how)
 
 
+#: Every step of each protocol (two-phase commit has no pre-commit step).
+PROTOCOL_STEPS = [(step, protocol) for protocol in ("2pc", "3pc") for step in STEPS
+                  if not (step == "after_precommit" and protocol == "2pc")]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["retry", "recover"])
 @pytest.mark.parametrize("action", ["raise", "exit"])
-@pytest.mark.parametrize("protocol", ["2pc", "3pc"])
-@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("step,protocol", PROTOCOL_STEPS,
+                         ids=[f"{step}-{protocol}" for step, protocol in PROTOCOL_STEPS])
 def test_failpoint_matrix(banks, step, protocol, action, how, monkeypatch):
     """Every step × protocol × action × finisher, EOS_2PC_ROUNDS times (default 1)."""
-    if step == "after_precommit" and protocol == "2pc":
-        pytest.skip("two-phase commit has no pre-commit")
     for round_ in range(int(os.environ.get("EOS_2PC_ROUNDS", "1"))):
         _crash_and_finish(banks, protocol, step, how, key=f"{KEY}/{round_}", moved=round_,
                           action=action, monkeypatch=monkeypatch)
