@@ -39,39 +39,57 @@ POOL_MODE_ENV = "EOS_POOL_MODE"
 #: The code that starts every PoolingError message.
 POOLING_CODE = "EOS10"
 
-_DIRECT = 0  # cached: the connection reaches PostgreSQL directly
-#: Per connection: _DIRECT, or the pinned server pid behind a declared session pooler.
-_seen: weakref.WeakKeyDictionary[psycopg.Connection[Any], int] = weakref.WeakKeyDictionary()
+#: Per connection seen: the server session's process id at first sight, and whether a pooler
+#: answered the login (the id the connection was given then differs).
+_seen: weakref.WeakKeyDictionary[psycopg.Connection[Any], tuple[int, bool]] = (
+    weakref.WeakKeyDictionary())
 
 
 def declared_session_pooling() -> bool:
     return os.environ.get(POOL_MODE_ENV, "").strip().lower() == "session"
 
 
+def _server_pid(conn: psycopg.Connection[Any]) -> int:
+    return conn.execute("SELECT pg_backend_pid()", prepare=False).fetchone()[0]
+
+
+def behind_pooler(conn: psycopg.Connection[Any]) -> bool:
+    """Does ``conn`` reach PostgreSQL through a pooler? (One round trip per connection.)
+
+    A pooled connection also stops psycopg's automatic server-side prepared statements
+    (``prepare_threshold = None``): through transaction pooling they would be left on server
+    sessions that other clients get, and be missing from the session the next statement
+    gets (PgBouncer before 1.21 does not track them)."""
+    seen = _seen.get(conn)
+    if seen is None:
+        pid = _server_pid(conn)
+        seen = _seen[conn] = (pid, pid != conn.info.backend_pid)
+        if seen[1]:
+            conn.prepare_threshold = None
+    return seen[1]
+
+
 def check_session(conn: psycopg.Connection[Any]) -> None:
     """Refuse (PoolingError) a connection whose server session may change between
     transactions; see the module's docstring. Call it before a claim, on an idle connection."""
-    pinned = _seen.get(conn)
-    if pinned == _DIRECT:
+    first = conn not in _seen
+    if not behind_pooler(conn):
         return
-    server_pid = conn.execute("SELECT pg_backend_pid()", prepare=False).fetchone()[0]
-    if pinned is None:
-        if server_pid == conn.info.backend_pid:
-            _seen[conn] = _DIRECT
-            return
-        if not declared_session_pooling():
-            raise PoolingError(
-                f"{POOLING_CODE}: the ledger connection goes through a connection pooler (the "
-                f"server session's process id {server_pid} is not the id {conn.info.backend_pid} "
-                "given at login). An attempt's ownership of a key is a session-level advisory "
-                "lock, which needs the pooler to keep one server session per client for the "
-                "client's whole life; in PgBouncer's transaction or statement mode the lock "
-                "stays on a pooled server session after its owner is gone, or passes to another "
-                "client. Use session mode (pool_mode = session) for the ledger database and set "
-                f"{POOL_MODE_ENV}=session on the workers, or connect the ledger directly to "
-                "PostgreSQL. Nothing was claimed")
-        _seen[conn] = server_pid
+    pinned = _seen[conn][0]
+    if not declared_session_pooling():
+        raise PoolingError(
+            f"{POOLING_CODE}: the ledger connection goes through a connection pooler (the "
+            f"server session's process id {pinned} is not the id {conn.info.backend_pid} "
+            "given at login). An attempt's ownership of a key is a session-level advisory "
+            "lock, which needs the pooler to keep one server session per client for the "
+            "client's whole life; in PgBouncer's transaction or statement mode the lock "
+            "stays on a pooled server session after its owner is gone, or passes to another "
+            "client. Use session mode (pool_mode = session) for the ledger database and set "
+            f"{POOL_MODE_ENV}=session on the workers, or connect the ledger directly to "
+            "PostgreSQL. Nothing was claimed")
+    if first:
         return
+    server_pid = _server_pid(conn)
     if server_pid != pinned:
         raise PoolingError(
             f"{POOLING_CODE}: the ledger connection's server session changed between "
@@ -82,4 +100,5 @@ def check_session(conn: psycopg.Connection[Any]) -> None:
             "database, or connect the ledger directly to PostgreSQL. Nothing was claimed")
 
 
-__all__ = ["POOL_MODE_ENV", "POOLING_CODE", "check_session", "declared_session_pooling"]
+__all__ = ["POOL_MODE_ENV", "POOLING_CODE", "behind_pooler", "check_session",
+           "declared_session_pooling"]

@@ -36,6 +36,7 @@ import pytest
 
 from eos_airflow import Ledger, Origin, PoolingError
 from eos_airflow.protocol.local import run_effect
+from eos_airflow.protocol.multiledger import MultiLedger
 from eos_airflow.protocol.pooling import POOL_MODE_ENV
 from tests.conftest import create_database, drop_database
 from tests.faults import crash
@@ -199,6 +200,56 @@ def test_two_phase_participants_behind_transaction_pooling(bouncers, databases, 
     tally = run_matrix(scenario, plan, pg_admin_dsn, bouncer, databases,
                        "transaction mode (participants)")
     assert tally["fired"] == len(plan), f"some faults did not fire: {tally['by_step']}"
+
+
+def test_two_phase_participants_reused_behind_transaction_pooling(bouncers, databases,
+                                                                  pg_admin_dsn):
+    """One MultiLedger runs many effects on the same participant connections while other
+    clients keep the pool busy (so PgBouncer moves each participant between server
+    sessions): every effect commits, and no prepared statement is left on any server
+    session (psycopg prepares a statement it ran five times: through transaction pooling
+    that statement would stay on a server session other clients get, and be missing from the
+    next one — PgBouncer 1.18 does not track them)."""
+    with psycopg.connect(databases["a"]) as conn:
+        if int(conn.execute("SHOW max_prepared_transactions").fetchone()[0]) == 0:
+            pytest.skip("max_prepared_transactions = 0 on the test server")
+    bouncer = bouncers["transaction"]
+    for role in ("a", "b"):
+        with psycopg.connect(databases[role], autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (key text)")
+    stop = threading.Event()
+
+    def churn() -> None:
+        others = [psycopg.connect(bouncer.through(databases[r]), autocommit=True)
+                  for r in ("a", "b", "a", "b")]
+        try:
+            while not stop.is_set():
+                for other in others:
+                    other.execute("SELECT pg_sleep(0.001)", prepare=False)
+        finally:
+            for other in others:
+                other.close()
+
+    def fn(eos):
+        for name in ("a", "b"):
+            eos.conns[name].execute("INSERT INTO t VALUES (%s)", [eos.key])
+        return {"key": eos.key}
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        with MultiLedger(databases["c"], {r: bouncer.through(databases[r]) for r in "ab"}
+                         ) as banks:
+            outcomes = [banks.run_outcome(f"k{i}", fn).action for i in range(30)]
+    finally:
+        stop.set()
+        thread.join(30)
+    assert outcomes == ["committed"] * 30
+    for role in ("a", "b"):
+        with psycopg.connect(databases[role]) as conn:
+            assert conn.execute("SELECT count(*), count(DISTINCT key) FROM t").fetchone() == (
+                30, 30)
+    assert_nothing_left(pg_admin_dsn, bouncer, {r: databases[r] for r in "abc"})
 
 
 @pytest.mark.slow
