@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from eos_airflow import Ledger, Origin, PoolingError
+from eos_airflow import ConfigurationError, Ledger, Origin, PoolingError
 from eos_airflow.protocol.local import run_effect
 from eos_airflow.protocol.multiledger import MultiLedger
 from eos_airflow.protocol.pooling import POOL_MODE_ENV
@@ -44,6 +44,8 @@ from tests.faults.pgbouncer import PgBouncer, require_pgbouncer
 from tests.faults.test_crash_matrix import ACTIONS, SCENARIOS, SEED, drive, finish_prepared
 
 MODES = ("session", "transaction")
+#: The default sample: each step × each action this many times (a few seconds per round).
+SAMPLE_ROUNDS = {"local": 2, "chunked": 2, "2pc": 1}
 #: Crash-matrix runs per protocol in the slow tier (EOS_PGBOUNCER_RUNS overrides).
 SLOW_RUNS = int(os.environ.get("EOS_PGBOUNCER_RUNS", "0")) or 60
 
@@ -181,7 +183,7 @@ def test_crash_sample_through_session_pooling(name, bouncers, databases, pg_admi
     monkeypatch.setenv(POOL_MODE_ENV, "session")
     bouncer = bouncers["session"]
     scenario = through_bouncer(name, bouncer, databases)
-    plan = full_combos(name)
+    plan = full_combos(name, SAMPLE_ROUNDS[name] * 3 * len(SCENARIOS[name].steps))
     tally = run_matrix(scenario, plan, pg_admin_dsn, bouncer, databases, "session mode")
     assert {step for step, _ in tally["by_step"]} == set(scenario.steps)
     assert tally["fired"] == len(plan), f"some faults did not fire: {tally['by_step']}"
@@ -304,7 +306,7 @@ def test_transaction_pooling_is_refused_at_the_claim(declared, bouncers, databas
     assert message.startswith("EOS10: ")
     assert "pool_mode = session" in message and "directly" in message
     assert "Nothing was claimed" in message
-    assert not refused.value.retryable
+    assert isinstance(refused.value, ConfigurationError) and not refused.value.retryable
     assert took < 2, f"the refusal took {took:.1f} s"
     with psycopg.connect(databases["db"]) as conn:
         assert conn.execute("SELECT count(*) FROM eos.ledger WHERE key = 'k'").fetchone() == (0,)
@@ -403,3 +405,30 @@ def test_a_live_owner_is_not_taken_over_through_session_pooling(bouncers, databa
     with psycopg.connect(databases["db"]) as conn:
         assert conn.execute("SELECT run_id FROM writes").fetchall() == [("owner",)]
     assert_nothing_left(pg_admin_dsn, bouncer, {"db": databases["db"]})
+
+
+@pytest.mark.parametrize("where", ["direct", "session-undeclared", "session-declared",
+                                   "transaction-undeclared"])
+def test_doctor_reports_the_pooler(where, bouncers, databases):
+    """`eos-airflow doctor` says whether a pooler answers and whether claims will pass."""
+    import json
+
+    from tests.conftest import BIN
+
+    mode = where.split("-")[0]
+    dsn = databases["db"] if mode == "direct" else bouncers[mode].through(databases["db"])
+    env = {k: v for k, v in os.environ.items() if k != POOL_MODE_ENV}
+    if where.endswith("-declared"):
+        env[POOL_MODE_ENV] = "session"
+    done = subprocess.run([str(BIN / "eos-airflow"), "doctor", "--dsn", dsn, "--format", "json"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    (check,) = [c for c in json.loads(done.stdout)["checks"]
+                if c["check"] == "connection pooler"]
+    if mode == "direct":
+        assert check["status"] == "ok" and check["detail"].startswith("none")
+    elif where.endswith("-declared"):
+        assert check["status"] == "ok" and f"{POOL_MODE_ENV}=session" in check["detail"]
+    else:
+        assert check["status"] == "fail" and "EOS10" in check["detail"]
+        assert "pool_mode = session" in check["detail"]
+        assert done.returncode != 0
