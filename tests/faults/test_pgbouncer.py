@@ -323,6 +323,8 @@ def test_transaction_pooling_is_refused_at_the_claim(declared, bouncers, databas
     assert message.startswith("EOS10: ")
     assert "pool_mode = session" in message and "directly" in message
     assert "Nothing was claimed" in message
+    assert ("changed between transactions" if declared else "goes through a connection pooler"
+            ) in message
     assert isinstance(refused.value, ConfigurationError) and not refused.value.retryable
     assert took < 2, f"the refusal took {took:.1f} s"
     with psycopg.connect(databases["db"]) as conn:
