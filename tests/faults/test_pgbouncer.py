@@ -13,7 +13,8 @@ claim is refused at once with PoolingError (``EOS10``) — nothing claimed, noth
 nothing left behind, no waiting; also when the deployment wrongly declares session pooling,
 as soon as the server session changes under the connection. Two-phase commit whose
 participants sit behind transaction pooling (the coordinator's ledger reached directly)
-works: PREPARE TRANSACTION ends the transaction, COMMIT PREPARED runs from any session.
+works: PREPARE TRANSACTION ends the transaction, COMMIT PREPARED runs from any session; a
+coordinator behind transaction pooling is refused like any ledger.
 
 The sample is sized to stay within a few minutes; ``-m slow`` (EOS_SLOW=1) runs a larger one.
 """
@@ -333,6 +334,34 @@ def test_transaction_pooling_is_refused_at_the_claim(declared, bouncers, databas
                             ).fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM rows_t WHERE key = 'k'").fetchone() == (0,)
     assert_nothing_left(pg_admin_dsn, bouncer, {"db": databases["db"]})
+
+
+def test_a_coordinator_behind_transaction_pooling_is_refused(bouncers, databases,
+                                                            pg_admin_dsn, monkeypatch):
+    """A multi-database effect whose coordinator's ledger sits behind transaction pooling is
+    refused at its claim, before any participant begins: nothing prepared, nothing written."""
+    need_prepared_transactions(databases)
+    monkeypatch.delenv(POOL_MODE_ENV, raising=False)
+    bouncer = bouncers["transaction"]
+    for role in ("a", "b"):
+        with psycopg.connect(databases[role], autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (key text)")
+
+    def fn(eos):
+        for name in ("a", "b"):
+            eos.conns[name].execute("INSERT INTO t VALUES (%s)", [eos.key])
+        return {}
+
+    with MultiLedger(bouncer.through(databases["c"]),
+                     {r: databases[r] for r in "ab"}) as banks:
+        with pytest.raises(PoolingError, match="^EOS10: .*pool_mode = session"):
+            banks.run("k", fn)
+    for role in ("a", "b"):
+        with psycopg.connect(databases[role]) as conn:
+            assert conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    with psycopg.connect(databases["c"]) as conn:
+        assert conn.execute("SELECT count(*) FROM eos.ledger").fetchone() == (0,)
+    assert_nothing_left(pg_admin_dsn, bouncer, {r: databases[r] for r in "abc"})
 
 
 # -- take-over through session pooling ------------------------------------------------------
