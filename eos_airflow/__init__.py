@@ -21,6 +21,7 @@ from eos_airflow.errors import (
     LedgerIntegrityError,
     LedgerSchemaError,
     LostClaimError,
+    PoolingError,
     ResultError,
     UserCodeError,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "MultiTargetSQLOperator",
     "Origin",
     "OutboxRelayOperator",
+    "PoolingError",
     "Previous",
     "ResultError",
     "UserCodeError",

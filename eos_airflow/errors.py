@@ -26,6 +26,13 @@ class BadKeyError(ConfigurationError):
     """An effect key is empty, too long, contains control characters or failed to render."""
 
 
+class PoolingError(ConfigurationError):
+    """The ledger connection goes through a connection pooler that cannot keep the owner's
+    session (transaction or statement pooling, or a pooler not declared to pool sessions):
+    the advisory lock that tells other runs "the owner is alive" would outlive the owner or
+    move to another client. Messages start with ``EOS10``."""
+
+
 class ResultError(EosError):
     """The function's return value cannot be stored in the ledger (not JSON, or too large)."""
 

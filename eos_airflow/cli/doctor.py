@@ -15,6 +15,7 @@ from eos_airflow.errors import LedgerSchemaError
 from eos_airflow.ledger.migrate import check_revision, script_paths
 from eos_airflow.ledger.queries import query
 from eos_airflow.ledger.roles import direct_writers
+from eos_airflow.protocol.pooling import POOL_MODE_ENV, behind_pooler, declared_session_pooling
 
 MIN_SERVER_VERSION = 140000
 
@@ -48,6 +49,7 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
         f"applied migrations differ from the shipped files: {', '.join(changed)}" if changed
         else "every applied migration matches its file")
 
+    add(*_pooler(conn))
     facts = cur.execute(query("doctor_facts", schema), {"schema": schema}).fetchone()
     add(*_effect_probe(conn, schema, facts["role"], facts["can_claim"]))
     writers = direct_writers(conn, schema)
@@ -85,6 +87,23 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
         f"{orphaned} running keys belong to sessions that ended (crashed attempts); the next "
         "claim of each key takes it over")
     return checks
+
+
+def _pooler(conn: psycopg.Connection[Any]) -> tuple[str, str, str]:
+    """A pooler between the ledger and PostgreSQL must pool sessions, declared on the workers
+    (protocol/pooling.py)."""
+    if not behind_pooler(conn):
+        return ("connection pooler", OK, "none: this connection reaches PostgreSQL directly")
+    if declared_session_pooling():
+        return ("connection pooler", OK,
+                f"a pooler answers this connection; {POOL_MODE_ENV}=session declares that it "
+                "pools sessions (claims are refused if the server session changes under a "
+                "connection)")
+    return ("connection pooler", FAIL,
+            "a pooler answers this connection (its login key is not the server session's "
+            "process id): claims through it are refused (EOS10). Use PgBouncer's "
+            f"pool_mode = session for this database and set {POOL_MODE_ENV}=session on the "
+            "workers, or connect directly to PostgreSQL")
 
 
 def _effect_probe(conn: psycopg.Connection[Any], schema: str, role: str,

@@ -54,6 +54,7 @@ from eos_airflow.protocol.effect import (
     check_key,
     encode_result,
 )
+from eos_airflow.protocol.pooling import check_session
 from eos_airflow.protocol.resolve import (
     CommitNotDoneError,
     CommitOutcomeUnknownError,
@@ -374,6 +375,7 @@ def _claim(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUI
         "task_id": origin.task_id, "run_id": origin.run_id, "map_index": origin.map_index,
         "host": _HOST, "pid": os.getpid(), "on_committed": on_committed, **(extra or {}),
     }
+    check_session(conn)  # a pooler must keep the owner's session (protocol/pooling.py)
     deadline = time.monotonic() + wait_timeout
     while True:
         if begin:

@@ -36,6 +36,7 @@ from psycopg import errors as pgerrors
 
 from eos_airflow.errors import EosError
 from eos_airflow.protocol.local import _execute
+from eos_airflow.protocol.pooling import behind_pooler
 from eos_airflow.protocol.twophase import (
     GID_PREFIX,
     _statement,
@@ -247,6 +248,7 @@ class _Participants:
                     f"pass --participant {name}=DSN")
             conn = connect()
             conn.autocommit = True
+            behind_pooler(conn)  # pooled: no automatic prepared statements
             self.open[slot] = conn
         return self.open[slot]
 

@@ -67,6 +67,7 @@ from eos_airflow.protocol.local import (
     _release,
     lost_to,
 )
+from eos_airflow.protocol.pooling import behind_pooler
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,8 @@ def run_two_phase(
 
     check_key(key)
     check_targets(conns, protocol)
+    for conn in conns.values():  # a pooled participant: no automatic prepared statements
+        behind_pooler(conn)
     origin = origin or Origin()
     owner = uuid.uuid4()
     txid = make_txid(protocol, key, attempt, owner)
