@@ -1,8 +1,9 @@
 """A worker whose network vanishes loses its claim within the liveness bound.
 
 The owner runs in its own network namespace (tests/faults/netns.py) and claims a key through
-``Ledger(dsn, liveness_timeout=6)``; then its link goes down — no FIN, no RST, no ACK: it is
-simply silent, as a worker behind a partition or on a host that lost power. A claimant of
+``Ledger(dsn, liveness_timeout=6)``; then the router between it and the server starts
+dropping every packet — no FIN, no RST, no ACK, no ICMP: the owner is simply silent, as a
+worker behind a partition or on a host that lost power. A claimant of
 another run waits for the key. The server must end the silent owner's session (rolling back
 its write and freeing its locks) within ``liveness_bound`` of the outage, and the waiter take
 the key over. (The owner's own keepalives may make its process give up meanwhile; nothing it
