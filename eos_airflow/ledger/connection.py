@@ -153,6 +153,36 @@ class Liveness:
                 "keepalives_count": KEEPALIVES_COUNT}
 
 
+#: The server settings liveness sets, in the order of the docs.
+SERVER_SETTINGS = ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
+                   "tcp_user_timeout", "client_connection_check_interval")
+
+
+def check_session(conn: psycopg.Connection[Any], liveness: Liveness) -> tuple[bool, str]:
+    """Does ``conn``'s session carry ``liveness``'s settings? (ok, what it found): read
+    back from ``pg_settings`` (``eos-airflow doctor``)."""
+    found = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                              [list(SERVER_SETTINGS)]).fetchall())
+    shown = ", ".join(f"{name}={found.get(name, '-')}" for name in SERVER_SETTINGS)
+    if not liveness.enabled:
+        return False, (
+            f"{LIVENESS_ENV}=0: the session keeps the server's TCP timeouts ({shown}; the "
+            "kernel's defaults wait two hours before the first probe): a worker whose network "
+            "vanishes keeps its keys that long. Unset it (60 s) or set a number of seconds")
+    wanted = liveness.server_settings(conn.info.server_version)
+    if (conn.info.host or "").startswith("/"):  # Unix socket: the tcp_* settings read 0
+        wanted = {k: v for k, v in wanted.items() if not k.startswith("tcp_")}
+    differ = [name for name, value in wanted.items() if found.get(name) != value]
+    if differ:
+        return False, (
+            f"the session does not carry the liveness settings it set ({shown}; wanted "
+            f"{', '.join(f'{n}={wanted[n]}' for n in differ)}): a pooler in transaction "
+            "mode runs sessions on other server connections; a worker whose network "
+            "vanishes may keep its keys until the server's own TCP timeouts")
+    return True, (f"a worker that goes silent loses its session, and its keys, within "
+                  f"{liveness.bound:g} s ({shown})")
+
+
 def liveness_bound(value: float | None = None) -> float:
     """Seconds within which the server ends the session of a client that went silent."""
     return Liveness.of(value).bound
@@ -351,5 +381,6 @@ def _no_quotes(message: str) -> str:
     return _QUOTED.sub(lambda m: m[0] if len(m[1]) < 2 else '"…"', message)
 
 
-__all__ = ["DEFAULT_LIVENESS_TIMEOUT", "LIVENESS_ENV", "Liveness", "aconnect", "connect",
-           "connect_error", "liveness_bound", "liveness_timeout", "prepare"]
+__all__ = ["DEFAULT_LIVENESS_TIMEOUT", "LIVENESS_ENV", "SERVER_SETTINGS", "Liveness",
+           "aconnect", "aprepare", "check_session", "connect", "connect_error",
+           "liveness_bound", "liveness_timeout", "prepare"]
