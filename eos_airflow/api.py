@@ -13,17 +13,13 @@ from typing import Any
 import psycopg
 import psycopg.conninfo
 
-from eos_airflow.errors import ConfigurationError, DatabaseUnavailableError
+from eos_airflow.errors import ConfigurationError
+from eos_airflow.ledger import connection
 from eos_airflow.ledger.queries import check_schema
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, ON_COMMITTED, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome, run_effect
 
 Connect = Callable[[], "psycopg.Connection[Any]"]
-
-#: TCP keepalives so that the server notices a vanished client (its claim then frees) within
-#: about a minute instead of the kernel default of two hours.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
-              "keepalives_count": 3}
 
 
 #: PostgreSQL's longest identifier (NAMEDATALEN - 1); a longer name is silently truncated.
@@ -58,6 +54,13 @@ class Ledger:
     >>> ledger.run("sales_daily/2024-01-01", load)   # a second call skips and returns the same
 
     Connections are kept in a small pool (one per concurrent caller) and reused.
+
+    ``liveness_timeout`` (seconds; default ``EOS_LIVENESS_TIMEOUT`` or 60; 0 = off) bounds
+    how long the server keeps the session of a caller whose network vanished — and with it
+    the keys that caller owns: each connection opened from ``dsn`` sets the session's
+    server-side TCP keepalives, ``tcp_user_timeout`` and ``client_connection_check_interval``
+    from it (eos_airflow/ledger/connection.py). Connections from your own ``connect=``
+    factory are used as they come (apply :func:`eos_airflow.ledger.connection.prepare`).
     """
 
     def __init__(
@@ -69,12 +72,16 @@ class Ledger:
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         max_result_bytes: int = MAX_RESULT_BYTES,
         max_idle: int = 32,
+        liveness_timeout: float | None = None,
     ) -> None:
         if (dsn is None) == (connect is None):
             raise ConfigurationError("Ledger needs exactly one of dsn= or connect=")
         check_schema(schema)
         if dsn is not None:
             check_dsn(dsn)
+        #: Seconds within which the server ends the session of a worker that went silent
+        #: (its claims then free): see eos_airflow/ledger/connection.py; 0 = off.
+        self.liveness_timeout = connection.liveness_timeout(liveness_timeout)
         self.dsn = dsn
         self.schema = schema
         self.wait_timeout = wait_timeout
@@ -88,14 +95,8 @@ class Ledger:
 
     def _connect_dsn(self) -> psycopg.Connection[Any]:
         assert self.dsn is not None
-        try:
-            return psycopg.connect(self.dsn, autocommit=True, application_name="eos-airflow",
-                                   **KEEPALIVES)
-        except psycopg.OperationalError as exc:  # libpq's message names host, port, user
-            raise DatabaseUnavailableError(
-                f"cannot connect to the ledger database ({str(exc).strip()}); check that the "
-                "server runs and that the DSN's host, port, database and user are right"
-            ) from exc
+        return connection.connect(self.dsn, application_name="eos-airflow",
+                                  liveness_timeout=self.liveness_timeout)
 
     def connection(self) -> psycopg.Connection[Any]:
         """Take a connection from the pool (or open one); give it back with :meth:`putconn`."""

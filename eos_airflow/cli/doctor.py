@@ -12,6 +12,7 @@ from psycopg.rows import dict_row
 
 from eos_airflow.cli import output
 from eos_airflow.errors import LedgerSchemaError
+from eos_airflow.ledger.connection import Liveness, check_session
 from eos_airflow.ledger.migrate import check_revision, script_paths
 from eos_airflow.ledger.queries import query
 from eos_airflow.ledger.roles import direct_writers
@@ -33,6 +34,8 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
     add("server version", OK if version >= MIN_SERVER_VERSION else FAIL,
         f"PostgreSQL {version // 10000}.{version % 10000}"
         + ("" if version >= MIN_SERVER_VERSION else "; eos-airflow needs 14 or newer"))
+    alive, detail = check_session(conn, Liveness.of())
+    add("liveness", OK if alive else WARN, detail)
     try:
         revision = check_revision(conn, schema)
     except LedgerSchemaError as exc:

@@ -32,17 +32,34 @@ def _connect_factory(args: argparse.Namespace) -> Callable[[], psycopg.Connectio
     dsn = args.dsn or (None if args.conn_id else os.environ.get("EOS_LEDGER_DSN"))
     if dsn:
         from eos_airflow.api import check_dsn
+        from eos_airflow.ledger.connection import connect
 
         check_dsn(dsn)
-        return lambda: psycopg.connect(dsn, autocommit=True, application_name="eos-airflow cli")
+        return _unreachable_is_exit_3(
+            lambda: connect(dsn, application_name="eos-airflow cli"))
     if args.conn_id:
         from eos_airflow.hooks.ledger import connect_factory
 
-        return connect_factory(args.conn_id)
+        return _unreachable_is_exit_3(connect_factory(args.conn_id))
     raise ConfigurationError(
         "no ledger database given: pass --dsn postgresql://..., --conn-id AIRFLOW_CONN_ID, "
         "or set EOS_LEDGER_DSN"
     )
+
+
+def _unreachable_is_exit_3(
+        connect: Callable[[], psycopg.Connection[Any]]) -> Callable[[], psycopg.Connection[Any]]:
+    """Any failed connection attempt exits 3 ("database unreachable"), also those another
+    try cannot fix (wrong password, unknown database): their message says what to fix."""
+    def opened() -> psycopg.Connection[Any]:
+        try:
+            return connect()
+        except ConfigurationError as exc:
+            if isinstance(exc.__cause__, psycopg.Error):
+                raise DatabaseUnavailable(str(exc)) from exc
+            raise
+
+    return opened
 
 
 def _open(args: argparse.Namespace) -> psycopg.Connection[Any]:

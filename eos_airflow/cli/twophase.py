@@ -19,6 +19,7 @@ import psycopg
 from eos_airflow.api import check_dsn
 from eos_airflow.cli import output
 from eos_airflow.errors import ConfigurationError, DatabaseUnavailableError
+from eos_airflow.ledger import connection
 from eos_airflow.protocol.recovery import DEFAULT_GRACE, Resolution, recover, terminate
 
 _SECONDS = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$")
@@ -61,11 +62,12 @@ def participants(values: list[str]) -> dict[str, Callable[[], psycopg.Connection
 def _connector(dsn: str) -> Callable[[], psycopg.Connection[Any]]:
     def connect() -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(dsn, autocommit=True, application_name="eos-airflow recover")
-        except psycopg.OperationalError as exc:
+            return connection.connect(dsn, application_name="eos-airflow recover",
+                                      where="a participant")
+        except DatabaseUnavailableError as exc:
             raise DatabaseUnavailableError(
-                f"cannot connect to a participant: {str(exc).strip()}; check its --participant "
-                "DSN, or leave it out while it is down (its transactions wait)") from exc
+                f"{exc}; or leave the participant out while it is down (its transactions "
+                "wait)") from exc.__cause__
 
     return connect
 

@@ -9,18 +9,27 @@ from typing import Any
 import psycopg
 
 from eos_airflow.errors import ConfigurationError
+from eos_airflow.ledger import connection
 
 
-def connect_factory(conn_id: str) -> Callable[[], psycopg.Connection[Any]]:
+def connect_factory(conn_id: str, *, liveness_timeout: float | None = None,
+                    ) -> Callable[[], psycopg.Connection[Any]]:
     """A function opening autocommit psycopg 3 connections for Airflow connection ``conn_id``.
 
     The connection (host, login, password, extras such as sslmode) is read through
     ``PostgresHook``, so secrets backends and ``AIRFLOW_CONN_*`` variables work as usual.
+    Each connection gets the server-side liveness settings of ``liveness_timeout`` (default
+    ``EOS_LIVENESS_TIMEOUT`` or 60 s; see eos_airflow/ledger/connection.py). A failure to
+    connect raises the retryable ``DatabaseUnavailableError`` when another try may succeed
+    (server down, restarting, full) and ``ConfigurationError`` when it cannot (unknown
+    connection id, wrong password, role or database).
     """
     from airflow.providers.postgres.hooks.postgres import PostgresHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
+    liveness = connection.Liveness.of(liveness_timeout)
     hook = PostgresHook(postgres_conn_id=conn_id)
+    where = f"Airflow connection {conn_id!r}"
 
     def connect() -> psycopg.Connection[Any]:
         try:
@@ -31,11 +40,8 @@ def connect_factory(conn_id: str) -> Callable[[], psycopg.Connection[Any]]:
                 f"`airflow connections add {conn_id} --conn-uri postgresql://USER@HOST/DB` "
                 f"or set AIRFLOW_CONN_{conn_id.upper()}"
             ) from None
-        except psycopg.OperationalError as exc:
-            raise ConfigurationError(
-                f"cannot connect to Airflow connection {conn_id!r}: {str(exc).strip()}; "
-                "check its host, port, login and database"
-            ) from exc
+        except psycopg.Error as exc:
+            raise connection.connect_error(exc, where) from exc
         if not isinstance(conn, psycopg.Connection):
             conn.close()
             raise ConfigurationError(
@@ -43,8 +49,7 @@ def connect_factory(conn_id: str) -> Callable[[], psycopg.Connection[Any]]:
                 f"({type(conn).__module__}.{type(conn).__name__}); eos-airflow needs psycopg 3 "
                 "and SQLAlchemy 2 installed next to apache-airflow-providers-postgres"
             )
-        conn.autocommit = True
-        return conn
+        return connection.prepare(conn, liveness, where=where)
 
     return connect
 

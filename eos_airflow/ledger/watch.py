@@ -35,6 +35,7 @@ from psycopg import errors as pgerrors
 from psycopg.rows import dict_row
 
 from eos_airflow.errors import ConfigurationError, LedgerSchemaError
+from eos_airflow.ledger import connection
 from eos_airflow.ledger.queries import query
 from eos_airflow.protocol.effect import check_key
 
@@ -185,6 +186,8 @@ class Watcher:
         self.listener = self._token
         self._retired = False
         self.connections_opened = 0
+        #: The session's connection while one is open (for inspection; the watcher's own).
+        self.connection: psycopg.AsyncConnection[Any] | None = None
         self._waits: set[_Wait] = set()
         self._registered: set[tuple[str, bool]] = set()
         self._wake = asyncio.Event()
@@ -235,6 +238,9 @@ class Watcher:
                     error = _schema_error(self.schema, "?", exc)
                     for wait in list(self._waits):
                         wait.decide(Verdict("error", message=str(error)))
+                except ConfigurationError as exc:  # e.g. EOS_LIVENESS_TIMEOUT is not a number
+                    for wait in list(self._waits):
+                        wait.decide(Verdict("error", message=str(exc)))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
         finally:
@@ -249,11 +255,13 @@ class Watcher:
                 callback(self)
 
     async def _session(self) -> None:
-        conn = await psycopg.AsyncConnection.connect(
-            self.conninfo, autocommit=True, application_name=APPLICATION_NAME,
-            options=f"-c lock_timeout={LOCK_TIMEOUT_MS}", keepalives=1, keepalives_idle=30,
-            keepalives_interval=10, keepalives_count=3)
+        # lock_timeout by set_config after connecting, as the liveness settings: a startup
+        # `options` parameter is refused by PgBouncer.
+        conn = await connection.aconnect(
+            self.conninfo, application_name=APPLICATION_NAME,
+            settings={"lock_timeout": f"{LOCK_TIMEOUT_MS}ms"})
         self.connections_opened += 1
+        self.connection = conn
         self.listener = listener = f"{self._token}:{next(self._sessions)}"
         try:
             await conn.execute(query("listen", self.schema), {})
@@ -285,6 +293,7 @@ class Watcher:
                 if not conn.closed:
                     await conn.execute(query("drop_listener", self.schema),
                                        {"listener": listener})
+            self.connection = None
             await conn.close()
 
     async def _sync_rows(self, conn: psycopg.AsyncConnection[Any]) -> None:

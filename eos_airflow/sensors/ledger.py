@@ -109,7 +109,10 @@ class LedgerSensor(BaseSensorOperator):
                 return check(conn, self.ledger_schema, self.spec())
             finally:
                 conn.close()
-        except EosError as exc:  # unknown connection, missing ledger schema
+        except EosError as exc:
+            if exc.retryable:  # the database is down or restarting: Airflow retries
+                raise
+            # unknown connection, wrong credentials, missing ledger schema: no retry helps
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
     def poke(self, context: Any) -> PokeReturnValue:

@@ -34,13 +34,14 @@ class _Armed:
 
 
 class FaultProxy:
-    """Listen on 127.0.0.1:<port>; forward to ``upstream`` (host, port) or a Unix socket."""
+    """Listen on 127.0.0.1:<port> (a free one unless ``port`` is given); forward to
+    ``upstream`` (host, port) or a Unix socket."""
 
-    def __init__(self, upstream: tuple[str, int] | str) -> None:
+    def __init__(self, upstream: tuple[str, int] | str, port: int = 0) -> None:
         self.upstream = upstream
         self._server = socket.socket()
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind(("127.0.0.1", 0))
+        self._server.bind(("127.0.0.1", port))
         self._server.listen(128)
         self.port = self._server.getsockname()[1]
         self._lock = threading.Lock()
