@@ -40,6 +40,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,8 @@ class Runner:
 
 
 _RUNNERS: dict[threading.Thread, Runner] = {}
+#: What the machine did, for the report (docs/reliability.md)
+STATS: Counter = Counter()
 
 
 def _hook(step: str):
@@ -132,6 +135,11 @@ class Model:
     # two-phase transactions that are logged and unresolved, by attempt: "open" (live,
     # undecided), "orphan" (its attempt is gone, undecided), "decided"
     txns: dict = field(default_factory=dict)
+    # the claim history that `ledger gc` has not pruned (max try per run), the run the row
+    # names, and how often gc made the ledger forget a fencing try (a known gap, see below)
+    history: dict = field(default_factory=dict)
+    row_run: str | None = None
+    forgotten_fences: int = 0
 
     def claim(self, me: tuple[str, int], on_committed: str) -> str:
         """The claim rules of docs/guarantees.md ("The protocol", "Fencing scope")."""
@@ -141,7 +149,16 @@ class Model:
         if self.state == "committed" and on_committed == "skip":
             return "skip"
         # fenced by the highest try of its task instance that ever claimed the key
-        if self.max_claimed.get(run, 0) > try_number:
+        fence = self.max_claimed.get(run, 0)
+        # Known gap: `ledger gc` prunes the `claimed` events that fencing reads when the row
+        # names another run, so a lower try whose higher try's claim was pruned is not
+        # fenced (test_gc_forgets_the_fencing_history, strict xfail). Follow the ledger here
+        # and count it, so that the rest of the machine keeps checking.
+        remembered = self.attempt if self.row_run == run else self.history.get(run, 0)
+        if fence > try_number >= remembered:
+            self.forgotten_fences += 1
+            fence = remembered
+        if fence > try_number:
             return "fenced"
         if self.owner is not None:
             newer_try = self.owner[0] == run and self.owner[1] < try_number
@@ -151,8 +168,9 @@ class Model:
 
     def take(self, me: tuple[str, int]) -> None:
         self.state = "committed" if self.state == "committed" else "running"
-        self.owner, self.attempt = me, me[1]
+        self.owner, self.attempt, self.row_run = me, me[1], me[0]
         self.max_claimed[me[0]] = max(self.max_claimed.get(me[0], 0), me[1])
+        self.history[me[0]] = max(self.history.get(me[0], 0), me[1])
         self.alive.add(me)
 
     def release(self, me: tuple[str, int]) -> None:
@@ -258,6 +276,8 @@ class OperationsMachine(RuleBasedStateMachine):
                 del self.model.txns[who]
             elif status == "orphan" or who == abort_live_older:
                 self.model.txns[who] = "aborted"
+                if status == "orphan" and self.model.owner == who:
+                    self.model.release(who)  # the abort releases the gone owner's claim
 
     def _resolve_aborted(self) -> None:
         self.model.txns = {w: s for w, s in self.model.txns.items() if s != "aborted"}
@@ -270,6 +290,7 @@ class OperationsMachine(RuleBasedStateMachine):
         self.runners[me] = runner
         model = self.model
         expected = model.claim(me, on_committed)
+        STATS[f"claim {expected}"] += 1
         previous_owner = model.owner
         self._start(runner)
         at = self._await(runner)
@@ -308,6 +329,7 @@ class OperationsMachine(RuleBasedStateMachine):
         me = data.draw(st.sampled_from(self._held(*STEPS)))
         runner, model = self.runners[me], self.model
         step = runner.at
+        STATS[f"advance from {step}"] += 1
         conflict = False
         if step == "after_claim":
             # its DELETE of the visible outputs meets another live attempt's open
@@ -382,6 +404,7 @@ class OperationsMachine(RuleBasedStateMachine):
     def fail(self, data):
         me = data.draw(st.sampled_from(self._held(*STEPS[:3])))
         runner = self.runners[me]
+        STATS[f"fail at {runner.at}"] += 1
         runner.commands.put("fail")
         self._await(runner)
         self._error(runner, Boom)
@@ -393,6 +416,7 @@ class OperationsMachine(RuleBasedStateMachine):
         me = data.draw(st.sampled_from(self._held(*STEPS)))
         runner = self.runners[me]
         step = runner.at
+        STATS[f"crash at {step}"] += 1
         self.ledger.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
                             "WHERE application_name = %s", [runner.app])
         runner.commands.put("crash")
@@ -415,16 +439,33 @@ class OperationsMachine(RuleBasedStateMachine):
             code = cli([*args, "--dsn", self.dsns["a"]])
         return code, out.getvalue()
 
-    @rule()
+    @precondition(lambda self: bool(self.runners))
+    @rule(action=st.sampled_from(["reopen", "recover", "recover --older-than", "gc"]),
+          grace=st.sampled_from([0, 3600]))
+    def operate(self, action, grace):
+        """One operator action (one rule for all, so that attempts get most of the steps)."""
+        if action == "reopen":
+            self.reopen()
+        elif action == "gc":
+            self.gc()
+        else:
+            self.recover(action.endswith("older-than"), grace)
+
+    @precondition(lambda self: any(r.at in STEPS for r in self.runners.values()))
+    @rule(data=st.data())
+    def advance_again(self, data):
+        """Going on is the common case: twice as likely as failing or crashing."""
+        self.advance(data)
+
     def reopen(self):
         code, _ = self._cli("ledger", "reopen", self.key, "--reason", "source corrected")
         model = self.model
         allowed = model.state == "committed" and model.owner is None
         assert (code == 0) == allowed, (code, model)
+        STATS["reopen" if allowed else "reopen refused"] += 1
         if allowed:
             model.state = "reopened"
 
-    @rule(older_than=st.booleans(), grace=st.sampled_from([0, 3600]))
     def recover(self, older_than, grace):
         args = ["recover", "--format", "json", "--grace", f"{grace}s"]
         if older_than:
@@ -450,6 +491,8 @@ class OperationsMachine(RuleBasedStateMachine):
                 expected.append((who[1], "aborted" if grace == 0 else "waiting"))
                 if grace == 0:
                     del model.txns[who]
+                    if model.owner == who:
+                        model.release(who)  # the abort releases the gone owner's claim
             else:  # a live attempt's (open, or aborted by a newer try: resolved already)
                 if status == "open":
                     expected.append((who[1], "waiting"))
@@ -457,6 +500,8 @@ class OperationsMachine(RuleBasedStateMachine):
         got = sorted((int(t["txid"].split(":")[3]), t["outcome"])
                      for t in report["transactions"] if t["key"] == self.key)
         assert got == sorted(expected), (got, expected, model)
+        STATS["recover"] += 1
+        STATS.update(f"recover: transaction {o}" for _, o in got)
         # claims: only those whose session is gone are expired; live ones are listed
         gone = model.owner is not None and model.owner not in model.alive
         live = model.owner is not None and model.owner in model.alive
@@ -464,14 +509,17 @@ class OperationsMachine(RuleBasedStateMachine):
         held = [r["key"] for r in report["held"] if r["key"] == self.key]
         assert expired == ([self.key] if gone else []), (report, model)
         assert held == ([self.key] if live and older_than else []), (report, model)
+        STATS.update(["recover: claim expired"] * len(expired) + ["recover: claim held"] * len(held))
         if gone:
             model.release(model.owner)
 
-    @rule()
     def gc(self):
         time.sleep(0.01)
         code, out = self._cli("ledger", "gc", "--older-than", "0s", "--format", "json")
         assert code == 0, out
+        STATS["gc"] += 1
+        if self.model.state == "committed" and self.model.owner is None:
+            self.model.history = {}  # it pruned the key's events, its claims among them
 
     # --- what must hold after every step ----------------------------------------------
 
@@ -496,6 +544,8 @@ class OperationsMachine(RuleBasedStateMachine):
                     f"version is {model.visible}'s: {model}")
 
     def teardown(self) -> None:
+        STATS["examples"] += 1
+        STATS["gc forgot a fencing try (known gap)"] += self.model.forgotten_fences
         for runner in self.runners.values():
             if runner.at in STEPS:
                 runner.commands.put("fail")
@@ -546,7 +596,14 @@ def run_machine(dsns: dict[str, str], examples: int, *, shrink: bool = True) -> 
     test.settings = settings(max_examples=examples, stateful_step_count=20, deadline=None,
                              phases=phases, database=None, report_multiple_bugs=False,
                              suppress_health_check=list(HealthCheck))
-    test().runTest()
+    STATS.clear()
+    started = time.monotonic()
+    try:
+        test().runTest()
+    finally:
+        print(f"{'two databases' if 'b' in dsns else 'one database'}: "
+              f"{time.monotonic() - started:.0f} s; "
+              + ", ".join(f"{k}: {v}" for k, v in sorted(STATS.items())))
     with psycopg.connect(dsns["a"]) as conn:
         assert verify(conn).ok
 
