@@ -719,3 +719,26 @@ def test_the_machine_finds_each_old_flaw(pg_admin_dsn, template_db, flaw, monkey
                         shrink=False)
     print(f"{flaw}: found in {time.monotonic() - started:.1f} s: "
           f"{str(found.value).splitlines()[0][:300]}")
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: `ledger gc` prunes the `claimed` events "
+                   "that fencing reads when the ledger row names another run")
+def test_gc_forgets_the_fencing_history(db: str):
+    """Found by the machine: try 2 of run A commits, gc prunes the key's events, an operator
+    reopens it and run B's attempt fails (the row now names run B). Try 1 of run A must be
+    fenced (docs/guarantees.md, "Fencing scope"); the ledger no longer knows try 2 claimed."""
+    run_a, run_b = Origin("d", "load", "run-A", -1), Origin("d", "load", "run-B", -1)
+
+    def boom(eos):
+        raise RuntimeError("the source is missing")
+
+    with Ledger(db) as ledger, psycopg.connect(db, autocommit=True) as conn:
+        ledger.run("k", lambda eos: {"try": eos.attempt}, attempt=2, origin=run_a)
+        time.sleep(0.01)
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli(["ledger", "gc", "--older-than", "0s", "--dsn", db]) == 0
+        conn.execute("SELECT * FROM eos.reopen('k', 'source corrected')")
+        with pytest.raises(RuntimeError):
+            ledger.run("k", boom, origin=run_b)
+        with pytest.raises(FencedError):
+            ledger.run("k", lambda eos: {"try": eos.attempt}, attempt=1, origin=run_a)
