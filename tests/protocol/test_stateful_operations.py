@@ -347,9 +347,12 @@ class OperationsMachine(RuleBasedStateMachine):
                 assert time.monotonic() < deadline, "the participants did not prepare"
                 time.sleep(0.02)
         if step == "after_claim":
-            if conflict:
-                assert at == "done" and getattr(runner.error, "retryable", False), (
-                    me, runner.error, model)
+            if conflict:  # the lock timeout, raised as is or as the retryable cause
+                error = runner.error
+                assert at == "done" and isinstance(
+                    error if isinstance(error, psycopg.errors.LockNotAvailable)
+                    else getattr(error, "__cause__", None),
+                    psycopg.errors.LockNotAvailable), (me, runner.error, model)
                 self._release(me)
                 return
             assert at == "before_commit", (me, at, runner.error, model)
@@ -440,7 +443,7 @@ class OperationsMachine(RuleBasedStateMachine):
         return code, out.getvalue()
 
     @precondition(lambda self: bool(self.runners))
-    @rule(action=st.sampled_from(["reopen", "recover", "recover --older-than", "gc"]),
+    @rule(action=st.sampled_from(["reopen", "reopen", "recover", "recover --older-than", "gc"]),
           grace=st.sampled_from([0, 3600]))
     def operate(self, action, grace):
         """One operator action (one rule for all, so that attempts get most of the steps)."""
