@@ -265,16 +265,23 @@ class OperationsMachine(RuleBasedStateMachine):
             f"{runner.me}: expected {kind.__name__}, got {runner.error!r} / {runner.outcome}"
             f" at {runner.at}; model {self.model}")
 
-    def _finish_key_txns(self, *, abort_live_older: tuple[str, int] | None = None) -> None:
+    def _finish_key_txns(self, *, abort_live_older: tuple[str, int] | None = None,
+                         scan: bool = False) -> None:
         """What a run that claims (or skips) does to the key's other transactions: a decided
         one is committed, an abandoned one aborted; a claimant also aborts the transaction of
-        the older try it took the key from."""
+        the older try it took the key from, and (scanning the participants) what a zombie
+        prepared after its transaction had been aborted."""
         for who, status in list(self.model.txns.items()):
-            if status == "decided":
+            if status == "aborted-prepared" and scan:
+                del self.model.txns[who]
+            elif (status == "aborted-live" and scan
+                  and self.runners[who].at == "after_prepare"):
+                self.model.txns[who] = "rolled-back"
+            elif status == "decided":
                 self.model.show(who)
                 self.model.pending = None
                 del self.model.txns[who]
-            elif status == "orphan" or who == abort_live_older:
+            elif status == "orphan" or (who == abort_live_older and status == "open"):
                 self.model.txns[who] = "aborted"
                 if status == "orphan" and self.model.owner == who:
                     self.model.release(who)  # the abort releases the gone owner's claim
@@ -313,7 +320,7 @@ class OperationsMachine(RuleBasedStateMachine):
             if self.multi:
                 older = previous_owner if (previous_owner is not None
                                            and previous_owner in model.alive) else None
-                self._finish_key_txns(abort_live_older=older)
+                self._finish_key_txns(abort_live_older=older, scan=True)
                 self._resolve_aborted()
                 if older is not None and model.txns.get(older) is None:
                     model.txns[older] = "aborted-live"  # its decision will be refused
@@ -335,7 +342,7 @@ class OperationsMachine(RuleBasedStateMachine):
             # its DELETE of the visible outputs meets another live attempt's open
             # transaction that deleted them too (a zombie older try): it fails retryably
             conflict = runner.expected_previous is not None and any(
-                r.at == "before_commit" and r.deleted_epoch == model.epoch
+                r.deleted_epoch == model.epoch and self._holds_locks(r)
                 for r in self.runners.values() if r is not runner)
         prefix = f"eos:2:{twophase.key_hash(self.key)}:{me[1]}:"
         before = sum(self._prepared(prefix).values()) if step == "before_commit" else 0
@@ -391,6 +398,17 @@ class OperationsMachine(RuleBasedStateMachine):
                 model.pending = None
                 del model.txns[me]
 
+    def _holds_locks(self, runner: Runner) -> bool:
+        """Does this other attempt's transaction still hold the rows it deleted: open, or
+        prepared after a newer try aborted its txid (alive, or dead until someone rolls
+        it back)?"""
+        status = self.model.txns.get(runner.me)
+        if runner.at == "before_commit" or status == "decided":  # decided, not finished
+            return True
+        if runner.at == "after_prepare":
+            return status != "rolled-back"
+        return runner.crashed and status == "aborted-prepared"
+
     def _check_committed(self, runner: Runner, version: int) -> None:
         assert runner.error is None, (runner.me, runner.error, self.model)
         action = "replaced" if runner.replacing else "committed"
@@ -399,7 +417,7 @@ class OperationsMachine(RuleBasedStateMachine):
 
     def _release(self, me: tuple[str, int]) -> None:
         self.model.release(me)
-        if self.model.txns.get(me) in ("open", "aborted-live"):
+        if self.model.txns.get(me) in ("open", "aborted-live", "rolled-back"):
             del self.model.txns[me]
 
     @precondition(lambda self: any(r.at in STEPS[:3] for r in self.runners.values()))
@@ -430,6 +448,11 @@ class OperationsMachine(RuleBasedStateMachine):
         if self.multi and self.model.txns.get(me) == "open":
             self.model.txns[me] = "orphan"
         elif self.multi and self.model.txns.get(me) == "aborted-live":
+            if step == "after_prepare":  # prepared after a newer try aborted its txid
+                self.model.txns[me] = "aborted-prepared"
+            else:
+                del self.model.txns[me]
+        elif self.multi and self.model.txns.get(me) == "rolled-back":
             del self.model.txns[me]
         if step == "before_commit":
             runner.deleted_epoch = None  # the server rolled its transaction back
@@ -496,9 +519,15 @@ class OperationsMachine(RuleBasedStateMachine):
                     del model.txns[who]
                     if model.owner == who:
                         model.release(who)  # the abort releases the gone owner's claim
-            else:  # a live attempt's (open, or aborted by a newer try: resolved already)
-                if status == "open":
-                    expected.append((who[1], "waiting"))
+            elif status == "aborted-prepared":  # a zombie's, prepared after its abort
+                expected.append((who[1], "aborted"))
+                del model.txns[who]
+            elif status == "aborted-live":  # resolved; found again if it prepared since
+                if self.runners[who].at == "after_prepare":
+                    expected.append((who[1], "aborted"))
+                    model.txns[who] = "rolled-back"  # nothing of it is prepared any more
+            elif status == "open":  # a live attempt's, undecided
+                expected.append((who[1], "waiting"))
         # (the databases outlive one example: earlier examples' keys are recovered too)
         got = sorted((int(t["txid"].split(":")[3]), t["outcome"])
                      for t in report["transactions"] if t["key"] == self.key)
