@@ -620,13 +620,14 @@ def target_dbs(pg_admin_dsn: str, template_db: str, request) -> Iterator[dict[st
         yield dsns
 
 
-def run_machine(dsns: dict[str, str], examples: int, *, shrink: bool = True) -> None:
+def run_machine(dsns: dict[str, str], examples: int, *, shrink: bool = True,
+                steps: int = 20) -> None:
     OperationsMachine.dsns = dsns
     OperationsMachine.multi = "b" in dsns
     test = OperationsMachine.TestCase
     phases = [Phase.generate] + ([Phase.shrink] if shrink else [])
-    test.settings = settings(max_examples=examples, stateful_step_count=20, deadline=None,
-                             phases=phases, database=None, report_multiple_bugs=False,
+    test.settings = settings(max_examples=examples, stateful_step_count=steps,
+                             deadline=None, phases=phases, database=None, report_multiple_bugs=False,
                              suppress_health_check=list(HealthCheck))
     STATS.clear()
     started = time.monotonic()
@@ -748,7 +749,7 @@ def test_the_machine_finds_each_old_flaw(pg_admin_dsn, template_db, flaw, monkey
         started = time.monotonic()
         with pytest.raises((AssertionError, Flaky)) as found:
             run_machine(dsns, int(os.environ.get("EOS_STATEFUL_FLAW_EXAMPLES", "300")),
-                        shrink=False)
+                        shrink=False, steps=30)
     print(f"{flaw}: found in {time.monotonic() - started:.1f} s: "
           f"{str(found.value).splitlines()[0][:300]}")
 
