@@ -46,33 +46,37 @@ class Model:
 
     state: str | None = None  # None (no row), running, committed, failed
     owner: tuple[str, int] | None = None
-    row_origin: str | None = None
     row_try: int = 0
     max_claimed: dict[str, int] = field(default_factory=dict)
     alive: set[tuple[str, int]] = field(default_factory=set)
     committed_by: tuple[str, int] | None = None
 
     def claim(self, me: tuple[str, int]) -> str:
+        """The claim's answer, in the order docs/guarantees.md lists the rules ("The
+        protocol", step 1, and "Fencing scope")."""
         origin, try_number = me
-        if self.state == "committed":
-            return "skip"
-        if self.state is None:
+        if self.state is None:  # no row: the attempt owns K
             self._take(me)
             return "run"
-        fence = self.row_try if self.row_origin == origin else self.max_claimed.get(origin)
-        if fence is not None and try_number < fence and self.owner != me:
+        if self.state == "committed":  # committed: skipped (on_committed="skip")
+            return "skip"
+        # a try is fenced by the highest try of its task instance that ever claimed K, also
+        # after that try released K or another run took it over
+        if self.max_claimed.get(origin, 0) > try_number:
             return "fenced"
-        if self.owner is not None and self.owner != me:
-            newer_try = self.row_origin == origin and try_number > self.row_try
-            if not newer_try and self.owner in self.alive:
+        if self.owner is not None:
+            # an older try of the same task instance is taken over; another run's owner
+            # only once its session has ended, else wait
+            older_try = self.owner[0] == origin and self.owner[1] < try_number
+            if not older_try and self.owner in self.alive:
                 return "wait"
-        self._take(me)
+        self._take(me)  # no owner (the last attempt failed), or taken over
         return "run"
 
     def _take(self, me: tuple[str, int]) -> None:
         origin, try_number = me
         self.state, self.owner = "running", me
-        self.row_origin, self.row_try = origin, try_number
+        self.row_try = try_number  # the ledger's `attempt`: the try that claimed last
         self.max_claimed[origin] = max(self.max_claimed.get(origin, 0), try_number)
         self.alive.add(me)
 
@@ -190,7 +194,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if model.state is None:
             assert row is None
             return
-        assert row[0] == model.state and row[2] == (model.owner is not None), (row, model)
+        assert row == (model.state, model.row_try, model.owner is not None), (row, model)
         visible = self.admin.execute("SELECT origin, try FROM target WHERE key = %s",
                                      [self.key]).fetchall()
         assert len(visible) <= 1, "two attempts' writes are visible"
