@@ -147,7 +147,10 @@ HOLDER = textwrap.dedent("""
     def hold(eos):
         eos.conn.execute("CREATE TABLE written (x int)")
         print("in-run", flush=True)
-        time.sleep(float(sys.argv[2]))
+        if sys.argv[2] == "stdin":  # hold until the test says go: no race with its checks
+            sys.stdin.readline()
+        else:
+            time.sleep(float(sys.argv[2]))
         return 1
     try:
         Ledger(sys.argv[1]).run("k", hold)
@@ -179,8 +182,8 @@ def test_recover_expires_claims_of_crashed_owners(db: str):
 def test_recover_older_than_leaves_a_live_owner_alone(db: str):
     """A claim held by a live session is never expired, however old: its attempt may still
     commit, and fencing it (non-retryable) would lose the effect. It is listed instead."""
-    child = subprocess.Popen([sys.executable, "-c", HOLDER, db, "3"], stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, db, "stdin"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "in-run"
     out = cli("recover", "--older-than", "0s", "--format", "json", dsn=db)
     assert out.returncode == 0, out.stderr
@@ -190,7 +193,7 @@ def test_recover_older_than_leaves_a_live_owner_alone(db: str):
     assert (held["key"], held["attempt"], held["pid"]) == ("k", 1, child.pid)
     text = cli("recover", "--older-than", "0s", dsn=db).stdout
     assert "left 1 claims older than --older-than alone" in text
-    rest, _ = child.communicate(timeout=30)
+    rest, _ = child.communicate("go\n", timeout=30)
     assert child.returncode == 0 and "FENCED" not in rest
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT to_regclass('written')").fetchone() == ("written",)
