@@ -96,7 +96,8 @@ def quiet_cli(*argv: str) -> int:
 def baseline(dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         copy = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(
-            sql.SQL(query("chain_events", "eos").decode().rstrip(";")))
+            sql.SQL(query("chain_events", "eos").decode().rstrip(";"))
+        )
         with conn.cursor().copy(copy) as out:
             for _ in out:
                 pass
@@ -120,31 +121,46 @@ def main() -> None:
     try:
         migrate(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            generated = timed(lambda: (
-                conn.execute(GENERATE, {"keys": keys, "per_key": args.per_key}),
-                conn.execute(ROWS, {"per_key": args.per_key}),
-                conn.execute("VACUUM ANALYZE eos.ledger_events"),
-                conn.execute("VACUUM ANALYZE eos.ledger")))
+            generated = timed(
+                lambda: (
+                    conn.execute(GENERATE, {"keys": keys, "per_key": args.per_key}),
+                    conn.execute(ROWS, {"per_key": args.per_key}),
+                    conn.execute("VACUUM ANALYZE eos.ledger_events"),
+                    conn.execute("VACUUM ANALYZE eos.ledger"),
+                )
+            )
             check = chain.verify(conn)
             assert check.ok and check.events == total, (check.events, check.problems[:3])
-        print(f"PostgreSQL {version // 10000}, {total:,} events of {keys:,} keys "
-              f"(generated in {generated:.1f} s, verified intact)")
-        results: dict[str, list[float]] = {"baseline: COPY of the chain rows": [],
-                                           "ledger verify": [], "ledger export (JSON lines)": [],
-                                           "ledger export --format csv": [],
-                                           "ledger checkpoint": []}
+        print(
+            f"PostgreSQL {version // 10000}, {total:,} events of {keys:,} keys "
+            f"(generated in {generated:.1f} s, verified intact)"
+        )
+        results: dict[str, list[float]] = {
+            "baseline: COPY of the chain rows": [],
+            "ledger verify": [],
+            "ledger export (JSON lines)": [],
+            "ledger export --format csv": [],
+            "ledger checkpoint": [],
+        }
         out = Path(f"/tmp/{name}.out")
         for _ in range(args.rounds):
             results["baseline: COPY of the chain rows"].append(timed(lambda: baseline(dsn)))
-            results["ledger verify"].append(timed(
-                lambda: quiet_cli("ledger", "verify", "--dsn", dsn) == 0 or sys.exit(1)))
-            results["ledger export (JSON lines)"].append(timed(
-                lambda: quiet_cli("ledger", "export", "--output", str(out), "--dsn", dsn)))
-            results["ledger export --format csv"].append(timed(
-                lambda: quiet_cli("ledger", "export", "--format", "csv", "--output", str(out),
-                                  "--dsn", dsn)))
-            results["ledger checkpoint"].append(timed(
-                lambda: quiet_cli("ledger", "checkpoint", "--out", str(out), "--dsn", dsn)))
+            results["ledger verify"].append(
+                timed(lambda: quiet_cli("ledger", "verify", "--dsn", dsn) == 0 or sys.exit(1))
+            )
+            results["ledger export (JSON lines)"].append(
+                timed(lambda: quiet_cli("ledger", "export", "--output", str(out), "--dsn", dsn))
+            )
+            results["ledger export --format csv"].append(
+                timed(
+                    lambda: quiet_cli(
+                        "ledger", "export", "--format", "csv", "--output", str(out), "--dsn", dsn
+                    )
+                )
+            )
+            results["ledger checkpoint"].append(
+                timed(lambda: quiet_cli("ledger", "checkpoint", "--out", str(out), "--dsn", dsn))
+            )
         out.unlink(missing_ok=True)
         base = statistics.median(results["baseline: COPY of the chain rows"])
         print(f"{'':34} {'median s':>9} {'events/s':>12} {'x baseline':>11}")
@@ -156,13 +172,16 @@ def main() -> None:
             seconds = timed(lambda: gc(conn, "eos", cutoff))
             after = chain.verify(conn)
             assert after.ok and after.events == keys, after.problems[:3]
-        print(f"{'ledger gc (everything)':34} {seconds:9.2f} {total / seconds:12,.0f} "
-              f"{seconds / base:11.1f}   (one run; verify afterwards: intact, "
-              f"{after.events:,} `pruned` events left)")
+        print(
+            f"{'ledger gc (everything)':34} {seconds:9.2f} {total / seconds:12,.0f} "
+            f"{seconds / base:11.1f}   (one run; verify afterwards: intact, "
+            f"{after.events:,} `pruned` events left)"
+        )
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                         .format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 if __name__ == "__main__":

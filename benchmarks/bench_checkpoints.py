@@ -61,9 +61,12 @@ def lost_work(db: BenchDatabase, rows: int, chunk: int, kills: int, seed: int) -
     lost = []
     for k in range(kills):
         db.truncate()
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, db.dsn, f"c2/{k}", str(chunk)],
-                                stdout=subprocess.PIPE, text=True,
-                                cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, db.dsn, f"c2/{k}", str(chunk)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         stop_at = rng.randint(chunk, rows - chunk)
         consumed = 0
         assert proc.stdout is not None
@@ -75,8 +78,8 @@ def lost_work(db: BenchDatabase, rows: int, chunk: int, kills: int, seed: int) -
         proc.wait(60)
         with psycopg.connect(db.dsn) as conn:
             committed = conn.execute(
-                "SELECT coalesce(max(rows), 0) FROM eos.recovery_points WHERE key = %s",
-                [f"c2/{k}"]).fetchone()[0]
+                "SELECT coalesce(max(rows), 0) FROM eos.recovery_points WHERE key = %s", [f"c2/{k}"]
+            ).fetchone()[0]
         lost.append(consumed - committed)
     return lost
 
@@ -94,18 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     db = BenchDatabase(admin_dsn(args.dsn), args.rows)
     try:
         print(f"C1: {args.rows:,} rows, {args.chunks} chunks of {chunk:,}, {args.rounds} rounds")
-        times = interleave(db, args.rows, args.rounds, {
-            "one transaction (baseline)": lambda r: eos_transfer(db.dsn, f"one/{r}"),
-            f"{args.chunks} chunks": lambda r: eos_transfer(db.dsn, f"chunked/{r}", chunk),
-        })
+        times = interleave(
+            db,
+            args.rows,
+            args.rounds,
+            {
+                "one transaction (baseline)": lambda r: eos_transfer(db.dsn, f"one/{r}"),
+                f"{args.chunks} chunks": lambda r: eos_transfer(db.dsn, f"chunked/{r}", chunk),
+            },
+        )
         ratio = report(times, args.rows, "one transaction (baseline)")[f"{args.chunks} chunks"]
         print(f"C1 ratio {ratio:.3f} (goal <= {GOAL}): {'met' if ratio <= GOAL else 'NOT met'}")
         started = time.perf_counter()
         lost = lost_work(db, args.rows, chunk, args.kills, args.seed)
-        print(f"C2: {args.kills} SIGKILLs at random points: rows consumed but not committed "
-              f"{lost} (max {max(lost):,}; one chunk = {chunk:,} rows): "
-              f"{'met' if max(lost) <= chunk else 'NOT met'} "
-              f"({time.perf_counter() - started:.1f} s)")
+        print(
+            f"C2: {args.kills} SIGKILLs at random points: rows consumed but not committed "
+            f"{lost} (max {max(lost):,}; one chunk = {chunk:,} rows): "
+            f"{'met' if max(lost) <= chunk else 'NOT met'} "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
     finally:
         db.drop()
     return 0

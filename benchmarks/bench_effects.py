@@ -52,8 +52,17 @@ P1_BUDGET_S = 30.0
 P1_DEADLINE_S = 55.0
 #: No statement of the benchmark may hang it: the server cancels any statement after this.
 STATEMENT_TIMEOUT_MS = 120_000
-SETTINGS = ("server_version", "synchronous_commit", "fsync", "wal_sync_method",
-            "full_page_writes", "commit_delay", "wal_level", "shared_buffers", "max_connections")
+SETTINGS = (
+    "server_version",
+    "synchronous_commit",
+    "fsync",
+    "wal_sync_method",
+    "full_page_writes",
+    "commit_delay",
+    "wal_level",
+    "shared_buffers",
+    "max_connections",
+)
 
 TABLE = "bench_rows"
 INSERT = f"INSERT INTO {TABLE} (who, n) VALUES (%s, %s)"  # noqa: S608 (constant)
@@ -61,14 +70,20 @@ INSERT = f"INSERT INTO {TABLE} (who, n) VALUES (%s, %s)"  # noqa: S608 (constant
 
 # --- set-up -------------------------------------------------------------------------------
 
+
 def _admin_dsn(arg: str | None) -> str:
     return arg or os.environ.get("EOS_BENCH_DSN") or os.environ.get("EOS_TEST_DSN") or DEFAULT_DSN
 
 
 def _check_loopback(dsn: str) -> None:
     params = conninfo.conninfo_to_dict(dsn)
-    hosts = [h for h in (params.get("hostaddr") or params.get("host")
-                         or os.environ.get("PGHOST") or "").split(",") if h]
+    hosts = [
+        h
+        for h in (
+            params.get("hostaddr") or params.get("host") or os.environ.get("PGHOST") or ""
+        ).split(",")
+        if h
+    ]
     for host in hosts:
         if host.startswith("/") or host == "localhost":
             continue
@@ -77,21 +92,27 @@ def _check_loopback(dsn: str) -> None:
                 continue
         except ValueError:
             pass
-        sys.exit(f"bench_effects: refusing non-loopback host {host!r} (use 127.0.0.1, ::1, "
-                 "localhost or a Unix socket)")
+        sys.exit(
+            f"bench_effects: refusing non-loopback host {host!r} (use 127.0.0.1, ::1, "
+            "localhost or a Unix socket)"
+        )
 
 
 def _with_db(dsn: str, dbname: str) -> str:
     params = conninfo.conninfo_to_dict(dsn)
     params["dbname"] = dbname
-    params["options"] = f"{params.get('options') or ''} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
+    params["options"] = (
+        f"{params.get('options') or ''} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
+    )
     return conninfo.make_conninfo(**params)
 
 
 def _server_settings(dsn: str) -> dict[str, str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        out = {name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]
-               for name in SETTINGS}
+        out = {
+            name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]
+            for name in SETTINGS
+        }
         out["version"] = conn.execute("SELECT version()").fetchone()[0]
     return out
 
@@ -106,6 +127,7 @@ def _checkpoint(dsn: str) -> None:
 
 
 # --- P1: latency --------------------------------------------------------------------------
+
 
 class Bare:
     """One plain psycopg connection committing the INSERT in its own transaction."""
@@ -160,8 +182,9 @@ def _pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def run_p1(dsn: str, ledger: Ledger, rounds: int, ops: int | None, warmup: int,
-           log: Any) -> dict[str, Any]:
+def run_p1(
+    dsn: str, ledger: Ledger, rounds: int, ops: int | None, warmup: int, log: Any
+) -> dict[str, Any]:
     bare, eos = Bare(dsn), Eos(ledger, "p1")
     seq = 0
     try:
@@ -187,13 +210,17 @@ def run_p1(dsn: str, ledger: Ledger, rounds: int, ops: int | None, warmup: int,
                 seq += ops
             all_bare += got["bare"]
             all_eos += got["eos"]
-            per_round.append({
-                "first": order[0][0],
-                "bare_median_ms": statistics.median(got["bare"]) * 1e3,
-                "eos_median_ms": statistics.median(got["eos"]) * 1e3,
-            })
-            log(f"  round {r + 1}/{rounds}: bare {per_round[-1]['bare_median_ms']:.3f} ms, "
-                f"eos {per_round[-1]['eos_median_ms']:.3f} ms (medians)")
+            per_round.append(
+                {
+                    "first": order[0][0],
+                    "bare_median_ms": statistics.median(got["bare"]) * 1e3,
+                    "eos_median_ms": statistics.median(got["eos"]) * 1e3,
+                }
+            )
+            log(
+                f"  round {r + 1}/{rounds}: bare {per_round[-1]['bare_median_ms']:.3f} ms, "
+                f"eos {per_round[-1]['eos_median_ms']:.3f} ms (medians)"
+            )
             if time.perf_counter() - t_start > P1_DEADLINE_S and r + 1 < rounds:
                 log(f"P1: stopping after {r + 1} rounds ({P1_DEADLINE_S:g} s passed)")
                 break
@@ -202,7 +229,10 @@ def run_p1(dsn: str, ledger: Ledger, rounds: int, ops: int | None, warmup: int,
         bare.close()
         eos.close()
     return {
-        "rounds": len(per_round), "ops_per_round": ops, "warmup": warmup, "elapsed_s": elapsed,
+        "rounds": len(per_round),
+        "ops_per_round": ops,
+        "warmup": warmup,
+        "elapsed_s": elapsed,
         "per_round": per_round,
         "bare_median_ms": statistics.median(all_bare) * 1e3,
         "eos_median_ms": statistics.median(all_eos) * 1e3,
@@ -217,8 +247,10 @@ def run_p1(dsn: str, ledger: Ledger, rounds: int, ops: int | None, warmup: int,
 
 # --- P2: throughput -----------------------------------------------------------------------
 
-def _throughput(kind: str, dsn: str, ledger: Ledger, writers: int, seconds: float,
-                ramp: float, tag: str) -> float:
+
+def _throughput(
+    kind: str, dsn: str, ledger: Ledger, writers: int, seconds: float, ramp: float, tag: str
+) -> float:
     """Operations per second completed by ``writers`` threads in the measured window."""
     counts = [0] * writers
     errors: list[BaseException] = []
@@ -275,8 +307,9 @@ def _throughput(kind: str, dsn: str, ledger: Ledger, writers: int, seconds: floa
     return sum(counts) / seconds
 
 
-def run_p2(dsn: str, ledger: Ledger, writers: int, seconds: float, ramp: float,
-           log: Any) -> dict[str, Any]:
+def run_p2(
+    dsn: str, ledger: Ledger, writers: int, seconds: float, ramp: float, log: Any
+) -> dict[str, Any]:
     runs: dict[str, list[float]] = {"bare": [], "eos": []}
     for i, kind in enumerate(("bare", "eos", "eos", "bare")):
         _checkpoint(dsn)
@@ -284,8 +317,12 @@ def run_p2(dsn: str, ledger: Ledger, writers: int, seconds: float, ramp: float,
         runs[kind].append(tps)
         log(f"P2: {writers:>2} writers, {kind:<4} run {len(runs[kind])}: {tps:,.0f} ops/s")
     return {
-        "writers": writers, "seconds": seconds, "ramp_s": ramp, "order": "bare,eos,eos,bare",
-        "bare_runs": runs["bare"], "eos_runs": runs["eos"],
+        "writers": writers,
+        "seconds": seconds,
+        "ramp_s": ramp,
+        "order": "bare,eos,eos,bare",
+        "bare_runs": runs["bare"],
+        "eos_runs": runs["eos"],
         "bare_ops_s": statistics.fmean(runs["bare"]),
         "eos_ops_s": statistics.fmean(runs["eos"]),
     }
@@ -293,12 +330,17 @@ def run_p2(dsn: str, ledger: Ledger, writers: int, seconds: float, ramp: float,
 
 # --- report -------------------------------------------------------------------------------
 
+
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for k, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -310,8 +352,16 @@ def report(settings: dict[str, str], p1: dict[str, Any], p2: dict[int, dict[str,
 
     def lat(label: str, b: float, e: float) -> None:
         ratio = e / b
-        rows.append((label, f"{b:.3f} ms", f"{e:.3f} ms", f"{ratio:.2f}",
-                     f"<= {P1_GOAL}", "yes" if ratio <= P1_GOAL else "NO"))
+        rows.append(
+            (
+                label,
+                f"{b:.3f} ms",
+                f"{e:.3f} ms",
+                f"{ratio:.2f}",
+                f"<= {P1_GOAL}",
+                "yes" if ratio <= P1_GOAL else "NO",
+            )
+        )
 
     lat("P1 latency median (1 writer)", p1["bare_median_ms"], p1["eos_median_ms"])
     lat("P1 latency p95 (1 writer)", p1["bare_p95_ms"], p1["eos_p95_ms"])
@@ -319,9 +369,16 @@ def report(settings: dict[str, str], p1: dict[str, Any], p2: dict[int, dict[str,
         b, e = p2[w]["bare_ops_s"], p2[w]["eos_ops_s"]
         ratio = e / b
         goal = w == P2_WRITERS
-        rows.append((f"{'P2 ' if goal else ''}throughput ({w} writers)", f"{b:,.0f} /s",
-                     f"{e:,.0f} /s", f"{ratio:.2f}", f">= {P2_GOAL}" if goal else "-",
-                     ("yes" if ratio >= P2_GOAL else "NO") if goal else "-"))
+        rows.append(
+            (
+                f"{'P2 ' if goal else ''}throughput ({w} writers)",
+                f"{b:,.0f} /s",
+                f"{e:,.0f} /s",
+                f"{ratio:.2f}",
+                f">= {P2_GOAL}" if goal else "-",
+                ("yes" if ratio >= P2_GOAL else "NO") if goal else "-",
+            )
+        )
     info = [
         f"PostgreSQL {settings['server_version']} | synchronous_commit={settings['synchronous_commit']}"
         f" fsync={settings['fsync']} wal_sync_method={settings['wal_sync_method']}"
@@ -338,19 +395,33 @@ def report(settings: dict[str, str], p1: dict[str, Any], p2: dict[int, dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dsn", help="admin DSN (default $EOS_BENCH_DSN, $EOS_TEST_DSN or "
-                    f"{DEFAULT_DSN}); a scratch database is created and dropped through it")
-    ap.add_argument("--seconds", type=float, default=10.0,
-                    help="measured seconds of each P2 run (default 10)")
-    ap.add_argument("--ramp", type=float, default=1.0,
-                    help="unmeasured seconds at the start of each P2 run (default 1)")
-    ap.add_argument("--writers", default=str(P2_WRITERS),
-                    help="comma-separated writer counts for the throughput test "
-                    "(default 16; e.g. 1,4,16,32)")
+    ap.add_argument(
+        "--dsn",
+        help="admin DSN (default $EOS_BENCH_DSN, $EOS_TEST_DSN or "
+        f"{DEFAULT_DSN}); a scratch database is created and dropped through it",
+    )
+    ap.add_argument(
+        "--seconds", type=float, default=10.0, help="measured seconds of each P2 run (default 10)"
+    )
+    ap.add_argument(
+        "--ramp",
+        type=float,
+        default=1.0,
+        help="unmeasured seconds at the start of each P2 run (default 1)",
+    )
+    ap.add_argument(
+        "--writers",
+        default=str(P2_WRITERS),
+        help="comma-separated writer counts for the throughput test (default 16; e.g. 1,4,16,32)",
+    )
     ap.add_argument("--rounds", type=int, default=5, help="P1 rounds (default 5)")
-    ap.add_argument("--ops", type=int, default=None,
-                    help="P1 operations per side and round (default: sized from the warm-up "
-                    f"so that the rounds take about {P1_BUDGET_S:g} s)")
+    ap.add_argument(
+        "--ops",
+        type=int,
+        default=None,
+        help="P1 operations per side and round (default: sized from the warm-up "
+        f"so that the rounds take about {P1_BUDGET_S:g} s)",
+    )
     ap.add_argument("--warmup", type=int, default=300, help="P1 warm-up ops per side")
     ap.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
     ap.add_argument("--keep-db", action="store_true", help="do not drop the scratch database")
@@ -373,8 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         migrate(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f"CREATE TABLE {TABLE} (id bigint GENERATED ALWAYS AS IDENTITY "
-                         "PRIMARY KEY, who text NOT NULL, n bigint NOT NULL)")
+            conn.execute(
+                f"CREATE TABLE {TABLE} (id bigint GENERATED ALWAYS AS IDENTITY "
+                "PRIMARY KEY, who text NOT NULL, n bigint NOT NULL)"
+            )
         settings = _server_settings(dsn)
         ledger = Ledger(dsn, max_idle=max(32, max(writers)))
         p1 = run_p1(dsn, ledger, args.rounds, args.ops, args.warmup, log)
@@ -383,13 +456,28 @@ def main(argv: list[str] | None = None) -> int:
             log(f"note: P2 goal applies to {P2_WRITERS} writers, which --writers left out")
         print(report(settings, p1, p2))
         if args.json:
-            Path(args.json).write_text(json.dumps(
-                {"settings": settings, "database": dbname,
-                 "client": {"python": platform.python_version(), "psycopg": psycopg.__version__,
-                            "libpq": psycopg.pq.version(), "cpus": os.cpu_count()},
-                 "goals": {"p1_ratio_max": P1_GOAL, "p2_ratio_min": P2_GOAL,
-                           "p2_writers": P2_WRITERS},
-                 "p1": p1, "p2": {str(w): v for w, v in p2.items()}}, indent=1))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "settings": settings,
+                        "database": dbname,
+                        "client": {
+                            "python": platform.python_version(),
+                            "psycopg": psycopg.__version__,
+                            "libpq": psycopg.pq.version(),
+                            "cpus": os.cpu_count(),
+                        },
+                        "goals": {
+                            "p1_ratio_max": P1_GOAL,
+                            "p2_ratio_min": P2_GOAL,
+                            "p2_writers": P2_WRITERS,
+                        },
+                        "p1": p1,
+                        "p2": {str(w): v for w, v in p2.items()},
+                    },
+                    indent=1,
+                )
+            )
             log(f"raw numbers written to {args.json}")
     finally:
         if ledger is not None:
@@ -398,8 +486,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept database {dbname}")
         else:
             with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                             .format(sql.Identifier(dbname)))
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(dbname)
+                    )
+                )
             log(f"dropped database {dbname}")
     return 0
 

@@ -47,13 +47,15 @@ from eos_airflow.outbox.sinks import NatsSink  # noqa: E402
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1/postgres"
 PARTITIONS = 4
 TABLE = "bench_readings"
-INSERT = sql.SQL("INSERT INTO {t} SELECT * FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)"
-                 ).format(t=sql.Identifier(TABLE))
+INSERT = sql.SQL(
+    "INSERT INTO {t} SELECT * FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)"
+).format(t=sql.Identifier(TABLE))
 
 
 def produce(bootstrap: str, topic: str, n: int) -> None:
-    producer = ck.Producer({"bootstrap.servers": bootstrap, "log_level": 0,
-                            "linger.ms": 5, "enable.idempotence": True})
+    producer = ck.Producer(
+        {"bootstrap.servers": bootstrap, "log_level": 0, "linger.ms": 5, "enable.idempotence": True}
+    )
     producer.list_topics(topic, timeout=10)
     for i in range(n):
         value = json.dumps({"device": f"d{i % 100}", "seq": i, "celsius": 20 + i % 70})
@@ -88,15 +90,18 @@ def bare_ingest(dsn: str, bootstrap: str, topic: str, n: int, batch: int) -> flo
     return time.perf_counter() - start
 
 
-def eos_ingest(ledger: Ledger, bootstrap: str, topic: str, n: int, batch: int,
-               run: str) -> float:
+def eos_ingest(ledger: Ledger, bootstrap: str, topic: str, n: int, batch: int, run: str) -> float:
     write = table_writer(TABLE)
     config = {"bootstrap.servers": bootstrap, "log_level": 0}
     start = time.perf_counter()
     done, i = 0, 0
     while done < n:
-        result = ledger.run(f"bench/{run}/{i}", lambda eos: ingest_batch(
-            eos, config, [topic], write=write, max_messages=batch, poll_timeout=2.0))
+        result = ledger.run(
+            f"bench/{run}/{i}",
+            lambda eos: ingest_batch(
+                eos, config, [topic], write=write, max_messages=batch, poll_timeout=2.0
+            ),
+        )
         done += result["messages"]
         i += 1
         if not result["messages"]:
@@ -117,8 +122,9 @@ def bench_ingest(dsn: str, bootstrap: str, n: int, batch: int) -> dict[str, floa
             else:
                 seconds = eos_ingest(ledger, bootstrap, topic, n, batch, topic)
             with psycopg.connect(dsn) as conn:
-                (count,) = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                    sql.Identifier(TABLE))).fetchone()
+                (count,) = conn.execute(
+                    sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(TABLE))
+                ).fetchone()
             assert count == n, (side, count)
             rates[side].append(n / seconds)
             print(f"  K1 {side:4}: {n / seconds:10,.0f} messages/s", flush=True)
@@ -147,10 +153,14 @@ def bench_relay(dsn: str, nats_url: str, n: int) -> dict[str, float]:
         with Ledger(dsn) as ledger:
             per_effect = 1000
             for e in range(n // per_effect):
+
                 def publish(eos, e=e):
                     for i in range(per_effect):
-                        eos.publish(f"nats:{subject}.eos", {"device": f"d{i % 100}",
-                                                            "seq": e * per_effect + i})
+                        eos.publish(
+                            f"nats:{subject}.eos",
+                            {"device": f"d{i % 100}", "seq": e * per_effect + i},
+                        )
+
                 ledger.run(f"relay-bench/{e}", publish)
         sink = NatsSink(nats_url)
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -160,17 +170,25 @@ def bench_relay(dsn: str, nats_url: str, n: int) -> dict[str, float]:
         assert stats.total == n // per_effect * per_effect, stats
         # baseline: the same messages straight to JetStream, acks awaited in batches of 500
         with psycopg.connect(dsn) as conn:
-            rows = conn.execute("SELECT message_id::text, payload FROM eos.outbox ORDER BY id"
-                                ).fetchall()
+            rows = conn.execute(
+                "SELECT message_id::text, payload FROM eos.outbox ORDER BY id"
+            ).fetchall()
 
         async def bare() -> float:
             nc = await nats.connect(nats_url)
             js = nc.jetstream()
             t0 = time.perf_counter()
             for b in range(0, len(rows), 500):
-                await asyncio.gather(*(js.publish(
-                    f"{subject}.bare", json.dumps(p, separators=(",", ":")).encode(),
-                    headers={"Nats-Msg-Id": f"bare-{mid}"}) for mid, p in rows[b:b + 500]))
+                await asyncio.gather(
+                    *(
+                        js.publish(
+                            f"{subject}.bare",
+                            json.dumps(p, separators=(",", ":")).encode(),
+                            headers={"Nats-Msg-Id": f"bare-{mid}"},
+                        )
+                        for mid, p in rows[b : b + 500]
+                    )
+                )
             seconds = time.perf_counter() - t0
             await nc.close()
             return seconds
@@ -185,46 +203,59 @@ def bench_relay(dsn: str, nats_url: str, n: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dsn", help="admin DSN (default $EOS_BENCH_DSN, $EOS_TEST_DSN or "
-                    f"{DEFAULT_DSN})")
+    ap.add_argument(
+        "--dsn", help=f"admin DSN (default $EOS_BENCH_DSN, $EOS_TEST_DSN or {DEFAULT_DSN})"
+    )
     ap.add_argument("--messages", type=int, default=50_000, help="K1 messages per run")
     ap.add_argument("--batch", type=int, default=10_000, help="K1 messages per batch/effect")
     ap.add_argument("--relay-messages", type=int, default=20_000, help="R1 messages")
-    ap.add_argument("--nats", default=os.environ.get("EOS_TEST_NATS_URL",
-                                                     "nats://127.0.0.1:4222"))
+    ap.add_argument("--nats", default=os.environ.get("EOS_TEST_NATS_URL", "nats://127.0.0.1:4222"))
     args = ap.parse_args(argv)
-    admin = args.dsn or os.environ.get("EOS_BENCH_DSN") or os.environ.get("EOS_TEST_DSN") \
-        or DEFAULT_DSN
+    admin = (
+        args.dsn or os.environ.get("EOS_BENCH_DSN") or os.environ.get("EOS_TEST_DSN") or DEFAULT_DSN
+    )
     dbname = f"eos_bench_{secrets.token_hex(4)}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
         version = conn.info.server_version
     dsn = conninfo.make_conninfo(admin, dbname=dbname)
     owner = ck.Producer({"test.mock.num.brokers": 1, "log_level": 0})
-    bootstrap = ",".join(f"{b.host}:{b.port}"
-                         for b in owner.list_topics(timeout=10).brokers.values())
+    bootstrap = ",".join(
+        f"{b.host}:{b.port}" for b in owner.list_topics(timeout=10).brokers.values()
+    )
     try:
         migrate(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE TABLE {} (device text, seq int, celsius float8)"
-                                 ).format(sql.Identifier(TABLE)))
-        print(f"PostgreSQL {version // 10000}.{version % 10000}, confluent-kafka "
-              f"{ck.__version__} (librdkafka {ck.libversion()[0]}, mock cluster), "
-              f"{args.messages:,} messages per K1 run, batch {args.batch:,}", flush=True)
+            conn.execute(
+                sql.SQL("CREATE TABLE {} (device text, seq int, celsius float8)").format(
+                    sql.Identifier(TABLE)
+                )
+            )
+        print(
+            f"PostgreSQL {version // 10000}.{version % 10000}, confluent-kafka "
+            f"{ck.__version__} (librdkafka {ck.libversion()[0]}, mock cluster), "
+            f"{args.messages:,} messages per K1 run, batch {args.batch:,}",
+            flush=True,
+        )
         k1 = bench_ingest(dsn, bootstrap, args.messages, args.batch)
         r1 = bench_relay(dsn, args.nats, args.relay_messages)
     finally:
         del owner
         with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(dbname)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+            )
     print()
     print("| metric | baseline | eos-airflow | ratio |")
     print("|---|---|---|---|")
-    print(f"| K1 Kafka → PostgreSQL, messages/s | {k1['bare']:,.0f} (bare consumer) | "
-          f"{k1['eos']:,.0f} | **{k1['ratio']:.2f}** |")
-    print(f"| R1 outbox → NATS JetStream, messages/s | {r1['bare']:,.0f} (direct publish) | "
-          f"{r1['eos']:,.0f} | **{r1['ratio']:.2f}** |")
+    print(
+        f"| K1 Kafka → PostgreSQL, messages/s | {k1['bare']:,.0f} (bare consumer) | "
+        f"{k1['eos']:,.0f} | **{k1['ratio']:.2f}** |"
+    )
+    print(
+        f"| R1 outbox → NATS JetStream, messages/s | {r1['bare']:,.0f} (direct publish) | "
+        f"{r1['eos']:,.0f} | **{r1['ratio']:.2f}** |"
+    )
     return 0
 
 

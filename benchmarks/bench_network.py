@@ -50,8 +50,17 @@ def delayed(dsn: str, delay_ms: float) -> Iterator[str]:
     info = conninfo.conninfo_to_dict(dsn)
     host, port = info.get("host") or "127.0.0.1", info.get("port") or "5432"
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "delay_proxy.py"), "--to", f"{host}:{port}",
-         "--delay-ms", str(delay_ms)], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(HERE / "delay_proxy.py"),
+            "--to",
+            f"{host}:{port}",
+            "--delay-ms",
+            str(delay_ms),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         listen = int(proc.stdout.readline())
@@ -67,6 +76,7 @@ def measure(dsn: str, rounds: int, ops: int) -> dict[str, float]:
     bare_conn = psycopg.connect(dsn)
     raw = psycopg.connect(dsn, autocommit=True)
     with Ledger(dsn) as ledger:
+
         def bare(i: int) -> None:
             with bare_conn.transaction():
                 bare_conn.execute(bench_effects.INSERT, ("bare", i))
@@ -74,6 +84,7 @@ def measure(dsn: str, rounds: int, ops: int) -> dict[str, float]:
         def effect(i: int) -> None:
             def write(eos: Any) -> None:
                 eos.conn.execute(bench_effects.INSERT, ("eos", i))
+
             ledger.run(f"net/{tag}/effect/{i}", write)
 
         def five(i: int) -> None:
@@ -84,8 +95,9 @@ def measure(dsn: str, rounds: int, ops: int) -> dict[str, float]:
             t0 = time.perf_counter()
             raw.execute("SELECT 1")
             rtt.append(time.perf_counter() - t0)
-        times = interleaved({"bare": bare, "effect": effect, "five trips": five}, rounds, ops,
-                            warmup=30)
+        times = interleaved(
+            {"bare": bare, "effect": effect, "five trips": five}, rounds, ops, warmup=30
+        )
     bare_conn.close()
     raw.close()
     return {"rtt": median_ms(rtt), **{name: median_ms(v) for name, v in times.items()}}
@@ -107,19 +119,25 @@ def main() -> int:
         for delay in (float(d) for d in args.delays.split(",")):
             with delayed(dsn, delay) as via:
                 got = measure(via, args.rounds, args.ops)
-            log(f"one-way delay {delay:g} ms: round trip {got['rtt']:.3f} ms, bare "
+            log(
+                f"one-way delay {delay:g} ms: round trip {got['rtt']:.3f} ms, bare "
                 f"{got['bare']:.3f} ms, effect {got['effect']:.3f} ms, five trips "
-                f"{got['five trips']:.3f} ms")
+                f"{got['five trips']:.3f} ms"
+            )
             rows.append((delay, got))
     finally:
         scratch.drop_all()
-    print("\n| one-way delay | round trip (SELECT 1) | bare INSERT+COMMIT | effect | ratio "
-          "| five round trips (before 0009) | ratio |")
+    print(
+        "\n| one-way delay | round trip (SELECT 1) | bare INSERT+COMMIT | effect | ratio "
+        "| five round trips (before 0009) | ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for delay, got in rows:
-        print(f"| {delay:g} ms | {got['rtt']:.3f} ms | {got['bare']:.3f} ms | "
-              f"{got['effect']:.3f} ms | **{got['effect'] / got['bare']:.2f}** | "
-              f"{got['five trips']:.3f} ms | {got['five trips'] / got['bare']:.2f} |")
+        print(
+            f"| {delay:g} ms | {got['rtt']:.3f} ms | {got['bare']:.3f} ms | "
+            f"{got['effect']:.3f} ms | **{got['effect'] / got['bare']:.2f}** | "
+            f"{got['five trips']:.3f} ms | {got['five trips'] / got['bare']:.2f} |"
+        )
     return 0
 
 

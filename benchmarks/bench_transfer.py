@@ -42,8 +42,7 @@ QUERY = "SELECT id, payload, amount FROM src ORDER BY id"
 
 
 def admin_dsn(given: str | None) -> str:
-    return (given or os.environ.get("EOS_BENCH_DSN") or os.environ.get("EOS_TEST_DSN")
-            or DEFAULT_DSN)
+    return given or os.environ.get("EOS_BENCH_DSN") or os.environ.get("EOS_TEST_DSN") or DEFAULT_DSN
 
 
 class BenchDatabase:
@@ -57,9 +56,11 @@ class BenchDatabase:
         self.dsn = conninfo.make_conninfo(admin, dbname=self.name)
         migrate(self.dsn)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE src AS SELECT g AS id, md5(g::text) AS payload, "
-                         "(g %% 1000)::numeric / 10 AS amount FROM generate_series(1, %s) AS g",
-                         [rows])
+            conn.execute(
+                "CREATE TABLE src AS SELECT g AS id, md5(g::text) AS payload, "
+                "(g %% 1000)::numeric / 10 AS amount FROM generate_series(1, %s) AS g",
+                [rows],
+            )
             conn.execute("ALTER TABLE src ADD PRIMARY KEY (id)")
             conn.execute("CREATE TABLE dst (id int, payload text, amount numeric)")
             conn.execute("VACUUM ANALYZE src")
@@ -71,8 +72,9 @@ class BenchDatabase:
 
     def drop(self) -> None:
         with psycopg.connect(self.admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(self.name)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name))
+            )
 
 
 def raw_copy(dsn: str) -> int:
@@ -80,8 +82,10 @@ def raw_copy(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as src, psycopg.connect(dsn) as dst:
         out_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sql.SQL(QUERY))
         cur = dst.cursor()
-        with src.cursor().copy(out_sql) as out, \
-                cur.copy("COPY dst (id, payload, amount) FROM STDIN (FORMAT BINARY)") as inp:
+        with (
+            src.cursor().copy(out_sql) as out,
+            cur.copy("COPY dst (id, payload, amount) FROM STDIN (FORMAT BINARY)") as inp,
+        ):
             for data in out:
                 inp.write(data)
         rows = cur.rowcount
@@ -92,9 +96,12 @@ def raw_copy(dsn: str) -> int:
 def eos_transfer(dsn: str, key: str, chunk_rows: int | None = None) -> int:
     """The operator's path through the ledger."""
     with Ledger(dsn) as ledger:
-        result = ledger.run(key, lambda eos: transfer(
-            eos, lambda: psycopg.connect(dsn), query=QUERY, table="dst",
-            chunk_rows=chunk_rows))
+        result = ledger.run(
+            key,
+            lambda eos: transfer(
+                eos, lambda: psycopg.connect(dsn), query=QUERY, table="dst", chunk_rows=chunk_rows
+            ),
+        )
     return result["rows"]
 
 
@@ -106,8 +113,9 @@ def timed(fn: Callable[[], int], rows: int) -> float:
     return elapsed
 
 
-def interleave(db: BenchDatabase, rows: int, rounds: int,
-               sides: dict[str, Callable[[int], int]]) -> dict[str, list[float]]:
+def interleave(
+    db: BenchDatabase, rows: int, rounds: int, sides: dict[str, Callable[[int], int]]
+) -> dict[str, list[float]]:
     """Run every side once per round, alternating the order; return the times by side."""
     times: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
@@ -122,8 +130,10 @@ def report(times: dict[str, list[float]], rows: int, baseline: str) -> dict[str,
     base = statistics.median(times[baseline])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"  {name:<28} median {median:7.3f} s  {rows / median:>12,.0f} rows/s  "
-              f"ratio {median / base:5.3f}  (runs: {', '.join(f'{v:.3f}' for v in values)})")
+        print(
+            f"  {name:<28} median {median:7.3f} s  {rows / median:>12,.0f} rows/s  "
+            f"ratio {median / base:5.3f}  (runs: {', '.join(f'{v:.3f}' for v in values)})"
+        )
     return {name: statistics.median(values) / base for name, values in times.items()}
 
 
@@ -138,10 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(db.dsn) as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]
         print(f"T1: {args.rows:,} rows, {args.rounds} rounds, PostgreSQL {version}")
-        times = interleave(db, args.rows, args.rounds, {
-            "raw COPY (baseline)": lambda r: raw_copy(db.dsn),
-            "ExactlyOnceTransfer path": lambda r: eos_transfer(db.dsn, f"t1/{r}"),
-        })
+        times = interleave(
+            db,
+            args.rows,
+            args.rounds,
+            {
+                "raw COPY (baseline)": lambda r: raw_copy(db.dsn),
+                "ExactlyOnceTransfer path": lambda r: eos_transfer(db.dsn, f"t1/{r}"),
+            },
+        )
         ratio = report(times, args.rows, "raw COPY (baseline)")["ExactlyOnceTransfer path"]
         print(f"T1 ratio {ratio:.3f} (goal <= {GOAL}): {'met' if ratio <= GOAL else 'NOT met'}")
     finally:

@@ -43,8 +43,13 @@ from eos_airflow.protocol.multiledger import MultiLedger  # noqa: E402
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1/postgres"
 T1_GOAL = 2.5
-SETTINGS = ("server_version", "synchronous_commit", "fsync", "wal_sync_method",
-            "max_prepared_transactions")
+SETTINGS = (
+    "server_version",
+    "synchronous_commit",
+    "fsync",
+    "wal_sync_method",
+    "max_prepared_transactions",
+)
 INSERT = "INSERT INTO bench_rows (who, n) VALUES (%s, %s)"
 
 
@@ -64,8 +69,9 @@ def _create(admin: str, name: str) -> str:
 
 def _drop(admin: str, name: str) -> None:
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def _timed(fn: Callable[[int], Any], ops: int, start: int) -> list[float]:
@@ -84,15 +90,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    admin = (args.dsn or os.environ.get("EOS_BENCH_DSN") or os.environ.get("EOS_TEST_DSN")
-             or DEFAULT_DSN)
+    admin = (
+        args.dsn or os.environ.get("EOS_BENCH_DSN") or os.environ.get("EOS_TEST_DSN") or DEFAULT_DSN
+    )
     token = secrets.token_hex(4)
     names = {n: f"eos_bench2pc_{token}_{n}" for n in ("a", "b")}
     try:
         dsns = {n: _create(admin, db) for n, db in names.items()}
         with psycopg.connect(dsns["a"]) as conn:
-            settings = {s: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(s))
-                                        ).fetchone()[0] for s in SETTINGS}
+            settings = {
+                s: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(s))).fetchone()[0]
+                for s in SETTINGS
+            }
         if settings["max_prepared_transactions"] == "0":
             sys.exit("bench_twophase: the server has max_prepared_transactions = 0")
         figures = _measure(dsns, args.ops, args.rounds)
@@ -118,6 +127,7 @@ def _measure(dsns: dict[str, str], ops: int, rounds: int) -> dict[str, list[floa
             eos.conn.execute(INSERT, ["local", i])
             eos.conn.execute(INSERT, ["local", i])
             return {"n": i}
+
         single.run(f"local/{i}", fn)
 
     def multi(ledger: MultiLedger, tag: str) -> Callable[[int], None]:
@@ -126,17 +136,23 @@ def _measure(dsns: dict[str, str], ops: int, rounds: int) -> dict[str, list[floa
                 eos.conns["a"].execute(INSERT, [tag, i])
                 eos.conns["b"].execute(INSERT, [tag, i])
                 return {"n": i}
+
             ledger.run(f"{tag}/{i}", fn)
+
         return run
 
     sides: dict[str, Callable[[int], Any]] = {
-        "bare": bare_tx, "local": local, "2pc": multi(two, "2pc"), "3pc": multi(three, "3pc")}
+        "bare": bare_tx,
+        "local": local,
+        "2pc": multi(two, "2pc"),
+        "3pc": multi(three, "3pc"),
+    }
     times: dict[str, list[float]] = {name: [] for name in sides}
     for fn in sides.values():  # warm up: connections, pools, plans
         _timed(fn, 20, 10_000_000)
     order = list(sides)
     for round_ in range(rounds):
-        for name in order[round_ % len(order):] + order[:round_ % len(order)]:
+        for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
             times[name] += _timed(sides[name], ops, round_ * ops)
     bare.close()
     single.close()
@@ -145,27 +161,35 @@ def _measure(dsns: dict[str, str], ops: int, rounds: int) -> dict[str, list[floa
     return times
 
 
-def _report(times: dict[str, list[float]], settings: dict[str, str],
-            args: argparse.Namespace) -> None:
+def _report(
+    times: dict[str, list[float]], settings: dict[str, str], args: argparse.Namespace
+) -> None:
     median = {name: statistics.median(t) * 1000 for name, t in times.items()}
     p95 = {name: statistics.quantiles(t, n=20)[-1] * 1000 for name, t in times.items()}
     t1 = median["2pc"] / median["local"]
     t2 = median["3pc"] / median["2pc"]
-    print(f"server: PostgreSQL {settings['server_version']}, synchronous_commit="
-          f"{settings['synchronous_commit']}, fsync={settings['fsync']}, wal_sync_method="
-          f"{settings['wal_sync_method']}; Python {platform.python_version()}; "
-          f"{len(times['local'])} calls per side")
+    print(
+        f"server: PostgreSQL {settings['server_version']}, synchronous_commit="
+        f"{settings['synchronous_commit']}, fsync={settings['fsync']}, wal_sync_method="
+        f"{settings['wal_sync_method']}; Python {platform.python_version()}; "
+        f"{len(times['local'])} calls per side"
+    )
     print(f"{'side':<8}{'median ms':>12}{'p95 ms':>10}")
     for name in times:
         print(f"{name:<8}{median[name]:>12.3f}{p95[name]:>10.3f}")
-    print(f"T1 2PC (2 databases) / single-database effect: {t1:.2f} (goal <= {T1_GOAL}: "
-          f"{'met' if t1 <= T1_GOAL else 'not met'})")
+    print(
+        f"T1 2PC (2 databases) / single-database effect: {t1:.2f} (goal <= {T1_GOAL}: "
+        f"{'met' if t1 <= T1_GOAL else 'not met'})"
+    )
     print(f"T2 3PC / 2PC: {t2:.2f}")
     print(f"single-database effect / bare transaction: {median['local'] / median['bare']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "median_ms": median, "p95_ms": p95, "t1": t1, "t2": t2, "settings": settings},
-            indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"median_ms": median, "p95_ms": p95, "t1": t1, "t2": t2, "settings": settings},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,10 @@ def _serve(client: socket.socket, upstream: tuple[str, int], delay: float) -> No
         return
     for s in (client, server):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    threads = [threading.Thread(target=_pipe, args=(client, server, delay), daemon=True),
-               threading.Thread(target=_pipe, args=(server, client, delay), daemon=True)]
+    threads = [
+        threading.Thread(target=_pipe, args=(client, server, delay), daemon=True),
+        threading.Thread(target=_pipe, args=(server, client, delay), daemon=True),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -90,8 +92,9 @@ def main() -> int:
     print(listener.getsockname()[1], flush=True)
     while True:
         client, _ = listener.accept()
-        threading.Thread(target=_serve, args=(client, upstream, args.delay_ms / 1000),
-                         daemon=True).start()
+        threading.Thread(
+            target=_serve, args=(client, upstream, args.delay_ms / 1000), daemon=True
+        ).start()
 
 
 if __name__ == "__main__":

@@ -42,9 +42,10 @@ INSERT = "INSERT INTO bench_rows (who, n) VALUES (%s, %s)"
 
 def main() -> int:
     dsn, results_dir, redis_host, redis_port, redis_db = sys.argv[1:6]
-    store = ResultStore(result_storage=LocalFileSystem(basepath=results_dir),
-                        lock_manager=RedisLockManager(host=redis_host, port=int(redis_port),
-                                                      db=int(redis_db)))
+    store = ResultStore(
+        result_storage=LocalFileSystem(basepath=results_dir),
+        lock_manager=RedisLockManager(host=redis_host, port=int(redis_port), db=int(redis_db)),
+    )
     conn = psycopg.connect(dsn)
     run = uuid.uuid4().hex[:8]
     clock = time.perf_counter
@@ -55,8 +56,7 @@ def main() -> int:
         conn.commit()
 
     def guarded(key: str, i: int) -> None:
-        with transaction(key=key, store=store,
-                         isolation_level=IsolationLevel.SERIALIZABLE) as txn:
+        with transaction(key=key, store=store, isolation_level=IsolationLevel.SERIALIZABLE) as txn:
             if not txn.is_committed():
                 conn.execute(INSERT, ["prefect", i])
                 conn.commit()

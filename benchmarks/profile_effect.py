@@ -61,24 +61,37 @@ from eos_airflow.ledger.queries import query  # noqa: E402
 
 
 def _params(key: str, owner: uuid.UUID) -> dict[str, Any]:
-    return {"key": key, "owner": owner, "attempt": 1, "dag_id": "bench", "task_id": "wire",
-            "run_id": "r", "map_index": -1, "host": "bench", "pid": os.getpid(),
-            "on_committed": "skip"}
+    return {
+        "key": key,
+        "owner": owner,
+        "attempt": 1,
+        "dag_id": "bench",
+        "task_id": "wire",
+        "run_id": "r",
+        "map_index": -1,
+        "host": "bench",
+        "pid": os.getpid(),
+        "on_committed": "skip",
+    }
 
 
 def _variants() -> dict[str, Callable[[psycopg.Connection[Any], str, int], None]]:
     """The four wires; each runs one effect with a 1-row INSERT on an autocommit connection."""
-    q = {name: query(name, "eos") for name in (
-        "claim", "commit", "claim_then_begin", "commit_then_end")}
+    q = {
+        name: query(name, "eos")
+        for name in ("claim", "commit", "claim_then_begin", "commit_then_end")
+    }
     q["prepare"] = (  # the calls as session-level prepared statements
         b"PREPARE wire_claim (text, uuid, integer, text, text, text, integer, text, integer, "
         b"text) AS SELECT action, prior_state::text AS prior_state, attempt, version, result, "
         b"holder, committed_at FROM eos.claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10); "
         b"PREPARE wire_commit (text, uuid, jsonb) AS "
-        b"SELECT version, committed_at FROM eos.commit($1, $2, $3)")
+        b"SELECT version, committed_at FROM eos.commit($1, $2, $3)"
+    )
     q["claim_prepared_then_begin"] = (
         b"EXECUTE wire_claim(%(key)s, %(owner)s, %(attempt)s, %(dag_id)s, %(task_id)s, "
-        b"%(run_id)s, %(map_index)s, %(host)s, %(pid)s, %(on_committed)s); COMMIT; BEGIN")
+        b"%(run_id)s, %(map_index)s, %(host)s, %(pid)s, %(on_committed)s); COMMIT; BEGIN"
+    )
     q["commit_prepared_then_end"] = b"EXECUTE wire_commit(%(key)s, %(owner)s, %(result)s); COMMIT"
     ready: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
 
@@ -125,11 +138,16 @@ def _variants() -> dict[str, Callable[[psycopg.Connection[Any], str, int], None]
         owner = uuid.uuid4()
         first_row(conn, q["claim_prepared_then_begin"], _params(key, owner))
         conn.execute(bench_effects.INSERT, ("wire", n))
-        first_row(conn, q["commit_prepared_then_end"],
-                  {"key": key, "owner": owner, "result": "null"})
+        first_row(
+            conn, q["commit_prepared_then_end"], {"key": key, "owner": owner, "result": "null"}
+        )
 
-    return {"separate": separate, "pipelined": pipelined, "combined": combined,
-            "prepared": prepared}
+    return {
+        "separate": separate,
+        "pipelined": pipelined,
+        "combined": combined,
+        "prepared": prepared,
+    }
 
 
 def wire_variants(dsn: str, rounds: int, ops: int, writers: str, seconds: float) -> None:
@@ -143,6 +161,7 @@ def wire_variants(dsn: str, rounds: int, ops: int, writers: str, seconds: float)
             c0 = time.process_time()
             variants[name](conns[name], f"wire/{tag}/{name}/{i}", i)
             cpu[name].append(time.process_time() - c0)
+
         return run
 
     try:
@@ -154,16 +173,25 @@ def wire_variants(dsn: str, rounds: int, ops: int, writers: str, seconds: float)
     print("\nwire (one thread, interleaved; median per effect with a 1-row INSERT):")
     for name in variants:
         wall = median_ms(times[name])
-        print(f"  {name:<10} wall {wall:.3f} ms ({wall / base:.2f} of separate), client CPU "
-              f"{statistics.fmean(cpu[name]) * 1e3:.3f} ms")
+        print(
+            f"  {name:<10} wall {wall:.3f} ms ({wall / base:.2f} of separate), client CPU "
+            f"{statistics.fmean(cpu[name]) * 1e3:.3f} ms"
+        )
     for count in (int(w) for w in writers.split(",")):
-        got = {name: _throughput(dsn, variants[name], count, seconds, f"{tag}/{count}/{name}")
-               for name in variants}
+        got = {
+            name: _throughput(dsn, variants[name], count, seconds, f"{tag}/{count}/{name}")
+            for name in variants
+        }
         print(f"  {count:>2} writers: " + ", ".join(f"{n} {v:,.0f}/s" for n, v in got.items()))
 
 
-def _throughput(dsn: str, fn: Callable[[psycopg.Connection[Any], str, int], None],
-                writers: int, seconds: float, tag: str) -> float:
+def _throughput(
+    dsn: str,
+    fn: Callable[[psycopg.Connection[Any], str, int], None],
+    writers: int,
+    seconds: float,
+    tag: str,
+) -> float:
     counts = [0] * writers
     stop = time.perf_counter() + seconds
     conns = [psycopg.connect(dsn, autocommit=True) for _ in range(writers)]
@@ -208,12 +236,18 @@ def main() -> int:
     ap.add_argument("--dsn")
     ap.add_argument("--ops", type=int, default=2000, help="effects in the profiled loop")
     ap.add_argument("--rounds", type=int, default=6, help="rounds of the wire comparison")
-    ap.add_argument("--ab-ops", type=int, default=500,
-                    help="effects per variant and round of the wire comparison")
-    ap.add_argument("--writers", default="1,2,16",
-                    help="thread counts of the wire throughput comparison")
-    ap.add_argument("--seconds", type=float, default=3.0,
-                    help="measured seconds of each throughput run")
+    ap.add_argument(
+        "--ab-ops",
+        type=int,
+        default=500,
+        help="effects per variant and round of the wire comparison",
+    )
+    ap.add_argument(
+        "--writers", default="1,2,16", help="thread counts of the wire throughput comparison"
+    )
+    ap.add_argument(
+        "--seconds", type=float, default=3.0, help="measured seconds of each throughput run"
+    )
     ap.add_argument("--html", type=Path, help="write the pyinstrument profile here")
     args = ap.parse_args()
     from pyinstrument import Profiler
@@ -232,6 +266,7 @@ def main() -> int:
             def insert(i: int) -> None:
                 def write(eos: Any) -> None:
                     eos.conn.execute(bench_effects.INSERT, ("eos", i))
+
                 ledger.run(f"prof/{tag}/insert/{i}", write)
 
             conn = ledger.connection()
@@ -257,9 +292,11 @@ def main() -> int:
                 cpu = (time.process_time() - cpu0) / args.ops * 1e3
                 wall_mean = (time.perf_counter() - w0) / args.ops * 1e3
                 server = wall_mean - cpu - trips * rtt_ms
-                print(f"{label}: wall {median_ms(walls):.3f} ms median ({wall_mean:.3f} mean); "
-                      f"client CPU {cpu:.3f} ms; {trips:g} round trips (~{trips * rtt_ms:.3f} ms "
-                      f"of loopback latency); rest (server work, WAL flush) ~{server:.3f} ms")
+                print(
+                    f"{label}: wall {median_ms(walls):.3f} ms median ({wall_mean:.3f} mean); "
+                    f"client CPU {cpu:.3f} ms; {trips:g} round trips (~{trips * rtt_ms:.3f} ms "
+                    f"of loopback latency); rest (server work, WAL flush) ~{server:.3f} ms"
+                )
             profiler = Profiler(interval=0.0002)
             profiler.start()
             for i in range(10_000, 10_000 + args.ops):

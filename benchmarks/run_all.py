@@ -88,29 +88,59 @@ REDIS = ("127.0.0.1", 6379, 11)
 #: Sizes per mode. Full: the figures of docs/performance.md; quick: a smoke run.
 SIZES: dict[str, dict[str, Any]] = {
     "full": {
-        "p1_rounds": 5, "p1_ops": 300, "p1_warmup": 200,
-        "p2_writers": [1, 2, 4, 8, 16, 32], "p2_seconds": 3.0, "p2_ramp": 0.5,
-        "rows": [1, 10, 100, 1000, 10000], "rows_budget": 6.0, "rows_rounds": 2,
-        "p3_rows": 1_000_000, "p3_rounds": 5,
-        "p4_ops": 150, "p4_rounds": 5,
-        "p5_sizes": [0, 1_000_000, 10_000_000], "p5_rounds": 8, "p5_ops": 150,
+        "p1_rounds": 5,
+        "p1_ops": 300,
+        "p1_warmup": 200,
+        "p2_writers": [1, 2, 4, 8, 16, 32],
+        "p2_seconds": 3.0,
+        "p2_ramp": 0.5,
+        "rows": [1, 10, 100, 1000, 10000],
+        "rows_budget": 6.0,
+        "rows_rounds": 2,
+        "p3_rows": 1_000_000,
+        "p3_rounds": 5,
+        "p4_ops": 150,
+        "p4_rounds": 5,
+        "p5_sizes": [0, 1_000_000, 10_000_000],
+        "p5_rounds": 8,
+        "p5_ops": 150,
         "gc_events": 200_000,
-        "p6_triggers": 1000, "p6_commits": 200, "p6_interval": 0.02,
-        "p7_tasks": 100, "p7_runs": 4, "p7_parallelism": 4,
-        "p8_rounds": 4, "p8_ops": 200,
+        "p6_triggers": 1000,
+        "p6_commits": 200,
+        "p6_interval": 0.02,
+        "p7_tasks": 100,
+        "p7_runs": 4,
+        "p7_parallelism": 4,
+        "p8_rounds": 4,
+        "p8_ops": 200,
         "repeat": 2,
     },
     "quick": {
-        "p1_rounds": 2, "p1_ops": 30, "p1_warmup": 10,
-        "p2_writers": [1, 4], "p2_seconds": 0.4, "p2_ramp": 0.1,
-        "rows": [1, 10, 100], "rows_budget": 0.3, "rows_rounds": 1,
-        "p3_rows": 5_000, "p3_rounds": 1,
-        "p4_ops": 10, "p4_rounds": 1,
-        "p5_sizes": [0, 5_000], "p5_rounds": 2, "p5_ops": 20,
+        "p1_rounds": 2,
+        "p1_ops": 30,
+        "p1_warmup": 10,
+        "p2_writers": [1, 4],
+        "p2_seconds": 0.4,
+        "p2_ramp": 0.1,
+        "rows": [1, 10, 100],
+        "rows_budget": 0.3,
+        "rows_rounds": 1,
+        "p3_rows": 5_000,
+        "p3_rounds": 1,
+        "p4_ops": 10,
+        "p4_rounds": 1,
+        "p5_sizes": [0, 5_000],
+        "p5_rounds": 2,
+        "p5_ops": 20,
         "gc_events": 1_000,
-        "p6_triggers": 20, "p6_commits": 5, "p6_interval": 0.0,
-        "p7_tasks": 3, "p7_runs": 1, "p7_parallelism": 2,
-        "p8_rounds": 1, "p8_ops": 20,
+        "p6_triggers": 20,
+        "p6_commits": 5,
+        "p6_interval": 0.0,
+        "p7_tasks": 3,
+        "p7_runs": 1,
+        "p7_parallelism": 2,
+        "p8_rounds": 1,
+        "p8_ops": 20,
         "repeat": 1,
     },
 }
@@ -134,8 +164,16 @@ class Figure:
 
 
 #: Raw-result keys of each part (what --merge carries over from an earlier run).
-RESULT_KEYS = {"P1": ("p1", "rows_per_effect"), "P2": ("p2",), "P3": ("p3",), "P4": ("p4",),
-               "P5": ("p5", "gc"), "P6": ("p6",), "P7": ("p7",), "P8": ("p8",)}
+RESULT_KEYS = {
+    "P1": ("p1", "rows_per_effect"),
+    "P2": ("p2",),
+    "P3": ("p3",),
+    "P4": ("p4",),
+    "P5": ("p5", "gc"),
+    "P6": ("p6",),
+    "P7": ("p7",),
+    "P8": ("p8",),
+}
 
 
 def part_of(f: dict[str, Any]) -> str:
@@ -170,6 +208,7 @@ def spread(ratios: list[float]) -> str:
 
 # --- scratch databases ----------------------------------------------------------------------
 
+
 class Scratch:
     """Throwaway databases on the admin DSN's server, dropped by :meth:`drop_all`."""
 
@@ -187,15 +226,18 @@ class Scratch:
         if ledger:
             migrate(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE bench_rows (id bigint GENERATED ALWAYS AS IDENTITY "
-                         "PRIMARY KEY, who text NOT NULL, n bigint NOT NULL)")
+            conn.execute(
+                "CREATE TABLE bench_rows (id bigint GENERATED ALWAYS AS IDENTITY "
+                "PRIMARY KEY, who text NOT NULL, n bigint NOT NULL)"
+            )
         return dsn
 
     def drop_all(self) -> None:
         with psycopg.connect(self.admin, autocommit=True) as conn:
             for name in self.names:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                             .format(sql.Identifier(name)))
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
         self.names.clear()
 
 
@@ -213,8 +255,9 @@ def timed_calls(fn: Callable[[int], Any], start: int, count: int) -> list[float]
     return out
 
 
-def interleaved(sides: dict[str, Callable[[int], Any]], rounds: int, ops: int,
-                warmup: int = 0) -> dict[str, list[float]]:
+def interleaved(
+    sides: dict[str, Callable[[int], Any]], rounds: int, ops: int, warmup: int = 0
+) -> dict[str, list[float]]:
     """Per-call seconds of each side; the side order rotates every round."""
     names = list(sides)
     seq = 10_000_000
@@ -223,7 +266,7 @@ def interleaved(sides: dict[str, Callable[[int], Any]], rounds: int, ops: int,
         seq += warmup
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             times[name] += timed_calls(sides[name], seq, ops)
             seq += ops
@@ -232,8 +275,10 @@ def interleaved(sides: dict[str, Callable[[int], Any]], rounds: int, ops: int,
 
 # --- P1, P2 and rows per effect -------------------------------------------------------------
 
-def part_p1_p2(scratch: Scratch, size: dict[str, Any], repeat: int, parts: set[str],
-               results: dict[str, Any]) -> list[Figure]:
+
+def part_p1_p2(
+    scratch: Scratch, size: dict[str, Any], repeat: int, parts: set[str], results: dict[str, Any]
+) -> list[Figure]:
     dsn = scratch.create("p12")
     figures: list[Figure] = []
     writers = size["p2_writers"]
@@ -242,27 +287,51 @@ def part_p1_p2(scratch: Scratch, size: dict[str, Any], repeat: int, parts: set[s
             runs = []
             for k in range(repeat):
                 log(f"P1 run {k + 1}/{repeat}")
-                runs.append(bench_effects.run_p1(dsn, ledger, size["p1_rounds"], size["p1_ops"],
-                                                 size["p1_warmup"], lambda m: log("  " + m)))
+                runs.append(
+                    bench_effects.run_p1(
+                        dsn,
+                        ledger,
+                        size["p1_rounds"],
+                        size["p1_ops"],
+                        size["p1_warmup"],
+                        lambda m: log("  " + m),
+                    )
+                )
             ratios = [r["eos_median_ms"] / r["bare_median_ms"] for r in runs]
             bare = statistics.median(x for r in runs for x in r["bare_samples_ms"])
             eos = statistics.median(x for r in runs for x in r["eos_samples_ms"])
             ratio = statistics.median(ratios)
-            figures.append(Figure(
-                "P1", "effect latency, 1-row INSERT, median",
-                f"bare INSERT+COMMIT {bare:.3f} ms", f"{eos:.3f} ms", ratio, "<= 1.3",
-                ratio <= 1.3, spread(ratios)))
-            results["p1"] = [{k: v for k, v in r.items() if not k.endswith("_samples_ms")}
-                             for r in runs]
+            figures.append(
+                Figure(
+                    "P1",
+                    "effect latency, 1-row INSERT, median",
+                    f"bare INSERT+COMMIT {bare:.3f} ms",
+                    f"{eos:.3f} ms",
+                    ratio,
+                    "<= 1.3",
+                    ratio <= 1.3,
+                    spread(ratios),
+                )
+            )
+            results["p1"] = [
+                {k: v for k, v in r.items() if not k.endswith("_samples_ms")} for r in runs
+            ]
             results["rows_per_effect"] = rows_per_effect(dsn, ledger, size)
         if "P2" in parts:
             per_w: dict[int, list[dict[str, Any]]] = {w: [] for w in writers}
             for k in range(repeat):
                 for w in writers:
                     log(f"P2 run {k + 1}/{repeat}, {w} writers")
-                    per_w[w].append(bench_effects.run_p2(
-                        dsn, ledger, w, size["p2_seconds"], size["p2_ramp"],
-                        lambda m: log("  " + m)))
+                    per_w[w].append(
+                        bench_effects.run_p2(
+                            dsn,
+                            ledger,
+                            w,
+                            size["p2_seconds"],
+                            size["p2_ramp"],
+                            lambda m: log("  " + m),
+                        )
+                    )
             results["p2"] = {str(w): v for w, v in per_w.items()}
             goal_w = 16 if 16 in per_w else max(per_w)
             for w in writers:
@@ -270,11 +339,18 @@ def part_p1_p2(scratch: Scratch, size: dict[str, Any], repeat: int, parts: set[s
                 bare = statistics.fmean(r["bare_ops_s"] for r in per_w[w])
                 eos = statistics.fmean(r["eos_ops_s"] for r in per_w[w])
                 ratio = eos / bare
-                figures.append(Figure(
-                    "P2" if w == goal_w else "", f"effects/s, {w} writer{'s' * (w > 1)}",
-                    f"bare tx {bare:,.0f}/s", f"{eos:,.0f}/s", ratio,
-                    ">= 0.8" if w == goal_w else "", (ratio >= 0.8) if w == goal_w else None,
-                    spread(ratios)))
+                figures.append(
+                    Figure(
+                        "P2" if w == goal_w else "",
+                        f"effects/s, {w} writer{'s' * (w > 1)}",
+                        f"bare tx {bare:,.0f}/s",
+                        f"{eos:,.0f}/s",
+                        ratio,
+                        ">= 0.8" if w == goal_w else "",
+                        (ratio >= 0.8) if w == goal_w else None,
+                        spread(ratios),
+                    )
+                )
     return figures
 
 
@@ -291,6 +367,7 @@ def rows_per_effect(dsn: str, ledger: Ledger, size: dict[str, Any]) -> dict[str,
     out: dict[str, Any] = {}
     try:
         for n in size["rows"]:
+
             def bare(i: int, n: int = n) -> None:
                 with bare_conn.transaction():
                     copy_rows(bare_conn, "bare", n, i)
@@ -299,12 +376,28 @@ def rows_per_effect(dsn: str, ledger: Ledger, size: dict[str, Any]) -> dict[str,
                 ledger.run(f"rows/{tag}/{n}/{i}", lambda eff: copy_rows(eff.conn, "eos", n, i))
 
             probe = timed_calls(bare, 0, 3)
-            ops = max(1, min(300, int(size["rows_budget"] / size["rows_rounds"] / 2
-                                      / max(statistics.fmean(probe), 1e-4))))
+            ops = max(
+                1,
+                min(
+                    300,
+                    int(
+                        size["rows_budget"]
+                        / size["rows_rounds"]
+                        / 2
+                        / max(statistics.fmean(probe), 1e-4)
+                    ),
+                ),
+            )
             times = interleaved({"bare": bare, "eos": eos}, size["rows_rounds"], ops, warmup=2)
             b, e = median_ms(times["bare"]), median_ms(times["eos"])
-            out[str(n)] = {"ops": len(times["eos"]), "bare_ms": b, "eos_ms": e, "ratio": e / b,
-                           "bare_rows_s": n / b * 1e3, "eos_rows_s": n / e * 1e3}
+            out[str(n)] = {
+                "ops": len(times["eos"]),
+                "bare_ms": b,
+                "eos_ms": e,
+                "ratio": e / b,
+                "bare_rows_s": n / b * 1e3,
+                "eos_rows_s": n / e * 1e3,
+            }
             log(f"rows per effect {n:>6}: bare {b:.3f} ms, eos {e:.3f} ms, ratio {e / b:.2f}")
     finally:
         bare_conn.close()
@@ -313,6 +406,7 @@ def rows_per_effect(dsn: str, ledger: Ledger, size: dict[str, Any]) -> dict[str,
 
 # --- P3, P4 -----------------------------------------------------------------------------
 
+
 def part_p3(admin: str, size: dict[str, Any], results: dict[str, Any]) -> list[Figure]:
     import bench_transfer
 
@@ -320,49 +414,101 @@ def part_p3(admin: str, size: dict[str, Any], results: dict[str, Any]) -> list[F
     log(f"P3: {rows:,}-row source table")
     db = bench_transfer.BenchDatabase(admin, rows)
     try:
-        times = bench_transfer.interleave(db, rows, size["p3_rounds"], {
-            "raw": lambda r: bench_transfer.raw_copy(db.dsn),
-            "eos": lambda r: bench_transfer.eos_transfer(db.dsn, f"p3/{r}"),
-        })
+        times = bench_transfer.interleave(
+            db,
+            rows,
+            size["p3_rounds"],
+            {
+                "raw": lambda r: bench_transfer.raw_copy(db.dsn),
+                "eos": lambda r: bench_transfer.eos_transfer(db.dsn, f"p3/{r}"),
+            },
+        )
     finally:
         db.drop()
     raw, eos = statistics.median(times["raw"]), statistics.median(times["eos"])
     results["p3"] = {"rows": rows, "raw_s": times["raw"], "eos_s": times["eos"]}
-    return [Figure("P3", f"transfer of {rows:,} rows, median of {size['p3_rounds']}",
-                   f"raw COPY {raw:.3f} s", f"{eos:.3f} s", eos / raw, "<= 1.03",
-                   eos / raw <= 1.03, note=f"{rows / eos:,.0f} rows/s")]
+    return [
+        Figure(
+            "P3",
+            f"transfer of {rows:,} rows, median of {size['p3_rounds']}",
+            f"raw COPY {raw:.3f} s",
+            f"{eos:.3f} s",
+            eos / raw,
+            "<= 1.03",
+            eos / raw <= 1.03,
+            note=f"{rows / eos:,.0f} rows/s",
+        )
+    ]
 
 
 def part_p4(admin: str, size: dict[str, Any], results: dict[str, Any]) -> list[Figure]:
     try:
         import bench_twophase
     except Exception as exc:  # the 2PC benchmark may be absent in a trimmed checkout
-        return [Figure("P4", "2PC effect latency", "-", "not run", None, "<= 2.5", None,
-                       note=f"bench_twophase unavailable: {exc}")]
+        return [
+            Figure(
+                "P4",
+                "2PC effect latency",
+                "-",
+                "not run",
+                None,
+                "<= 2.5",
+                None,
+                note=f"bench_twophase unavailable: {exc}",
+            )
+        ]
     token = secrets.token_hex(3)
     names = {n: f"eos_bench2pc_{token}_{n}" for n in ("a", "b")}
     try:
         dsns = {n: bench_twophase._create(admin, db) for n, db in names.items()}
         with psycopg.connect(dsns["a"]) as conn:
             if conn.execute("SHOW max_prepared_transactions").fetchone()[0] == "0":
-                return [Figure("P4", "2PC effect latency", "-", "not run", None, "<= 2.5", None,
-                               note="server has max_prepared_transactions = 0")]
+                return [
+                    Figure(
+                        "P4",
+                        "2PC effect latency",
+                        "-",
+                        "not run",
+                        None,
+                        "<= 2.5",
+                        None,
+                        note="server has max_prepared_transactions = 0",
+                    )
+                ]
         log(f"P4: {size['p4_rounds']} rounds x {size['p4_ops']} calls per side")
         times = bench_twophase._measure(dsns, size["p4_ops"], size["p4_rounds"])
     except Exception as exc:
         log(f"P4 failed: {exc!r}")
-        return [Figure("P4", "2PC effect latency", "-", "failed", None, "<= 2.5", None,
-                       note=f"{type(exc).__name__}: {str(exc)[:200]}")]
+        return [
+            Figure(
+                "P4",
+                "2PC effect latency",
+                "-",
+                "failed",
+                None,
+                "<= 2.5",
+                None,
+                note=f"{type(exc).__name__}: {str(exc)[:200]}",
+            )
+        ]
     finally:
         for db in names.values():
             bench_twophase._drop(admin, db)
     med = {k: median_ms(v) for k, v in times.items()}
     results["p4"] = med
     ratio = med["2pc"] / med["local"]
-    return [Figure("P4", "2PC effect over 2 databases, median",
-                   f"single-database effect {med['local']:.3f} ms", f"{med['2pc']:.3f} ms",
-                   ratio, "<= 2.5", ratio <= 2.5,
-                   note=f"3PC {med['3pc']:.3f} ms; bare 2-row tx {med['bare']:.3f} ms")]
+    return [
+        Figure(
+            "P4",
+            "2PC effect over 2 databases, median",
+            f"single-database effect {med['local']:.3f} ms",
+            f"{med['2pc']:.3f} ms",
+            ratio,
+            "<= 2.5",
+            ratio <= 2.5,
+            note=f"3PC {med['3pc']:.3f} ms; bare 2-row tx {med['bare']:.3f} ms",
+        )
+    ]
 
 
 # --- P5: ledger size, gc ------------------------------------------------------------------
@@ -396,8 +542,9 @@ def fill_ledger(dsn: str, have: int, want: int) -> float:
     return time.perf_counter() - started
 
 
-def part_p5(scratch: Scratch, size: dict[str, Any], repeat: int,
-            results: dict[str, Any]) -> list[Figure]:
+def part_p5(
+    scratch: Scratch, size: dict[str, Any], repeat: int, results: dict[str, Any]
+) -> list[Figure]:
     empty = scratch.create("p5empty")
     big = scratch.create("p5big")
     tag = secrets.token_hex(3)
@@ -408,37 +555,66 @@ def part_p5(scratch: Scratch, size: dict[str, Any], repeat: int,
             fill_s = fill_ledger(big, have, rows) if rows > have else 0.0
             have = max(have, rows)
             for k in range(repeat if rows == max(size["p5_sizes"]) else 1):
-                def claim_commit(ledger: Ledger, side: str, rows: int = rows,
-                                 k: int = k) -> Callable[[int], Any]:
-                    return lambda i: ledger.run(f"p5/{tag}/{side}/{rows}/{k}/{i}",
-                                                lambda eos: None)
-                times = interleaved({"empty": claim_commit(l_empty, "empty"),
-                                     "big": claim_commit(l_big, "big")},
-                                    size["p5_rounds"], size["p5_ops"], warmup=20)
+
+                def claim_commit(
+                    ledger: Ledger, side: str, rows: int = rows, k: int = k
+                ) -> Callable[[int], Any]:
+                    return lambda i: ledger.run(f"p5/{tag}/{side}/{rows}/{k}/{i}", lambda eos: None)
+
+                times = interleaved(
+                    {"empty": claim_commit(l_empty, "empty"), "big": claim_commit(l_big, "big")},
+                    size["p5_rounds"],
+                    size["p5_ops"],
+                    warmup=20,
+                )
                 e, b = median_ms(times["empty"]), median_ms(times["big"])
-                stages.append({"ledger_rows": rows, "run": k + 1, "fill_s": fill_s,
-                               "empty_ms": e, "big_ms": b, "ratio": b / e,
-                               "empty_p95_ms": statistics.quantiles(times["empty"], n=20)[-1]
-                               * 1e3,
-                               "big_p95_ms": statistics.quantiles(times["big"], n=20)[-1] * 1e3})
-                log(f"P5 ledger {rows:,} rows (run {k + 1}): empty ledger {e:.3f} ms, "
-                    f"big ledger {b:.3f} ms, ratio {b / e:.2f}")
+                stages.append(
+                    {
+                        "ledger_rows": rows,
+                        "run": k + 1,
+                        "fill_s": fill_s,
+                        "empty_ms": e,
+                        "big_ms": b,
+                        "ratio": b / e,
+                        "empty_p95_ms": statistics.quantiles(times["empty"], n=20)[-1] * 1e3,
+                        "big_p95_ms": statistics.quantiles(times["big"], n=20)[-1] * 1e3,
+                    }
+                )
+                log(
+                    f"P5 ledger {rows:,} rows (run {k + 1}): empty ledger {e:.3f} ms, "
+                    f"big ledger {b:.3f} ms, ratio {b / e:.2f}"
+                )
     results["p5"] = stages
     top = max(size["p5_sizes"])
     last = [s for s in stages if s["ledger_rows"] == top]
     ratios = [s["ratio"] for s in last]
     ratio = statistics.median(ratios)
-    figures = [Figure(
-        "P5", f"claim+commit (empty effect), ledger of {top:,} rows",
-        f"empty ledger {statistics.median(s['empty_ms'] for s in last):.3f} ms",
-        f"{statistics.median(s['big_ms'] for s in last):.3f} ms", ratio, "<= 1.2",
-        ratio <= 1.2, spread(ratios),
-        note=f"filled in {max(s['fill_s'] for s in stages):.0f} s (last stage)")]
+    figures = [
+        Figure(
+            "P5",
+            f"claim+commit (empty effect), ledger of {top:,} rows",
+            f"empty ledger {statistics.median(s['empty_ms'] for s in last):.3f} ms",
+            f"{statistics.median(s['big_ms'] for s in last):.3f} ms",
+            ratio,
+            "<= 1.2",
+            ratio <= 1.2,
+            spread(ratios),
+            note=f"filled in {max(s['fill_s'] for s in stages):.0f} s (last stage)",
+        )
+    ]
     for s in stages:
         if s["ledger_rows"] not in (0, top):
-            figures.append(Figure("", f"claim+commit, ledger of {s['ledger_rows']:,} rows",
-                                  f"empty ledger {s['empty_ms']:.3f} ms", f"{s['big_ms']:.3f} ms",
-                                  s["ratio"], "", None))
+            figures.append(
+                Figure(
+                    "",
+                    f"claim+commit, ledger of {s['ledger_rows']:,} rows",
+                    f"empty ledger {s['empty_ms']:.3f} ms",
+                    f"{s['big_ms']:.3f} ms",
+                    s["ratio"],
+                    "",
+                    None,
+                )
+            )
     figures.append(part_gc(scratch, size, results))
     return figures
 
@@ -458,19 +634,27 @@ def part_gc(scratch: Scratch, size: dict[str, Any], results: dict[str, Any]) -> 
         conn.execute(bench_audit.ROWS, {"per_key": per_key})
         conn.execute("VACUUM ANALYZE eos.ledger_events")
         conn.execute("VACUUM ANALYZE eos.ledger")
-    copy_s = statistics.median(bench_audit.timed(lambda: bench_audit.baseline(dsn))
-                               for _ in range(3))
+    copy_s = statistics.median(
+        bench_audit.timed(lambda: bench_audit.baseline(dsn)) for _ in range(3)
+    )
     with psycopg.connect(dsn, autocommit=True) as conn:
         cutoff = datetime.now(timezone.utc)
         gc_s = bench_audit.timed(lambda: gc(conn, "eos", cutoff))
     results["gc"] = {"events": total, "keys": keys, "copy_s": copy_s, "gc_s": gc_s}
-    return Figure("", f"ledger gc, {total:,} events of {keys:,} keys",
-                  f"COPY of the events {total / copy_s:,.0f} ev/s",
-                  f"{total / gc_s:,.0f} ev/s", gc_s / copy_s, "", None,
-                  note="ratio = gc time / COPY time")
+    return Figure(
+        "",
+        f"ledger gc, {total:,} events of {keys:,} keys",
+        f"COPY of the events {total / copy_s:,.0f} ev/s",
+        f"{total / gc_s:,.0f} ev/s",
+        gc_s / copy_s,
+        "",
+        None,
+        note="ratio = gc time / COPY time",
+    )
 
 
 # --- P6: sensors ---------------------------------------------------------------------------
+
 
 def part_p6(scratch: Scratch, size: dict[str, Any], results: dict[str, Any]) -> list[Figure]:
     import bench_sensors
@@ -478,18 +662,28 @@ def part_p6(scratch: Scratch, size: dict[str, Any], results: dict[str, Any]) -> 
     dsn = scratch.create("p6")
     os.environ[f"AIRFLOW_CONN_{bench_sensors.CONN_ID.upper()}"] = bench_sensors.airflow_conn(dsn)
     log(f"P6: {size['p6_triggers']} triggers, {size['p6_commits']} commits")
-    r = asyncio.run(bench_sensors.bench(dsn, size["p6_triggers"], size["p6_commits"],
-                                        size["p6_interval"]))
+    r = asyncio.run(
+        bench_sensors.bench(dsn, size["p6_triggers"], size["p6_commits"], size["p6_interval"])
+    )
     results["p6"] = r
     ok = r["connections"] <= 2 and r["p95_ms"] <= 1000
-    return [Figure("P6", f"{r['triggers']:,} deferred sensors, {r['commits']} commits",
-                   "absolute goals", f"{r['connections']} conn, p95 {r['p95_ms']:.1f} ms",
-                   None, "<= 2 conn, p95 <= 1 s", ok,
-                   note=f"p50 {r['p50_ms']:.1f} ms, max {r['max_ms']:.1f} ms, "
-                        f"registered in {r['registered_s']:.2f} s")]
+    return [
+        Figure(
+            "P6",
+            f"{r['triggers']:,} deferred sensors, {r['commits']} commits",
+            "absolute goals",
+            f"{r['connections']} conn, p95 {r['p95_ms']:.1f} ms",
+            None,
+            "<= 2 conn, p95 <= 1 s",
+            ok,
+            note=f"p50 {r['p50_ms']:.1f} ms, max {r['max_ms']:.1f} ms, "
+            f"registered in {r['registered_s']:.2f} s",
+        )
+    ]
 
 
 # --- P7: the real scheduler ---------------------------------------------------------------
+
 
 def part_p7(scratch: Scratch, size: dict[str, Any], results: dict[str, Any]) -> list[Figure]:
     from eos_airflow.hooks.ledger import airflow_conn_json, sqlalchemy_url
@@ -505,14 +699,26 @@ def part_p7(scratch: Scratch, size: dict[str, Any], results: dict[str, Any]) -> 
     scratch.names.append(meta_name)
     meta = conninfo.make_conninfo(scratch.admin, dbname=meta_name)
     home = Path(tempfile.mkdtemp(prefix="eos_bench_p7_"))
-    env = {"AIRFLOW_CONN_WAREHOUSE": airflow_conn_json(warehouse),
-           "EOS_BENCH_TASKS": str(tasks), "PYTHONPATH": str(ROOT)}
-    stack = AirflowStack(home / "home", sqlalchemy_url(meta), HERE / "dags", executor="local",
-                         parallelism=size["p7_parallelism"], env=env, log_dir=home / "logs")
+    env = {
+        "AIRFLOW_CONN_WAREHOUSE": airflow_conn_json(warehouse),
+        "EOS_BENCH_TASKS": str(tasks),
+        "PYTHONPATH": str(ROOT),
+    }
+    stack = AirflowStack(
+        home / "home",
+        sqlalchemy_url(meta),
+        HERE / "dags",
+        executor="local",
+        parallelism=size["p7_parallelism"],
+        env=env,
+        log_dir=home / "logs",
+    )
     dags = {"eos": "eos_bench_exactly_once", "plain": "eos_bench_plain"}
     walls: dict[str, list[float]] = {"eos": [], "plain": []}
-    log(f"P7: starting Airflow (LocalExecutor, parallelism {size['p7_parallelism']}), "
-        f"{tasks}-task DAGs")
+    log(
+        f"P7: starting Airflow (LocalExecutor, parallelism {size['p7_parallelism']}), "
+        f"{tasks}-task DAGs"
+    )
     try:
         with stack.start(wait_for_dags=list(dags.values()), timeout=300):
             for dag_id in dags.values():  # unmeasured: first parse, first task processes
@@ -528,8 +734,9 @@ def part_p7(scratch: Scratch, size: dict[str, Any], results: dict[str, Any]) -> 
                 state = stack.wait_for_run(dag_id, run_id, timeout=60 + 20 * tasks)
                 with stack.metadata() as conn:
                     queued, ended = conn.execute(
-                        "SELECT queued_at, end_date FROM dag_run WHERE dag_id = %s AND "
-                        "run_id = %s", [dag_id, run_id]).fetchone()
+                        "SELECT queued_at, end_date FROM dag_run WHERE dag_id = %s AND run_id = %s",
+                        [dag_id, run_id],
+                    ).fetchone()
                 if state != "success":
                     raise RuntimeError(f"P7 run {run_id} ended {state}:\n{stack.log_tail()}")
                 wall = (ended - queued).total_seconds()
@@ -537,8 +744,18 @@ def part_p7(scratch: Scratch, size: dict[str, Any], results: dict[str, Any]) -> 
                 log(f"P7 {side:<5} run: {wall:.1f} s from trigger to success")
     except Exception as exc:
         log(f"P7 failed: {exc!r}")
-        return [Figure("P7", f"{tasks}-task DAG, real scheduler", "-", "failed", None,
-                       "<= 1.05", None, note=f"{type(exc).__name__}: {str(exc)[:300]}")]
+        return [
+            Figure(
+                "P7",
+                f"{tasks}-task DAG, real scheduler",
+                "-",
+                "failed",
+                None,
+                "<= 1.05",
+                None,
+                note=f"{type(exc).__name__}: {str(exc)[:300]}",
+            )
+        ]
     finally:
         shutil.rmtree(home, ignore_errors=True)
     with psycopg.connect(warehouse, autocommit=True) as conn:
@@ -547,13 +764,26 @@ def part_p7(scratch: Scratch, size: dict[str, Any], results: dict[str, Any]) -> 
     assert rows.get("exactly_once") == expected and rows.get("plain") == expected, rows
     results["p7"] = {"tasks": tasks, "walls": walls}
     e, p = statistics.median(walls["eos"]), statistics.median(walls["plain"])
-    return [Figure("P7", f"{tasks}-task DAG, trigger to success, LocalExecutor",
-                   f"plain @task {p:.1f} s", f"{e:.1f} s", e / p, "<= 1.05", e / p <= 1.05,
-                   note="runs: exactly-once " + ", ".join(f"{w:.1f}" for w in walls["eos"])
-                        + " s; plain " + ", ".join(f"{w:.1f}" for w in walls["plain"]) + " s")]
+    return [
+        Figure(
+            "P7",
+            f"{tasks}-task DAG, trigger to success, LocalExecutor",
+            f"plain @task {p:.1f} s",
+            f"{e:.1f} s",
+            e / p,
+            "<= 1.05",
+            e / p <= 1.05,
+            note="runs: exactly-once "
+            + ", ".join(f"{w:.1f}" for w in walls["eos"])
+            + " s; plain "
+            + ", ".join(f"{w:.1f}" for w in walls["plain"])
+            + " s",
+        )
+    ]
 
 
 # --- P8: Prefect 3 transactions -----------------------------------------------------------
+
 
 def prefect_python() -> Path:
     """The Prefect virtualenv's interpreter; created (python3.11 -m venv + pip) on first use."""
@@ -562,19 +792,33 @@ def prefect_python() -> Path:
         base = shutil.which("python3.11") or sys.executable
         log(f"P8: creating {PREFECT_VENV} with {base} (once; a minute or two)")
         subprocess.run([base, "-m", "venv", str(PREFECT_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PREFECT_PACKAGES],
-                       check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", *PREFECT_PACKAGES], check=True
+        )
     return python
 
 
 @contextmanager
 def prefect_process(dsn: str, results_dir: str) -> Iterator[Callable[[str, int], dict]]:
     proc = subprocess.Popen(
-        [str(prefect_python()), str(HERE / "prefect_side.py"), dsn, results_dir,
-         REDIS[0], str(REDIS[1]), str(REDIS[2])],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING",
-             "PREFECT_HOME": str(Path(results_dir) / "prefect-home")})
+        [
+            str(prefect_python()),
+            str(HERE / "prefect_side.py"),
+            dsn,
+            results_dir,
+            REDIS[0],
+            str(REDIS[1]),
+            str(REDIS[2]),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={
+            **os.environ,
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PREFECT_HOME": str(Path(results_dir) / "prefect-home"),
+        },
+    )
     assert proc.stdin is not None and proc.stdout is not None
 
     def call(tag: str, count: int) -> dict[str, list[float]]:
@@ -599,14 +843,18 @@ def prefect_process(dsn: str, results_dir: str) -> Iterator[Callable[[str, int],
             proc.kill()
 
 
-def part_p8(scratch: Scratch, size: dict[str, Any], repeat: int,
-            results: dict[str, Any]) -> list[Figure]:
+def part_p8(
+    scratch: Scratch, size: dict[str, Any], repeat: int, results: dict[str, Any]
+) -> list[Figure]:
     dsn = scratch.create("p8")
     tag = secrets.token_hex(3)
     rounds, ops = size["p8_rounds"], size["p8_ops"]
     runs = []
-    with tempfile.TemporaryDirectory(prefix="eos_bench_p8_") as tmp, \
-            prefect_process(dsn, tmp) as prefect, Ledger(dsn) as ledger:
+    with (
+        tempfile.TemporaryDirectory(prefix="eos_bench_p8_") as tmp,
+        prefect_process(dsn, tmp) as prefect,
+        Ledger(dsn) as ledger,
+    ):
         bare_conn = psycopg.connect(dsn)
 
         def bare(i: int) -> None:
@@ -638,12 +886,15 @@ def part_p8(scratch: Scratch, size: dict[str, Any], repeat: int,
                 t["prefect"] += got["prefect"]
             med = {s: median_ms(v) for s, v in t.items()}
             med["ratio"] = med["eos"] / med["prefect"]
-            med["overhead_ratio"] = ((med["eos"] - med["bare"])
-                                     / max(1e-6, med["prefect"] - med["pbare"]))
+            med["overhead_ratio"] = (med["eos"] - med["bare"]) / max(
+                1e-6, med["prefect"] - med["pbare"]
+            )
             runs.append(med)
-            log(f"P8 run {k + 1}: eos {med['eos']:.3f} ms (bare {med['bare']:.3f}), prefect "
+            log(
+                f"P8 run {k + 1}: eos {med['eos']:.3f} ms (bare {med['bare']:.3f}), prefect "
                 f"{med['prefect']:.3f} ms (bare {med['pbare']:.3f}), ratio {med['ratio']:.2f}, "
-                f"overhead ratio {med['overhead_ratio']:.2f}")
+                f"overhead ratio {med['overhead_ratio']:.2f}"
+            )
         bare_conn.close()
     results["p8"] = runs
     ratios = [r["ratio"] for r in runs]
@@ -653,17 +904,32 @@ def part_p8(scratch: Scratch, size: dict[str, Any], repeat: int,
     p = statistics.median(r["prefect"] for r in runs)
     overhead = statistics.median(over)
     return [  # the goal is on the per-effect overhead, as P8 is defined; latency for context
-        Figure("P8", "per-effect overhead (latency minus the bare INSERT+COMMIT beside it)",
-               f"Prefect 3 SERIALIZABLE transaction "
-               f"{statistics.median(r['prefect'] - r['pbare'] for r in runs):.3f} ms",
-               f"{statistics.median(r['eos'] - r['bare'] for r in runs):.3f} ms",
-               overhead, "<= 0.5", overhead <= 0.5, spread(over)),
-        Figure("", "1-row write: latency, median", f"Prefect {p:.3f} ms", f"{e:.3f} ms", ratio,
-               "", None, spread(ratios)),
+        Figure(
+            "P8",
+            "per-effect overhead (latency minus the bare INSERT+COMMIT beside it)",
+            f"Prefect 3 SERIALIZABLE transaction "
+            f"{statistics.median(r['prefect'] - r['pbare'] for r in runs):.3f} ms",
+            f"{statistics.median(r['eos'] - r['bare'] for r in runs):.3f} ms",
+            overhead,
+            "<= 0.5",
+            overhead <= 0.5,
+            spread(over),
+        ),
+        Figure(
+            "",
+            "1-row write: latency, median",
+            f"Prefect {p:.3f} ms",
+            f"{e:.3f} ms",
+            ratio,
+            "",
+            None,
+            spread(ratios),
+        ),
     ]
 
 
 # --- plots, table, docs -------------------------------------------------------------------
+
 
 def plots(results: dict[str, Any], img_dir: Path) -> list[tuple[str, str]]:
     """Write PNGs; return (file name, caption) pairs."""
@@ -706,12 +972,15 @@ def plots(results: dict[str, Any], img_dir: Path) -> list[tuple[str, str]]:
         rp = results["rows_per_effect"]
         ns = sorted(int(n) for n in rp)
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for ax, (field, ylabel, title) in zip(axes, (
+        for ax, (field, ylabel, title) in zip(
+            axes,
+            (
                 ("ms", "latency, median (ms)", "Latency vs rows per effect"),
-                ("rows_s", "rows / s (1 writer)", "Throughput vs rows per effect")),
-                strict=True):
-            ax.plot(ns, [rp[str(n)][f"bare_{field}"] for n in ns], "o-",
-                    label="bare transaction")
+                ("rows_s", "rows / s (1 writer)", "Throughput vs rows per effect"),
+            ),
+            strict=True,
+        ):
+            ax.plot(ns, [rp[str(n)][f"bare_{field}"] for n in ns], "o-", label="bare transaction")
             ax.plot(ns, [rp[str(n)][f"eos_{field}"] for n in ns], "s-", label="effect")
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -727,10 +996,12 @@ def plots(results: dict[str, Any], img_dir: Path) -> list[tuple[str, str]]:
     if "p5" in results:
         stages = results["p5"]
         sizes = sorted({s["ledger_rows"] for s in stages})
-        big = [statistics.median(s["big_ms"] for s in stages if s["ledger_rows"] == n)
-               for n in sizes]
-        empty = [statistics.median(s["empty_ms"] for s in stages if s["ledger_rows"] == n)
-                 for n in sizes]
+        big = [
+            statistics.median(s["big_ms"] for s in stages if s["ledger_rows"] == n) for n in sizes
+        ]
+        empty = [
+            statistics.median(s["empty_ms"] for s in stages if s["ledger_rows"] == n) for n in sizes
+        ]
         labels = [f"{n:,}" if n else "empty" for n in sizes]
         fig, ax = plt.subplots(figsize=(6, 3.8))
         x = range(len(sizes))
@@ -750,16 +1021,25 @@ def plots(results: dict[str, Any], img_dir: Path) -> list[tuple[str, str]]:
 
 
 def table(figures: list[Figure], markdown: bool = False) -> str:
-    head = ("figure", "measured", "baseline (same run)", "value", "ratio", "goal", "met?",
-            "spread")
+    head = ("figure", "measured", "baseline (same run)", "value", "ratio", "goal", "met?", "spread")
     rows = [head]
     for f in figures:
         met = "" if f.met is None else ("yes" if f.met else "NO")
         ratio = "" if f.ratio is None else f"{f.ratio:.2f}"
         if markdown and f.id and f.ratio is not None:
             ratio = f"**{ratio}**"
-        rows.append((f.id, f.what, f.baseline, f.value, ratio, f.goal.replace("<=", "≤")
-                     .replace(">=", "≥") if markdown else f.goal, met, f.spread))
+        rows.append(
+            (
+                f.id,
+                f.what,
+                f.baseline,
+                f.value,
+                ratio,
+                f.goal.replace("<=", "≤").replace(">=", "≥") if markdown else f.goal,
+                met,
+                f.spread,
+            )
+        )
     if markdown:
         lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -769,24 +1049,33 @@ def table(figures: list[Figure], markdown: bool = False) -> str:
 
 def environment(admin: str) -> str:
     s = bench_effects._server_settings(admin)
-    return (f"PostgreSQL {s['server_version']} on loopback (synchronous_commit="
-            f"{s['synchronous_commit']}, fsync={s['fsync']}, wal_sync_method="
-            f"{s['wal_sync_method']}, shared_buffers={s['shared_buffers']}); Python "
-            f"{platform.python_version()}, psycopg {psycopg.__version__}; {os.cpu_count()} CPUs, "
-            f"load average {os.getloadavg()[0]:.1f} at the end")
+    return (
+        f"PostgreSQL {s['server_version']} on loopback (synchronous_commit="
+        f"{s['synchronous_commit']}, fsync={s['fsync']}, wal_sync_method="
+        f"{s['wal_sync_method']}, shared_buffers={s['shared_buffers']}); Python "
+        f"{platform.python_version()}, psycopg {psycopg.__version__}; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
 
 
-def write_docs(path: Path, command: str, env: str, figures: list[Figure],
-               images: list[tuple[str, str]], img_dir: Path, started: datetime,
-               elapsed: float, merged: str = "") -> None:
+def write_docs(
+    path: Path,
+    command: str,
+    env: str,
+    figures: list[Figure],
+    images: list[tuple[str, str]],
+    img_dir: Path,
+    started: datetime,
+    elapsed: float,
+    merged: str = "",
+) -> None:
     rel = os.path.relpath(img_dir, path.parent)
     notes = [f"- {f.id or f.what}: {f.note}" for f in figures if f.note]
     body = [
         BEGIN_MARK,
         "<!-- written by benchmarks/run_all.py; edit outside the markers -->",
         "",
-        f"Command: `{command}` — run {started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.0f} min"
-        f"{merged}.",
+        f"Command: `{command}` — run {started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.0f} min{merged}.",
         "",
         f"Environment: {env}.",
         "",
@@ -800,8 +1089,9 @@ def write_docs(path: Path, command: str, env: str, figures: list[Figure],
     text = path.read_text() if path.exists() else "# Performance\n"
     block = "\n".join(body)
     if BEGIN_MARK in text and END_MARK in text:
-        text = re.sub(re.escape(BEGIN_MARK) + ".*?" + re.escape(END_MARK),
-                      lambda _: block, text, flags=re.S)
+        text = re.sub(
+            re.escape(BEGIN_MARK) + ".*?" + re.escape(END_MARK), lambda _: block, text, flags=re.S
+        )
     else:
         text = text.rstrip("\n") + "\n\n## The suite: `./dev bench`\n\n" + block + "\n"
     path.write_text(text)
@@ -817,9 +1107,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "performance.md")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite the docs section")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
-    ap.add_argument("--merge", type=Path, metavar="JSON",
-                    help="take the parts not run now from an earlier run's --json file "
-                    "(the docs section names both runs)")
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        metavar="JSON",
+        help="take the parts not run now from an earlier run's --json file "
+        "(the docs section names both runs)",
+    )
     args = ap.parse_args(argv)
     for name in ("eos_airflow", "alembic"):  # one line per effect would drown the report
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -832,13 +1126,16 @@ def main(argv: list[str] | None = None) -> int:
     admin = bench_effects._admin_dsn(args.dsn)
     bench_effects._check_loopback(admin)
     command = "python benchmarks/run_all.py" + " ".join(
-        [""] + [a for a in (argv if argv is not None else sys.argv[1:])])
+        [""] + [a for a in (argv if argv is not None else sys.argv[1:])]
+    )
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     scratch = Scratch(admin)
     figures: list[Figure] = []
-    results: dict[str, Any] = {"mode": "quick" if args.quick else "full",
-                               "scratch_token": scratch.token}
+    results: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "scratch_token": scratch.token,
+    }
     try:
         if parts & {"P1", "P2"}:
             figures += part_p1_p2(scratch, size, repeat, parts, results)
@@ -864,8 +1161,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         old = json.loads(args.merge.read_text())
         taken = sorted({part_of(f) for f in old["figures"]} - parts, key=PARTS.index)
-        figures += [Figure(**{**f, "part": part_of(f)}) for f in old["figures"]
-                    if part_of(f) in taken]
+        figures += [
+            Figure(**{**f, "part": part_of(f)}) for f in old["figures"] if part_of(f) in taken
+        ]
         figures.sort(key=lambda f: PARTS.index(f.part) if f.part in PARTS else len(PARTS))
         for part in taken:
             for key in RESULT_KEYS[part]:
@@ -873,10 +1171,15 @@ def main(argv: list[str] | None = None) -> int:
                     results[key] = old[key]
         if taken:
             when = old.get("started", "")[:16].replace("T", " ")
-            merged = (f"; {', '.join(taken)} from `{old.get('command', 'run_all.py')}`"
-                      f"{f' (run {when} UTC)' if when else ''}")
-            results["merged_from"] = {"parts": taken, "command": old.get("command"),
-                                      "started": old.get("started")}
+            merged = (
+                f"; {', '.join(taken)} from `{old.get('command', 'run_all.py')}`"
+                f"{f' (run {when} UTC)' if when else ''}"
+            )
+            results["merged_from"] = {
+                "parts": taken,
+                "command": old.get("command"),
+                "started": old.get("started"),
+            }
     env = environment(admin)
     images = plots(results, args.img_dir)
     print(table(figures))
@@ -890,8 +1193,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     if not args.no_docs:
-        write_docs(args.docs, command.strip(), env, figures, images, args.img_dir, started,
-                   elapsed, merged)
+        write_docs(
+            args.docs, command.strip(), env, figures, images, args.img_dir, started, elapsed, merged
+        )
         log(f"wrote {args.docs} and {len(images)} plot(s) in {args.img_dir}")
     return 0
 

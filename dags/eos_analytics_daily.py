@@ -53,7 +53,7 @@ def eos_analytics_daily():
         task_id="orders_daily",
         source_conn_id="eos_source",
         sql="SELECT id, created_at::date, customer_id, amount FROM orders "
-            "WHERE created_at >= %(day)s::date AND created_at < %(day)s::date + 1",
+        "WHERE created_at >= %(day)s::date AND created_at < %(day)s::date + 1",
         parameters={"day": "{{ ds }}"},
         target_conn_id="eos_warehouse",
         table="analytics.orders_daily",
@@ -65,9 +65,11 @@ def eos_analytics_daily():
     revenue = ExactlyOnceSQLOperator(
         task_id="revenue_daily",
         conn_id="eos_warehouse",
-        sql=["DELETE FROM analytics.revenue_daily WHERE day = %(day)s::date",
-             "INSERT INTO analytics.revenue_daily SELECT day, count(*), sum(amount) "
-             "FROM analytics.orders_daily WHERE day = %(day)s::date GROUP BY day"],
+        sql=[
+            "DELETE FROM analytics.revenue_daily WHERE day = %(day)s::date",
+            "INSERT INTO analytics.revenue_daily SELECT day, count(*), sum(amount) "
+            "FROM analytics.orders_daily WHERE day = %(day)s::date GROUP BY day",
+        ],
         parameters={"day": "{{ ds }}"},
         key="analytics/revenue_daily/{{ ds }}",
         on_committed="replace",
@@ -76,7 +78,7 @@ def eos_analytics_daily():
         task_id="events_history",
         source_conn_id="eos_source",
         sql="SELECT id, at::date, order_id, kind, at FROM order_events "
-            "WHERE at >= %(day)s::date AND at < %(day)s::date + 1 ORDER BY id",
+        "WHERE at >= %(day)s::date AND at < %(day)s::date + 1 ORDER BY id",
         parameters={"day": "{{ ds }}"},
         target_conn_id="eos_warehouse",
         table="analytics.order_events",

@@ -44,14 +44,17 @@ BANKS = {"a": "bank_a", "b": "bank_b"}
     tags=["eos-airflow", "example"],
 )
 def eos_bank_transfer():
-    @task.exactly_once(targets=BANKS, ledger_conn_id="bank_a", protocol="2pc",
-                       key="bank_transfer/{{ ds }}")
+    @task.exactly_once(
+        targets=BANKS, ledger_conn_id="bank_a", protocol="2pc", key="bank_transfer/{{ ds }}"
+    )
     def transfer(eos, ds=None, params=None):
         amount = params["amount"]
-        eos.conns["a"].execute("UPDATE accounts SET balance = balance - %s WHERE id = %s",
-                               [amount, params["source"]])
-        eos.conns["b"].execute("UPDATE accounts SET balance = balance + %s WHERE id = %s",
-                               [amount, params["target"]])
+        eos.conns["a"].execute(
+            "UPDATE accounts SET balance = balance - %s WHERE id = %s", [amount, params["source"]]
+        )
+        eos.conns["b"].execute(
+            "UPDATE accounts SET balance = balance + %s WHERE id = %s", [amount, params["target"]]
+        )
         return {"day": ds, "amount": amount}
 
     settle = MultiTargetSQLOperator(
@@ -59,12 +62,18 @@ def eos_bank_transfer():
         targets=BANKS,
         ledger_conn_id="bank_a",
         protocol="3pc",
-        sql={"a": "INSERT INTO journal VALUES "
-                  "(%(day)s::date, %(source)s::int, -%(amount)s::numeric, 'sent')",
-             "b": "INSERT INTO journal VALUES "
-                  "(%(day)s::date, %(target)s::int, %(amount)s::numeric, 'received')"},
-        parameters={"day": "{{ ds }}", "amount": "{{ params.amount }}",
-                    "source": "{{ params.source }}", "target": "{{ params.target }}"},
+        sql={
+            "a": "INSERT INTO journal VALUES "
+            "(%(day)s::date, %(source)s::int, -%(amount)s::numeric, 'sent')",
+            "b": "INSERT INTO journal VALUES "
+            "(%(day)s::date, %(target)s::int, %(amount)s::numeric, 'received')",
+        },
+        parameters={
+            "day": "{{ ds }}",
+            "amount": "{{ params.amount }}",
+            "source": "{{ params.source }}",
+            "target": "{{ params.target }}",
+        },
         key="bank_journal/{{ ds }}",
     )
 
@@ -72,11 +81,16 @@ def eos_bank_transfer():
     def check_total() -> None:
         from airflow.providers.postgres.hooks.postgres import PostgresHook
 
-        total = sum(PostgresHook(postgres_conn_id=conn_id).get_first(
-            "SELECT coalesce(sum(balance), 0) FROM accounts")[0] for conn_id in BANKS.values())
+        total = sum(
+            PostgresHook(postgres_conn_id=conn_id).get_first(
+                "SELECT coalesce(sum(balance), 0) FROM accounts"
+            )[0]
+            for conn_id in BANKS.values()
+        )
         if total != OPENING_TOTAL:
-            raise ValueError(f"money was created or lost: the banks hold {total}, "
-                             f"not {OPENING_TOTAL}")
+            raise ValueError(
+                f"money was created or lost: the banks hold {total}, not {OPENING_TOTAL}"
+            )
         print(f"total balance {total}: unchanged")
 
     moved = transfer()

@@ -45,8 +45,10 @@ def load_and_alert(eos, messages):
     """Insert the batch's readings; publish an alert for each one above the threshold."""
     readings = [m.json() for m in messages]
     with eos.conn.cursor() as cur:
-        cur.executemany("INSERT INTO iot_readings (device, at, celsius) VALUES (%s, %s, %s)",
-                        [(r["device"], r["at"], r["celsius"]) for r in readings])
+        cur.executemany(
+            "INSERT INTO iot_readings (device, at, celsius) VALUES (%s, %s, %s)",
+            [(r["device"], r["at"], r["celsius"]) for r in readings],
+        )
     alerts = 0
     for reading in readings:
         if reading["celsius"] > THRESHOLD:

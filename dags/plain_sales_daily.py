@@ -28,7 +28,9 @@ def plain_sales_daily():
             conn.execute(
                 "INSERT INTO sales_daily_plain (day, region, amount) "
                 "SELECT day, region, sum(amount) FROM sales_raw WHERE day = %s "
-                "GROUP BY day, region", [ds])
+                "GROUP BY day, region",
+                [ds],
+            )
             conn.commit()
         failpoints.check("after_commit", attempt=ti.try_number)  # the same crash as the demo's
         return {"day": ds}

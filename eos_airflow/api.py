@@ -95,8 +95,9 @@ class Ledger:
 
     def _connect_dsn(self) -> psycopg.Connection[Any]:
         assert self.dsn is not None
-        return connection.connect(self.dsn, application_name="eos-airflow",
-                                  liveness_timeout=self.liveness_timeout)
+        return connection.connect(
+            self.dsn, application_name="eos-airflow", liveness_timeout=self.liveness_timeout
+        )
 
     def connection(self) -> psycopg.Connection[Any]:
         """Take a connection from the pool (or open one); give it back with :meth:`putconn`."""
@@ -129,8 +130,14 @@ class Ledger:
         wait_timeout: float | None = None,
     ) -> Any:
         """Run ``fn(eos)`` as effect ``key`` exactly once and return its (stored) result."""
-        return self.run_outcome(key, fn, attempt=attempt, on_committed=on_committed,
-                                origin=origin, wait_timeout=wait_timeout).result
+        return self.run_outcome(
+            key,
+            fn,
+            attempt=attempt,
+            on_committed=on_committed,
+            origin=origin,
+            wait_timeout=wait_timeout,
+        ).result
 
     def run_outcome(
         self,
@@ -152,8 +159,14 @@ class Ledger:
         conn = self.connection()
         try:
             return run_effect(
-                conn, key, fn, schema=self.schema, attempt=attempt, on_committed=on_committed,
-                origin=origin, max_result_bytes=self.max_result_bytes,
+                conn,
+                key,
+                fn,
+                schema=self.schema,
+                attempt=attempt,
+                on_committed=on_committed,
+                origin=origin,
+                max_result_bytes=self.max_result_bytes,
                 wait_timeout=self.wait_timeout if wait_timeout is None else wait_timeout,
                 reconnect=self._connect,
             )

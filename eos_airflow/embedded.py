@@ -62,5 +62,6 @@ def _configure(pgdata: Path) -> None:
     missing = [name for name in SETTINGS if f"\n{name} = " not in text]
     if missing:
         with conf.open("a") as out:
-            out.write("\n# eos-airflow\n" + "".join(f"{name} = {SETTINGS[name]}\n"
-                                                      for name in missing))
+            out.write(
+                "\n# eos-airflow\n" + "".join(f"{name} = {SETTINGS[name]}\n" for name in missing)
+            )

@@ -24,17 +24,27 @@ from collections.abc import Callable
 from eos_airflow.errors import ConfigurationError, FailpointError
 
 #: Steps of the single-database protocol (docs/guarantees.md names them).
-STEPS = frozenset({"after_claim", "before_commit", "after_commit",
-                   # chunked effects: a chunk's recovery point is written / it committed
-                   "before_chunk_commit", "after_chunk",
-                   # outbox relay: batch sent and acknowledged, not yet marked delivered;
-                   # Kafka ingest: batch polled, nothing written yet
-                   "after_send", "after_poll",
-                   # several databases (docs/twophase.md): the first participant prepared /
-                   # the commit decision is logged / the first COMMIT PREPARED ran /
-                   # (3PC) every participant recorded its pre-commit
-                   "after_prepare", "after_decision", "after_first_commit_prepared",
-                   "after_precommit"})
+STEPS = frozenset(
+    {
+        "after_claim",
+        "before_commit",
+        "after_commit",
+        # chunked effects: a chunk's recovery point is written / it committed
+        "before_chunk_commit",
+        "after_chunk",
+        # outbox relay: batch sent and acknowledged, not yet marked delivered;
+        # Kafka ingest: batch polled, nothing written yet
+        "after_send",
+        "after_poll",
+        # several databases (docs/twophase.md): the first participant prepared /
+        # the commit decision is logged / the first COMMIT PREPARED ran /
+        # (3PC) every participant recorded its pre-commit
+        "after_prepare",
+        "after_decision",
+        "after_first_commit_prepared",
+        "after_precommit",
+    }
+)
 #: Exit status used by ``exit``; 137 is what a shell reports for SIGKILL.
 EXIT_CODE = 137
 
@@ -111,8 +121,12 @@ def check(step: str, *, attempt: int | None = None) -> None:
         return
     actions = _parse(spec)
     hit = _hits[step] = _hits.get(step, 0) + 1
-    action = (actions.get((step, attempt, hit)) or actions.get((step, None, hit))
-              or actions.get((step, attempt, None)) or actions.get((step, None, None)))
+    action = (
+        actions.get((step, attempt, hit))
+        or actions.get((step, None, hit))
+        or actions.get((step, attempt, None))
+        or actions.get((step, None, None))
+    )
     if action is None:
         return
     if _observer is not None:

@@ -50,8 +50,17 @@ class EosAirflowPlugin(AirflowPlugin):
     name = "eos_airflow"
     fastapi_apps = [{"app": app, "url_prefix": URL_PREFIX, "name": "eos-airflow audit"}]
     external_views = [
-        {"name": "Exactly-once audit", "href": f"{URL_PREFIX}/", "destination": "nav",
-         "category": "browse", "url_route": "eos_audit"},
-        {"name": "Exactly-once", "destination": "task_instance", "url_route": "eos_ti",
-         "href": f"{URL_PREFIX}/ti/{{DAG_ID}}/{{RUN_ID}}/{{TASK_ID}}/{{MAP_INDEX}}"},
+        {
+            "name": "Exactly-once audit",
+            "href": f"{URL_PREFIX}/",
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "eos_audit",
+        },
+        {
+            "name": "Exactly-once",
+            "destination": "task_instance",
+            "url_route": "eos_ti",
+            "href": f"{URL_PREFIX}/ti/{{DAG_ID}}/{{RUN_ID}}/{{TASK_ID}}/{{MAP_INDEX}}",
+        },
     ]

@@ -15,21 +15,26 @@ def get_provider_info() -> dict[str, Any]:
         "description": "Exactly-once effects: a fenced PostgreSQL idempotency ledger that "
         "commits task outputs in the same transaction.",
         "task-decorators": [
-            {"name": "exactly_once",
-             "class-name": "eos_airflow.decorators.exactly_once.exactly_once_task"},
+            {
+                "name": "exactly_once",
+                "class-name": "eos_airflow.decorators.exactly_once.exactly_once_task",
+            },
         ],
         "operators": [
-            {"integration-name": "eos-airflow",
-             "python-modules": ["eos_airflow.operators.sql", "eos_airflow.operators.kafka",
-                                "eos_airflow.operators.outbox"]},
+            {
+                "integration-name": "eos-airflow",
+                "python-modules": [
+                    "eos_airflow.operators.sql",
+                    "eos_airflow.operators.kafka",
+                    "eos_airflow.operators.outbox",
+                ],
+            },
         ],
         "sensors": [
-            {"integration-name": "eos-airflow",
-             "python-modules": ["eos_airflow.sensors.ledger"]},
+            {"integration-name": "eos-airflow", "python-modules": ["eos_airflow.sensors.ledger"]},
         ],
         "triggers": [
-            {"integration-name": "eos-airflow",
-             "python-modules": ["eos_airflow.triggers.ledger"]},
+            {"integration-name": "eos-airflow", "python-modules": ["eos_airflow.triggers.ledger"]},
         ],
         "hooks": [
             {"integration-name": "eos-airflow", "python-modules": ["eos_airflow.hooks.ledger"]},
@@ -38,8 +43,10 @@ def get_provider_info() -> dict[str, Any]:
             {"name": "eos_airflow", "plugin-class": "eos_airflow.plugin.EosAirflowPlugin"},
         ],
         "integrations": [
-            {"integration-name": "eos-airflow",
-             "external-doc-url": "https://pypi.org/project/eos-airflow/",
-             "tags": ["service"]},
+            {
+                "integration-name": "eos-airflow",
+                "external-doc-url": "https://pypi.org/project/eos-airflow/",
+                "tags": ["service"],
+            },
         ],
     }

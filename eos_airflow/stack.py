@@ -94,9 +94,7 @@ class AirflowStack:
         port: int | None = None,
     ) -> None:
         if executor not in EXECUTORS:
-            raise ConfigurationError(
-                f"executor {executor!r} is not one of {', '.join(EXECUTORS)}"
-            )
+            raise ConfigurationError(f"executor {executor!r} is not one of {', '.join(EXECUTORS)}")
         if not metadata_url.startswith("postgresql"):
             raise ConfigurationError(
                 "the stack needs a PostgreSQL metadata database (postgresql+psycopg://...), "
@@ -127,8 +125,9 @@ class AirflowStack:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{self.port}",
-            "AIRFLOW__API_AUTH__JWT_SECRET": os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET",
-                                                            "eos-stack-secret"),
+            "AIRFLOW__API_AUTH__JWT_SECRET": os.environ.get(
+                "AIRFLOW__API_AUTH__JWT_SECRET", "eos-stack-secret"
+            ),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__CELERY__BROKER_URL": broker_url,
@@ -157,9 +156,16 @@ class AirflowStack:
             return [_airflow_bin(), "api-server", "--port", str(self.port)]
         if name.startswith("worker-"):
             # one queue, its own hostname so that each worker is a separate Celery node
-            return [_airflow_bin(), "celery", "worker", "--celery-hostname",
-                    f"{name}@%h", "--concurrency", self.env["AIRFLOW__CELERY__WORKER_CONCURRENCY"],
-                    "--skip-serve-logs"]
+            return [
+                _airflow_bin(),
+                "celery",
+                "worker",
+                "--celery-hostname",
+                f"{name}@%h",
+                "--concurrency",
+                self.env["AIRFLOW__CELERY__WORKER_CONCURRENCY"],
+                "--skip-serve-logs",
+            ]
         return [_airflow_bin(), name]
 
     def migrate(self) -> None:
@@ -168,8 +174,9 @@ class AirflowStack:
         if done.returncode != 0:
             raise RuntimeError(f"airflow db migrate failed:\n{done.stdout}{done.stderr}")
 
-    def start(self, *, migrate: bool = True, wait_for_dags: Iterable[str] = (),
-              timeout: float = 240) -> AirflowStack:
+    def start(
+        self, *, migrate: bool = True, wait_for_dags: Iterable[str] = (), timeout: float = 240
+    ) -> AirflowStack:
         """Start every component; wait until the api-server answers and ``wait_for_dags``
         are parsed."""
         if migrate:
@@ -177,12 +184,16 @@ class AirflowStack:
         try:
             for name in self.components():
                 self.start_component(name)
-            self.wait_until(lambda: self.check_alive() or self._api_up(), timeout,
-                            "the api-server to answer")
+            self.wait_until(
+                lambda: self.check_alive() or self._api_up(), timeout, "the api-server to answer"
+            )
             dags = list(wait_for_dags)
             if dags:
-                self.wait_until(lambda: self.check_alive() or set(dags) <= self.parsed_dags(),
-                                timeout, f"DAGs {', '.join(dags)} to be parsed")
+                self.wait_until(
+                    lambda: self.check_alive() or set(dags) <= self.parsed_dags(),
+                    timeout,
+                    f"DAGs {', '.join(dags)} to be parsed",
+                )
         except BaseException:
             self.stop()
             raise
@@ -195,8 +206,13 @@ class AirflowStack:
         self._logs[name] = log
         # own process group: stopping a component reaches its children (Celery's pool,
         # LocalExecutor's workers, gunicorn's workers) and never this process
-        self._procs[name] = subprocess.Popen(self._command(name), env=self.env, stdout=log,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
+        self._procs[name] = subprocess.Popen(
+            self._command(name),
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def stop_component(self, name: str, *, sig: int = signal.SIGTERM, grace: float = 30) -> None:
         proc = self._procs.pop(name, None)
@@ -248,8 +264,9 @@ class AirflowStack:
                 if restarts:
                     log = self.log_dir / f"{name}.{restarts}.log"
                 tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                raise RuntimeError(f"Airflow {name} exited ({self._procs[name].returncode}):"
-                                   f"\n{tail}")
+                raise RuntimeError(
+                    f"Airflow {name} exited ({self._procs[name].returncode}):\n{tail}"
+                )
 
     def log_tail(self, chars: int = 3000) -> str:
         out = []
@@ -261,8 +278,9 @@ class AirflowStack:
     # --- Airflow ---------------------------------------------------------------------------
 
     def cli(self, *argv: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([_airflow_bin(), *argv], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [_airflow_bin(), *argv], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def _api_up(self) -> bool:
         try:
@@ -278,12 +296,13 @@ class AirflowStack:
     def parsed_dags(self) -> set[str]:
         try:
             with self.metadata() as conn:
-                return {r[0] for r in conn.execute("SELECT dag_id FROM dag WHERE is_stale IS NOT TRUE")}
+                return {
+                    r[0] for r in conn.execute("SELECT dag_id FROM dag WHERE is_stale IS NOT TRUE")
+                }
         except psycopg.Error:
             return set()
 
-    def trigger(self, dag_id: str, logical_date: str | None = None,
-                conf: str | None = None) -> str:
+    def trigger(self, dag_id: str, logical_date: str | None = None, conf: str | None = None) -> str:
         run_id = f"stack__{dag_id}__{int(time.time() * 1000)}"
         argv = ["dags", "trigger", dag_id, "--run-id", run_id]
         if logical_date:
@@ -297,8 +316,9 @@ class AirflowStack:
 
     def run_state(self, dag_id: str, run_id: str) -> str | None:
         with self.metadata() as conn:
-            row = conn.execute("SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s",
-                               [dag_id, run_id]).fetchone()
+            row = conn.execute(
+                "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", [dag_id, run_id]
+            ).fetchone()
         return row[0] if row else None
 
     def task_states(self, dag_id: str, run_id: str) -> dict[tuple[str, int], tuple[str, int]]:
@@ -306,11 +326,18 @@ class AirflowStack:
         with self.metadata() as conn:
             rows = conn.execute(
                 "SELECT task_id, map_index, state, try_number FROM task_instance "
-                "WHERE dag_id = %s AND run_id = %s", [dag_id, run_id]).fetchall()
+                "WHERE dag_id = %s AND run_id = %s",
+                [dag_id, run_id],
+            ).fetchall()
         return {(t, m): (s, n) for t, m, s, n in rows}
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600,
-                     on_tick: Callable[[], None] | None = None) -> str:
+    def wait_for_run(
+        self,
+        dag_id: str,
+        run_id: str,
+        timeout: float = 600,
+        on_tick: Callable[[], None] | None = None,
+    ) -> str:
         """Wait until the run is finished; return its state (``success`` or ``failed``)."""
         state: str | None = None
 
@@ -339,7 +366,9 @@ class AirflowStack:
         with self.metadata() as conn:
             rows = conn.execute(
                 "SELECT id::text, dag_id, task_id, run_id, map_index, try_number "
-                "FROM task_instance WHERE id::text = ANY(%s)", [list(runners)]).fetchall()
+                "FROM task_instance WHERE id::text = ANY(%s)",
+                [list(runners)],
+            ).fetchall()
         found = []
         for ti_id, dag, task, run, index, try_number in rows:
             if dag_id is not None and dag != dag_id:
@@ -349,13 +378,13 @@ class AirflowStack:
                 supervisor: psutil.Process | None = runner.parent()
             except psutil.NoSuchProcess:
                 supervisor = None
-            found.append(TaskProcess(ti_id, dag, task, run, index, try_number, runner,
-                                     supervisor))
+            found.append(TaskProcess(ti_id, dag, task, run, index, try_number, runner, supervisor))
         return found
 
     @staticmethod
-    def wait_until(condition: Callable[[], bool], timeout: float, what: str,
-                   interval: float = 0.5) -> None:
+    def wait_until(
+        condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.5
+    ) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:

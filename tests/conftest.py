@@ -58,7 +58,9 @@ def create_database(admin_dsn: str, name: str, template: str | None = None) -> s
 
 def drop_database(admin_dsn: str, name: str) -> None:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture(scope="session")
@@ -107,9 +109,11 @@ def prepared_transactions_or_skip(dsn: str) -> None:
         slots = int(conn.execute("SHOW max_prepared_transactions").fetchone()[0])
     if slots > 0:
         return
-    message = ("the test server has max_prepared_transactions = 0: two- and three-phase "
-               "commit need it > 0 (ALTER SYSTEM SET max_prepared_transactions = 64 and "
-               "restart; the embedded server sets 64 when it starts fresh)")
+    message = (
+        "the test server has max_prepared_transactions = 0: two- and three-phase "
+        "commit need it > 0 (ALTER SYSTEM SET max_prepared_transactions = 64 and "
+        "restart; the embedded server sets 64 when it starts fresh)"
+    )
     if os.environ.get("EOS_REQUIRE_2PC") == "1":
         pytest.fail(f"EOS_REQUIRE_2PC=1: {message}", pytrace=False)
     pytest.skip(message)
@@ -119,7 +123,9 @@ def events(conn: psycopg.Connection, key: str | None = None) -> list[tuple[str, 
     """(event, attempt) of every event, in order, optionally of one key."""
     rows = conn.execute(
         "SELECT event::text, attempt FROM eos.ledger_events "
-        "WHERE %(key)s::text IS NULL OR key = %(key)s ORDER BY id", {"key": key}).fetchall()
+        "WHERE %(key)s::text IS NULL OR key = %(key)s ORDER BY id",
+        {"key": key},
+    ).fetchall()
     return [(e, a) for e, a in rows]
 
 

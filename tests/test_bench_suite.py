@@ -34,13 +34,18 @@ Text after the section.
 
 def scratch_databases(admin: str, pattern: str) -> list[str]:
     with psycopg.connect(admin, autocommit=True) as conn:
-        return [r[0] for r in conn.execute(
-            "SELECT datname FROM pg_database WHERE datname LIKE %s", [pattern])]
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE %s", [pattern]
+            )
+        ]
 
 
 def run_all(*argv: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(RUN_ALL), *argv], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(RUN_ALL), *argv], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def table_rows(stdout: str) -> dict[str, str]:
@@ -53,13 +58,25 @@ def table_rows(stdout: str) -> dict[str, str]:
 
 
 def test_quick_run_prints_the_table_writes_plots_and_rewrites_only_its_section(
-        pg_admin_dsn: str, tmp_path: Path) -> None:
+    pg_admin_dsn: str, tmp_path: Path
+) -> None:
     doc = tmp_path / "performance.md"
     doc.write_text(DOC)
     img = tmp_path / "img"
     raw = tmp_path / "raw.json"
-    done = run_all("--quick", "--only", "P1,P2", "--dsn", pg_admin_dsn, "--docs", str(doc),
-                   "--img-dir", str(img), "--json", str(raw))
+    done = run_all(
+        "--quick",
+        "--only",
+        "P1,P2",
+        "--dsn",
+        pg_admin_dsn,
+        "--docs",
+        str(doc),
+        "--img-dir",
+        str(img),
+        "--json",
+        str(raw),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     rows = table_rows(done.stdout)
@@ -71,27 +88,33 @@ def test_quick_run_prints_the_table_writes_plots_and_rewrites_only_its_section(
     figures = {f["id"]: f for f in results["figures"] if f["id"]}
     # the printed figures parse, and agree with the raw results: the baseline ran (measured
     # in the same run), the ratio is value / baseline, and "met?" follows the goal
-    p1 = re.search(r"bare INSERT\+COMMIT ([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+)\s+<= 1\.3\s+"
-                   r"(yes|NO)\b", rows["P1"])
-    p2 = re.search(r"bare tx ([\d,]+)/s\s+([\d,]+)/s\s+([\d.]+)\s+>= 0\.8\s+(yes|NO)\b",
-                   rows["P2"])
+    p1 = re.search(
+        r"bare INSERT\+COMMIT ([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+)\s+<= 1\.3\s+"
+        r"(yes|NO)\b",
+        rows["P1"],
+    )
+    p2 = re.search(r"bare tx ([\d,]+)/s\s+([\d,]+)/s\s+([\d.]+)\s+>= 0\.8\s+(yes|NO)\b", rows["P2"])
     assert p1 and p2, (rows["P1"], rows["P2"])
     for match, fid, met in ((p1, "P1", lambda r: r <= 1.3), (p2, "P2", lambda r: r >= 0.8)):
         baseline, value, ratio = (float(match.group(i).replace(",", "")) for i in (1, 2, 3))
         assert baseline > 0 and value > 0, match.group(0)
-        assert ratio == pytest.approx(figures[fid]["ratio"], abs=0.006), (match.group(0),
-                                                                          figures[fid])
+        assert ratio == pytest.approx(figures[fid]["ratio"], abs=0.006), (
+            match.group(0),
+            figures[fid],
+        )
         assert figures[fid]["met"] is met(figures[fid]["ratio"])
         assert match.group(4) == ("yes" if figures[fid]["met"] else "NO")
     p1_runs = results["p1"]
     assert p1_runs and all(r["bare_median_ms"] > 0 and r["eos_median_ms"] > 0 for r in p1_runs)
-    assert figures["P1"]["ratio"] == pytest.approx(statistics.median(
-        r["eos_median_ms"] / r["bare_median_ms"] for r in p1_runs))
+    assert figures["P1"]["ratio"] == pytest.approx(
+        statistics.median(r["eos_median_ms"] / r["bare_median_ms"] for r in p1_runs)
+    )
     p2_runs = results["p2"]["4"]
     assert p2_runs and all(r["bare_ops_s"] > 0 and r["eos_ops_s"] > 0 for r in p2_runs)
     assert figures["P2"]["ratio"] == pytest.approx(
         statistics.fmean(r["eos_ops_s"] for r in p2_runs)
-        / statistics.fmean(r["bare_ops_s"] for r in p2_runs))
+        / statistics.fmean(r["bare_ops_s"] for r in p2_runs)
+    )
     assert sorted(results["rows_per_effect"]) == ["1", "10", "100"]
     assert sorted(results["p2"]) == ["1", "4"]
 
@@ -106,8 +129,7 @@ def test_quick_run_prints_the_table_writes_plots_and_rewrites_only_its_section(
     section = text.split("<!-- bench:begin -->")[1].split("<!-- bench:end -->")[0]
     assert "`python benchmarks/run_all.py --quick --only P1,P2 --dsn" in section
     assert "| P1 | effect latency" in section and "| P2 | effects/s, 4 writers" in section
-    assert "![Throughput and P2 ratio against concurrent writers](img/bench_writers.png)" \
-        in section
+    assert "![Throughput and P2 ratio against concurrent writers](img/bench_writers.png)" in section
     assert scratch_databases(pg_admin_dsn, f"eos_bench_%_{results['scratch_token']}") == []
 
 
@@ -115,8 +137,19 @@ def test_quick_run_prints_the_table_writes_plots_and_rewrites_only_its_section(
 def test_quick_run_of_the_other_parts(pg_admin_dsn: str, tmp_path: Path) -> None:
     """P3-P6 at tiny sizes (P7 starts Airflow, P8 needs the Prefect virtualenv: not here)."""
     raw = tmp_path / "raw.json"
-    done = run_all("--quick", "--only", "P3,P4,P5,P6", "--dsn", pg_admin_dsn, "--no-docs",
-                   "--img-dir", str(tmp_path / "img"), "--json", str(raw), timeout=600)
+    done = run_all(
+        "--quick",
+        "--only",
+        "P3,P4,P5,P6",
+        "--dsn",
+        pg_admin_dsn,
+        "--no-docs",
+        "--img-dir",
+        str(tmp_path / "img"),
+        "--json",
+        str(raw),
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert set(table_rows(done.stdout)) == {"P3", "P4", "P5", "P6"}, done.stdout
     results = json.loads(raw.read_text())
@@ -127,10 +160,19 @@ def test_quick_run_of_the_other_parts(pg_admin_dsn: str, tmp_path: Path) -> None
     assert scratch_databases(pg_admin_dsn, f"eos_bench_%_{results['scratch_token']}") == []
 
 
-def test_an_unknown_part_is_refused_with_the_list_of_parts(pg_admin_dsn: str,
-                                                           tmp_path: Path) -> None:
-    done = run_all("--quick", "--only", "P1,P9", "--dsn", pg_admin_dsn,
-                   "--docs", str(tmp_path / "never.md"), timeout=60)
+def test_an_unknown_part_is_refused_with_the_list_of_parts(
+    pg_admin_dsn: str, tmp_path: Path
+) -> None:
+    done = run_all(
+        "--quick",
+        "--only",
+        "P1,P9",
+        "--dsn",
+        pg_admin_dsn,
+        "--docs",
+        str(tmp_path / "never.md"),
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "unknown part(s) P9; choose from P1, P2, P3, P4, P5, P6, P7, P8" in done.stderr
     assert not (tmp_path / "never.md").exists()

@@ -13,14 +13,24 @@ from tests.conftest import ROOT
 
 DOC = ROOT / "docs" / "reliability.md"
 RESULTS = ROOT / "docs" / "results" / "crash-matrix.txt"
-LINE = re.compile(r"^crash matrix (\S+) \(EOS_FAULT_SEED=\d+\): (\d+) runs, (\d+) faults fired, "
-                  r"(\d+) keys, (\d+) duplicates, (\d+) lost, (\d+) prepared left", re.M)
+LINE = re.compile(
+    r"^crash matrix (\S+) \(EOS_FAULT_SEED=\d+\): (\d+) runs, (\d+) faults fired, "
+    r"(\d+) keys, (\d+) duplicates, (\d+) lost, (\d+) prepared left",
+    re.M,
+)
 
 
 def printed() -> dict[str, dict[str, int]]:
-    found = {m[1]: dict(zip(("runs", "fired", "keys", "duplicates", "lost", "prepared"),
-                            map(int, m.groups()[1:]), strict=True))
-             for m in LINE.finditer(RESULTS.read_text())}
+    found = {
+        m[1]: dict(
+            zip(
+                ("runs", "fired", "keys", "duplicates", "lost", "prepared"),
+                map(int, m.groups()[1:]),
+                strict=True,
+            )
+        )
+        for m in LINE.finditer(RESULTS.read_text())
+    }
     assert len(found) == 8, found
     assert re.search(r"^8 passed", RESULTS.read_text(), re.M), "the recorded run did not pass"
     return found
@@ -51,5 +61,6 @@ def test_the_totals_are_the_sums_of_the_printed_counts():
     counts = printed()
     text = " ".join(DOC.read_text().split())
     total = {k: sum(c[k] for c in counts.values()) for k in ("runs", "fired", "keys")}
-    assert (f"{total['runs']:,} runs, {total['fired']:,} faults fired, {total['keys']:,} keys"
-            in text), total
+    assert (
+        f"{total['runs']:,} runs, {total['fired']:,} faults fired, {total['keys']:,} keys" in text
+    ), total

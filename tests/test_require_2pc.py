@@ -24,14 +24,15 @@ def no_2pc_server() -> Iterator[LocalServer]:
         own.destroy()
 
 
-def test_the_helper_skips_by_default_and_fails_when_2pc_is_required(no_2pc_server,
-                                                                     monkeypatch):
+def test_the_helper_skips_by_default_and_fails_when_2pc_is_required(no_2pc_server, monkeypatch):
     monkeypatch.delenv("EOS_REQUIRE_2PC", raising=False)
     with pytest.raises(pytest.skip.Exception, match="max_prepared_transactions = 0"):
         prepared_transactions_or_skip(no_2pc_server.dsn())
     monkeypatch.setenv("EOS_REQUIRE_2PC", "1")
-    with pytest.raises(pytest.fail.Exception, match="EOS_REQUIRE_2PC=1: the test server has "
-                                                    "max_prepared_transactions = 0"):
+    with pytest.raises(
+        pytest.fail.Exception,
+        match="EOS_REQUIRE_2PC=1: the test server has max_prepared_transactions = 0",
+    ):
         prepared_transactions_or_skip(no_2pc_server.dsn())
 
 
@@ -43,13 +44,30 @@ def test_the_helper_lets_a_server_with_slots_through(pg_admin_dsn, monkeypatch):
 @pytest.mark.parametrize("require,outcome", [("0", "1 skipped"), ("1", "1 error")])
 def test_a_2pc_test_module_obeys_it(no_2pc_server, require, outcome):
     """A real 2PC test, run by pytest against the server without slots."""
-    env = {**os.environ, "EOS_TEST_DSN": no_2pc_server.dsn(), "EOS_REQUIRE_2PC": require,
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "EOS_TEST_DSN": no_2pc_server.dsn(),
+        "EOS_REQUIRE_2PC": require,
+        "PYTHONPATH": str(ROOT),
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-         "tests/protocol/test_twophase.py::"
-         "test_a_caught_error_in_one_participant_is_not_prepared_as_if_it_worked"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            "tests/protocol/test_twophase.py::"
+            "test_a_caught_error_in_one_participant_is_not_prepared_as_if_it_worked",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert outcome in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
     assert "max_prepared_transactions = 0" in done.stdout
     assert done.returncode == (0 if require == "0" else 1)

@@ -65,23 +65,35 @@ def export(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:
     return written
 
 
-def _write(conn: psycopg.Connection[Any], args: argparse.Namespace, params: dict[str, Any],
-           out: TextIO, total: int, show_progress: bool) -> int:
+def _write(
+    conn: psycopg.Connection[Any],
+    args: argparse.Namespace,
+    params: dict[str, Any],
+    out: TextIO,
+    total: int,
+    show_progress: bool,
+) -> int:
     writer = csv.writer(out) if args.format == "csv" else None
     if writer:
         writer.writerow(EXPORT_COLUMNS)
     written = 0
-    with Progress(disable=not show_progress, transient=True) as progress, \
-            conn.transaction(), \
-            conn.cursor("eos_export", row_factory=dict_row) as cur:
+    with (
+        Progress(disable=not show_progress, transient=True) as progress,
+        conn.transaction(),
+        conn.cursor("eos_export", row_factory=dict_row) as cur,
+    ):
         task = progress.add_task("exporting events", total=total)
         cur.itersize = EXPORT_BATCH
         cur.execute(query("export_events", args.schema), params)
         for row in cur:
             row["at"] = row["at"].isoformat()
             if writer:
-                writer.writerow([json.dumps(row[c], sort_keys=True) if c == "detail" else row[c]
-                                 for c in EXPORT_COLUMNS])
+                writer.writerow(
+                    [
+                        json.dumps(row[c], sort_keys=True) if c == "detail" else row[c]
+                        for c in EXPORT_COLUMNS
+                    ]
+                )
             else:
                 out.write(json.dumps(row, sort_keys=True) + "\n")
             written += 1
@@ -93,8 +105,9 @@ def _write(conn: psycopg.Connection[Any], args: argparse.Namespace, params: dict
 def stats(conn: psycopg.Connection[Any], args: argparse.Namespace) -> dict[str, Any]:
     since = parse_since(args.since)
     cur = conn.cursor(row_factory=dict_row)
-    rows = cur.execute(query("stats_by_group", args.schema),
-                       {"since": since, "by": args.by}).fetchall()
+    rows = cur.execute(
+        query("stats_by_group", args.schema), {"since": since, "by": args.by}
+    ).fetchall()
     totals = dict.fromkeys(STAT_EVENTS, 0)
     groups: dict[str, dict[str, int]] = {}
     for row in rows:
@@ -106,8 +119,10 @@ def stats(conn: psycopg.Connection[Any], args: argparse.Namespace) -> dict[str, 
         **totals,
         "duplicates_prevented": totals["skipped"] + totals["fenced"],
         "entries": states,
-        "commit_latency_ms": {k: (None if latency[k] is None else round(float(latency[k]), 3))
-                              for k in ("p50", "p95", "p99", "max")},
+        "commit_latency_ms": {
+            k: (None if latency[k] is None else round(float(latency[k]), 3))
+            for k in ("p50", "p95", "p99", "max")
+        },
         f"by_{args.by}": groups,
         "since": since.isoformat() if since else None,
     }
@@ -127,5 +142,7 @@ def print_stats(args: argparse.Namespace, data: dict[str, Any]) -> None:
     lat = data["commit_latency_ms"]
     print(f"duplicates prevented (skipped + fenced): {data['duplicates_prevented']}")
     print("entries: " + ", ".join(f"{k} {v}" for k, v in data["entries"].items()))
-    print(f"claim-to-commit latency: p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
-          f"p99 {lat['p99']} ms, max {lat['max']} ms")
+    print(
+        f"claim-to-commit latency: p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
+        f"p99 {lat['p99']} ms, max {lat['max']} ms"
+    )

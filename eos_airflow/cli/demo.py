@@ -47,15 +47,30 @@ DAYS = ("2024-01-01", "2024-01-02", "2024-01-03")
 
 #: (title, DAG logical date, EOS_FAILPOINTS, what happens)
 SCENARIOS = (
-    ("crash after the commit, Airflow retries", "2024-01-01T00:00:00+00:00",
-     "after_commit@1=raise",
-     "try 1 commits, then fails before Airflow records success; try 2 runs"),
-    ("crash in the middle of the write", "2024-01-02T00:00:00+00:00", "before_commit@1=raise",
-     "try 1 wrote rows but fails before its commit; try 2 runs"),
-    ("worker killed right after the commit", "2024-01-03T00:00:00+00:00", "after_commit=exit",
-     "the process dies (SIGKILL-like) after the commit; the run is left unfinished"),
-    ("the same day triggered again", "2024-01-03T12:00:00+00:00", None,
-     "a new DAG run for a day that is already loaded"),
+    (
+        "crash after the commit, Airflow retries",
+        "2024-01-01T00:00:00+00:00",
+        "after_commit@1=raise",
+        "try 1 commits, then fails before Airflow records success; try 2 runs",
+    ),
+    (
+        "crash in the middle of the write",
+        "2024-01-02T00:00:00+00:00",
+        "before_commit@1=raise",
+        "try 1 wrote rows but fails before its commit; try 2 runs",
+    ),
+    (
+        "worker killed right after the commit",
+        "2024-01-03T00:00:00+00:00",
+        "after_commit=exit",
+        "the process dies (SIGKILL-like) after the commit; the run is left unfinished",
+    ),
+    (
+        "the same day triggered again",
+        "2024-01-03T12:00:00+00:00",
+        None,
+        "a new DAG run for a day that is already loaded",
+    ),
 )
 
 console = Console()
@@ -84,7 +99,9 @@ def _server(args: argparse.Namespace, workdir: Path) -> tuple[str, Any]:
 
 def _fresh_database(admin_dsn: str, name: str, template: str | None = None) -> str:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
         create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         if template:
             create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
@@ -95,11 +112,14 @@ def _fresh_database(admin_dsn: str, name: str, template: str | None = None) -> s
 def _airflow_env(workdir: Path, meta_dsn: str, warehouse_dsn: str) -> dict[str, str]:
     from eos_airflow.hooks.ledger import airflow_conn_json, sqlalchemy_url
 
-    env = {**os.environ, "AIRFLOW_HOME": str(workdir / "airflow"),
-           "AIRFLOW__CORE__DAGS_FOLDER": str(_dags_folder()),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(meta_dsn),
-           "AIRFLOW_CONN_EOS_WAREHOUSE": airflow_conn_json(warehouse_dsn)}
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(workdir / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(_dags_folder()),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(meta_dsn),
+        "AIRFLOW_CONN_EOS_WAREHOUSE": airflow_conn_json(warehouse_dsn),
+    }
     env.pop("EOS_FAILPOINTS", None)
     config = workdir / "airflow" / "config"
     config.mkdir(parents=True, exist_ok=True)
@@ -127,8 +147,9 @@ def _airflow(env: dict[str, str], log: Path, *argv: str, failpoints: str | None 
     with log.open("a") as out:
         out.write(f"\n$ EOS_FAILPOINTS={failpoints or ''} airflow {' '.join(argv)}\n")
         out.flush()
-        return subprocess.run([airflow, *argv], env=run_env, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=600).returncode
+        return subprocess.run(
+            [airflow, *argv], env=run_env, stdout=out, stderr=subprocess.STDOUT, timeout=600
+        ).returncode
 
 
 def _setup_warehouse(dsn: str) -> None:
@@ -147,13 +168,20 @@ def _setup_warehouse(dsn: str) -> None:
 
 def _counts(dsn: str) -> dict[str, Any]:
     with psycopg.connect(dsn) as conn:
-        eos = dict(conn.execute("SELECT day::text, count(*) FROM sales_daily GROUP BY 1").fetchall())
-        plain = dict(conn.execute(
-            "SELECT day::text, count(*) FROM sales_daily_plain GROUP BY 1").fetchall())
-        totals = dict(conn.execute(
-            "SELECT day::text, count(*) FROM sales_totals GROUP BY 1").fetchall())
-        events = dict(conn.execute(
-            "SELECT event::text, count(*) FROM eos.ledger_events GROUP BY 1").fetchall())
+        eos = dict(
+            conn.execute("SELECT day::text, count(*) FROM sales_daily GROUP BY 1").fetchall()
+        )
+        plain = dict(
+            conn.execute("SELECT day::text, count(*) FROM sales_daily_plain GROUP BY 1").fetchall()
+        )
+        totals = dict(
+            conn.execute("SELECT day::text, count(*) FROM sales_totals GROUP BY 1").fetchall()
+        )
+        events = dict(
+            conn.execute(
+                "SELECT event::text, count(*) FROM eos.ledger_events GROUP BY 1"
+            ).fetchall()
+        )
         chain = verify(conn)
     return {"eos": eos, "plain": plain, "totals": totals, "events": events, "chain": chain}
 
@@ -171,26 +199,33 @@ def run_demo(args: argparse.Namespace) -> int:
         meta = _fresh_database(admin_dsn, AIRFLOW_DB)
         _setup_warehouse(warehouse)
         env = _airflow_env(workdir, meta, warehouse)
-        console.print("[bold]eos-airflow demo[/bold]: daily sales loads and the example uses "
-                      f"through real Airflow (airflow dags test), logs in {log}")
+        console.print(
+            "[bold]eos-airflow demo[/bold]: daily sales loads and the example uses "
+            f"through real Airflow (airflow dags test), logs in {log}"
+        )
         console.print("preparing Airflow's metadata database…")
         if _airflow(env, log, "db", "migrate") != 0:
             raise ConfigurationError(f"airflow db migrate failed; see {log}")
         examples, finish_examples = _start_examples(admin_dsn, env, workdir)
-        console.print("[dim]the three example uses run meanwhile (their report follows the "
-                      "sales report)[/dim]")
+        console.print(
+            "[dim]the three example uses run meanwhile (their report follows the "
+            "sales report)[/dim]"
+        )
         for title, logical_date, fp, what in SCENARIOS:
             console.print(f"\n[bold cyan]▶ {title}[/bold cyan] — {what}")
             for dag_id in ("eos_sales_daily", "plain_sales_daily"):
                 code = _airflow(env, log, "dags", "test", dag_id, logical_date, failpoints=fp)
                 outcome = {0: "run succeeded", 137: "process killed (exit 137)"}.get(
-                    code, f"run failed (exit {code})")
+                    code, f"run failed (exit {code})"
+                )
                 console.print(f"  {dag_id:<18} {outcome}")
         _report(_counts(warehouse))
         ok = finish_examples()
-        console.print(f"\n[dim]finished in {time.monotonic() - started:.0f} s; inspect the "
-                      f"ledger with: eos-airflow ledger list --dsn '{warehouse}' (sales) or "
-                      f"--dsn '{examples}' (analytics, IoT)[/dim]")
+        console.print(
+            f"\n[dim]finished in {time.monotonic() - started:.0f} s; inspect the "
+            f"ledger with: eos-airflow ledger list --dsn '{warehouse}' (sales) or "
+            f"--dsn '{examples}' (analytics, IoT)[/dim]"
+        )
         return 0 if ok else 1
     finally:
         if finish_examples is not None:  # wait for them before the server stops under them
@@ -200,8 +235,9 @@ def run_demo(args: argparse.Namespace) -> int:
             server.stop()
 
 
-def _start_examples(admin_dsn: str, env: dict[str, str], workdir: Path
-                    ) -> tuple[str, Callable[..., bool]]:
+def _start_examples(
+    admin_dsn: str, env: dict[str, str], workdir: Path
+) -> tuple[str, Callable[..., bool]]:
     """Start the example uses (:mod:`eos_airflow.cli.demo_examples`) in a thread, with their
     own warehouse, Airflow metadata database (a copy of the migrated one) and log; return
     the warehouse DSN and ``finish()``, which waits for them and prints their report (once)."""
@@ -211,8 +247,11 @@ def _start_examples(admin_dsn: str, env: dict[str, str], workdir: Path
     warehouse = _fresh_database(admin_dsn, EXAMPLES_DB)
     migrate(warehouse)
     meta = _fresh_database(admin_dsn, EXAMPLES_AIRFLOW_DB, template=AIRFLOW_DB)
-    lane_env = {**env, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(meta),
-                "AIRFLOW_CONN_EOS_WAREHOUSE": airflow_conn_json(warehouse)}
+    lane_env = {
+        **env,
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sqlalchemy_url(meta),
+        "AIRFLOW_CONN_EOS_WAREHOUSE": airflow_conn_json(warehouse),
+    }
     log = workdir / "airflow-examples.log"
     log.write_text("")
     buffer = io.StringIO()
@@ -222,9 +261,15 @@ def _start_examples(admin_dsn: str, env: dict[str, str], workdir: Path
     def work() -> None:
         try:
             result["ok"] = demo_examples.run_examples(
-                admin_dsn, warehouse, lane_env, log, out=out,
-                run=lambda *argv, failpoints=None: _airflow(lane_env, log, *argv,
-                                                            failpoints=failpoints))
+                admin_dsn,
+                warehouse,
+                lane_env,
+                log,
+                out=out,
+                run=lambda *argv, failpoints=None: _airflow(
+                    lane_env, log, *argv, failpoints=failpoints
+                ),
+            )
         except BaseException as exc:  # reported by finish()
             result["error"] = exc
 
@@ -252,9 +297,12 @@ def _report(c: dict[str, Any]) -> None:
     table.add_column("totals (ExactlyOnceSQLOperator)", justify="right")
     for day in DAYS:
         plain, eos = c["plain"].get(day, 0), c["eos"].get(day, 0)
-        table.add_row(day, f"[red]{plain}[/red]" if plain != 3 else str(plain),
-                      f"[green]{eos}[/green]" if eos == 3 else f"[red]{eos}[/red]",
-                      str(c["totals"].get(day, 0)))
+        table.add_row(
+            day,
+            f"[red]{plain}[/red]" if plain != 3 else str(plain),
+            f"[green]{eos}[/green]" if eos == 3 else f"[red]{eos}[/red]",
+            str(c["totals"].get(day, 0)),
+        )
     console.print()
     console.print(table)
     events = c["events"]
@@ -263,9 +311,11 @@ def _report(c: dict[str, Any]) -> None:
         f"The ledger committed {events.get('committed', 0)} effects, skipped "
         f"{events.get('skipped', 0)} repeated runs (the work and its write did not run again), "
         f"rolled back {events.get('failed', 0)} failed attempts and fenced "
-        f"{events.get('fenced', 0)}.")
-    console.print(f"Without the ledger the same failures wrote [red]{duplicates}[/red] duplicate "
-                  "rows.")
+        f"{events.get('fenced', 0)}."
+    )
+    console.print(
+        f"Without the ledger the same failures wrote [red]{duplicates}[/red] duplicate rows."
+    )
     chain = c["chain"]
     status = "[green]intact[/green]" if chain.ok else f"[red]BROKEN: {chain.first_problem}[/red]"
     console.print(f"Audit trail: {chain.events} hash-chained events, {status}.")

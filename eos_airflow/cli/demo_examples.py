@@ -70,7 +70,8 @@ class Outcome:
 
 def _outcome(code: int) -> str:
     return {0: "run succeeded", EXIT_CODE: f"process killed (exit {EXIT_CODE})"}.get(
-        code, f"run failed (exit {code})")
+        code, f"run failed (exit {code})"
+    )
 
 
 def _step(label: str, code: int) -> None:
@@ -85,7 +86,9 @@ def _setup_sql(dag_file: str) -> str:
 
 def _fresh_database(admin_dsn: str, name: str) -> str:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return psycopg.conninfo.make_conninfo(admin_dsn, dbname=name)
 
@@ -101,8 +104,12 @@ def _all(dsn: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
 
 
 def _events(dsn: str, key: str) -> list[str]:
-    return [e for (e,) in _all(dsn, "SELECT event::text FROM eos.ledger_events WHERE key = %s "
-                                    "ORDER BY seq", [key])]
+    return [
+        e
+        for (e,) in _all(
+            dsn, "SELECT event::text FROM eos.ledger_events WHERE key = %s ORDER BY seq", [key]
+        )
+    ]
 
 
 # ----------------------------------------------------------------------------- analytics
@@ -112,63 +119,104 @@ def analytics(admin_dsn: str, warehouse: str, env: dict[str, str], run: Runner) 
     from eos_airflow.hooks.ledger import airflow_conn_json
 
     out = Outcome("analytics  eos_analytics_daily")
-    console.print("\n[bold cyan]▶ analytics[/bold cyan] — a chunked, staged load of one day "
-                  f"({EVENTS:,} events, chunks of 50,000) fails after chunk 2; then the day "
-                  "runs again with late orders (as a backfill does)")
+    console.print(
+        "\n[bold cyan]▶ analytics[/bold cyan] — a chunked, staged load of one day "
+        f"({EVENTS:,} events, chunks of 50,000) fails after chunk 2; then the day "
+        "runs again with late orders (as a backfill does)"
+    )
     source = _fresh_database(admin_dsn, SOURCE_DB)
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, created_at timestamptz, "
-                     "customer_id bigint, amount numeric(12, 2))")
-        conn.execute("CREATE TABLE order_events (id bigint PRIMARY KEY, at timestamptz, "
-                     "order_id bigint, kind text)")
-        conn.execute("INSERT INTO orders SELECT g, '2024-01-01'::timestamptz + g * interval "
-                     "'40 s', g %% 97, (g %% 500) + 0.99 FROM generate_series(1, %s) g", [ORDERS])
-        conn.execute("INSERT INTO order_events SELECT g, '2024-01-01'::timestamptz + g * "
-                     "interval '0.7 s', g %% %s + 1, (ARRAY['placed', 'paid', 'shipped'])[g %% 3 "
-                     "+ 1] FROM generate_series(1, %s) g", [ORDERS, EVENTS])
+        conn.execute(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, created_at timestamptz, "
+            "customer_id bigint, amount numeric(12, 2))"
+        )
+        conn.execute(
+            "CREATE TABLE order_events (id bigint PRIMARY KEY, at timestamptz, "
+            "order_id bigint, kind text)"
+        )
+        conn.execute(
+            "INSERT INTO orders SELECT g, '2024-01-01'::timestamptz + g * interval "
+            "'40 s', g %% 97, (g %% 500) + 0.99 FROM generate_series(1, %s) g",
+            [ORDERS],
+        )
+        conn.execute(
+            "INSERT INTO order_events SELECT g, '2024-01-01'::timestamptz + g * "
+            "interval '0.7 s', g %% %s + 1, (ARRAY['placed', 'paid', 'shipped'])[g %% 3 "
+            "+ 1] FROM generate_series(1, %s) g",
+            [ORDERS, EVENTS],
+        )
     with psycopg.connect(warehouse, autocommit=True) as conn:
         conn.execute(_setup_sql("eos_analytics_daily.py"))
     env["AIRFLOW_CONN_EOS_SOURCE"] = airflow_conn_json(source)
 
     key = "analytics/order_events/2024-01-01"
-    code = run("dags", "test", "eos_analytics_daily", "2024-01-01", failpoints="after_chunk@1#2=raise")
+    code = run(
+        "dags", "test", "eos_analytics_daily", "2024-01-01", failpoints="after_chunk@1#2=raise"
+    )
     _step("run of 2024-01-01, events load fails after chunk 2", code)
     out.check(code == 0, "the first run of eos_analytics_daily failed")
-    resumed = _all(warehouse, "SELECT (detail->>'rows')::bigint FROM eos.ledger_events "
-                              "WHERE key = %s AND event = 'resumed'", [key])
-    loaded = _one(warehouse, "SELECT count(*), count(DISTINCT event_id) FROM analytics.order_events "
-                             "WHERE day = '2024-01-01'")
-    out.check(loaded == (EVENTS, EVENTS), f"events after the resumed load: {loaded}, "
-                                          f"expected {EVENTS} distinct")
+    resumed = _all(
+        warehouse,
+        "SELECT (detail->>'rows')::bigint FROM eos.ledger_events "
+        "WHERE key = %s AND event = 'resumed'",
+        [key],
+    )
+    loaded = _one(
+        warehouse,
+        "SELECT count(*), count(DISTINCT event_id) FROM analytics.order_events "
+        "WHERE day = '2024-01-01'",
+    )
+    out.check(
+        loaded == (EVENTS, EVENTS),
+        f"events after the resumed load: {loaded}, expected {EVENTS} distinct",
+    )
     out.check(len(resumed) == 1, f"expected one 'resumed' event for {key}, got {resumed}")
     skipped_rows = resumed[0][0] if resumed else 0
-    console.print(f"    try 2 resumed after {skipped_rows:,} committed rows; "
-                  f"{loaded[0]:,} events in the warehouse ({EVENTS:,} in the source)")
+    console.print(
+        f"    try 2 resumed after {skipped_rows:,} committed rows; "
+        f"{loaded[0]:,} events in the warehouse ({EVENTS:,} in the source)"
+    )
 
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("INSERT INTO orders SELECT g, '2024-01-01 23:00'::timestamptz, 1, 10 "
-                     "FROM generate_series(%s::int, %s::int) g", [ORDERS + 1, ORDERS + LATE_ORDERS])
+        conn.execute(
+            "INSERT INTO orders SELECT g, '2024-01-01 23:00'::timestamptz, 1, 10 "
+            "FROM generate_series(%s::int, %s::int) g",
+            [ORDERS + 1, ORDERS + LATE_ORDERS],
+        )
     code = run("dags", "test", "eos_analytics_daily", "2024-01-01")
     _step(f"re-run of 2024-01-01 after {LATE_ORDERS} late orders", code)
     out.check(code == 0, "the re-run of eos_analytics_daily failed")
-    orders = _one(warehouse, "SELECT count(*) FROM analytics.orders_daily WHERE day = '2024-01-01'")[0]
-    events = _one(warehouse, "SELECT count(*) FROM analytics.order_events WHERE day = '2024-01-01'")[0]
+    orders = _one(
+        warehouse, "SELECT count(*) FROM analytics.orders_daily WHERE day = '2024-01-01'"
+    )[0]
+    events = _one(
+        warehouse, "SELECT count(*) FROM analytics.order_events WHERE day = '2024-01-01'"
+    )[0]
     revenue = _one(warehouse, "SELECT orders FROM analytics.revenue_daily WHERE day = '2024-01-01'")
-    versions = dict(_all(warehouse, "SELECT key, version FROM eos.ledger WHERE key LIKE "
-                                    "'analytics/%'"))
+    versions = dict(
+        _all(warehouse, "SELECT key, version FROM eos.ledger WHERE key LIKE 'analytics/%'")
+    )
     expected = ORDERS + LATE_ORDERS
     out.check(orders == expected, f"orders of the day: {orders}, expected {expected}")
     out.check(events == EVENTS, f"events of the day after the re-run: {events}, expected {EVENTS}")
     out.check(revenue == (expected,), f"revenue_daily counts {revenue}, expected {expected}")
     replaced = sum(_events(warehouse, k).count("replaced") for k in versions)
-    out.check(replaced == 3, f"expected the 3 effects of the day replaced once each, got {replaced}")
-    console.print(f"    the day was replaced (ledger version {max(versions.values(), default=0)}): "
-                  f"{orders:,} orders, {events:,} events — not {orders + ORDERS:,} / "
-                  f"{2 * EVENTS:,}")
-    out.happened = (f"load failed after chunk 2; retry resumed after {skipped_rows:,} rows; "
-                    "re-run of the day replaced it")
-    out.prevented = (f"{skipped_rows:,} rows copied again; the re-run adding {ORDERS:,} orders "
-                     f"and {EVENTS:,} events a second time")
+    out.check(
+        replaced == 3, f"expected the 3 effects of the day replaced once each, got {replaced}"
+    )
+    console.print(
+        f"    the day was replaced (ledger version {max(versions.values(), default=0)}): "
+        f"{orders:,} orders, {events:,} events — not {orders + ORDERS:,} / "
+        f"{2 * EVENTS:,}"
+    )
+    out.happened = (
+        f"load failed after chunk 2; retry resumed after {skipped_rows:,} rows; "
+        "re-run of the day replaced it"
+    )
+    out.prevented = (
+        f"{skipped_rows:,} rows copied again; the re-run adding {ORDERS:,} orders "
+        f"and {EVENTS:,} events a second time"
+    )
     return out
 
 
@@ -204,8 +252,9 @@ def _nats(url: str, action: str) -> int:
             except nats.js.errors.NotFoundError:
                 pass
             if action == "create":
-                await js.add_stream(name=NATS_STREAM, subjects=["iot.alerts.>"],
-                                    duplicate_window=600.0)
+                await js.add_stream(
+                    name=NATS_STREAM, subjects=["iot.alerts.>"], duplicate_window=600.0
+                )
             return 0
         finally:
             await nc.close()
@@ -217,14 +266,25 @@ def _kafka_messages(bootstrap: str, topic: str) -> list[Any]:
     """Every committed message of ``topic`` (a read_committed consumer from the start)."""
     import confluent_kafka
 
-    consumer = confluent_kafka.Consumer({
-        "bootstrap.servers": bootstrap, "group.id": f"eos-demo-{uuid.uuid4().hex}",
-        "isolation.level": "read_committed", "enable.partition.eof": True,
-        "enable.auto.commit": False, "fetch.wait.max.ms": 50, "log_level": 0})
+    consumer = confluent_kafka.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"eos-demo-{uuid.uuid4().hex}",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 50,
+            "log_level": 0,
+        }
+    )
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING)
-                         for p in parts])
+        consumer.assign(
+            [
+                confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING)
+                for p in parts
+            ]
+        )
         out: list[Any] = []
         ends: set[int] = set()
         for _ in range(600):  # at most a minute
@@ -243,8 +303,14 @@ def _kafka_messages(bootstrap: str, topic: str) -> list[Any]:
 
 def readings() -> list[dict[str, Any]]:
     """The readings the demo produces: six pumps, one every 6 s, some above 80 °C."""
-    return [{"device": f"pump-{i % 6}", "at": f"2024-01-01T10:{i // 10:02d}:{i % 10 * 6:02d}Z",
-             "celsius": round(60.0 + (i * 7919 % 250) / 10, 1)} for i in range(READINGS)]
+    return [
+        {
+            "device": f"pump-{i % 6}",
+            "at": f"2024-01-01T10:{i // 10:02d}:{i % 10 * 6:02d}Z",
+            "celsius": round(60.0 + (i * 7919 % 250) / 10, 1),
+        }
+        for i in range(READINGS)
+    ]
 
 
 def iot(warehouse: str, env: dict[str, str], run: Runner) -> Outcome:
@@ -252,8 +318,10 @@ def iot(warehouse: str, env: dict[str, str], run: Runner) -> Outcome:
     try:
         import confluent_kafka
     except ImportError:
-        console.print("\n[yellow]▶ IoT skipped[/yellow]: confluent-kafka is not installed "
-                      "(pip install 'eos-airflow[kafka]')")
+        console.print(
+            "\n[yellow]▶ IoT skipped[/yellow]: confluent-kafka is not installed "
+            "(pip install 'eos-airflow[kafka]')"
+        )
         out.happened = "skipped: confluent-kafka is not installed"
         return out
     nats_url, why_not = _nats_url()
@@ -263,9 +331,11 @@ def iot(warehouse: str, env: dict[str, str], run: Runner) -> Outcome:
         except Exception as exc:  # no JetStream, no nats-py, a stream owning the subjects…
             nats_url, why_not = None, f"NATS at {nats_url} is not usable ({exc})"
     brokers = "NATS JetStream and Kafka" if nats_url else f"Kafka only ({why_not})"
-    console.print("\n[bold cyan]▶ IoT[/bold cyan] — Kafka readings into PostgreSQL with alerts "
-                  f"through the outbox to {brokers}; the ingest fails after polling (try 1) "
-                  "and after its commit (try 2)")
+    console.print(
+        "\n[bold cyan]▶ IoT[/bold cyan] — Kafka readings into PostgreSQL with alerts "
+        f"through the outbox to {brokers}; the ingest fails after polling (try 1) "
+        "and after its commit (try 2)"
+    )
     data = readings()
     hot = [r for r in data if r["celsius"] > 80.0]
     # the mock cluster lives as long as `owner`: keep it referenced until the checks are done
@@ -273,57 +343,88 @@ def iot(warehouse: str, env: dict[str, str], run: Runner) -> Outcome:
     try:
         found = owner.list_topics(timeout=10).brokers.values()
         bootstrap = ",".join(f"{b.host}:{b.port}" for b in found)
-        producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "log_level": 0,
-                                             "enable.idempotence": True})
+        producer = confluent_kafka.Producer(
+            {"bootstrap.servers": bootstrap, "log_level": 0, "enable.idempotence": True}
+        )
         for topic in ("iot.readings", "iot.alerts"):  # the mock cluster creates topics asked about
             producer.list_topics(topic, timeout=10)
         for reading in data:
-            producer.produce("iot.readings", json.dumps(reading).encode(),
-                             key=reading["device"].encode())
+            producer.produce(
+                "iot.readings", json.dumps(reading).encode(), key=reading["device"].encode()
+            )
         if producer.flush(15) != 0:
             raise RuntimeError("the mock Kafka cluster did not take the readings")
-        console.print(f"    produced {len(data)} readings to iot.readings on the mock Kafka "
-                      f"cluster at {bootstrap} ({len(hot)} above 80 °C)")
+        console.print(
+            f"    produced {len(data)} readings to iot.readings on the mock Kafka "
+            f"cluster at {bootstrap} ({len(hot)} above 80 °C)"
+        )
         with psycopg.connect(warehouse, autocommit=True) as conn:
             conn.execute(_setup_sql("eos_iot_readings.py"))
-        env["AIRFLOW_CONN_EOS_KAFKA"] = json.dumps({"conn_type": "kafka", "extra": json.dumps(
-            {"bootstrap.servers": bootstrap, "log_level": 0})})
+        env["AIRFLOW_CONN_EOS_KAFKA"] = json.dumps(
+            {
+                "conn_type": "kafka",
+                "extra": json.dumps({"bootstrap.servers": bootstrap, "log_level": 0}),
+            }
+        )
         env["AIRFLOW_VAR_EOS_IOT_ALERT_BROKERS"] = "nats,kafka" if nats_url else "kafka"
         if nats_url:
-            env["AIRFLOW_CONN_EOS_NATS"] = json.dumps({"conn_type": "generic",
-                                                      "extra": json.dumps({"servers": [nats_url]})})
-        code = run("dags", "test", "eos_iot_readings", "2024-01-01T10:00:00+00:00",
-                   failpoints="after_poll@1=raise,after_commit@2=raise")
+            env["AIRFLOW_CONN_EOS_NATS"] = json.dumps(
+                {"conn_type": "generic", "extra": json.dumps({"servers": [nats_url]})}
+            )
+        code = run(
+            "dags",
+            "test",
+            "eos_iot_readings",
+            "2024-01-01T10:00:00+00:00",
+            failpoints="after_poll@1=raise,after_commit@2=raise",
+        )
         _step("hourly run, ingest fails after poll and after commit", code)
         out.check(code == 0, "the run of eos_iot_readings failed")
 
-        rows = _all(warehouse, "SELECT device, to_char(at AT TIME ZONE 'UTC', "
-                               "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), celsius FROM iot_readings")
+        rows = _all(
+            warehouse,
+            "SELECT device, to_char(at AT TIME ZONE 'UTC', "
+            '\'YYYY-MM-DD"T"HH24:MI:SS"Z"\'), celsius FROM iot_readings',
+        )
         exact = sorted(rows) == sorted((r["device"], r["at"], r["celsius"]) for r in data)
-        out.check(exact, f"iot_readings holds {len(rows)} rows that are not exactly the "
-                         f"{len(data)} produced readings")
+        out.check(
+            exact,
+            f"iot_readings holds {len(rows)} rows that are not exactly the "
+            f"{len(data)} produced readings",
+        )
         load = _one(warehouse, "SELECT key FROM eos.ledger WHERE task_id = 'load_readings'")
         kinds = _events(warehouse, load[0]) if load else []
-        out.check(kinds.count("committed") == 1 and "skipped" in kinds,
-                  f"load_readings events: {kinds}")
-        outbox = _all(warehouse, "SELECT split_part(destination, ':', 1), count(*), "
-                                 "count(delivered_at) FROM eos.outbox GROUP BY 1 ORDER BY 1")
+        out.check(
+            kinds.count("committed") == 1 and "skipped" in kinds, f"load_readings events: {kinds}"
+        )
+        outbox = _all(
+            warehouse,
+            "SELECT split_part(destination, ':', 1), count(*), "
+            "count(delivered_at) FROM eos.outbox GROUP BY 1 ORDER BY 1",
+        )
         kafka = _kafka_messages(bootstrap, "iot.alerts")
         ids = {dict(m.headers() or []).get("eos-message-id") for m in kafka}
-        out.check(len(kafka) == len(hot) == len(ids),
-                  f"Kafka iot.alerts holds {len(kafka)} alerts ({len(ids)} distinct), "
-                  f"expected {len(hot)}")
+        out.check(
+            len(kafka) == len(hot) == len(ids),
+            f"Kafka iot.alerts holds {len(kafka)} alerts ({len(ids)} distinct), "
+            f"expected {len(hot)}",
+        )
         delivered = [f"Kafka {len(kafka)}"]
         if nats_url:
             in_stream = _nats(nats_url, "count")
-            out.check(in_stream == len(hot), f"NATS stream holds {in_stream} alerts, "
-                                             f"expected {len(hot)}")
+            out.check(
+                in_stream == len(hot), f"NATS stream holds {in_stream} alerts, expected {len(hot)}"
+            )
             delivered.insert(0, f"NATS {in_stream}")
-        out.check(all(n == d == len(hot) for _, n, d in outbox),
-                  f"outbox (destination, published, delivered): {outbox}, expected {len(hot)}")
-        console.print(f"    {len(rows)} rows = the {len(data)} produced readings; ledger: "
-                      f"{' → '.join(kinds)}; alerts delivered once each: "
-                      f"{', '.join(delivered)} of {len(hot)}")
+        out.check(
+            all(n == d == len(hot) for _, n, d in outbox),
+            f"outbox (destination, published, delivered): {outbox}, expected {len(hot)}",
+        )
+        console.print(
+            f"    {len(rows)} rows = the {len(data)} produced readings; ledger: "
+            f"{' → '.join(kinds)}; alerts delivered once each: "
+            f"{', '.join(delivered)} of {len(hot)}"
+        )
     finally:
         owner.flush(1)
         del owner
@@ -332,10 +433,14 @@ def iot(warehouse: str, env: dict[str, str], run: Runner) -> Outcome:
                 _nats(nats_url, "delete")
             except Exception:  # noqa: S110 - best effort: the stream is the demo's own
                 pass
-    out.happened = (f"ingest failed after poll, then after commit; {len(rows)} readings, "
-                    f"{len(hot)} alerts to {' and '.join(d.split()[0] for d in delivered)}")
-    out.prevented = ("the retry loading the batch again (and its alerts); "
-                     "alerts for readings that were not stored")
+    out.happened = (
+        f"ingest failed after poll, then after commit; {len(rows)} readings, "
+        f"{len(hot)} alerts to {' and '.join(d.split()[0] for d in delivered)}"
+    )
+    out.prevented = (
+        "the retry loading the batch again (and its alerts); "
+        "alerts for readings that were not stored"
+    )
     return out
 
 
@@ -352,12 +457,16 @@ def finance(admin_dsn: str, env: dict[str, str], run: Runner) -> Outcome:
         return out
     prepared = int(_one(admin_dsn, "SHOW max_prepared_transactions")[0])
     if prepared == 0:
-        console.print("\n[yellow]▶ finance skipped[/yellow]: two-phase commit needs "
-                      "max_prepared_transactions > 0 on this server (set it and restart it)")
+        console.print(
+            "\n[yellow]▶ finance skipped[/yellow]: two-phase commit needs "
+            "max_prepared_transactions > 0 on this server (set it and restart it)"
+        )
         out.happened = "skipped: max_prepared_transactions is 0"
         return out
-    console.print("\n[bold cyan]▶ finance[/bold cyan] — a transfer between two bank databases "
-                  "(two-phase commit); the worker is killed right after the commit decision")
+    console.print(
+        "\n[bold cyan]▶ finance[/bold cyan] — a transfer between two bank databases "
+        "(two-phase commit); the worker is killed right after the commit decision"
+    )
     banks = {name: _fresh_database(admin_dsn, db) for name, db in BANK_DBS.items()}
     for name, dsn in banks.items():
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -366,31 +475,56 @@ def finance(admin_dsn: str, env: dict[str, str], run: Runner) -> Outcome:
         env[f"AIRFLOW_CONN_BANK_{name.upper()}"] = airflow_conn_json(dsn)
 
     def state() -> tuple[list[Any], int]:
-        balances = [_one(dsn, "SELECT coalesce(sum(balance), 0) FROM accounts")[0]
-                    for dsn in banks.values()]
-        in_doubt = sum(_one(dsn, "SELECT count(*) FROM pg_prepared_xacts WHERE database = "
-                                 "current_database()")[0] for dsn in banks.values())
+        balances = [
+            _one(dsn, "SELECT coalesce(sum(balance), 0) FROM accounts")[0] for dsn in banks.values()
+        ]
+        in_doubt = sum(
+            _one(dsn, "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()")[
+                0
+            ]
+            for dsn in banks.values()
+        )
         return balances, in_doubt
 
     opening = sum(state()[0])
-    code = run("dags", "test", "eos_bank_transfer", "2024-01-01", failpoints="after_decision@1=exit")
+    code = run(
+        "dags", "test", "eos_bank_transfer", "2024-01-01", failpoints="after_decision@1=exit"
+    )
     _step("transfer of 2024-01-01, killed after the decision", code)
     out.check(code == EXIT_CODE, f"the killed run exited with {code}, not {EXIT_CODE}")
     balances, in_doubt = state()
-    console.print(f"    left in doubt: {in_doubt} prepared transactions (balances still "
-                  f"{' / '.join(str(b) for b in balances)}: the commit is decided, not done)")
+    console.print(
+        f"    left in doubt: {in_doubt} prepared transactions (balances still "
+        f"{' / '.join(str(b) for b in balances)}: the commit is decided, not done)"
+    )
     out.check(in_doubt == 2, f"expected 2 prepared transactions after the crash, got {in_doubt}")
 
     recover = subprocess.run(
-        [sys.executable, "-m", "eos_airflow.cli.main", "recover", "--conn-id", "bank_a",
-         "--grace", "0s", "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "eos_airflow.cli.main",
+            "recover",
+            "--conn-id",
+            "bank_a",
+            "--grace",
+            "0s",
+            "--format",
+            "json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     outcomes = []
     if recover.returncode == 0:
         outcomes = [t["outcome"] for t in json.loads(recover.stdout).get("transactions", [])]
     _step("eos-airflow recover --conn-id bank_a", recover.returncode)
-    out.check(outcomes == ["committed"], f"recover finished {outcomes}, expected ['committed']"
-                                         f"{recover.stderr[-300:]}")
+    out.check(
+        outcomes == ["committed"],
+        f"recover finished {outcomes}, expected ['committed']{recover.stderr[-300:]}",
+    )
     code = run("dags", "test", "eos_bank_transfer", "2024-01-01")
     _step("re-run of 2024-01-01 (transfer, settle, check_total)", code)
     out.check(code == 0, "the re-run of eos_bank_transfer failed (check_total?)")
@@ -399,34 +533,49 @@ def finance(admin_dsn: str, env: dict[str, str], run: Runner) -> Outcome:
     amount = opening // 2 - balances[0]
     out.check(sum(balances) == opening, f"total balance {sum(balances)}, expected {opening}")
     out.check(in_doubt == 0, f"{in_doubt} prepared transactions left")
-    out.check(kinds.count("committed") == 1 and "skipped" in kinds,
-              f"bank_transfer events: {kinds}")
-    console.print(f"    balances {' / '.join(str(b) for b in balances)}: moved {amount} once, "
-                  f"total {sum(balances)} unchanged, {in_doubt} prepared transactions left; "
-                  f"ledger: {' → '.join(kinds)}")
-    out.happened = (f"killed after the decision; recover committed both banks; "
-                    f"re-run moved nothing (total {sum(balances)})")
-    out.prevented = ("the transfer done twice or in one bank only; locks held by "
-                     "prepared transactions forever")
+    out.check(
+        kinds.count("committed") == 1 and "skipped" in kinds, f"bank_transfer events: {kinds}"
+    )
+    console.print(
+        f"    balances {' / '.join(str(b) for b in balances)}: moved {amount} once, "
+        f"total {sum(balances)} unchanged, {in_doubt} prepared transactions left; "
+        f"ledger: {' → '.join(kinds)}"
+    )
+    out.happened = (
+        f"killed after the decision; recover committed both banks; "
+        f"re-run moved nothing (total {sum(balances)})"
+    )
+    out.prevented = (
+        "the transfer done twice or in one bank only; locks held by prepared transactions forever"
+    )
     return out
 
 
 # ------------------------------------------------------------------------------- summary
 
 
-def run_examples(admin_dsn: str, warehouse: str, env: dict[str, str], log: Path,
-                 run: Runner, out: Console | None = None) -> bool:
+def run_examples(
+    admin_dsn: str,
+    warehouse: str,
+    env: dict[str, str],
+    log: Path,
+    run: Runner,
+    out: Console | None = None,
+) -> bool:
     """Run the three example uses; print (to ``out``) their steps and the summary; True
     when every check passed. ``run(*airflow_argv, failpoints=None)`` runs Airflow."""
     global console
     if out is not None:
         console = out
-    console.print("\n[bold]The example uses[/bold] (through Airflow like the sales loads, "
-                  f"logs in {log}):")
+    console.print(
+        f"\n[bold]The example uses[/bold] (through Airflow like the sales loads, logs in {log}):"
+    )
     outcomes = []
-    for name, example in (("analytics", lambda: analytics(admin_dsn, warehouse, env, run)),
-                          ("IoT", lambda: iot(warehouse, env, run)),
-                          ("finance", lambda: finance(admin_dsn, env, run))):
+    for name, example in (
+        ("analytics", lambda: analytics(admin_dsn, warehouse, env, run)),
+        ("IoT", lambda: iot(warehouse, env, run)),
+        ("finance", lambda: finance(admin_dsn, env, run)),
+    ):
         try:
             outcomes.append(example())
         except Exception as exc:

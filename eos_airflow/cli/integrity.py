@@ -17,8 +17,7 @@ from eos_airflow.ledger import checkpoint as checkpoints
 from eos_airflow.ledger.chain import Verification, verify
 
 
-def verify_with_checkpoint(conn: psycopg.Connection[Any], args: argparse.Namespace
-                           ) -> Verification:
+def verify_with_checkpoint(conn: psycopg.Connection[Any], args: argparse.Namespace) -> Verification:
     pinned = checkpoints.load(args.checkpoint) if args.checkpoint else None
     result = verify(conn, args.schema)
     if pinned is not None:
@@ -33,14 +32,22 @@ def write_checkpoint(conn: psycopg.Connection[Any], args: argparse.Namespace) ->
     try:
         checkpoints.write(taken, args.out)
     except OSError as exc:
-        raise ConfigurationError(f"cannot write the checkpoint to {args.out!r}: "
-                                 f"{exc.strerror}; choose a writable path") from None
-    summary = {k: taken[k] for k in ("schema", "database", "taken_at", "last_event", "events",
-                                     "keys", "heads_digest")}
-    output.emit(args, {**summary, "out": args.out},
-                lambda d: f"checkpoint of {d['events']} events of {d['keys']} keys written to "
-                f"{d['out']} (heads digest {d['heads_digest'][:16]}…); keep it outside this "
-                "database and check it with `eos-airflow ledger verify --checkpoint FILE`")
+        raise ConfigurationError(
+            f"cannot write the checkpoint to {args.out!r}: {exc.strerror}; choose a writable path"
+        ) from None
+    summary = {
+        k: taken[k]
+        for k in ("schema", "database", "taken_at", "last_event", "events", "keys", "heads_digest")
+    }
+    output.emit(
+        args,
+        {**summary, "out": args.out},
+        lambda d: (
+            f"checkpoint of {d['events']} events of {d['keys']} keys written to "
+            f"{d['out']} (heads digest {d['heads_digest'][:16]}…); keep it outside this "
+            "database and check it with `eos-airflow ledger verify --checkpoint FILE`"
+        ),
+    )
 
 
 def older_than(value: str) -> Any:
@@ -49,7 +56,8 @@ def older_than(value: str) -> Any:
     except ConfigurationError:
         raise ConfigurationError(
             f"--older-than {value!r} is neither a duration (30d, 12h, 15m, 90s, 2w) nor an "
-            "ISO timestamp (2024-01-31T00:00:00Z)") from None
+            "ISO timestamp (2024-01-31T00:00:00Z)"
+        ) from None
 
 
 def run_gc(conn: psycopg.Connection[Any], args: argparse.Namespace) -> None:
@@ -63,13 +71,28 @@ def run_gc(conn: psycopg.Connection[Any], args: argparse.Namespace) -> None:
         def step(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        report = gc(conn, args.schema, cutoff, dry_run=args.dry_run,
-                    prefix=like_prefix(args.prefix), progress=step)
+        report = gc(
+            conn,
+            args.schema,
+            cutoff,
+            dry_run=args.dry_run,
+            prefix=like_prefix(args.prefix),
+            progress=step,
+        )
     verb = "would remove" if args.dry_run else "removed"
-    output.emit(args, report.as_dict(),
-                lambda d: f"gc {verb} {d['events']} events of {d['keys']} committed keys "
-                f"older than {d['cutoff']}" + ("" if args.dry_run or not d["keys"] else
-                "; each key's chain now starts at a `pruned` event (ledger verify checks it)"))
+    output.emit(
+        args,
+        report.as_dict(),
+        lambda d: (
+            f"gc {verb} {d['events']} events of {d['keys']} committed keys "
+            f"older than {d['cutoff']}"
+            + (
+                ""
+                if args.dry_run or not d["keys"]
+                else "; each key's chain now starts at a `pruned` event (ledger verify checks it)"
+            )
+        ),
+    )
 
 
 def grant_roles(conn: psycopg.Connection[Any], args: argparse.Namespace) -> None:
@@ -80,9 +103,18 @@ def grant_roles(conn: psycopg.Connection[Any], args: argparse.Namespace) -> None
     except psycopg.errors.InsufficientPrivilege as exc:
         raise ConfigurationError(
             f"cannot create or grant the roles: {exc.diag.message_primary}; run "
-            "`eos-airflow db grant` as the ledger schema's owner with CREATEROLE") from exc
-    output.emit(args, done, lambda d: (
-        f"roles for ledger schema {d['schema']!r}: writer {d['writer']!r} (inserts events, "
-        f"cannot update or delete them), auditor {d['auditor']!r} (read-only)"
-        + (f"; created {', '.join(d['created'])} (NOLOGIN: grant them to login roles)"
-           if d["created"] else "")))
+            "`eos-airflow db grant` as the ledger schema's owner with CREATEROLE"
+        ) from exc
+    output.emit(
+        args,
+        done,
+        lambda d: (
+            f"roles for ledger schema {d['schema']!r}: writer {d['writer']!r} (inserts events, "
+            f"cannot update or delete them), auditor {d['auditor']!r} (read-only)"
+            + (
+                f"; created {', '.join(d['created'])} (NOLOGIN: grant them to login roles)"
+                if d["created"]
+                else ""
+            )
+        ),
+    )

@@ -35,8 +35,7 @@ def _connect_factory(args: argparse.Namespace) -> Callable[[], psycopg.Connectio
         from eos_airflow.ledger.connection import connect
 
         check_dsn(dsn)
-        return _unreachable_is_exit_3(
-            lambda: connect(dsn, application_name="eos-airflow cli"))
+        return _unreachable_is_exit_3(lambda: connect(dsn, application_name="eos-airflow cli"))
     if args.conn_id:
         from eos_airflow.hooks.ledger import connect_factory
 
@@ -48,9 +47,11 @@ def _connect_factory(args: argparse.Namespace) -> Callable[[], psycopg.Connectio
 
 
 def _unreachable_is_exit_3(
-        connect: Callable[[], psycopg.Connection[Any]]) -> Callable[[], psycopg.Connection[Any]]:
+    connect: Callable[[], psycopg.Connection[Any]],
+) -> Callable[[], psycopg.Connection[Any]]:
     """Any failed connection attempt exits 3 ("database unreachable"), also those another
     try cannot fix (wrong password, unknown database): their message says what to fix."""
+
     def opened() -> psycopg.Connection[Any]:
         try:
             return connect()
@@ -83,9 +84,14 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
         applied = migrate(_connect_factory(args), args.schema)
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot connect to the ledger database: {exc}") from exc
-    output.emit(args, {"schema": args.schema, "applied": applied, "revision": head_revision()},
-                lambda d: f"ledger schema {d['schema']!r} at revision {d['revision']}"
-                + (f" (applied {', '.join(d['applied'])})" if d["applied"] else " (up to date)"))
+    output.emit(
+        args,
+        {"schema": args.schema, "applied": applied, "revision": head_revision()},
+        lambda d: (
+            f"ledger schema {d['schema']!r} at revision {d['revision']}"
+            + (f" (applied {', '.join(d['applied'])})" if d["applied"] else " (up to date)")
+        ),
+    )
     return EXIT_OK
 
 
@@ -96,10 +102,14 @@ def cmd_ledger_list(args: argparse.Namespace) -> int:
     if args.prefix is not None:
         prefix = args.prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     with _checked(args) as conn:
-        rows = conn.cursor(row_factory=psycopg.rows.dict_row).execute(
-            query("list_entries", args.schema),
-            {"dag_id": args.dag_id, "state": args.state, "prefix": prefix, "limit": args.limit},
-        ).fetchall()
+        rows = (
+            conn.cursor(row_factory=psycopg.rows.dict_row)
+            .execute(
+                query("list_entries", args.schema),
+                {"dag_id": args.dag_id, "state": args.state, "prefix": prefix, "limit": args.limit},
+            )
+            .fetchall()
+        )
     output.entries(args, rows)
     return EXIT_OK
 
@@ -116,8 +126,7 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
                 "`eos-airflow ledger list --prefix ...`"
             )
         events = cur.execute(query("entry_events", args.schema), {"key": args.key}).fetchall()
-        points = cur.execute(query("recovery_points", args.schema),
-                             {"key": args.key}).fetchall()
+        points = cur.execute(query("recovery_points", args.schema), {"key": args.key}).fetchall()
     output.entry(args, entry, events, recovery_points=points)
     return EXIT_OK
 
@@ -167,24 +176,37 @@ def cmd_ledger_reopen(args: argparse.Namespace) -> int:
     with _checked(args) as conn:
         role = conn.info.user
         try:
-            row = conn.execute(query("reopen", args.schema),
-                               {"key": args.key, "reason": args.reason,
-                                "on_behalf_of": on_behalf_of}).fetchone()
+            row = conn.execute(
+                query("reopen", args.schema),
+                {"key": args.key, "reason": args.reason, "on_behalf_of": on_behalf_of},
+            ).fetchone()
         except psycopg.Error as exc:
             if exc.sqlstate == "EOS04":
                 raise ConfigurationError(
                     f"no ledger entry for key {args.key!r}; list keys with "
-                    "`eos-airflow ledger list --prefix ...`") from exc
+                    "`eos-airflow ledger list --prefix ...`"
+                ) from exc
             if exc.sqlstate == "EOS05":
                 raise ConfigurationError(
                     f"{exc.diag.message_primary}: only a committed key with no running "
-                    "attempt can be reopened") from exc
+                    "attempt can be reopened"
+                ) from exc
             raise
-    output.emit(args, {"key": args.key, "state": "reopened", "version": row[0],
-                       "by": role, "on_behalf_of": on_behalf_of,
-                       "reason": args.reason},
-                lambda d: f"reopened {d['key']!r} (version {d['version']}): its next run "
-                "executes again and sees the committed result as eos.previous")
+    output.emit(
+        args,
+        {
+            "key": args.key,
+            "state": "reopened",
+            "version": row[0],
+            "by": role,
+            "on_behalf_of": on_behalf_of,
+            "reason": args.reason,
+        },
+        lambda d: (
+            f"reopened {d['key']!r} (version {d['version']}): its next run "
+            "executes again and sees the committed result as eos.previous"
+        ),
+    )
     return EXIT_OK
 
 
@@ -221,10 +243,16 @@ def cmd_recover(args: argparse.Namespace) -> int:
     with _checked(args) as conn:
         transactions = twophase.run(args, conn)  # in-doubt work first: it may release claims
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-        rows = cur.execute(query("recover_claims", args.schema),
-                           {"older_than": older_than}).fetchall()
-        held = [] if older_than is None else cur.execute(
-            query("live_claims", args.schema), {"older_than": older_than}).fetchall()
+        rows = cur.execute(
+            query("recover_claims", args.schema), {"older_than": older_than}
+        ).fetchall()
+        held = (
+            []
+            if older_than is None
+            else cur.execute(
+                query("live_claims", args.schema), {"older_than": older_than}
+            ).fetchall()
+        )
     if args.format == "json":
         output.emit(args, {"expired": rows, "held": held, "transactions": transactions}, str)
         return EXIT_OK
@@ -232,13 +260,21 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if not rows:
         print("no stale claims: every running key has a live owner")
     else:
-        output.table(args, f"expired {len(rows)} stale claims (their next claim runs them "
-                     "again)", ("key", "attempt", "run_id", "claimed_at", "reason"), rows)
+        output.table(
+            args,
+            f"expired {len(rows)} stale claims (their next claim runs them again)",
+            ("key", "attempt", "run_id", "claimed_at", "reason"),
+            rows,
+        )
     if held:
-        output.table(args, f"left {len(held)} claims older than --older-than alone: their "
-                     "sessions are alive and may still commit (end a stuck one with "
-                     "pg_terminate_backend, then run recover again)",
-                     ("key", "attempt", "run_id", "host", "pid", "claimed_at"), held)
+        output.table(
+            args,
+            f"left {len(held)} claims older than --older-than alone: their "
+            "sessions are alive and may still commit (end a stuck one with "
+            "pg_terminate_backend, then run recover again)",
+            ("key", "attempt", "run_id", "host", "pid", "claimed_at"),
+            held,
+        )
     return EXIT_OK
 
 
@@ -283,29 +319,44 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dsn", help="libpq DSN or URI of the ledger database")
     common.add_argument("--conn-id", help="Airflow connection id of the ledger database")
-    common.add_argument("--schema", default=os.environ.get("EOS_LEDGER_SCHEMA", "eos"),
-                        help="ledger schema (default: eos)")
-    common.add_argument("--format", choices=("table", "json", "csv"), default="table",
-                        help="output format (default: table)")
-    common.add_argument("--tz", default=None,
-                        help="time zone for displayed timestamps (default: local)")
+    common.add_argument(
+        "--schema",
+        default=os.environ.get("EOS_LEDGER_SCHEMA", "eos"),
+        help="ledger schema (default: eos)",
+    )
+    common.add_argument(
+        "--format",
+        choices=("table", "json", "csv"),
+        default="table",
+        help="output format (default: table)",
+    )
+    common.add_argument(
+        "--tz", default=None, help="time zone for displayed timestamps (default: local)"
+    )
 
     parser = argparse.ArgumentParser(
-        prog="eos-airflow", description="Exactly-once effects for Apache Airflow: the ledger CLI.")
+        prog="eos-airflow", description="Exactly-once effects for Apache Airflow: the ledger CLI."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    db = sub.add_parser("db", help="ledger schema").add_subparsers(dest="db_command",
-                                                                   required=True, metavar="ACTION")
-    db.add_parser("migrate", parents=[common], help="create or upgrade the ledger schema"
-                  ).set_defaults(func=cmd_db_migrate)
-    grant = db.add_parser("grant", parents=[common],
-                          help="roles: a writer that cannot edit history, a read-only auditor")
+    db = sub.add_parser("db", help="ledger schema").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    db.add_parser(
+        "migrate", parents=[common], help="create or upgrade the ledger schema"
+    ).set_defaults(func=cmd_db_migrate)
+    grant = db.add_parser(
+        "grant",
+        parents=[common],
+        help="roles: a writer that cannot edit history, a read-only auditor",
+    )
     grant.add_argument("--writer", required=True, help="role the tasks connect as")
     grant.add_argument("--auditor", required=True, help="read-only role")
     grant.set_defaults(func=cmd_db_grant)
 
     ledger = sub.add_parser("ledger", help="inspect the ledger").add_subparsers(
-        dest="ledger_command", required=True, metavar="ACTION")
+        dest="ledger_command", required=True, metavar="ACTION"
+    )
     lst = ledger.add_parser("list", parents=[common], help="list effect keys")
     lst.add_argument("--dag-id")
     lst.add_argument("--state", choices=("running", "committed", "failed", "reopened"))
@@ -315,56 +366,75 @@ def build_parser() -> argparse.ArgumentParser:
     show = ledger.add_parser("show", parents=[common], help="one key with its events")
     show.add_argument("key")
     show.set_defaults(func=cmd_ledger_show)
-    verify = ledger.add_parser("verify", parents=[common],
-                               help="check the events' hash chains and the rows they imply")
-    verify.add_argument("--checkpoint", metavar="FILE",
-                        help="also check that nothing the checkpoint recorded was removed")
+    verify = ledger.add_parser(
+        "verify", parents=[common], help="check the events' hash chains and the rows they imply"
+    )
+    verify.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="also check that nothing the checkpoint recorded was removed",
+    )
     verify.set_defaults(func=cmd_ledger_verify)
-    checkpoint = ledger.add_parser("checkpoint", parents=[common],
-                                   help="write every key's chain head to a file kept elsewhere")
+    checkpoint = ledger.add_parser(
+        "checkpoint", parents=[common], help="write every key's chain head to a file kept elsewhere"
+    )
     checkpoint.add_argument("--out", required=True, metavar="FILE", help="where to write it")
     checkpoint.set_defaults(func=cmd_ledger_checkpoint)
-    gc = ledger.add_parser("gc", parents=[common],
-                           help="remove old events of committed keys (stays verifiable)")
-    gc.add_argument("--older-than", required=True,
-                    help="remove events older than this (30d, 12h, … or a timestamp)")
+    gc = ledger.add_parser(
+        "gc", parents=[common], help="remove old events of committed keys (stays verifiable)"
+    )
+    gc.add_argument(
+        "--older-than",
+        required=True,
+        help="remove events older than this (30d, 12h, … or a timestamp)",
+    )
     gc.add_argument("--prefix", help="only keys starting with this text")
     gc.add_argument("--dry-run", action="store_true", help="say what would be removed")
     gc.set_defaults(func=cmd_ledger_gc)
 
-    reopen = ledger.add_parser("reopen", parents=[common],
-                               help="deliberately reprocess a committed key (audited)")
+    reopen = ledger.add_parser(
+        "reopen", parents=[common], help="deliberately reprocess a committed key (audited)"
+    )
     reopen.add_argument("key")
     reopen.add_argument("--reason", required=True, help="why (recorded in the event)")
     reopen.set_defaults(func=cmd_ledger_reopen)
-    export = ledger.add_parser("export", parents=[common],
-                               help="every event (the audit trail) as JSON lines or CSV")
+    export = ledger.add_parser(
+        "export", parents=[common], help="every event (the audit trail) as JSON lines or CSV"
+    )
     export.add_argument("--output", "-o", help="write to this file (default: stdout)")
     export.add_argument("--since", help="only events newer than 30d, 12h, … or a timestamp")
     export.add_argument("--prefix", help="only keys starting with this text")
     export.set_defaults(func=cmd_ledger_export)  # --format table means JSON lines here
-    stats = ledger.add_parser("stats", parents=[common],
-                              help="commits, skips (duplicates prevented), fences, failures")
+    stats = ledger.add_parser(
+        "stats", parents=[common], help="commits, skips (duplicates prevented), fences, failures"
+    )
     stats.add_argument("--since", help="only events newer than 30d, 12h, … or a timestamp")
     stats.add_argument("--by", choices=("dag", "day"), default="dag", help="group rows by")
     stats.set_defaults(func=cmd_ledger_stats)
 
-    recover = sub.add_parser("recover", parents=[common],
-                             help="finish in-doubt multi-database commits, expire claims left "
-                             "by crashed or stalled attempts")
-    recover.add_argument("--older-than", help="only expire claims taken before this (30m, "
-                         "2h, …); live claims that old are listed, never expired")
+    recover = sub.add_parser(
+        "recover",
+        parents=[common],
+        help="finish in-doubt multi-database commits, expire claims left "
+        "by crashed or stalled attempts",
+    )
+    recover.add_argument(
+        "--older-than",
+        help="only expire claims taken before this (30m, "
+        "2h, …); live claims that old are listed, never expired",
+    )
     from eos_airflow.cli import twophase
 
     twophase.add_arguments(recover)
     recover.set_defaults(func=cmd_recover)
 
-    sub.add_parser("doctor", parents=[common],
-                   help="check database settings, schema revision, privileges"
-                   ).set_defaults(func=cmd_doctor)
+    sub.add_parser(
+        "doctor", parents=[common], help="check database settings, schema revision, privileges"
+    ).set_defaults(func=cmd_doctor)
 
-    demo = sub.add_parser("demo", parents=[common],
-                          help="run the example DAG through Airflow with injected crashes")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run the example DAG through Airflow with injected crashes"
+    )
     demo.add_argument("--workdir", default=".eos-demo", help="where the demo keeps its files")
     demo.set_defaults(func=cmd_demo)
     stack.add_parser(sub, common)
@@ -393,10 +463,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         output.error(args, exc)
         return EXIT_USAGE
     except psycopg.errors.InsufficientPrivilege as exc:  # e.g. the auditor role tried to write
-        output.error(args, PermissionDenied(
-            f"permission denied: {exc.diag.message_primary}; this command needs more "
-            "privileges than the role it connected as (an auditor role only reads): run it "
-            "as the ledger's owner or a role granted by `eos-airflow db grant --writer`"))
+        output.error(
+            args,
+            PermissionDenied(
+                f"permission denied: {exc.diag.message_primary}; this command needs more "
+                "privileges than the role it connected as (an auditor role only reads): run it "
+                "as the ledger's owner or a role granted by `eos-airflow db grant --writer`"
+            ),
+        )
         return EXIT_DATABASE
 
 

@@ -19,30 +19,47 @@ from eos_airflow.errors import ConfigurationError
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    outbox = sub.add_parser("outbox", help="the transactional outbox: backlog and relay"
-                            ).add_subparsers(dest="outbox_command", required=True,
-                                             metavar="ACTION")
-    status = outbox.add_parser("status", parents=[common],
-                               help="undelivered messages per destination")
+    outbox = sub.add_parser(
+        "outbox", help="the transactional outbox: backlog and relay"
+    ).add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    status = outbox.add_parser(
+        "status", parents=[common], help="undelivered messages per destination"
+    )
     status.set_defaults(func=cmd_outbox_status)
-    relay = outbox.add_parser("relay", parents=[common],
-                              help="deliver the outbox to NATS JetStream / Kafka")
-    relay.add_argument("--nats-url", action="append", default=[],
-                       help="NATS server URL (repeat for a cluster)")
-    relay.add_argument("--kafka-config",
-                       help="librdkafka producer config as JSON, or @FILE holding it")
+    relay = outbox.add_parser(
+        "relay", parents=[common], help="deliver the outbox to NATS JetStream / Kafka"
+    )
+    relay.add_argument(
+        "--nats-url", action="append", default=[], help="NATS server URL (repeat for a cluster)"
+    )
+    relay.add_argument(
+        "--kafka-config", help="librdkafka producer config as JSON, or @FILE holding it"
+    )
     relay.add_argument("--kafka-conn-id", help="Airflow Kafka connection instead")
-    relay.add_argument("--destination", action="append", default=[],
-                       help="exact destination or SCHEME:* (repeat; default: every "
-                            "scheme with a broker)")
+    relay.add_argument(
+        "--destination",
+        action="append",
+        default=[],
+        help="exact destination or SCHEME:* (repeat; default: every scheme with a broker)",
+    )
     relay.add_argument("--batch-size", type=int, default=500, help="messages per batch")
-    relay.add_argument("--relay-id", default=None,
-                       help="relay identity: delivered_by and Kafka transactional.id "
-                            "eos-outbox-<id> (default: eos-airflow-relay@HOST)")
-    relay.add_argument("--poll-interval", type=float, default=1.0,
-                       help="seconds between looks at an empty outbox (default: 1)")
-    relay.add_argument("--once", action="store_true",
-                       help="drain what is pending and exit instead of running as a service")
+    relay.add_argument(
+        "--relay-id",
+        default=None,
+        help="relay identity: delivered_by and Kafka transactional.id "
+        "eos-outbox-<id> (default: eos-airflow-relay@HOST)",
+    )
+    relay.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        help="seconds between looks at an empty outbox (default: 1)",
+    )
+    relay.add_argument(
+        "--once",
+        action="store_true",
+        help="drain what is pending and exit instead of running as a service",
+    )
     relay.set_defaults(func=cmd_outbox_relay)
 
 
@@ -55,8 +72,9 @@ def cmd_outbox_status(args: argparse.Namespace) -> int:
     if args.format == "json":
         output.emit(args, {"pending": rows}, lambda d: "")
     else:
-        output.table(args, "undelivered outbox messages", ["destination", "pending", "oldest"],
-                     rows)
+        output.table(
+            args, "undelivered outbox messages", ["destination", "pending", "oldest"], rows
+        )
     return 0
 
 
@@ -74,8 +92,10 @@ def _sinks(args: argparse.Namespace, relay_id: str) -> dict[str, Any]:
         try:
             config = json.loads(text)
         except ValueError as exc:
-            raise ConfigurationError(f"--kafka-config is not JSON ({exc}); pass e.g. "
-                                     '\'{"bootstrap.servers": "broker:9092"}\'') from None
+            raise ConfigurationError(
+                f"--kafka-config is not JSON ({exc}); pass e.g. "
+                '\'{"bootstrap.servers": "broker:9092"}\''
+            ) from None
     elif args.kafka_conn_id:
         from eos_airflow.operators.kafka import kafka_config
 
@@ -85,8 +105,9 @@ def _sinks(args: argparse.Namespace, relay_id: str) -> dict[str, Any]:
     if args.nats_url:
         sinks["nats"] = NatsSink(args.nats_url)
     if not sinks:
-        raise ConfigurationError("no broker given: pass --nats-url and/or --kafka-config "
-                                 "(or --kafka-conn-id)")
+        raise ConfigurationError(
+            "no broker given: pass --nats-url and/or --kafka-config (or --kafka-conn-id)"
+        )
     return sinks
 
 
@@ -99,23 +120,39 @@ def cmd_outbox_relay(args: argparse.Namespace) -> int:
     try:
         if args.once:
             with _open(args) as conn:
-                stats = Relay(conn, sinks, schema=args.schema,
-                              destinations=args.destination or None, relay_id=relay_id,
-                              batch_size=args.batch_size).drain()
+                stats = Relay(
+                    conn,
+                    sinks,
+                    schema=args.schema,
+                    destinations=args.destination or None,
+                    relay_id=relay_id,
+                    batch_size=args.batch_size,
+                ).drain()
         else:
             stop = threading.Event()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: stop.set())
-            stats = relay_forever(_connect_factory(args), sinks, schema=args.schema,
-                                  destinations=args.destination or None, relay_id=relay_id,
-                                  batch_size=args.batch_size,
-                                  poll_interval=args.poll_interval, stop=stop)
+            stats = relay_forever(
+                _connect_factory(args),
+                sinks,
+                schema=args.schema,
+                destinations=args.destination or None,
+                relay_id=relay_id,
+                batch_size=args.batch_size,
+                poll_interval=args.poll_interval,
+                stop=stop,
+            )
     finally:
         for sink in sinks.values():
             sink.close()
-    output.emit(args, {"relay_id": relay_id, **stats.as_dict()},
-                lambda d: f"relay {d['relay_id']}: delivered {d['delivered']} message(s) "
-                          f"in {d['batches']} batch(es); {d['duplicates']} duplicate(s) "
-                          f"dropped by the broker; by destination: "
-                          f"{json.dumps(d['by_destination'])}")
+    output.emit(
+        args,
+        {"relay_id": relay_id, **stats.as_dict()},
+        lambda d: (
+            f"relay {d['relay_id']}: delivered {d['delivered']} message(s) "
+            f"in {d['batches']} batch(es); {d['duplicates']} duplicate(s) "
+            f"dropped by the broker; by destination: "
+            f"{json.dumps(d['by_destination'])}"
+        ),
+    )
     return 0

@@ -19,20 +19,27 @@ from eos_airflow.stack import EXECUTORS, AirflowStack
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    stack = sub.add_parser("stack", help="run Airflow's services locally (api-server, "
-                           "scheduler, dag-processor, triggerer, Celery workers)"
-                           ).add_subparsers(dest="stack_command", required=True, metavar="ACTION")
+    stack = sub.add_parser(
+        "stack",
+        help="run Airflow's services locally (api-server, "
+        "scheduler, dag-processor, triggerer, Celery workers)",
+    ).add_subparsers(dest="stack_command", required=True, metavar="ACTION")
     up = stack.add_parser("up", parents=[common], help="start the services until Ctrl-C")
-    up.add_argument("--metadata-url", default=os.environ.get(
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"),
+    up.add_argument(
+        "--metadata-url",
+        default=os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"),
         help="Airflow metadata database (postgresql+psycopg://...; default: "
-             "$AIRFLOW__DATABASE__SQL_ALCHEMY_CONN)")
+        "$AIRFLOW__DATABASE__SQL_ALCHEMY_CONN)",
+    )
     up.add_argument("--dags-folder", default="dags", help="DAGs folder (default: ./dags)")
     up.add_argument("--home", default=".eos-stack", help="AIRFLOW_HOME (default: .eos-stack)")
     up.add_argument("--executor", choices=sorted(EXECUTORS), default="local")
     up.add_argument("--workers", type=int, default=2, help="Celery workers (default: 2)")
-    up.add_argument("--broker-url", default="redis://127.0.0.1:6379/0",
-                    help="Celery broker (default: redis://127.0.0.1:6379/0)")
+    up.add_argument(
+        "--broker-url",
+        default="redis://127.0.0.1:6379/0",
+        help="Celery broker (default: redis://127.0.0.1:6379/0)",
+    )
     up.add_argument("--port", type=int, default=8080, help="api-server port (default: 8080)")
     up.set_defaults(func=cmd_stack_up)
 
@@ -50,11 +57,21 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     dsn = args.dsn or os.environ.get("EOS_LEDGER_DSN")
     if dsn:
         env["AIRFLOW_CONN_EOS_WAREHOUSE"] = airflow_conn_json(dsn)
-    stack = AirflowStack(args.home, args.metadata_url, folder, executor=args.executor,
-                         workers=args.workers, broker_url=args.broker_url, port=args.port,
-                         env=env)
-    print(f"starting {', '.join(stack.components())} ({EXECUTORS[args.executor]}); "
-          f"logs in {stack.log_dir}", flush=True)
+    stack = AirflowStack(
+        args.home,
+        args.metadata_url,
+        folder,
+        executor=args.executor,
+        workers=args.workers,
+        broker_url=args.broker_url,
+        port=args.port,
+        env=env,
+    )
+    print(
+        f"starting {', '.join(stack.components())} ({EXECUTORS[args.executor]}); "
+        f"logs in {stack.log_dir}",
+        flush=True,
+    )
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -64,8 +81,10 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with stack.start():
-        print(f"Airflow is up: http://127.0.0.1:{stack.port}  (Ctrl-C stops every service)",
-              flush=True)
+        print(
+            f"Airflow is up: http://127.0.0.1:{stack.port}  (Ctrl-C stops every service)",
+            flush=True,
+        )
         while not stop:
             dead = [name for name, alive in stack.running().items() if not alive]
             if dead:

@@ -28,15 +28,26 @@ COLUMNS = ("txid", "key", "protocol", "outcome", "participants", "detail")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grace", default=f"{DEFAULT_GRACE:g}s",
-                        help="leave undecided prepared transactions younger than this alone "
-                        "(their attempt may be about to decide; default 60s)")
-    parser.add_argument("--participant", action="append", default=[], metavar="NAME=DSN",
-                        help="a participant database by name (repeat); without Airflow, or "
-                        "to scan it for prepared transactions the decision log lacks")
-    parser.add_argument("--terminate", action="store_true",
-                        help="coordinator down: finish 3PC transactions from the participants' "
-                        "votes (needs every --participant); 2PC ones wait for the coordinator")
+    parser.add_argument(
+        "--grace",
+        default=f"{DEFAULT_GRACE:g}s",
+        help="leave undecided prepared transactions younger than this alone "
+        "(their attempt may be about to decide; default 60s)",
+    )
+    parser.add_argument(
+        "--participant",
+        action="append",
+        default=[],
+        metavar="NAME=DSN",
+        help="a participant database by name (repeat); without Airflow, or "
+        "to scan it for prepared transactions the decision log lacks",
+    )
+    parser.add_argument(
+        "--terminate",
+        action="store_true",
+        help="coordinator down: finish 3PC transactions from the participants' "
+        "votes (needs every --participant); 2PC ones wait for the coordinator",
+    )
 
 
 def grace_seconds(value: str) -> float:
@@ -53,7 +64,8 @@ def participants(values: list[str]) -> dict[str, Callable[[], psycopg.Connection
         if not sep or not name.strip() or not dsn.strip():
             raise ConfigurationError(  # the value is not shown: it may hold a password
                 "a --participant value is not NAME=DSN, e.g. --participant "
-                "a=postgresql://host/bank_a (NAME as in the task's targets=)")
+                "a=postgresql://host/bank_a (NAME as in the task's targets=)"
+            )
         check_dsn(dsn.strip())
         found[name.strip()] = _connector(dsn.strip())
     return found
@@ -62,12 +74,13 @@ def participants(values: list[str]) -> dict[str, Callable[[], psycopg.Connection
 def _connector(dsn: str) -> Callable[[], psycopg.Connection[Any]]:
     def connect() -> psycopg.Connection[Any]:
         try:
-            return connection.connect(dsn, application_name="eos-airflow recover",
-                                      where="a participant")
+            return connection.connect(
+                dsn, application_name="eos-airflow recover", where="a participant"
+            )
         except DatabaseUnavailableError as exc:
             raise DatabaseUnavailableError(
-                f"{exc}; or leave the participant out while it is down (its transactions "
-                "wait)") from exc.__cause__
+                f"{exc}; or leave the participant out while it is down (its transactions wait)"
+            ) from exc.__cause__
 
     return connect
 
@@ -89,11 +102,13 @@ def run(args: argparse.Namespace, conn: psycopg.Connection[Any] | None) -> list[
         if len(given) < 2:
             raise ConfigurationError(
                 "--terminate decides from the participants alone: pass every participant, "
-                "e.g. --participant a=DSN --participant b=DSN")
+                "e.g. --participant a=DSN --participant b=DSN"
+            )
         done: list[Resolution] = terminate(given, schema=args.schema, grace=grace)
     else:
-        done = recover(conn, schema=args.schema, participants=given, by_conn_id=_by_conn_id,
-                       grace=grace)
+        done = recover(
+            conn, schema=args.schema, participants=given, by_conn_id=_by_conn_id, grace=grace
+        )
     return [asdict(r) for r in done]
 
 

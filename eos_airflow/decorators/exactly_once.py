@@ -66,12 +66,20 @@ class _ExactlyOnceDecoratedOperator(ExactlyOnceMixin, _PythonDecoratedOperator):
             # Airflow binds the signature when the DAG is parsed; the real effect exists
             # only at run time, so a placeholder stands in until execute_callable.
             op_kwargs.setdefault(EFFECT_PARAMETER, None)
-        super().__init__(python_callable=python_callable, op_args=op_args or (),
-                         op_kwargs=op_kwargs, **kwargs)
-        self._init_effect(conn_id=conn_id, key=key, on_committed=on_committed,
-                          ledger_schema=ledger_schema, wait_timeout=wait_timeout,
-                          max_result_bytes=max_result_bytes, targets=targets,
-                          ledger_conn_id=ledger_conn_id, protocol=protocol)
+        super().__init__(
+            python_callable=python_callable, op_args=op_args or (), op_kwargs=op_kwargs, **kwargs
+        )
+        self._init_effect(
+            conn_id=conn_id,
+            key=key,
+            on_committed=on_committed,
+            ledger_schema=ledger_schema,
+            wait_timeout=wait_timeout,
+            max_result_bytes=max_result_bytes,
+            targets=targets,
+            ledger_conn_id=ledger_conn_id,
+            protocol=protocol,
+        )
         self._effect: Effect | None = None
 
     def execute(self, context: Any) -> Any:

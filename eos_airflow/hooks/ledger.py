@@ -12,8 +12,11 @@ from eos_airflow.errors import ConfigurationError
 from eos_airflow.ledger import connection
 
 
-def connect_factory(conn_id: str, *, liveness_timeout: float | None = None,
-                    ) -> Callable[[], psycopg.Connection[Any]]:
+def connect_factory(
+    conn_id: str,
+    *,
+    liveness_timeout: float | None = None,
+) -> Callable[[], psycopg.Connection[Any]]:
     """A function opening autocommit psycopg 3 connections for Airflow connection ``conn_id``.
 
     The connection (host, login, password, extras such as sslmode) is read through
@@ -60,20 +63,30 @@ def conninfo(connection: Any) -> str:
     are kept. Used by the trigger, which must not call the blocking hook."""
     known = {option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults()}
     params: dict[str, Any] = {
-        key: value for key, value in (connection.extra_dejson or {}).items() if key in known}
-    params.update(host=connection.host or None, port=connection.port or None,
-                  user=connection.login or None, password=connection.password or None,
-                  dbname=connection.schema or None)
+        key: value for key, value in (connection.extra_dejson or {}).items() if key in known
+    }
+    params.update(
+        host=connection.host or None,
+        port=connection.port or None,
+        user=connection.login or None,
+        password=connection.password or None,
+        dbname=connection.schema or None,
+    )
     return psycopg.conninfo.make_conninfo(
-        **{key: value for key, value in params.items() if value is not None})
+        **{key: value for key, value in params.items() if value is not None}
+    )
 
 
 def airflow_conn_json(dsn: str) -> str:
     """The ``AIRFLOW_CONN_<ID>`` value (JSON form, which also carries Unix-socket hosts) of a
     ``postgres`` connection to the database named by a libpq ``dsn``."""
     params = psycopg.conninfo.conninfo_to_dict(dsn)
-    conn: dict[str, Any] = {"conn_type": "postgres", "host": params.get("host", "127.0.0.1"),
-                            "login": params.get("user", "postgres"), "schema": params["dbname"]}
+    conn: dict[str, Any] = {
+        "conn_type": "postgres",
+        "host": params.get("host", "127.0.0.1"),
+        "login": params.get("user", "postgres"),
+        "schema": params["dbname"],
+    }
     if params.get("port"):
         conn["port"] = int(params["port"])
     if params.get("password"):

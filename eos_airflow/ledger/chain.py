@@ -45,8 +45,8 @@ def canonical(key: str, seq: int, event: str, attempt: int, at: datetime, detail
 
 def event_hash(prev_hash: bytes, row: dict[str, Any]) -> bytes:
     return hashlib.sha256(
-        prev_hash + canonical(row["key"], row["seq"], row["event"], row["attempt"], row["at"],
-                              row["detail"])
+        prev_hash
+        + canonical(row["key"], row["seq"], row["event"], row["attempt"], row["at"], row["detail"])
     ).digest()
 
 
@@ -84,8 +84,21 @@ class Verification:
 
 #: Event kinds whose effect on the ledger row verify knows; keys with other kinds (added by
 #: later protocol features) get the hash checks but not the row-consistency checks.
-_KNOWN_KINDS = frozenset({"claimed", "committed", "replaced", "skipped", "fenced", "failed",
-                          "reopened", "pruned", "checkpoint", "resumed", "offsets"})
+_KNOWN_KINDS = frozenset(
+    {
+        "claimed",
+        "committed",
+        "replaced",
+        "skipped",
+        "fenced",
+        "failed",
+        "reopened",
+        "pruned",
+        "checkpoint",
+        "resumed",
+        "offsets",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -128,8 +141,9 @@ class _Walk:
     def begin(cls, key: str, start: Start | None) -> _Walk:
         if start is None:
             return cls(key)
-        return cls(key, start.through_seq + 1, start.through_hash, versions=start.versions,
-                   committed=True)
+        return cls(
+            key, start.through_seq + 1, start.through_hash, versions=start.versions, committed=True
+        )
 
     def follow(self, event: str, attempt: int, detail: str) -> None:
         if event in ("committed", "replaced"):
@@ -152,19 +166,37 @@ def _entry_problems(walk: _Walk, entry: Entry) -> Iterator[Problem]:
         return
     key = walk.key
     if entry.version != walk.versions:
-        yield Problem(key, None, None,
-                      f"ledger row says version {entry.version}, the events record "
-                      f"{walk.versions} commit(s) (row edited, or commit events removed)")
+        yield Problem(
+            key,
+            None,
+            None,
+            f"ledger row says version {entry.version}, the events record "
+            f"{walk.versions} commit(s) (row edited, or commit events removed)",
+        )
     expected = "committed" if walk.committed else "reopened" if walk.reopened else None
     if expected is not None and entry.state != expected:
-        yield Problem(key, None, None, f"ledger row says state {entry.state!r}, the events "
-                      f"say {expected!r} (row edited)")
+        yield Problem(
+            key,
+            None,
+            None,
+            f"ledger row says state {entry.state!r}, the events say {expected!r} (row edited)",
+        )
     elif expected is None and entry.state in ("committed", "reopened"):
-        yield Problem(key, None, None, f"ledger row says state {entry.state!r}, but no commit "
-                      "event stands behind it (row edited, or events removed)")
+        yield Problem(
+            key,
+            None,
+            None,
+            f"ledger row says state {entry.state!r}, but no commit "
+            "event stands behind it (row edited, or events removed)",
+        )
     if walk.last_claim is not None and entry.attempt != walk.last_claim:
-        yield Problem(key, None, None, f"ledger row says attempt {entry.attempt}, the last "
-                      f"claim was attempt {walk.last_claim} (row edited)")
+        yield Problem(
+            key,
+            None,
+            None,
+            f"ledger row says attempt {entry.attempt}, the last "
+            f"claim was attempt {walk.last_claim} (row edited)",
+        )
     if entry.state == "committed" and not entry.has_result:
         yield Problem(key, None, None, "ledger row is committed but has no result (row edited)")
 
@@ -174,23 +206,37 @@ def _start_problems(walk: _Walk, start: Start | None) -> Iterator[Problem]:
     if start is None:
         return
     if walk.last_pruned is None:
-        yield Problem(walk.key, start.through_seq, None,
-                      "pruned_chains says events up to this one were removed by gc, but no "
-                      "`pruned` event records it (table edited, or events removed)")
+        yield Problem(
+            walk.key,
+            start.through_seq,
+            None,
+            "pruned_chains says events up to this one were removed by gc, but no "
+            "`pruned` event records it (table edited, or events removed)",
+        )
         return
     recorded = json.loads(walk.last_pruned)
     if (recorded.get("through_seq"), recorded.get("through_hash")) != (
-            start.through_seq, start.through_hash.hex()):
-        yield Problem(walk.key, start.through_seq, None,
-                      f"pruned_chains says gc removed events up to {start.through_seq}, the "
-                      f"newest `pruned` event says {recorded.get('through_seq')} "
-                      "(table edited, or events removed)")
+        start.through_seq,
+        start.through_hash.hex(),
+    ):
+        yield Problem(
+            walk.key,
+            start.through_seq,
+            None,
+            f"pruned_chains says gc removed events up to {start.through_seq}, the "
+            f"newest `pruned` event says {recorded.get('through_seq')} "
+            "(table edited, or events removed)",
+        )
 
 
-def check_events(rows: Iterable[dict[str, Any]], heads: dict[str, tuple[int, bytes]] | None = None,
-                 *, entries: dict[str, Entry] | None = None,
-                 starts: dict[str, Start] | None = None,
-                 max_problems: int = 100) -> Verification:
+def check_events(
+    rows: Iterable[dict[str, Any]],
+    heads: dict[str, tuple[int, bytes]] | None = None,
+    *,
+    entries: dict[str, Entry] | None = None,
+    starts: dict[str, Start] | None = None,
+    max_problems: int = 100,
+) -> Verification:
     """Check events ordered by (key, seq) against each other and against the ledger rows.
 
     ``heads`` (key -> (event_seq, last_hash)) checks the chains' heads only; ``entries``
@@ -208,15 +254,21 @@ def check_events(rows: Iterable[dict[str, Any]], heads: dict[str, tuple[int, byt
         entry = rows_by_key.pop(done.key, None)
         last_seq = done.expected_seq - 1
         if entry is None:
-            problems.append(Problem(done.key, None, None,
-                                    "events exist but the ledger row is missing"))
+            problems.append(
+                Problem(done.key, None, None, "events exist but the ledger row is missing")
+            )
             return
         if (entry.event_seq, entry.last_hash) != (last_seq, done.prev):
-            problems.append(Problem(
-                done.key, entry.event_seq, None,
-                f"ledger row says the chain ends at event {entry.event_seq} with hash "
-                f"{entry.last_hash.hex()[:16]}…, the events end at {last_seq} with "
-                f"{done.prev.hex()[:16]}… (events deleted or appended outside the ledger)"))
+            problems.append(
+                Problem(
+                    done.key,
+                    entry.event_seq,
+                    None,
+                    f"ledger row says the chain ends at event {entry.event_seq} with hash "
+                    f"{entry.last_hash.hex()[:16]}…, the events end at {last_seq} with "
+                    f"{done.prev.hex()[:16]}… (events deleted or appended outside the ledger)",
+                )
+            )
         problems.extend(_start_problems(done, starts.get(done.key)))
         problems.extend(_entry_problems(done, entry))
 
@@ -230,24 +282,44 @@ def check_events(rows: Iterable[dict[str, Any]], heads: dict[str, tuple[int, byt
         result.events += 1
         if row["seq"] != walk.expected_seq:
             if row["seq"] > walk.expected_seq:
-                missing = (f"events {walk.expected_seq}..{row['seq'] - 1} are missing"
-                           if row["seq"] - walk.expected_seq > 1
-                           else f"event {walk.expected_seq} is missing")
+                missing = (
+                    f"events {walk.expected_seq}..{row['seq'] - 1} are missing"
+                    if row["seq"] - walk.expected_seq > 1
+                    else f"event {walk.expected_seq} is missing"
+                )
             else:
                 missing = "an event is repeated or reordered"
-            problems.append(Problem(key, row["seq"], row["id"],
-                                    f"expected event number {walk.expected_seq} of this key "
-                                    f"({missing}; an event is missing or reordered)"))
+            problems.append(
+                Problem(
+                    key,
+                    row["seq"],
+                    row["id"],
+                    f"expected event number {walk.expected_seq} of this key "
+                    f"({missing}; an event is missing or reordered)",
+                )
+            )
         elif bytes(row["prev_hash"]) != walk.prev:
-            problems.append(Problem(key, row["seq"], row["id"],
-                                    "prev_hash does not match the previous event's hash"))
+            problems.append(
+                Problem(
+                    key, row["seq"], row["id"], "prev_hash does not match the previous event's hash"
+                )
+            )
         elif event_hash(walk.prev, row) != bytes(row["hash"]):
-            problems.append(Problem(key, row["seq"], row["id"],
-                                    "hash does not match the event's content (edited)"))
+            problems.append(
+                Problem(
+                    key, row["seq"], row["id"], "hash does not match the event's content (edited)"
+                )
+            )
         elif row["id"] <= walk.last_id:
-            problems.append(Problem(key, row["seq"], row["id"],
-                                    f"event id {row['id']} is not after the previous event's "
-                                    f"id {walk.last_id} (id edited or events reordered)"))
+            problems.append(
+                Problem(
+                    key,
+                    row["seq"],
+                    row["id"],
+                    f"event id {row['id']} is not after the previous event's "
+                    f"id {walk.last_id} (id edited or events reordered)",
+                )
+            )
         walk.follow(row["event"], row["attempt"], row["detail"])
         walk.expected_seq, walk.prev = row["seq"] + 1, bytes(row["hash"])
         walk.last_id = row["id"]
@@ -255,13 +327,24 @@ def check_events(rows: Iterable[dict[str, Any]], heads: dict[str, tuple[int, byt
         close_key(walk)
     for orphan, entry in sorted(rows_by_key.items()):
         if entry.event_seq > 0 and orphan not in starts:
-            problems.append(Problem(orphan, entry.event_seq, None,
-                                    f"ledger row records {entry.event_seq} events but none "
-                                    "exist (deleted)"))
+            problems.append(
+                Problem(
+                    orphan,
+                    entry.event_seq,
+                    None,
+                    f"ledger row records {entry.event_seq} events but none exist (deleted)",
+                )
+            )
         elif orphan in starts:
-            problems.append(Problem(orphan, entry.event_seq, None,
-                                    f"ledger row records {entry.event_seq} events; gc removed "
-                                    f"{starts[orphan].through_seq}, the rest are gone (deleted)"))
+            problems.append(
+                Problem(
+                    orphan,
+                    entry.event_seq,
+                    None,
+                    f"ledger row records {entry.event_seq} events; gc removed "
+                    f"{starts[orphan].through_seq}, the rest are gone (deleted)",
+                )
+            )
     result.problems = problems[:max_problems]
     result.problem_count = len(problems)
     return result
@@ -276,15 +359,20 @@ def _stream(conn: psycopg.Connection[Any], schema: str) -> Iterator[dict[str, An
 
 def load_entries(conn: psycopg.Connection[Any], schema: str) -> dict[str, Entry]:
     with conn.cursor() as cur:
-        return {k: Entry(seq, bytes(h), state, attempt, version, has_result)
-                for k, seq, h, state, attempt, version, has_result
-                in cur.execute(query("chain_entries", schema), {})}
+        return {
+            k: Entry(seq, bytes(h), state, attempt, version, has_result)
+            for k, seq, h, state, attempt, version, has_result in cur.execute(
+                query("chain_entries", schema), {}
+            )
+        }
 
 
 def load_starts(conn: psycopg.Connection[Any], schema: str) -> dict[str, Start]:
     with conn.cursor() as cur:
-        return {k: Start(through, bytes(h), versions)
-                for k, through, h, versions in cur.execute(query("chain_starts", schema), {})}
+        return {
+            k: Start(through, bytes(h), versions)
+            for k, through, h, versions in cur.execute(query("chain_starts", schema), {})
+        }
 
 
 def verify(conn: psycopg.Connection[Any], schema: str = "eos") -> Verification:

@@ -47,18 +47,26 @@ def take(conn: psycopg.Connection[Any], schema: str) -> dict[str, Any]:
     with conn.transaction():
         if outermost:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        heads = {key: [seq, bytes(h).hex()] for key, seq, h
-                 in conn.execute(query("chain_heads", schema), {})}
+        heads = {
+            key: [seq, bytes(h).hex()]
+            for key, seq, h in conn.execute(query("chain_heads", schema), {})
+        }
         last = conn.execute(query("checkpoint_last_event", schema), {}).fetchone()
         events, pruned = conn.execute(query("checkpoint_counts", schema), {}).fetchone()
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "schema": schema,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "schema": schema,
         "database": conn.info.dbname,
         "taken_at": datetime.now(timezone.utc).isoformat(),
-        "last_event": None if last is None else {
-            "id": last[0], "key": last[1], "seq": last[2], "hash": bytes(last[3]).hex()},
-        "events": events, "pruned_events": pruned, "keys": len(heads),
-        "heads_digest": heads_digest(heads), "heads": heads,
+        "last_event": None
+        if last is None
+        else {"id": last[0], "key": last[1], "seq": last[2], "hash": bytes(last[3]).hex()},
+        "events": events,
+        "pruned_events": pruned,
+        "keys": len(heads),
+        "heads_digest": heads_digest(heads),
+        "heads": heads,
     }
 
 
@@ -71,18 +79,25 @@ def load(path: str) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text("utf-8"))
     except FileNotFoundError:
-        raise ConfigurationError(f"checkpoint file {path!r} does not exist; write one with "
-                                 "`eos-airflow ledger checkpoint --out FILE`") from None
+        raise ConfigurationError(
+            f"checkpoint file {path!r} does not exist; write one with "
+            "`eos-airflow ledger checkpoint --out FILE`"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigurationError(f"checkpoint file {path!r} is not a checkpoint written by "
-                                 f"`eos-airflow ledger checkpoint` ({exc})") from None
+        raise ConfigurationError(
+            f"checkpoint file {path!r} is not a checkpoint written by "
+            f"`eos-airflow ledger checkpoint` ({exc})"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ConfigurationError(f"checkpoint file {path!r} is not a checkpoint written by "
-                                 "`eos-airflow ledger checkpoint` (no format marker)")
+        raise ConfigurationError(
+            f"checkpoint file {path!r} is not a checkpoint written by "
+            "`eos-airflow ledger checkpoint` (no format marker)"
+        )
     if data.get("format_version") != FORMAT_VERSION:
         raise ConfigurationError(
             f"checkpoint file {path!r} has format version {data.get('format_version')!r}; "
-            f"this eos-airflow reads version {FORMAT_VERSION}: upgrade eos-airflow")
+            f"this eos-airflow reads version {FORMAT_VERSION}: upgrade eos-airflow"
+        )
     heads = data.get("heads")
     try:
         valid = isinstance(heads, dict) and heads_digest(heads) == data.get("heads_digest")
@@ -91,51 +106,87 @@ def load(path: str) -> dict[str, Any]:
     if not valid:
         raise ConfigurationError(
             f"checkpoint file {path!r} is damaged: its heads do not match its heads_digest "
-            "(edited after it was written); use an intact copy")
+            "(edited after it was written); use an intact copy"
+        )
     return data
 
 
-def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]
-          ) -> list[Problem]:
+def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]) -> list[Problem]:
     """Where the ledger lost history the checkpoint recorded."""
     if checkpoint.get("schema") != schema:
         raise ConfigurationError(
             f"the checkpoint was taken of ledger schema {checkpoint.get('schema')!r}, "
-            f"not {schema!r}; pass --schema {checkpoint.get('schema')}")
+            f"not {schema!r}; pass --schema {checkpoint.get('schema')}"
+        )
     problems: list[Problem] = []
     starts = load_starts(conn, schema)
     rows = {key: seq for key, seq, _ in conn.execute(query("chain_heads", schema), {})}
     for key, (seq, head) in sorted(checkpoint["heads"].items(), key=lambda kv: kv[0].encode()):
         if key not in rows:
-            problems.append(Problem(key, seq, None, f"the checkpoint records {seq} events of "
-                                    "this key; its ledger row and history are gone (removed)"))
+            problems.append(
+                Problem(
+                    key,
+                    seq,
+                    None,
+                    f"the checkpoint records {seq} events of "
+                    "this key; its ledger row and history are gone (removed)",
+                )
+            )
             continue
         found = _event_hash(conn, schema, key, seq)
         start = starts.get(key)
         if found is not None:
             if found.hex() != head:
-                problems.append(Problem(key, seq, None, f"event {seq} differs from the "
-                                        "checkpoint's (history rewritten since)"))
+                problems.append(
+                    Problem(
+                        key,
+                        seq,
+                        None,
+                        f"event {seq} differs from the checkpoint's (history rewritten since)",
+                    )
+                )
         elif start is not None and start.through_seq >= seq:
             if start.through_seq == seq and start.through_hash.hex() != head:
-                problems.append(Problem(key, seq, None, f"gc says it removed events up to "
-                                        f"{seq}, but not the ones the checkpoint recorded"))
+                problems.append(
+                    Problem(
+                        key,
+                        seq,
+                        None,
+                        f"gc says it removed events up to "
+                        f"{seq}, but not the ones the checkpoint recorded",
+                    )
+                )
         elif rows[key] < seq:
-            problems.append(Problem(key, seq, None,
-                                    f"the checkpoint records event {seq} ({head[:16]}…), the "
-                                    f"ledger now ends at {rows[key]} (the tail was removed)"))
+            problems.append(
+                Problem(
+                    key,
+                    seq,
+                    None,
+                    f"the checkpoint records event {seq} ({head[:16]}…), the "
+                    f"ledger now ends at {rows[key]} (the tail was removed)",
+                )
+            )
         else:
-            problems.append(Problem(key, seq, None, f"event {seq}, recorded by the "
-                                    "checkpoint, is missing (removed)"))
+            problems.append(
+                Problem(
+                    key, seq, None, f"event {seq}, recorded by the checkpoint, is missing (removed)"
+                )
+            )
     last = checkpoint.get("last_event")
     if last is not None:
         newest = conn.execute(query("checkpoint_last_event", schema), {}).fetchone()
         newest_id = newest[0] if newest else 0
         if newest_id < last["id"]:
-            problems.append(Problem(last["key"], last["seq"], last["id"],
-                                    f"the checkpoint's newest event has id {last['id']}; the "
-                                    f"ledger's newest is {newest_id} (the newest events were "
-                                    "removed)"))
+            problems.append(
+                Problem(
+                    last["key"],
+                    last["seq"],
+                    last["id"],
+                    f"the checkpoint's newest event has id {last['id']}; the "
+                    f"ledger's newest is {newest_id} (the newest events were "
+                    "removed)",
+                )
+            )
     return problems
 
 

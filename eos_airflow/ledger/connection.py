@@ -65,8 +65,7 @@ MIN_LIVENESS_TIMEOUT = 5.0
 KEEPALIVES_COUNT = 4
 #: libpq parameters that carry client-side keepalives; a connection string that sets one
 #: keeps its own values.
-_LIBPQ_KEEPALIVES = ("keepalives", "keepalives_idle", "keepalives_interval",
-                     "keepalives_count")
+_LIBPQ_KEEPALIVES = ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count")
 
 
 def liveness_timeout(value: float | None = None) -> float:
@@ -83,15 +82,23 @@ def liveness_timeout(value: float | None = None) -> float:
         except ValueError:
             raise ConfigurationError(
                 f"{LIVENESS_ENV}={raw!r} is not a number of seconds; set it to e.g. 60, "
-                "or 0 to leave the server's TCP timeouts alone") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-            or value < 0 or math.isinf(value):
+                "or 0 to leave the server's TCP timeouts alone"
+            ) from None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or value < 0
+        or math.isinf(value)
+    ):
         raise ConfigurationError(
-            f"{source} must be a number of seconds >= 0 (0 = off), got {value!r}")
+            f"{source} must be a number of seconds >= 0 (0 = off), got {value!r}"
+        )
     if 0 < value < MIN_LIVENESS_TIMEOUT:
         raise ConfigurationError(
             f"{source}={value:g} is too short: use at least {MIN_LIVENESS_TIMEOUT:g} seconds "
-            "(the server's keepalive timers count in whole seconds), or 0 for off")
+            "(the server's keepalive timers count in whole seconds), or 0 for off"
+        )
     return float(value)
 
 
@@ -148,27 +155,39 @@ class Liveness:
         given = psycopg.conninfo.conninfo_to_dict(conninfo) if conninfo else {}
         if any(name in given for name in _LIBPQ_KEEPALIVES):
             return {}
-        return {"keepalives": 1, "keepalives_idle": self.keepalives_idle,
-                "keepalives_interval": self.keepalives_interval,
-                "keepalives_count": KEEPALIVES_COUNT}
+        return {
+            "keepalives": 1,
+            "keepalives_idle": self.keepalives_idle,
+            "keepalives_interval": self.keepalives_interval,
+            "keepalives_count": KEEPALIVES_COUNT,
+        }
 
 
 #: The server settings liveness sets, in the order of the docs.
-SERVER_SETTINGS = ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
-                   "tcp_user_timeout", "client_connection_check_interval")
+SERVER_SETTINGS = (
+    "tcp_keepalives_idle",
+    "tcp_keepalives_interval",
+    "tcp_keepalives_count",
+    "tcp_user_timeout",
+    "client_connection_check_interval",
+)
 
 
 def check_session(conn: psycopg.Connection[Any], liveness: Liveness) -> tuple[bool, str]:
     """Does ``conn``'s session carry ``liveness``'s settings? (ok, what it found): read
     back from ``pg_settings`` (``eos-airflow doctor``)."""
-    found = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
-                              [list(SERVER_SETTINGS)]).fetchall())
+    found = dict(
+        conn.execute(
+            "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", [list(SERVER_SETTINGS)]
+        ).fetchall()
+    )
     shown = ", ".join(f"{name}={found.get(name, '-')}" for name in SERVER_SETTINGS)
     if not liveness.enabled:
         return False, (
             f"{LIVENESS_ENV}=0: the session keeps the server's TCP timeouts ({shown}; the "
             "kernel's defaults wait two hours before the first probe): a worker whose network "
-            "vanishes keeps its keys that long. Unset it (60 s) or set a number of seconds")
+            "vanishes keeps its keys that long. Unset it (60 s) or set a number of seconds"
+        )
     wanted = liveness.server_settings(conn.info.server_version)
     if (conn.info.host or "").startswith("/"):  # Unix socket: the tcp_* settings read 0
         wanted = {k: v for k, v in wanted.items() if not k.startswith("tcp_")}
@@ -178,9 +197,12 @@ def check_session(conn: psycopg.Connection[Any], liveness: Liveness) -> tuple[bo
             f"the session does not carry the liveness settings it set ({shown}; wanted "
             f"{', '.join(f'{n}={wanted[n]}' for n in differ)}): a pooler in transaction "
             "mode runs sessions on other server connections; a worker whose network "
-            "vanishes may keep its keys until the server's own TCP timeouts")
-    return True, (f"a worker that goes silent loses its session, and its keys, within "
-                  f"{liveness.bound:g} s ({shown})")
+            "vanishes may keep its keys until the server's own TCP timeouts"
+        )
+    return True, (
+        f"a worker that goes silent loses its session, and its keys, within "
+        f"{liveness.bound:g} s ({shown})"
+    )
 
 
 def liveness_bound(value: float | None = None) -> float:
@@ -195,9 +217,13 @@ def _set_config(settings: Mapping[str, str]) -> tuple[str, list[str]]:
     return f"SELECT {calls}", params
 
 
-def prepare(conn: psycopg.Connection[Any], liveness: Liveness, *,
-            where: str = "the ledger database",
-            settings: Mapping[str, str] | None = None) -> psycopg.Connection[Any]:
+def prepare(
+    conn: psycopg.Connection[Any],
+    liveness: Liveness,
+    *,
+    where: str = "the ledger database",
+    settings: Mapping[str, str] | None = None,
+) -> psycopg.Connection[Any]:
     """Make ``conn`` (just opened) an autocommit ledger connection with the liveness timers
     and ``settings`` applied to its session; closes it and raises a classified error (see
     :func:`connect_error`) if that fails."""
@@ -218,13 +244,17 @@ def prepare(conn: psycopg.Connection[Any], liveness: Liveness, *,
                 f"{where} refused the session settings {', '.join(wanted)} "
                 f"({' '.join(str(exc).split())}); allow them, or set {LIVENESS_ENV}=0 to "
                 "connect without server-side liveness (a vanished worker then keeps its "
-                "keys until the server's own TCP timeouts end its session)") from exc
+                "keys until the server's own TCP timeouts end its session)"
+            ) from exc
         raise
     return conn
 
 
-async def aprepare(conn: psycopg.AsyncConnection[Any], liveness: Liveness,
-                   settings: Mapping[str, str] | None = None) -> psycopg.AsyncConnection[Any]:
+async def aprepare(
+    conn: psycopg.AsyncConnection[Any],
+    liveness: Liveness,
+    settings: Mapping[str, str] | None = None,
+) -> psycopg.AsyncConnection[Any]:
     """:func:`prepare` for an async connection (the trigger's watcher)."""
     try:
         await conn.set_autocommit(True)
@@ -248,38 +278,53 @@ def _client_keepalives(conn: psycopg.Connection[Any], liveness: Liveness) -> Non
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (("TCP_KEEPIDLE", liveness.keepalives_idle),
-                              ("TCP_KEEPINTVL", liveness.keepalives_interval),
-                              ("TCP_KEEPCNT", KEEPALIVES_COUNT)):
+        for option, value in (
+            ("TCP_KEEPIDLE", liveness.keepalives_idle),
+            ("TCP_KEEPINTVL", liveness.keepalives_interval),
+            ("TCP_KEEPCNT", KEEPALIVES_COUNT),
+        ):
             if hasattr(socket, option):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     finally:
         sock.close()  # closes the duplicate only
 
 
-def connect(conninfo: str, *, application_name: str, liveness_timeout: float | None = None,
-            where: str = "the ledger database",
-            settings: Mapping[str, str] | None = None) -> psycopg.Connection[Any]:
+def connect(
+    conninfo: str,
+    *,
+    application_name: str,
+    liveness_timeout: float | None = None,
+    where: str = "the ledger database",
+    settings: Mapping[str, str] | None = None,
+) -> psycopg.Connection[Any]:
     """Open an autocommit ledger connection to ``conninfo`` with the liveness timers set;
     a failure raises what :func:`connect_error` says (``where`` names the database)."""
     liveness = Liveness.of(liveness_timeout)
     try:
         params = liveness.libpq_params(conninfo)
-        conn = psycopg.connect(conninfo, autocommit=True, application_name=application_name,
-                               **params)
+        conn = psycopg.connect(
+            conninfo, autocommit=True, application_name=application_name, **params
+        )
     except psycopg.Error as exc:
         raise connect_error(exc, where) from exc
     return prepare(conn, liveness, where=where, settings=settings)
 
 
-async def aconnect(conninfo: str, *, application_name: str,
-                   liveness_timeout: float | None = None,
-                   settings: Mapping[str, str] | None = None) -> psycopg.AsyncConnection[Any]:
+async def aconnect(
+    conninfo: str,
+    *,
+    application_name: str,
+    liveness_timeout: float | None = None,
+    settings: Mapping[str, str] | None = None,
+) -> psycopg.AsyncConnection[Any]:
     """:func:`connect` for asyncio; errors are psycopg's (the watcher reconnects itself)."""
     liveness = Liveness.of(liveness_timeout)
     conn = await psycopg.AsyncConnection.connect(
-        conninfo, autocommit=True, application_name=application_name,
-        **liveness.libpq_params(conninfo))
+        conninfo,
+        autocommit=True,
+        application_name=application_name,
+        **liveness.libpq_params(conninfo),
+    )
     return await aprepare(conn, liveness, settings)
 
 
@@ -287,62 +332,98 @@ async def aconnect(conninfo: str, *, application_name: str,
 
 #: (pattern in libpq's message, what to fix): failures that every further try would meet.
 _PERMANENT: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(pattern, re.IGNORECASE), fix) for pattern, fix in (
-        (r"password authentication failed|no password supplied|password is required"
-         r"|authentication failed for user",
-         "the server refused the credentials: fix the password (or the user name)"),
-        (r"role \S+ does not exist",
-         "the user does not exist on the server: fix the user name, or create the role"),
-        (r"database \S+ does not exist",
-         "the database does not exist on the server: fix its name, or create it (then run "
-         "`eos-airflow db migrate`)"),
-        (r"no pg_hba\.conf entry|pg_hba\.conf rejects",
-         "the server's pg_hba.conf admits no such connection: add an entry for this host, "
-         "user and database, or connect as another user or with another sslmode"),
-        (r"is not permitted to log in",
-         "the role may not log in: `ALTER ROLE ... LOGIN`, or connect as another user"),
-        (r"permission denied for database|does not have CONNECT privilege",
-         "the role may not connect to that database: `GRANT CONNECT ON DATABASE ... TO "
-         "role`, or connect as another user"),
-        (r"(Peer|Ident|GSSAPI|SSPI|LDAP|RADIUS|certificate) authentication failed",
-         "the server's authentication method refused this user: fix the user name or the "
-         "server's pg_hba.conf"),
-        (r"server does not support SSL|SSL was required|certificate verify failed"
-         r"|root certificate file|channel binding (is )?required",
-         "the connection's SSL settings do not fit the server: fix sslmode, sslrootcert or "
-         "channel_binding"),
-        (r"invalid (integer|port number|connection option|sslmode|channel_binding)"
-         r"|Servname not supported|missing \"=\" after|invalid percent-encoded token"
-         r"|invalid URI|unterminated quoted string",
-         "the connection parameters are malformed: fix them (a URI such as "
-         "postgresql://USER@HOST:5432/DBNAME)"),
-    ))
+    (re.compile(pattern, re.IGNORECASE), fix)
+    for pattern, fix in (
+        (
+            r"password authentication failed|no password supplied|password is required"
+            r"|authentication failed for user",
+            "the server refused the credentials: fix the password (or the user name)",
+        ),
+        (
+            r"role \S+ does not exist",
+            "the user does not exist on the server: fix the user name, or create the role",
+        ),
+        (
+            r"database \S+ does not exist",
+            "the database does not exist on the server: fix its name, or create it (then run "
+            "`eos-airflow db migrate`)",
+        ),
+        (
+            r"no pg_hba\.conf entry|pg_hba\.conf rejects",
+            "the server's pg_hba.conf admits no such connection: add an entry for this host, "
+            "user and database, or connect as another user or with another sslmode",
+        ),
+        (
+            r"is not permitted to log in",
+            "the role may not log in: `ALTER ROLE ... LOGIN`, or connect as another user",
+        ),
+        (
+            r"permission denied for database|does not have CONNECT privilege",
+            "the role may not connect to that database: `GRANT CONNECT ON DATABASE ... TO "
+            "role`, or connect as another user",
+        ),
+        (
+            r"(Peer|Ident|GSSAPI|SSPI|LDAP|RADIUS|certificate) authentication failed",
+            "the server's authentication method refused this user: fix the user name or the "
+            "server's pg_hba.conf",
+        ),
+        (
+            r"server does not support SSL|SSL was required|certificate verify failed"
+            r"|root certificate file|channel binding (is )?required",
+            "the connection's SSL settings do not fit the server: fix sslmode, sslrootcert or "
+            "channel_binding",
+        ),
+        (
+            r"invalid (integer|port number|connection option|sslmode|channel_binding)"
+            r"|Servname not supported|missing \"=\" after|invalid percent-encoded token"
+            r"|invalid URI|unterminated quoted string",
+            "the connection parameters are malformed: fix them (a URI such as "
+            "postgresql://USER@HOST:5432/DBNAME)",
+        ),
+    )
+)
 
 #: (pattern, why it is worth another try): recognised passing failures; anything not
 #: recognised as permanent is treated as passing too — a few wasted retries cost less than
 #: a task failed for good by a blip (a multi-database effect has nothing else to finish it).
 _PASSING: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(pattern, re.IGNORECASE), why) for pattern, why in (
-        (r"the database system is (starting up|shutting down|in recovery mode"
-         r"|not yet accepting connections|not accepting connections)|in recovery mode",
-         "the server is starting up, shutting down or recovering"),
-        (r"too many (clients|connections)|connection slots are reserved",
-         "the server has no free connection slot (max_connections, or the role's or "
-         "database's CONNECTION LIMIT); raise the limit if this keeps happening"),
-        (r"temporary failure in name resolution|try again",
-         "the host name could not be resolved right now (DNS)"),
-        (r"connection refused|no such file or directory",
-         "nothing accepts connections at that address: the server is down or restarting "
-         "(or the host or port is wrong)"),
-        (r"timeout expired|timed out|no route to host|network is unreachable"
-         r"|host is unreachable",
-         "the server did not answer in time (network, or an overloaded server)"),
-        (r"terminating connection|server closed the connection|could not receive data"
-         r"|connection reset|ssl syscall error|eof detected",
-         "the server closed the connection while it was being set up"),
-        (r"name or service not known|nodename nor servname|failed to resolve host",
-         "the host name did not resolve: check it if this keeps happening"),
-    ))
+    (re.compile(pattern, re.IGNORECASE), why)
+    for pattern, why in (
+        (
+            r"the database system is (starting up|shutting down|in recovery mode"
+            r"|not yet accepting connections|not accepting connections)|in recovery mode",
+            "the server is starting up, shutting down or recovering",
+        ),
+        (
+            r"too many (clients|connections)|connection slots are reserved",
+            "the server has no free connection slot (max_connections, or the role's or "
+            "database's CONNECTION LIMIT); raise the limit if this keeps happening",
+        ),
+        (
+            r"temporary failure in name resolution|try again",
+            "the host name could not be resolved right now (DNS)",
+        ),
+        (
+            r"connection refused|no such file or directory",
+            "nothing accepts connections at that address: the server is down or restarting "
+            "(or the host or port is wrong)",
+        ),
+        (
+            r"timeout expired|timed out|no route to host|network is unreachable"
+            r"|host is unreachable",
+            "the server did not answer in time (network, or an overloaded server)",
+        ),
+        (
+            r"terminating connection|server closed the connection|could not receive data"
+            r"|connection reset|ssl syscall error|eof detected",
+            "the server closed the connection while it was being set up",
+        ),
+        (
+            r"name or service not known|nodename nor servname|failed to resolve host",
+            "the host name did not resolve: check it if this keeps happening",
+        ),
+    )
+)
 
 
 def connect_error(exc: BaseException, where: str) -> EosError:
@@ -359,17 +440,22 @@ def connect_error(exc: BaseException, where: str) -> EosError:
         return ConfigurationError(
             f"cannot connect to {where}: its parameters are not a valid PostgreSQL "
             f"connection string ({_no_quotes(message)}); fix them, e.g. as a URI such as "
-            "postgresql://USER@HOST:5432/DBNAME")
+            "postgresql://USER@HOST:5432/DBNAME"
+        )
     for pattern, fix in _PERMANENT:
         if pattern.search(message):
             return ConfigurationError(
-                f"cannot connect to {where} ({message}); {fix}. Retrying does not help")
-    why = next((why for pattern, why in _PASSING if pattern.search(message)),
-               "the server could not be reached")
+                f"cannot connect to {where} ({message}); {fix}. Retrying does not help"
+            )
+    why = next(
+        (why for pattern, why in _PASSING if pattern.search(message)),
+        "the server could not be reached",
+    )
     return DatabaseUnavailableError(
         f"cannot connect to {where} ({message}); {why}. Another try may succeed (Airflow "
         "retries the task); if this keeps failing, check that the server runs and that the "
-        "host and port are right")
+        "host and port are right"
+    )
 
 
 #: A quoted part of libpq's parse error: it quotes the offending text, which may be (part
@@ -381,6 +467,17 @@ def _no_quotes(message: str) -> str:
     return _QUOTED.sub(lambda m: m[0] if len(m[1]) < 2 else '"…"', message)
 
 
-__all__ = ["DEFAULT_LIVENESS_TIMEOUT", "LIVENESS_ENV", "SERVER_SETTINGS", "Liveness",
-           "aconnect", "aprepare", "check_session", "connect", "connect_error",
-           "liveness_bound", "liveness_timeout", "prepare"]
+__all__ = [
+    "DEFAULT_LIVENESS_TIMEOUT",
+    "LIVENESS_ENV",
+    "SERVER_SETTINGS",
+    "Liveness",
+    "aconnect",
+    "aprepare",
+    "check_session",
+    "connect",
+    "connect_error",
+    "liveness_bound",
+    "liveness_timeout",
+    "prepare",
+]

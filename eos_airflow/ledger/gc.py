@@ -38,42 +38,60 @@ class GcReport:
     pruned: list[dict[str, Any]] = field(default_factory=list)  # the first 100 keys
 
     def as_dict(self) -> dict[str, Any]:
-        return {"cutoff": self.cutoff.isoformat(), "dry_run": self.dry_run, "keys": self.keys,
-                "events": self.events, "sample": self.pruned}
+        return {
+            "cutoff": self.cutoff.isoformat(),
+            "dry_run": self.dry_run,
+            "keys": self.keys,
+            "events": self.events,
+            "sample": self.pruned,
+        }
 
 
 def actor() -> str:
     return f"{getpass.getuser()}@{os.uname().nodename}"
 
 
-def candidates(conn: psycopg.Connection[Any], schema: str, cutoff: datetime,
-               prefix: str | None = None) -> list[str]:
-    return [k for (k,) in conn.execute(query("gc_candidates", schema),
-                                       {"cutoff": cutoff, "prefix": prefix})]
+def candidates(
+    conn: psycopg.Connection[Any], schema: str, cutoff: datetime, prefix: str | None = None
+) -> list[str]:
+    return [
+        k
+        for (k,) in conn.execute(
+            query("gc_candidates", schema), {"cutoff": cutoff, "prefix": prefix}
+        )
+    ]
 
 
-def gc(conn: psycopg.Connection[Any], schema: str, cutoff: datetime, *, dry_run: bool = False,
-       prefix: str | None = None, progress: Callable[[int, int], None] | None = None
-       ) -> GcReport:
+def gc(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    cutoff: datetime,
+    *,
+    dry_run: bool = False,
+    prefix: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> GcReport:
     """Prune every eligible key (``prefix`` is a LIKE pattern); ``progress(done, total)``
     is called after each batch."""
     report = GcReport(cutoff, dry_run)
     keys = candidates(conn, schema, cutoff, prefix)
     on_behalf_of = actor()
     for start in range(0, len(keys), BATCH_KEYS):
-        batch = keys[start:start + BATCH_KEYS]
+        batch = keys[start : start + BATCH_KEYS]
         if dry_run:
-            (n,) = conn.execute(query("gc_preview", schema),
-                                {"keys": batch, "cutoff": cutoff}).fetchone()
+            (n,) = conn.execute(
+                query("gc_preview", schema), {"keys": batch, "cutoff": cutoff}
+            ).fetchone()
             report.keys += len(batch)
             report.events += n
             report.pruned.extend({"key": k} for k in batch[: 100 - len(report.pruned)])
         else:
             try:
                 with conn.transaction():
-                    rows = conn.execute(query("gc_prune", schema),
-                                        {"keys": batch, "cutoff": cutoff,
-                                         "on_behalf_of": on_behalf_of}).fetchall()
+                    rows = conn.execute(
+                        query("gc_prune", schema),
+                        {"keys": batch, "cutoff": cutoff, "on_behalf_of": on_behalf_of},
+                    ).fetchall()
             except psycopg.errors.InsufficientPrivilege as exc:
                 raise ConfigurationError(
                     f"this database role may not run gc ({exc.diag.message_primary}); run "
@@ -81,8 +99,10 @@ def gc(conn: psycopg.Connection[Any], schema: str, cutoff: datetime, *, dry_run:
                 ) from exc
             report.keys += len(rows)
             report.events += sum(r[1] for r in rows)
-            report.pruned.extend({"key": k, "events": n, "through_seq": s}
-                                 for k, n, s in rows[: 100 - len(report.pruned)])
+            report.pruned.extend(
+                {"key": k, "events": n, "through_seq": s}
+                for k, n, s in rows[: 100 - len(report.pruned)]
+            )
         if progress:
             progress(min(start + BATCH_KEYS, len(keys)), len(keys))
     return report

@@ -62,8 +62,12 @@ def _engine(connect: Callable[[], psycopg.Connection[Any]]) -> sa.Engine:
     return sa.create_engine("postgresql+psycopg://", creator=creator, poolclass=sa.NullPool)
 
 
-def migrate(target: str | Callable[[], psycopg.Connection[Any]], schema: str = "eos", *,
-            revision: str = "head") -> list[str]:
+def migrate(
+    target: str | Callable[[], psycopg.Connection[Any]],
+    schema: str = "eos",
+    *,
+    revision: str = "head",
+) -> list[str]:
     """Apply every pending migration to ``target`` (a DSN or a connection factory) and
     return the revisions applied (empty when the schema is up to date). ``revision`` stops
     at an earlier revision (upgrade tests)."""

@@ -35,12 +35,14 @@ def check_schema(name: str) -> str:
     if len(name.encode()) > MAX_NAME_BYTES:  # PostgreSQL would cut it: another schema
         raise ConfigurationError(
             f"schema name {name!r} is {len(name.encode())} bytes; PostgreSQL names "
-            f"are at most {MAX_NAME_BYTES} bytes: choose a shorter schema name")
+            f"are at most {MAX_NAME_BYTES} bytes: choose a shorter schema name"
+        )
     if not _SCHEMA.fullmatch(name):
         raise ConfigurationError(
             f"schema name {name!r} is not allowed: a ledger schema must be a plain lowercase "
             "identifier (a-z or _ first, then a-z, 0-9 or _; at most 63 characters), e.g. "
-            "'eos' or 'eos_ledger'; choose such a name")
+            "'eos' or 'eos_ledger'; choose such a name"
+        )
     return name
 
 
@@ -74,10 +76,13 @@ def _placeholders(schema: str) -> dict[str, sql.Composable]:
     check_schema(schema)
     channel = notify_channel(schema)
     claim_statement, commit_statement = prepared_names(schema)
-    return {"schema": sql.Identifier(schema), "channel": sql.Identifier(channel),
-            "channel_literal": sql.Literal(channel),
-            "claim_statement": sql.Identifier(claim_statement),
-            "commit_statement": sql.Identifier(commit_statement)}
+    return {
+        "schema": sql.Identifier(schema),
+        "channel": sql.Identifier(channel),
+        "channel_literal": sql.Literal(channel),
+        "claim_statement": sql.Identifier(claim_statement),
+        "commit_statement": sql.Identifier(commit_statement),
+    }
 
 
 def render(text: str, schema: str) -> sql.Composed:
@@ -109,8 +114,10 @@ def query(name: str, schema: str) -> bytes:
     Always execute it with parameters (``{}`` if none): a ``%`` in the schema name is
     doubled so that psycopg does not read it as a placeholder.
     """
-    doubled = {placeholder: sql.SQL(part.as_string(None).replace("%", "%%"))
-               for placeholder, part in _placeholders(schema).items()}
+    doubled = {
+        placeholder: sql.SQL(part.as_string(None).replace("%", "%%"))
+        for placeholder, part in _placeholders(schema).items()
+    }
     return sql.SQL(_blocks()[name]).format(**doubled).as_bytes(None)
 
 

@@ -36,37 +36,50 @@ def _exists(conn: psycopg.Connection[Any], role: str) -> bool:
 
 
 def _tables(conn: psycopg.Connection[Any], schema: str) -> list[str]:
-    return [t for (t,) in conn.execute(
-        "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1", [schema])]
+    return [
+        t
+        for (t,) in conn.execute(
+            "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1",
+            [schema],
+        )
+    ]
 
 
 def writer_functions(conn: psycopg.Connection[Any], schema: str) -> list[str]:
     """The protocol's functions the writer may execute: every SECURITY DEFINER function of
     the schema but the owner's (as ``schema.name(argument types)``, quoted by PostgreSQL)."""
-    return [f for (f,) in conn.execute(
-        "SELECT p.oid::regprocedure::text FROM pg_proc AS p "
-        "JOIN pg_namespace AS n ON n.oid = p.pronamespace "
-        "WHERE n.nspname = %s AND p.prosecdef AND p.proname <> ALL(%s) ORDER BY 1",
-        [schema, list(OWNER_ONLY_FUNCTIONS)])]
+    return [
+        f
+        for (f,) in conn.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc AS p "
+            "JOIN pg_namespace AS n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = %s AND p.prosecdef AND p.proname <> ALL(%s) ORDER BY 1",
+            [schema, list(OWNER_ONLY_FUNCTIONS)],
+        )
+    ]
 
 
 def direct_writers(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
     """Roles other than the owner that may write a ledger table directly (and so forge its
     history), with what they may do: ``[{role, table, privileges}]``."""
-    return [{"role": r, "table": t, "privileges": p} for r, t, p in conn.execute(
-        "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END, "
-        "c.relname::text, string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type) "
-        "FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace, "
-        "aclexplode(c.relacl) AS a "
-        "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') "
-        "AND a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE') "
-        "AND a.grantee NOT IN (c.relowner, n.nspowner) "
-        "GROUP BY 1, 2 ORDER BY 1, 2", [schema])]
+    return [
+        {"role": r, "table": t, "privileges": p}
+        for r, t, p in conn.execute(
+            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END, "
+            "c.relname::text, string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type) "
+            "FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace, "
+            "aclexplode(c.relacl) AS a "
+            "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') "
+            "AND a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE') "
+            "AND a.grantee NOT IN (c.relowner, n.nspowner) "
+            "GROUP BY 1, 2 ORDER BY 1, 2",
+            [schema],
+        )
+    ]
 
 
-def grant(conn: psycopg.Connection[Any], schema: str, writer: str, auditor: str
-          ) -> dict[str, Any]:
+def grant(conn: psycopg.Connection[Any], schema: str, writer: str, auditor: str) -> dict[str, Any]:
     """Create (if missing) and grant the writer and auditor roles; one transaction."""
     if writer == auditor:
         raise ConfigurationError("--writer and --auditor must be different roles")
@@ -81,13 +94,19 @@ def grant(conn: psycopg.Connection[Any], schema: str, writer: str, auditor: str
         tables = _tables(conn, schema)
         for role in (w, a):
             for kind in ("TABLES", "SEQUENCES", "FUNCTIONS"):
-                conn.execute(sql.SQL("REVOKE ALL ON ALL " + kind + " IN SCHEMA {} FROM {}")
-                             .format(s, role))
+                conn.execute(
+                    sql.SQL("REVOKE ALL ON ALL " + kind + " IN SCHEMA {} FROM {}").format(s, role)
+                )
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, role))
             conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(s, role))
         functions = writer_functions(conn, schema)
         for function in functions:  # regprocedure text: qualified and quoted by PostgreSQL
-            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
-                sql.SQL(function), w))
-    return {"schema": schema, "writer": writer, "auditor": auditor, "created": created,
-            "tables": tables, "writer_functions": len(functions)}
+            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(function), w))
+    return {
+        "schema": schema,
+        "writer": writer,
+        "auditor": auditor,
+        "created": created,
+        "tables": tables,
+        "writer_functions": len(functions),
+    }

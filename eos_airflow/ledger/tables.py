@@ -91,11 +91,13 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
     sa.Table(
         "waiters",
         metadata,
-        sa.Column("key", _KEY, primary_key=True,
-                  comment="an effect key, or a key prefix when is_prefix"),
+        sa.Column(
+            "key", _KEY, primary_key=True, comment="an effect key, or a key prefix when is_prefix"
+        ),
         sa.Column("is_prefix", sa.Boolean, primary_key=True),
-        sa.Column("listener", sa.Text, primary_key=True,
-                  comment="the waiting process (host:pid:token)"),
+        sa.Column(
+            "listener", sa.Text, primary_key=True, comment="the waiting process (host:pid:token)"
+        ),
         sa.Column("expires_at", sa.TIMESTAMP(timezone=True), nullable=False),
         sa.Index("waiters_prefix_idx", "key", postgresql_where=sa.text("is_prefix")),
         sa.Index("waiters_listener_idx", "listener"),
@@ -104,12 +106,14 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         "recovery_points",
         metadata,
         sa.Column("key", _KEY, primary_key=True),
-        sa.Column("version", sa.Integer, primary_key=True,
-                  comment="the effect version being written"),
+        sa.Column(
+            "version", sa.Integer, primary_key=True, comment="the effect version being written"
+        ),
         sa.Column("seq", sa.Integer, primary_key=True),
         sa.Column("attempt", sa.Integer, nullable=False),
-        sa.Column("rows", sa.BigInteger, nullable=False,
-                  comment="source items consumed up to this point"),
+        sa.Column(
+            "rows", sa.BigInteger, nullable=False, comment="source items consumed up to this point"
+        ),
         sa.Column("position", pg.JSONB),
         sa.Column("state", pg.JSONB),
         sa.Column("at", sa.TIMESTAMP(timezone=True), nullable=False),
@@ -119,8 +123,7 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         metadata,
         sa.Column("source", _KEY, primary_key=True),
         sa.Column("position", pg.JSONB),
-        sa.Column("key", _KEY, nullable=False,
-                  comment="the effect that committed this position"),
+        sa.Column("key", _KEY, nullable=False, comment="the effect that committed this position"),
         sa.Column("attempt", sa.Integer, nullable=False),
         sa.Column("updated_at", sa.TIMESTAMP(timezone=True), nullable=False),
     )
@@ -128,13 +131,25 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         "pruned_chains",
         metadata,
         sa.Column("key", _KEY, primary_key=True),
-        sa.Column("through_seq", sa.BigInteger, nullable=False,
-                  comment="events 1..through_seq were removed"),
-        sa.Column("through_hash", sa.LargeBinary, nullable=False,
-                  comment="hash of event through_seq: the prev_hash of the first remaining event"),
+        sa.Column(
+            "through_seq",
+            sa.BigInteger,
+            nullable=False,
+            comment="events 1..through_seq were removed",
+        ),
+        sa.Column(
+            "through_hash",
+            sa.LargeBinary,
+            nullable=False,
+            comment="hash of event through_seq: the prev_hash of the first remaining event",
+        ),
         sa.Column("events", sa.BigInteger, nullable=False),
-        sa.Column("versions", sa.Integer, nullable=False,
-                  comment="committed and replaced events among the removed ones"),
+        sa.Column(
+            "versions",
+            sa.Integer,
+            nullable=False,
+            comment="committed and replaced events among the removed ones",
+        ),
         sa.Column("pruned_at", sa.TIMESTAMP(timezone=True), nullable=False),
     )
     sa.Table(
@@ -145,23 +160,33 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         sa.Column("attempt", sa.Integer, nullable=False),
         sa.Column("owner", pg.UUID),
         sa.Column("protocol", sa.Text, nullable=False),
-        sa.Column("participants", pg.JSONB, nullable=False,
-                  comment="name -> gid and conn_id: where each participant's prepared "
-                  "transaction lives"),
-        sa.Column("decision", sa.Text,
-                  comment="NULL while undecided (presumed abort), commit or abort"),
-        sa.Column("outcome", sa.Text,
-                  comment="set once every participant finished: committed or aborted"),
-        sa.Column("created_at", sa.TIMESTAMP(timezone=True), nullable=False,
-                  server_default=sa.text("clock_timestamp()")),
+        sa.Column(
+            "participants",
+            pg.JSONB,
+            nullable=False,
+            comment="name -> gid and conn_id: where each participant's prepared transaction lives",
+        ),
+        sa.Column(
+            "decision", sa.Text, comment="NULL while undecided (presumed abort), commit or abort"
+        ),
+        sa.Column(
+            "outcome", sa.Text, comment="set once every participant finished: committed or aborted"
+        ),
+        sa.Column(
+            "created_at",
+            sa.TIMESTAMP(timezone=True),
+            nullable=False,
+            server_default=sa.text("clock_timestamp()"),
+        ),
         sa.Column("decided_at", sa.TIMESTAMP(timezone=True)),
         sa.Column("resolved_at", sa.TIMESTAMP(timezone=True)),
         sa.CheckConstraint("protocol IN ('2pc', '3pc')", name="twophase_protocol_check"),
         sa.CheckConstraint("decision IN ('commit', 'abort')", name="twophase_decision_check"),
         sa.CheckConstraint("outcome IN ('committed', 'aborted')", name="twophase_outcome_check"),
         sa.Index("twophase_key_idx", "key"),
-        sa.Index("twophase_unresolved_idx", "created_at",
-                 postgresql_where=sa.text("outcome IS NULL")),
+        sa.Index(
+            "twophase_unresolved_idx", "created_at", postgresql_where=sa.text("outcome IS NULL")
+        ),
     )
     sa.Table(
         "precommits",
@@ -169,13 +194,20 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         sa.Column("txid", _KEY, primary_key=True),
         sa.Column("key", _KEY),
         sa.Column("attempt", sa.Integer, nullable=False),
-        sa.Column("state", sa.Text, nullable=False,
-                  comment="the first vote written for the txid: precommitted (will commit) "
-                  "or aborted"),
+        sa.Column(
+            "state",
+            sa.Text,
+            nullable=False,
+            comment="the first vote written for the txid: precommitted (will commit) or aborted",
+        ),
         sa.Column("participants", pg.JSONB, nullable=False),
         sa.Column("result", pg.JSONB),
-        sa.Column("at", sa.TIMESTAMP(timezone=True), nullable=False,
-                  server_default=sa.text("clock_timestamp()")),
+        sa.Column(
+            "at",
+            sa.TIMESTAMP(timezone=True),
+            nullable=False,
+            server_default=sa.text("clock_timestamp()"),
+        ),
         sa.CheckConstraint("state IN ('precommitted', 'aborted')", name="precommits_state_check"),
     )
     sa.Table(
@@ -186,13 +218,21 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("seq", sa.Integer, nullable=False),
         sa.Column("message_id", pg.UUID, nullable=False),
-        sa.Column("destination", sa.Text, nullable=False,
-                  comment="scheme:name, e.g. nats:alerts.high or kafka:alerts"),
+        sa.Column(
+            "destination",
+            sa.Text,
+            nullable=False,
+            comment="scheme:name, e.g. nats:alerts.high or kafka:alerts",
+        ),
         sa.Column("message_key", sa.Text),
         sa.Column("payload", pg.JSONB, nullable=False),
         sa.Column("headers", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
-        sa.Column("created_at", sa.TIMESTAMP(timezone=True), nullable=False,
-                  server_default=sa.text("clock_timestamp()")),
+        sa.Column(
+            "created_at",
+            sa.TIMESTAMP(timezone=True),
+            nullable=False,
+            server_default=sa.text("clock_timestamp()"),
+        ),
         sa.Column("delivered_at", sa.TIMESTAMP(timezone=True)),
         sa.Column("delivered_by", sa.Text, comment="relay identity that delivered the message"),
         sa.UniqueConstraint("message_id", name="outbox_message_id_key"),
@@ -204,10 +244,18 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         metadata,
         sa.Column("consumer", _KEY, primary_key=True),
         sa.Column("message_id", _KEY, primary_key=True),
-        sa.Column("source", sa.Text, nullable=False,
-                  comment="where the message was read, e.g. kafka:alerts/0@17"),
-        sa.Column("received_at", sa.TIMESTAMP(timezone=True), nullable=False,
-                  server_default=sa.text("clock_timestamp()")),
+        sa.Column(
+            "source",
+            sa.Text,
+            nullable=False,
+            comment="where the message was read, e.g. kafka:alerts/0@17",
+        ),
+        sa.Column(
+            "received_at",
+            sa.TIMESTAMP(timezone=True),
+            nullable=False,
+            server_default=sa.text("clock_timestamp()"),
+        ),
     )
     sa.Table(
         "schema_migrations",
@@ -216,7 +264,11 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         sa.Column("description", sa.Text, nullable=False),
         sa.Column("checksum", sa.Text, nullable=False, comment="sha256 of the migration file"),
         sa.Column("package_version", sa.Text, nullable=False),
-        sa.Column("applied_at", sa.TIMESTAMP(timezone=True), nullable=False,
-                  server_default=sa.text("now()")),
+        sa.Column(
+            "applied_at",
+            sa.TIMESTAMP(timezone=True),
+            nullable=False,
+            server_default=sa.text("now()"),
+        ),
     )
     return metadata

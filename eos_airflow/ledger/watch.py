@@ -105,8 +105,13 @@ class Verdict:
         return self.status != "waiting"
 
     def to_payload(self) -> dict[str, Any]:
-        return {"status": self.status, "results": self.results, "missing": self.missing,
-                "failed": self.failed, "message": self.message}
+        return {
+            "status": self.status,
+            "results": self.results,
+            "missing": self.missing,
+            "failed": self.failed,
+            "message": self.message,
+        }
 
 
 def evaluate(spec: WaitSpec, states: dict[str, tuple[str, Any]]) -> Verdict:
@@ -119,18 +124,27 @@ def evaluate(spec: WaitSpec, states: dict[str, tuple[str, Any]]) -> Verdict:
         if under < spec.min_count:
             missing.append(f"{spec.prefix}* ({under} of {spec.min_count} committed)")
     if failed and spec.fail_on_failed:
-        return Verdict("failed", results, missing, failed, (
-            f"effect {', '.join(map(repr, failed))} failed (its last attempt rolled back); "
-            "fix and re-run the producing task, or pass fail_on_failed=False to keep waiting "
-            "for a retry"))
+        return Verdict(
+            "failed",
+            results,
+            missing,
+            failed,
+            (
+                f"effect {', '.join(map(repr, failed))} failed (its last attempt rolled back); "
+                "fix and re-run the producing task, or pass fail_on_failed=False to keep waiting "
+                "for a retry"
+            ),
+        )
     if missing:
-        return Verdict("waiting", results, missing, failed,
-                       f"waiting for {', '.join(map(repr, missing))}")
+        return Verdict(
+            "waiting", results, missing, failed, f"waiting for {', '.join(map(repr, missing))}"
+        )
     return Verdict("committed", results, [], failed, f"{len(results)} effect(s) committed")
 
 
-def _fetch(conn: psycopg.Connection[Any], schema: str, spec: WaitSpec
-           ) -> dict[str, tuple[str, Any]]:
+def _fetch(
+    conn: psycopg.Connection[Any], schema: str, spec: WaitSpec
+) -> dict[str, tuple[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
     rows = list(cur.execute(query("watch_keys", schema), {"keys": list(spec.keys)}))
     if spec.prefix is not None:
@@ -150,7 +164,8 @@ def _schema_error(schema: str, dbname: str, exc: psycopg.Error) -> LedgerSchemaE
     return LedgerSchemaError(
         f'the ledger schema "{schema}" is missing or outdated in database "{dbname}" '
         f"({exc.diag.message_primary}); create or upgrade it with `eos-airflow db migrate` "
-        "(same --dsn or --conn-id)")
+        "(same --dsn or --conn-id)"
+    )
 
 
 class _Wait:
@@ -174,8 +189,9 @@ class Watcher:
     Get the shared one with :func:`shared_watcher`; ``await watcher.wait(spec)``.
     """
 
-    def __init__(self, conninfo: str, schema: str = "eos", *,
-                 poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+    def __init__(
+        self, conninfo: str, schema: str = "eos", *, poll_interval: float = DEFAULT_POLL_INTERVAL
+    ) -> None:
         self.conninfo = conninfo
         self.schema = schema
         self.poll_interval = poll_interval
@@ -195,11 +211,13 @@ class Watcher:
         self._on_exit: list[Any] = []
 
     def __repr__(self) -> str:
-        return (f"<Watcher schema={self.schema!r} waits={len(self._waits)} "
-                f"listener={self.listener!r}>")
+        return (
+            f"<Watcher schema={self.schema!r} waits={len(self._waits)} listener={self.listener!r}>"
+        )
 
-    async def wait(self, spec: WaitSpec, *, timeout: float | None = None,
-                   poll_interval: float | None = None) -> Verdict:
+    async def wait(
+        self, spec: WaitSpec, *, timeout: float | None = None, poll_interval: float | None = None
+    ) -> Verdict:
         """Wait until ``spec`` is decided or ``timeout`` seconds pass (status ``timeout``)."""
         if poll_interval is not None:
             self.poll_interval = min(self.poll_interval, poll_interval)
@@ -213,8 +231,13 @@ class Watcher:
             await asyncio.wait_for(wait.done.wait(), timeout)
         except asyncio.TimeoutError:
             verdict = evaluate(spec, wait.states)
-            return Verdict("timeout", verdict.results, verdict.missing, verdict.failed,
-                           f"timed out {verdict.message}")
+            return Verdict(
+                "timeout",
+                verdict.results,
+                verdict.missing,
+                verdict.failed,
+                f"timed out {verdict.message}",
+            )
         finally:
             self._waits.discard(wait)
             self._wake.set()
@@ -231,9 +254,13 @@ class Watcher:
                     await self._session()
                     return
                 except psycopg.OperationalError as exc:
-                    log.warning("ledger watcher %s lost its connection (%s); reconnecting in "
-                                "%.1f s and re-checking every wait", self.listener,
-                                str(exc).strip(), delay)
+                    log.warning(
+                        "ledger watcher %s lost its connection (%s); reconnecting in "
+                        "%.1f s and re-checking every wait",
+                        self.listener,
+                        str(exc).strip(),
+                        delay,
+                    )
                 except _SCHEMA_ERRORS as exc:
                     error = _schema_error(self.schema, "?", exc)
                     for wait in list(self._waits):
@@ -258,8 +285,10 @@ class Watcher:
         # lock_timeout by set_config after connecting, as the liveness settings: a startup
         # `options` parameter is refused by PgBouncer.
         conn = await connection.aconnect(
-            self.conninfo, application_name=APPLICATION_NAME,
-            settings={"lock_timeout": f"{LOCK_TIMEOUT_MS}ms"})
+            self.conninfo,
+            application_name=APPLICATION_NAME,
+            settings={"lock_timeout": f"{LOCK_TIMEOUT_MS}ms"},
+        )
         self.connections_opened += 1
         self.connection = conn
         self.listener = listener = f"{self._token}:{next(self._sessions)}"
@@ -291,8 +320,7 @@ class Watcher:
         finally:
             with contextlib.suppress(psycopg.Error):
                 if not conn.closed:
-                    await conn.execute(query("drop_listener", self.schema),
-                                       {"listener": listener})
+                    await conn.execute(query("drop_listener", self.schema), {"listener": listener})
             self.connection = None
             await conn.close()
 
@@ -307,18 +335,24 @@ class Watcher:
 
     def _rows(self, rows: Iterable[tuple[str, bool]]) -> dict[str, Any]:
         keys, is_prefix = zip(*rows, strict=True)
-        return {"keys": list(keys), "is_prefix": list(is_prefix), "listener": self.listener,
-                "ttl": self._ttl()}
+        return {
+            "keys": list(keys),
+            "is_prefix": list(is_prefix),
+            "listener": self.listener,
+            "ttl": self._ttl(),
+        }
 
     def _ttl(self) -> float:
         return max(WAITER_TTL, 4 * self.poll_interval)
 
     async def _refresh(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute(query("refresh_waiters", self.schema),
-                           {"listener": self.listener, "ttl": self._ttl()})
+        await conn.execute(
+            query("refresh_waiters", self.schema), {"listener": self.listener, "ttl": self._ttl()}
+        )
 
-    async def _check(self, conn: psycopg.AsyncConnection[Any], waits: Sequence[_Wait], *,
-                     locked: bool) -> None:
+    async def _check(
+        self, conn: psycopg.AsyncConnection[Any], waits: Sequence[_Wait], *, locked: bool
+    ) -> None:
         """Re-read every key and prefix of ``waits`` (one query, plus one per prefix)."""
         suffix = "_locked" if locked else ""
         keys = sorted({k for w in waits for k in w.spec.keys})
@@ -374,8 +408,9 @@ _shared: dict[tuple[asyncio.AbstractEventLoop, str, str], Watcher] = {}
 _ids = itertools.count()
 
 
-def shared_watcher(conninfo: str, schema: str = "eos", *,
-                   poll_interval: float = DEFAULT_POLL_INTERVAL) -> Watcher:
+def shared_watcher(
+    conninfo: str, schema: str = "eos", *, poll_interval: float = DEFAULT_POLL_INTERVAL
+) -> Watcher:
     """The watcher of this event loop for ``conninfo`` and ``schema`` (created on first use,
     forgotten when its last wait ends)."""
     loop = asyncio.get_running_loop()
@@ -388,5 +423,12 @@ def shared_watcher(conninfo: str, schema: str = "eos", *,
     return watcher
 
 
-__all__ = ["DEFAULT_POLL_INTERVAL", "Verdict", "WaitSpec", "Watcher", "check", "evaluate",
-           "shared_watcher"]
+__all__ = [
+    "DEFAULT_POLL_INTERVAL",
+    "Verdict",
+    "WaitSpec",
+    "Watcher",
+    "check",
+    "evaluate",
+    "shared_watcher",
+]

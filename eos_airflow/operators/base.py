@@ -17,8 +17,15 @@ from eos_airflow.protocol.effect import ON_COMMITTED, Effect, Origin
 #: Default effect key: retries and clears of one task instance are one effect.
 DEFAULT_KEY = "{{ ti.dag_id }}/{{ ti.task_id }}/{{ ti.run_id }}/{{ ti.map_index }}"
 
-_LOGICAL_DATE_FIELDS = ("ds", "ds_nodash", "ts", "ts_nodash", "logical_date",
-                        "data_interval_start", "data_interval_end")
+_LOGICAL_DATE_FIELDS = (
+    "ds",
+    "ds_nodash",
+    "ts",
+    "ts_nodash",
+    "logical_date",
+    "data_interval_start",
+    "data_interval_end",
+)
 
 
 class ExactlyOnceMixin:
@@ -36,10 +43,19 @@ class ExactlyOnceMixin:
     wait_timeout: float
     max_result_bytes: int
 
-    def _init_effect(self, *, conn_id: str | None, key: str | None, on_committed: str,
-                     ledger_schema: str, wait_timeout: float, max_result_bytes: int,
-                     targets: Mapping[str, str] | None = None,
-                     ledger_conn_id: str | None = None, protocol: str = "local") -> None:
+    def _init_effect(
+        self,
+        *,
+        conn_id: str | None,
+        key: str | None,
+        on_committed: str,
+        ledger_schema: str,
+        wait_timeout: float,
+        max_result_bytes: int,
+        targets: Mapping[str, str] | None = None,
+        ledger_conn_id: str | None = None,
+        protocol: str = "local",
+    ) -> None:
         if on_committed not in ON_COMMITTED:
             raise ValueError(
                 f"on_committed={on_committed!r} is not valid; choose one of "
@@ -48,8 +64,9 @@ class ExactlyOnceMixin:
         if protocol != "local" or targets is not None:
             from eos_airflow.operators.multi import check_multi
 
-            check_multi(conn_id=conn_id, targets=targets, ledger_conn_id=ledger_conn_id,
-                        protocol=protocol)
+            check_multi(
+                conn_id=conn_id, targets=targets, ledger_conn_id=ledger_conn_id, protocol=protocol
+            )
         elif not conn_id:
             raise ValueError("conn_id is required: the Airflow connection of the target database")
         self.targets = dict(targets) if targets is not None else None
@@ -72,10 +89,12 @@ class ExactlyOnceMixin:
                 f"this run has no logical date, so {', '.join(missing)} is undefined: trigger "
                 "the run with a logical date, or key by data the run has (e.g. {{ run_id }} "
                 "or {{ params.day }})"
-                if missing else "fix the template or pass the missing value as a param"
+                if missing
+                else "fix the template or pass the missing value as a param"
             )
-            raise BadKeyError(f"effect key template {template!r} failed to render ({exc}); "
-                              f"{hint}") from exc
+            raise BadKeyError(
+                f"effect key template {template!r} failed to render ({exc}); {hint}"
+            ) from exc
         if not isinstance(key, str):
             key = str(key)
         return key
@@ -92,12 +111,20 @@ class ExactlyOnceMixin:
 
                 outcome = run_multi(self, key, fn, attempt=ti.try_number, origin=origin)
             else:
-                ledger = Ledger(connect=connect_factory(self.conn_id),
-                                schema=self.ledger_schema, wait_timeout=self.wait_timeout,
-                                max_result_bytes=self.max_result_bytes)
+                ledger = Ledger(
+                    connect=connect_factory(self.conn_id),
+                    schema=self.ledger_schema,
+                    wait_timeout=self.wait_timeout,
+                    max_result_bytes=self.max_result_bytes,
+                )
                 try:
-                    outcome = ledger.run_outcome(key, fn, attempt=ti.try_number,
-                                                 on_committed=self.on_committed, origin=origin)
+                    outcome = ledger.run_outcome(
+                        key,
+                        fn,
+                        attempt=ti.try_number,
+                        on_committed=self.on_committed,
+                        origin=origin,
+                    )
                 finally:
                     ledger.close()
         except EosError as exc:
@@ -105,12 +132,21 @@ class ExactlyOnceMixin:
                 raise
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
         if outcome.action == "skipped":
-            log.info("exactly-once: effect %r was committed already (version %s at %s); "
-                     "skipped the work and returned the stored result",
-                     key, outcome.version, outcome.committed_at)
+            log.info(
+                "exactly-once: effect %r was committed already (version %s at %s); "
+                "skipped the work and returned the stored result",
+                key,
+                outcome.version,
+                outcome.committed_at,
+            )
         else:
-            log.info("exactly-once: effect %r %s (version %s) by try %s",
-                     key, outcome.action, outcome.version, ti.try_number)
+            log.info(
+                "exactly-once: effect %r %s (version %s) by try %s",
+                key,
+                outcome.action,
+                outcome.version,
+                ti.try_number,
+            )
         return outcome.result
 
 

@@ -67,6 +67,7 @@ from eos_airflow.protocol.transfer import (
 
 log = logging.getLogger(__name__)
 
+
 def _jsonable(value: Any) -> Any:
     """A column value as a JSON position (and back as a SQL literal through psycopg)."""
     if value is None or isinstance(value, bool | int | str):
@@ -101,18 +102,21 @@ def incremental(
     if chunk_rows is not None:
         if column not in names:
             raise ConfigurationError(
-                f"with chunk_rows, the copied columns must include {column!r} (the position)")
+                f"with chunk_rows, the copied columns must include {column!r} (the position)"
+            )
         # one run of this source at a time for the whole chunked run (ends with the session)
-        eos.conn.execute(render("SELECT pg_advisory_lock({schema}.offset_lock_id(%s))",
-                                eos.schema), [offset_source])
+        eos.conn.execute(
+            render("SELECT pg_advisory_lock({schema}.offset_lock_id(%s))", eos.schema),
+            [offset_source],
+        )
     try:
         chunks = None
         seek: Any = None  # a resumed run continues after this committed position
         if chunk_rows is not None:
             stream: list[_Stream] = []
             chunks = eos.checkpoints(
-                lambda done: stream[0].rows(skip=0 if seek is not None else done),
-                every=chunk_rows)
+                lambda done: stream[0].rows(skip=0 if seek is not None else done), every=chunk_rows
+            )
         if chunks is not None and chunks.resumed is not None and chunks.resumed.state:
             # the range this run fixed before its first chunk; the position moved since
             after, to = chunks.resumed.state["from"], chunks.resumed.state["to"]
@@ -123,21 +127,43 @@ def incremental(
             seek = eos.offsets.get(offset_source)
         else:
             after = eos.offsets.get(offset_source)
-            visible, to = _horizon(source, source_table, column, horizon, lag, after,
-                                   horizon_timeout, f"effect {eos.key}")
-        result: dict[str, Any] = {"source": offset_source, "from": after, "to": to, "rows": 0,
-                                  "visible": visible}
+            visible, to = _horizon(
+                source,
+                source_table,
+                column,
+                horizon,
+                lag,
+                after,
+                horizon_timeout,
+                f"effect {eos.key}",
+            )
+        result: dict[str, Any] = {
+            "source": offset_source,
+            "from": after,
+            "to": to,
+            "rows": 0,
+            "visible": visible,
+        }
         if to is None:
-            log.info("effect %s: no rows of %s past %r below the safe horizon (largest "
-                     "visible %r)", eos.key, source_table, after, visible)
+            log.info(
+                "effect %s: no rows of %s past %r below the safe horizon (largest visible %r)",
+                eos.key,
+                source_table,
+                after,
+                visible,
+            )
             result["to"] = after
             return result
         select = sql.SQL(
             "SELECT {cols} FROM {src} WHERE ({after}::text IS NULL OR {col} > {after}) "
-            "AND {col} <= {to} ORDER BY {col}").format(
-                cols=sql.SQL(", ").join(map(sql.Identifier, names)), src=src_ident,
-                col=sql.Identifier(column), after=sql.Literal(after if seek is None else seek),
-                to=sql.Literal(to))
+            "AND {col} <= {to} ORDER BY {col}"
+        ).format(
+            cols=sql.SQL(", ").join(map(sql.Identifier, names)),
+            src=src_ident,
+            col=sql.Identifier(column),
+            after=sql.Literal(after if seek is None else seek),
+            to=sql.Literal(to),
+        )
         conn = source()
         try:
             conn.autocommit = True
@@ -148,14 +174,22 @@ def incremental(
             else:
                 stream.append(_Stream(conn, query, binary=False))
                 chunks.state = {"from": after, "to": to, "visible": visible}
-                result.update(_chunked(eos, chunks, target, names, names.index(column),
-                                       offset_source))
+                result.update(
+                    _chunked(eos, chunks, target, names, names.index(column), offset_source)
+                )
         finally:
             conn.close()
         if seek is None or not _beyond(seek, to):  # never move the position back
             eos.offsets[offset_source] = to
-        log.info("effect %s: %s rows of %s, %s %r -> %r", eos.key, result["rows"],
-                 source_table, column, after, to)
+        log.info(
+            "effect %s: %s rows of %s, %s %r -> %r",
+            eos.key,
+            result["rows"],
+            source_table,
+            column,
+            after,
+            to,
+        )
         return result
     finally:
         if chunk_rows is not None:
@@ -182,35 +216,67 @@ def _unlock(eos: Effect, offset_source: str) -> None:
     try:
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             conn.execute("ROLLBACK")
-        conn.execute(render("SELECT pg_advisory_unlock({schema}.offset_lock_id(%s))",
-                            eos.schema), [offset_source])
+        conn.execute(
+            render("SELECT pg_advisory_unlock({schema}.offset_lock_id(%s))", eos.schema),
+            [offset_source],
+        )
     except psycopg.Error:
-        log.warning("could not unlock source %s; closing the connection frees it",
-                    offset_source, exc_info=True)
+        log.warning(
+            "could not unlock source %s; closing the connection frees it",
+            offset_source,
+            exc_info=True,
+        )
         conn.close()
 
 
-def _horizon(source: Connect, source_table: str, column: str, horizon: str, lag: Any,
-             after: Any, timeout: float, what: str) -> tuple[Any, Any]:
+def _horizon(
+    source: Connect,
+    source_table: str,
+    column: str,
+    horizon: str,
+    lag: Any,
+    after: Any,
+    timeout: float,
+    what: str,
+) -> tuple[Any, Any]:
     """(largest visible value, safe horizon) past ``after`` (see :mod:`..protocol.horizon`)."""
-    visible, safe = safe_horizon(source, source_table, column, horizon=horizon, lag=lag,
-                                 after=after, timeout=timeout, what=what)
+    visible, safe = safe_horizon(
+        source,
+        source_table,
+        column,
+        horizon=horizon,
+        lag=lag,
+        after=after,
+        timeout=timeout,
+        what=what,
+    )
     return _jsonable(visible), _jsonable(safe)
 
 
-def _chunked(eos: Effect, chunks: Any, target: sql.Identifier, names: list[str], index: int,
-             offset_source: str) -> dict[str, Any]:
+def _chunked(
+    eos: Effect,
+    chunks: Any,
+    target: sql.Identifier,
+    names: list[str],
+    index: int,
+    offset_source: str,
+) -> dict[str, Any]:
     """Chunked copy ordered by the (unique) column: each chunk advances the position."""
     copy_in = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        target, sql.SQL(", ").join(map(sql.Identifier, names)))
+        target, sql.SQL(", ").join(map(sql.Identifier, names))
+    )
     for chunk in chunks:
         with eos.conn.cursor().copy(copy_in) as copy:
             copy.write(b"".join(chunk))
         last = bytes(chunk[-1]).rstrip(b"\n").split(b"\t")[index].decode()
         eos.offsets[offset_source] = int(last) if last.lstrip("-").isdigit() else last
-    return {"rows": chunks.rows - (chunks.resumed.rows if chunks.resumed else 0),
-            "rows_total": chunks.rows, "chunks": chunks.chunks, "format": "text",
-            "resumed_after": chunks.resumed.rows if chunks.resumed else None}
+    return {
+        "rows": chunks.rows - (chunks.resumed.rows if chunks.resumed else 0),
+        "rows_total": chunks.rows,
+        "chunks": chunks.chunks,
+        "format": "text",
+        "resumed_after": chunks.resumed.rows if chunks.resumed else None,
+    }
 
 
 class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
@@ -259,17 +325,23 @@ class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._init_effect(conn_id=target_conn_id, key=key, on_committed=on_committed,
-                          ledger_schema=ledger_schema, wait_timeout=wait_timeout,
-                          max_result_bytes=max_result_bytes)
+        self._init_effect(
+            conn_id=target_conn_id,
+            key=key,
+            on_committed=on_committed,
+            ledger_schema=ledger_schema,
+            wait_timeout=wait_timeout,
+            max_result_bytes=max_result_bytes,
+        )
         if horizon not in HORIZONS:
             try:
                 horizon = normalize_horizon(horizon)  # a deprecated alias warns here
             except ConfigurationError as exc:
                 raise ValueError(str(exc)) from None
         if not isinstance(horizon_timeout, int | float) or horizon_timeout <= 0:
-            raise ValueError(f"horizon_timeout must be a number of seconds > 0, got "
-                             f"{horizon_timeout!r}")
+            raise ValueError(
+                f"horizon_timeout must be a number of seconds > 0, got {horizon_timeout!r}"
+            )
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
         if not column:
@@ -294,11 +366,19 @@ class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
         name = self.offset_source or f"table:{self.source_conn_id}/{self.source_table}"
 
         def run(eos: Effect) -> dict[str, Any]:
-            return incremental(eos, source, source_table=self.source_table, column=self.column,
-                               target_table=self.target_table, columns=self.columns,
-                               offset_source=name, horizon=self.horizon, lag=self.lag,
-                               chunk_rows=self.chunk_rows,
-                               horizon_timeout=self.horizon_timeout)
+            return incremental(
+                eos,
+                source,
+                source_table=self.source_table,
+                column=self.column,
+                target_table=self.target_table,
+                columns=self.columns,
+                offset_source=name,
+                horizon=self.horizon,
+                lag=self.lag,
+                chunk_rows=self.chunk_rows,
+                horizon_timeout=self.horizon_timeout,
+            )
 
         return self.run_effect(context, run)
 

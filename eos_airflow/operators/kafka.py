@@ -38,8 +38,9 @@ def kafka_config(conn_id: str) -> dict[str, Any]:
     except AirflowNotFoundException:
         raise ConfigurationError(
             f"Airflow connection {conn_id!r} is not defined; create a Kafka connection, e.g. "
-            f"AIRFLOW_CONN_{conn_id.upper()}='{{\"conn_type\": \"kafka\", \"extra\": "
-            "{\"bootstrap.servers\": \"broker:9092\"}}'") from None
+            f'AIRFLOW_CONN_{conn_id.upper()}=\'{{"conn_type": "kafka", "extra": '
+            '{"bootstrap.servers": "broker:9092"}}\''
+        ) from None
     config = dict(connection.extra_dejson or {})
     if "bootstrap.servers" not in config and connection.host:
         port = f":{connection.port}" if connection.port else ""
@@ -47,7 +48,8 @@ def kafka_config(conn_id: str) -> dict[str, Any]:
     if "bootstrap.servers" not in config:
         raise ConfigurationError(
             f"Airflow connection {conn_id!r} has no 'bootstrap.servers' in its extra JSON "
-            "(and no host); set it, e.g. {\"bootstrap.servers\": \"broker:9092\"}")
+            '(and no host); set it, e.g. {"bootstrap.servers": "broker:9092"}'
+        )
     return config
 
 
@@ -98,15 +100,23 @@ class KafkaToPostgresOperator(ExactlyOnceMixin, BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._init_effect(conn_id=target_conn_id, key=key, on_committed=on_committed,
-                          ledger_schema=ledger_schema, wait_timeout=wait_timeout,
-                          max_result_bytes=max_result_bytes)
+        self._init_effect(
+            conn_id=target_conn_id,
+            key=key,
+            on_committed=on_committed,
+            ledger_schema=ledger_schema,
+            wait_timeout=wait_timeout,
+            max_result_bytes=max_result_bytes,
+        )
         if (table is None) == (process is None):
-            raise ValueError("give exactly one of table= (a target table for JSON-object "
-                             "messages) or process= (a callable process(eos, messages))")
+            raise ValueError(
+                "give exactly one of table= (a target table for JSON-object "
+                "messages) or process= (a callable process(eos, messages))"
+            )
         if not kafka_conn_id:
-            raise ValueError("kafka_conn_id is required: the Airflow connection of the Kafka "
-                             "cluster")
+            raise ValueError(
+                "kafka_conn_id is required: the Airflow connection of the Kafka cluster"
+            )
         if not topics:
             raise ValueError("topics is required: a topic name or a list of them")
         if max_messages < 1:
@@ -133,9 +143,15 @@ class KafkaToPostgresOperator(ExactlyOnceMixin, BaseOperator):
         consumer = f"{self.dag_id}.{self.task_id}" if self.dedup else None
 
         def ingest(eos: Effect) -> dict[str, Any]:
-            return ingest_batch(eos, config, topics, write=write,
-                                max_messages=self.max_messages,
-                                poll_timeout=self.poll_timeout, dedup_consumer=consumer)
+            return ingest_batch(
+                eos,
+                config,
+                topics,
+                write=write,
+                max_messages=self.max_messages,
+                poll_timeout=self.poll_timeout,
+                dedup_consumer=consumer,
+            )
 
         return self.run_effect(context, ingest)
 

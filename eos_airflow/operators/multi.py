@@ -24,21 +24,34 @@ from eos_airflow.protocol.twophase import PROTOCOLS, check_targets
 PROTOCOL_CHOICES = ("local", *PROTOCOLS)
 
 
-def check_multi(*, conn_id: str | None, targets: Mapping[str, str] | None,
-                ledger_conn_id: str | None, protocol: str) -> None:
+def check_multi(
+    *,
+    conn_id: str | None,
+    targets: Mapping[str, str] | None,
+    ledger_conn_id: str | None,
+    protocol: str,
+) -> None:
     """Validate the several-database arguments when the DAG is parsed (ValueError)."""
     if protocol not in PROTOCOL_CHOICES:
-        raise ValueError(f"protocol={protocol!r} is not valid; choose one of "
-                         f"{', '.join(map(repr, PROTOCOL_CHOICES))}")
+        raise ValueError(
+            f"protocol={protocol!r} is not valid; choose one of "
+            f"{', '.join(map(repr, PROTOCOL_CHOICES))}"
+        )
     if protocol == "local":
-        raise ValueError("targets= (several databases) needs protocol='2pc' or '3pc'; "
-                         "for one database pass conn_id= instead")
+        raise ValueError(
+            "targets= (several databases) needs protocol='2pc' or '3pc'; "
+            "for one database pass conn_id= instead"
+        )
     if conn_id:
-        raise ValueError("pass either conn_id= (one database) or targets= (several), not both; "
-                         "the coordinator of several targets is ledger_conn_id=")
+        raise ValueError(
+            "pass either conn_id= (one database) or targets= (several), not both; "
+            "the coordinator of several targets is ledger_conn_id="
+        )
     if targets is None:
-        raise ValueError(f"protocol={protocol!r} needs targets={{name: conn_id, ...}}: "
-                         "the Airflow connections of the databases written together")
+        raise ValueError(
+            f"protocol={protocol!r} needs targets={{name: conn_id, ...}}: "
+            "the Airflow connections of the databases written together"
+        )
     try:
         check_targets(targets, protocol)
     except ConfigurationError as exc:
@@ -46,25 +59,33 @@ def check_multi(*, conn_id: str | None, targets: Mapping[str, str] | None,
     if not all(isinstance(c, str) and c for c in targets.values()):
         raise ValueError("targets values must be Airflow connection ids (non-empty strings)")
     if not ledger_conn_id:
-        raise ValueError("ledger_conn_id is required with targets=: the Airflow connection "
-                         "whose ledger logs the commit decisions (it may be one of the targets)")
+        raise ValueError(
+            "ledger_conn_id is required with targets=: the Airflow connection "
+            "whose ledger logs the commit decisions (it may be one of the targets)"
+        )
 
 
-def run_multi(op: ExactlyOnceMixin, key: str, fn: Callable[[Effect], Any], *, attempt: int,
-              origin: Origin) -> Outcome:
+def run_multi(
+    op: ExactlyOnceMixin, key: str, fn: Callable[[Effect], Any], *, attempt: int, origin: Origin
+) -> Outcome:
     """Run ``fn`` as ``op``'s effect across its targets (Airflow connections)."""
     from eos_airflow.protocol.multiledger import MultiLedger
 
     targets: dict[str, str] = op.targets  # type: ignore[attr-defined]
     ledger_conn_id: str = op.ledger_conn_id  # type: ignore[attr-defined]
-    multi = MultiLedger(connect_factory(ledger_conn_id),
-                        {name: connect_factory(conn_id) for name, conn_id in targets.items()},
-                        protocol=op.protocol,  # type: ignore[attr-defined]
-                        schema=op.ledger_schema, conn_ids=targets,
-                        wait_timeout=op.wait_timeout, max_result_bytes=op.max_result_bytes)
+    multi = MultiLedger(
+        connect_factory(ledger_conn_id),
+        {name: connect_factory(conn_id) for name, conn_id in targets.items()},
+        protocol=op.protocol,  # type: ignore[attr-defined]
+        schema=op.ledger_schema,
+        conn_ids=targets,
+        wait_timeout=op.wait_timeout,
+        max_result_bytes=op.max_result_bytes,
+    )
     try:
-        return multi.run_outcome(key, fn, attempt=attempt, on_committed=op.on_committed,
-                                 origin=origin)
+        return multi.run_outcome(
+            key, fn, attempt=attempt, on_committed=op.on_committed, origin=origin
+        )
     finally:
         multi.close()
 
@@ -105,19 +126,29 @@ class MultiTargetSQLOperator(ExactlyOnceMixin, BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._init_effect(conn_id=None, key=key, on_committed=on_committed,
-                          ledger_schema=ledger_schema, wait_timeout=wait_timeout,
-                          max_result_bytes=max_result_bytes, targets=targets,
-                          ledger_conn_id=ledger_conn_id, protocol=protocol)
+        self._init_effect(
+            conn_id=None,
+            key=key,
+            on_committed=on_committed,
+            ledger_schema=ledger_schema,
+            wait_timeout=wait_timeout,
+            max_result_bytes=max_result_bytes,
+            targets=targets,
+            ledger_conn_id=ledger_conn_id,
+            protocol=protocol,
+        )
         if not isinstance(sql, Mapping) or set(sql) != set(targets):
             raise ValueError(
                 f"sql must map every target ({', '.join(sorted(targets))}) to its SQL, e.g. "
-                "sql={'a': 'UPDATE ...', 'b': ['INSERT ...', 'UPDATE ...']}")
+                "sql={'a': 'UPDATE ...', 'b': ['INSERT ...', 'UPDATE ...']}"
+            )
         for name, statements in sql.items():
-            if not statements or (not isinstance(statements, str) and not all(
-                    isinstance(s, str) for s in statements)):
-                raise ValueError(f"sql[{name!r}] must be a non-empty SQL string or a list of "
-                                 "SQL strings")
+            if not statements or (
+                not isinstance(statements, str) and not all(isinstance(s, str) for s in statements)
+            ):
+                raise ValueError(
+                    f"sql[{name!r}] must be a non-empty SQL string or a list of SQL strings"
+                )
         self.sql = dict(sql)
         self.parameters = parameters
 

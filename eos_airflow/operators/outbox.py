@@ -43,13 +43,16 @@ def nats_servers(conn_id: str) -> list[str]:
     except AirflowNotFoundException:
         raise ConfigurationError(
             f"Airflow connection {conn_id!r} is not defined; create it, e.g. "
-            f"AIRFLOW_CONN_{conn_id.upper()}='nats://HOST:4222'") from None
+            f"AIRFLOW_CONN_{conn_id.upper()}='nats://HOST:4222'"
+        ) from None
     servers = (connection.extra_dejson or {}).get("servers")
     if servers:
         return [servers] if isinstance(servers, str) else list(servers)
     if not connection.host:
-        raise ConfigurationError(f"Airflow connection {conn_id!r} has no host (or extra "
-                                 "'servers'); set the NATS server's host and port")
+        raise ConfigurationError(
+            f"Airflow connection {conn_id!r} has no host (or extra "
+            "'servers'); set the NATS server's host and port"
+        )
     # percent-encoded: a password with "/", "#", "?" or "@" stays inside the user info
     if connection.login and connection.password:
         credentials = NatsCredentials(user=connection.login, password=connection.password)
@@ -95,13 +98,15 @@ class OutboxRelayOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         if not conn_id:
-            raise ValueError("conn_id is required: the Airflow connection of the database "
-                             "holding the outbox")
+            raise ValueError(
+                "conn_id is required: the Airflow connection of the database holding the outbox"
+            )
         if nats_url and nats_conn_id:
             raise ValueError("give nats_url or nats_conn_id, not both")
         if not (kafka_conn_id or nats_url or nats_conn_id):
-            raise ValueError("the relay needs a broker: give kafka_conn_id, nats_url or "
-                             "nats_conn_id")
+            raise ValueError(
+                "the relay needs a broker: give kafka_conn_id, nats_url or nats_conn_id"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if destinations is not None:
@@ -129,15 +134,23 @@ class OutboxRelayOperator(BaseOperator):
             try:
                 conn = connect_factory(self.conn_id)()
                 if self.kafka_conn_id:
-                    sinks["kafka"] = KafkaSink(kafka_config(self.kafka_conn_id),
-                                               transactional_id=f"eos-outbox-{relay_id}",
-                                               timeout=self.send_timeout)
+                    sinks["kafka"] = KafkaSink(
+                        kafka_config(self.kafka_conn_id),
+                        transactional_id=f"eos-outbox-{relay_id}",
+                        timeout=self.send_timeout,
+                    )
                 if self.nats_url or self.nats_conn_id:
                     servers = self.nats_url or nats_servers(str(self.nats_conn_id))
                     sinks["nats"] = NatsSink(servers, timeout=self.send_timeout)
-                relay = Relay(conn, sinks, schema=self.ledger_schema,
-                              destinations=self.destinations, relay_id=relay_id,
-                              batch_size=self.batch_size, attempt=ti.try_number)
+                relay = Relay(
+                    conn,
+                    sinks,
+                    schema=self.ledger_schema,
+                    destinations=self.destinations,
+                    relay_id=relay_id,
+                    batch_size=self.batch_size,
+                    attempt=ti.try_number,
+                )
                 stats = relay.drain(self.max_messages)
             except EosError as exc:
                 if exc.retryable:

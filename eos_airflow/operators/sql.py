@@ -49,9 +49,14 @@ class ExactlyOnceSQLOperator(ExactlyOnceMixin, BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._init_effect(conn_id=conn_id, key=key, on_committed=on_committed,
-                          ledger_schema=ledger_schema, wait_timeout=wait_timeout,
-                          max_result_bytes=max_result_bytes)
+        self._init_effect(
+            conn_id=conn_id,
+            key=key,
+            on_committed=on_committed,
+            ledger_schema=ledger_schema,
+            wait_timeout=wait_timeout,
+            max_result_bytes=max_result_bytes,
+        )
         if not sql or (not isinstance(sql, str) and not all(isinstance(s, str) for s in sql)):
             raise ValueError("sql must be a non-empty SQL string or a list of SQL strings")
         self.sql = sql

@@ -46,8 +46,7 @@ class ExactlyOnceTransferOperator(ExactlyOnceMixin, BaseOperator):
 
     template_fields: Sequence[str] = ("sql", "replace_where", "parameters", "table")
     template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers = {"sql": "sql", "replace_where": "sql",
-                                 "parameters": "json"}
+    template_fields_renderers = {"sql": "sql", "replace_where": "sql", "parameters": "json"}
     ui_color = "#cde4ec"
 
     def __init__(
@@ -70,12 +69,16 @@ class ExactlyOnceTransferOperator(ExactlyOnceMixin, BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._init_effect(conn_id=target_conn_id, key=key, on_committed=on_committed,
-                          ledger_schema=ledger_schema, wait_timeout=wait_timeout,
-                          max_result_bytes=max_result_bytes)
+        self._init_effect(
+            conn_id=target_conn_id,
+            key=key,
+            on_committed=on_committed,
+            ledger_schema=ledger_schema,
+            wait_timeout=wait_timeout,
+            max_result_bytes=max_result_bytes,
+        )
         if not source_conn_id:
-            raise ValueError("source_conn_id is required: the Airflow connection the "
-                             "query runs on")
+            raise ValueError("source_conn_id is required: the Airflow connection the query runs on")
         if not sql or not isinstance(sql, str):
             raise ValueError("sql must be a non-empty SQL query string")
         check_options(mode, chunk_rows, visibility)
@@ -97,11 +100,19 @@ class ExactlyOnceTransferOperator(ExactlyOnceMixin, BaseOperator):
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
         def run(eos: Effect) -> dict[str, Any]:
-            return transfer(eos, source, query=self.sql, table=self.table,
-                            mode=self.mode, replace_where=self.replace_where,
-                            parameters=self.parameters, chunk_rows=self.chunk_rows,
-                            visibility=self.visibility)
+            return transfer(
+                eos,
+                source,
+                query=self.sql,
+                table=self.table,
+                mode=self.mode,
+                replace_where=self.replace_where,
+                parameters=self.parameters,
+                chunk_rows=self.chunk_rows,
+                visibility=self.visibility,
+            )
 
         return self.run_effect(context, run)
+
 
 __all__ = ["ExactlyOnceTransferOperator", "transfer"]

@@ -18,5 +18,14 @@ from eos_airflow.outbox.message import MessageError, OutboxMessage, parse_destin
 from eos_airflow.outbox.relay import Relay, RelayStats, relay_forever
 from eos_airflow.outbox.sinks import DeliveryError, KafkaSink, NatsSink
 
-__all__ = ["DeliveryError", "KafkaSink", "MessageError", "NatsSink", "OutboxMessage", "Relay",
-           "RelayStats", "parse_destination", "relay_forever"]
+__all__ = [
+    "DeliveryError",
+    "KafkaSink",
+    "MessageError",
+    "NatsSink",
+    "OutboxMessage",
+    "Relay",
+    "RelayStats",
+    "parse_destination",
+    "relay_forever",
+]

@@ -41,8 +41,12 @@ DEFAULT_POLL_TIMEOUT = 5.0
 #: Messages per batch (one effect). Bounded so that a task's transaction stays short.
 DEFAULT_MAX_MESSAGES = 10_000
 #: Settings that make the guarantee; a connection's extra may not override them.
-FORCED_CONSUMER_CONFIG = {"enable.auto.commit": False, "enable.auto.offset.store": False,
-                          "isolation.level": "read_committed", "enable.partition.eof": True}
+FORCED_CONSUMER_CONFIG = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "isolation.level": "read_committed",
+    "enable.partition.eof": True,
+}
 #: Seconds to wait for topic metadata.
 METADATA_TIMEOUT = 10.0
 
@@ -82,31 +86,43 @@ class KafkaMessage:
         except ValueError as exc:
             raise MessageError(
                 f"message {self.source}@{self.offset} is not JSON ({exc}); load it with "
-                "process= to handle other formats, or fix the producer") from None
+                "process= to handle other formats, or fix the producer"
+            ) from None
 
 
 def consumer_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The consumer settings used: the connection's, plus the forced ones."""
     if "bootstrap.servers" not in config:
-        raise ConfigurationError("the Kafka connection has no 'bootstrap.servers'; set it in "
-                                 "the connection's extra JSON, e.g. "
-                                 '{"bootstrap.servers": "broker:9092"}')
+        raise ConfigurationError(
+            "the Kafka connection has no 'bootstrap.servers'; set it in "
+            "the connection's extra JSON, e.g. "
+            '{"bootstrap.servers": "broker:9092"}'
+        )
     # fetch.wait.max.ms: a partition at its end answers a fetch after this long; the batch
     # ends when every partition did, so the librdkafka default (500 ms) would idle.
     # auto.offset.reset=error: a stored offset that the broker no longer has (retention
     # deleted the messages before they were loaded) fails the task instead of silently
     # jumping ahead; a partition without a stored offset starts at its beginning anyway.
-    merged = {"group.id": "eos-airflow", "auto.offset.reset": "error",
-              "fetch.wait.max.ms": 50, **config}
+    merged = {
+        "group.id": "eos-airflow",
+        "auto.offset.reset": "error",
+        "fetch.wait.max.ms": 50,
+        **config,
+    }
     merged.update(FORCED_CONSUMER_CONFIG)
     return merged
 
 
-def ingest_batch(eos: Effect, config: Mapping[str, Any], topics: Sequence[str], *,
-                 write: Callable[[Effect, list[KafkaMessage]], Any],
-                 max_messages: int = DEFAULT_MAX_MESSAGES,
-                 poll_timeout: float = DEFAULT_POLL_TIMEOUT,
-                 dedup_consumer: str | None = None) -> dict[str, Any]:
+def ingest_batch(
+    eos: Effect,
+    config: Mapping[str, Any],
+    topics: Sequence[str],
+    *,
+    write: Callable[[Effect, list[KafkaMessage]], Any],
+    max_messages: int = DEFAULT_MAX_MESSAGES,
+    poll_timeout: float = DEFAULT_POLL_TIMEOUT,
+    dedup_consumer: str | None = None,
+) -> dict[str, Any]:
     """Consume one bounded batch of ``topics`` into ``eos``'s transaction (see module doc).
 
     Returns ``{"messages", "written", "duplicates", "offsets"}``; ``offsets`` maps each
@@ -133,8 +149,10 @@ def ingest_batch(eos: Effect, config: Mapping[str, Any], topics: Sequence[str], 
         while len(messages) < max_messages and ends != parts:
             # consume() returns when it has the count or the timeout passed: a short
             # timeout keeps the batch from idling once every partition is at its end.
-            batch = consumer.consume(min(max_messages - len(messages), 1000),
-                                     timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+            batch = consumer.consume(
+                min(max_messages - len(messages), 1000),
+                timeout=max(0.0, min(0.1, deadline - time.monotonic())),
+            )
             if not batch and time.monotonic() >= deadline:
                 break
             for m in batch:
@@ -149,15 +167,26 @@ def ingest_batch(eos: Effect, config: Mapping[str, Any], topics: Sequence[str], 
                             f"stored in the ledger is gone from the broker ({error.str()}), "
                             "so messages were deleted before they were loaded; nothing was "
                             "written. Raise the topic's retention, then set the position "
-                            "deliberately (UPDATE eos.offsets) to accept the gap")
+                            "deliberately (UPDATE eos.offsets) to accept the gap"
+                        )
                         lost.retryable = False
                         raise lost
-                    raise KafkaError(f"Kafka error on {m.topic()}/{m.partition()}: "
-                                     f"{error.str()}; nothing was written, retry")
+                    raise KafkaError(
+                        f"Kafka error on {m.topic()}/{m.partition()}: "
+                        f"{error.str()}; nothing was written, retry"
+                    )
                 ends.discard((m.topic(), m.partition()))
-                messages.append(KafkaMessage(
-                    m.topic(), m.partition(), m.offset(), m.key(), m.value(),
-                    {k: v for k, v in (m.headers() or [])}, m.timestamp()[1]))
+                messages.append(
+                    KafkaMessage(
+                        m.topic(),
+                        m.partition(),
+                        m.offset(),
+                        m.key(),
+                        m.value(),
+                        {k: v for k, v in (m.headers() or [])},
+                        m.timestamp()[1],
+                    )
+                )
             if batch:
                 deadline = time.monotonic() + poll_timeout
     finally:
@@ -171,9 +200,12 @@ def ingest_batch(eos: Effect, config: Mapping[str, Any], topics: Sequence[str], 
         offsets[m.source] = max(m.offset, offsets.get(m.source, -1))
     for source, offset in offsets.items():
         eos.offsets[source] = offset
-    return {"messages": len(messages), "written": written if written is not None
-            else len(fresh), "duplicates": len(messages) - len(fresh),
-            "offsets": dict(sorted(offsets.items()))}
+    return {
+        "messages": len(messages),
+        "written": written if written is not None else len(fresh),
+        "duplicates": len(messages) - len(fresh),
+        "offsets": dict(sorted(offsets.items())),
+    }
 
 
 def _partitions(consumer: Any, topic: str) -> list[int]:
@@ -184,13 +216,16 @@ def _partitions(consumer: Any, topic: str) -> list[int]:
     try:
         metadata = consumer.list_topics(topic, timeout=METADATA_TIMEOUT)
     except KafkaException as exc:
-        raise KafkaError(f"cannot read Kafka metadata for topic {topic!r} "
-                         f"({exc.args[0].str()}); check bootstrap.servers") from exc
+        raise KafkaError(
+            f"cannot read Kafka metadata for topic {topic!r} "
+            f"({exc.args[0].str()}); check bootstrap.servers"
+        ) from exc
     found = metadata.topics.get(topic)
     if found is None or found.error is not None or not found.partitions:
         reason = found.error.str() if found is not None and found.error else "not found"
-        raise ConfigurationError(f"Kafka topic {topic!r} does not exist ({reason}); create "
-                                 "it or fix topics=")
+        raise ConfigurationError(
+            f"Kafka topic {topic!r} does not exist ({reason}); create it or fix topics="
+        )
     return sorted(found.partitions)
 
 
@@ -202,12 +237,20 @@ def _dedup(eos: Effect, messages: list[KafkaMessage], consumer: str) -> list[Kaf
             first[m.message_id] = m
     new: set[str] = set()
     if first:
-        rows = eos.conn.execute(query("inbox_accept", eos.schema), {
-            "consumer": consumer, "ids": list(first),
-            "sources": [f"{m.source}@{m.offset}" for m in first.values()]}).fetchall()
+        rows = eos.conn.execute(
+            query("inbox_accept", eos.schema),
+            {
+                "consumer": consumer,
+                "ids": list(first),
+                "sources": [f"{m.source}@{m.offset}" for m in first.values()],
+            },
+        ).fetchall()
         new = {row[0] for row in rows}
-    return [m for m in messages if m.message_id is None
-            or (m.message_id in new and first[m.message_id] is m)]
+    return [
+        m
+        for m in messages
+        if m.message_id is None or (m.message_id in new and first[m.message_id] is m)
+    ]
 
 
 def table_writer(table: str) -> Callable[[Effect, list[KafkaMessage]], int]:
@@ -229,7 +272,8 @@ def table_writer(table: str) -> Callable[[Effect, list[KafkaMessage]], int]:
                 raise MessageError(
                     f"message {m.source}@{m.offset} is JSON but not an object "
                     f"({type(value).__name__}); table= loads objects whose keys name "
-                    f"{table}'s columns: use process= for other shapes")
+                    f"{table}'s columns: use process= for other shapes"
+                )
             rows.append(value)
         if rows:
             eos.conn.execute(statement, [json.dumps(rows)])

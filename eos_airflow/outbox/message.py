@@ -90,8 +90,10 @@ def encode_payload(payload: Any, destination: str) -> str:
             "e.g. str() a datetime or .decode() bytes"
         ) from None
     if "\x00" in text:
-        raise MessageError(f"message to {destination!r}: the payload contains a NUL "
-                           "character, which PostgreSQL cannot store")
+        raise MessageError(
+            f"message to {destination!r}: the payload contains a NUL "
+            "character, which PostgreSQL cannot store"
+        )
     return text
 
 
@@ -100,14 +102,18 @@ def check_headers(headers: Mapping[str, str] | None, destination: str) -> dict[s
     if headers is None:
         return {}
     if not isinstance(headers, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-        raise MessageError(f"message to {destination!r}: headers must be a dict of str to "
-                           f"str, got {headers!r}")
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise MessageError(
+            f"message to {destination!r}: headers must be a dict of str to str, got {headers!r}"
+        )
     reserved = {NATS_MSG_ID_HEADER.lower(), KAFKA_MSG_ID_HEADER}
     clash = sorted(k for k in headers if k.lower() in reserved)
     if clash:
-        raise MessageError(f"message to {destination!r}: header {clash[0]!r} is set by the "
-                           "relay (it carries the message id); remove it")
+        raise MessageError(
+            f"message to {destination!r}: header {clash[0]!r} is set by the "
+            "relay (it carries the message id); remove it"
+        )
     return dict(headers)
 
 
@@ -128,5 +134,11 @@ class OutboxMessage:
         return json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-__all__ = ["Destination", "MessageError", "OutboxMessage", "encode_payload", "message_id",
-           "parse_destination"]
+__all__ = [
+    "Destination",
+    "MessageError",
+    "OutboxMessage",
+    "encode_payload",
+    "message_id",
+    "parse_destination",
+]

@@ -54,8 +54,12 @@ class RelayStats:
         return sum(self.delivered.values())
 
     def as_dict(self) -> dict[str, Any]:
-        return {"delivered": self.total, "by_destination": dict(sorted(self.delivered.items())),
-                "duplicates": self.duplicates, "batches": self.batches}
+        return {
+            "delivered": self.total,
+            "by_destination": dict(sorted(self.delivered.items())),
+            "duplicates": self.duplicates,
+            "batches": self.batches,
+        }
 
 
 class Relay:
@@ -68,10 +72,17 @@ class Relay:
     :param attempt: try number, for failpoints such as ``after_send@1=exit``.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any], sinks: Mapping[str, Sink], *,
-                 schema: str = "eos", destinations: Sequence[str] | None = None,
-                 relay_id: str = "eos-outbox", batch_size: int = DEFAULT_BATCH_SIZE,
-                 attempt: int | None = None) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        sinks: Mapping[str, Sink],
+        *,
+        schema: str = "eos",
+        destinations: Sequence[str] | None = None,
+        relay_id: str = "eos-outbox",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        attempt: int | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
         self.conn = conn
@@ -82,16 +93,19 @@ class Relay:
         self.attempt = attempt
         chosen = list(destinations) if destinations else [f"{s}:*" for s in self.sinks]
         if not chosen:
-            raise ConfigurationError("the relay has no sinks: give a NATS URL or a Kafka "
-                                     "connection")
+            raise ConfigurationError(
+                "the relay has no sinks: give a NATS URL or a Kafka connection"
+            )
         self.exact, self.schemes = split_destinations(chosen)
-        missing = sorted(({d.split(":", 1)[0] for d in self.exact} | set(self.schemes))
-                         - set(self.sinks))
+        missing = sorted(
+            ({d.split(":", 1)[0] for d in self.exact} | set(self.schemes)) - set(self.sinks)
+        )
         if missing:
             raise ConfigurationError(
                 f"destinations {chosen} include scheme(s) {', '.join(missing)} but the relay "
                 "has no sink for them; configure them (nats_url / kafka_conn_id) or narrow "
-                "destinations")
+                "destinations"
+            )
 
     def __repr__(self) -> str:
         chosen = self.exact + [f"{scheme}:*" for scheme in self.schemes]
@@ -102,13 +116,15 @@ class Relay:
         stats = stats if stats is not None else RelayStats()
         with self.conn.transaction():
             try:
-                messages = pending(self.conn, self.schema, self.exact, self.schemes,
-                                   self.batch_size)
+                messages = pending(
+                    self.conn, self.schema, self.exact, self.schemes, self.batch_size
+                )
             except (pgerrors.UndefinedTable, pgerrors.InvalidSchemaName) as exc:
                 raise LedgerSchemaError(
                     f'the ledger schema "{self.schema}" in database "{self.conn.info.dbname}" '
                     f"has no outbox ({exc.diag.message_primary}); upgrade it with "
-                    "`eos-airflow db migrate` (same --dsn or --conn-id)") from exc
+                    "`eos-airflow db migrate` (same --dsn or --conn-id)"
+                ) from exc
             if not messages:
                 return 0
             by_scheme: dict[str, list[OutboxMessage]] = {}
@@ -130,9 +146,14 @@ class Relay:
         while max_messages is None or stats.total < max_messages:
             if not self.relay_batch(stats):
                 break
-        log.info("outbox relay %s delivered %s message(s) in %s batch(es), %s duplicate(s) "
-                 "dropped by the broker", self.relay_id, stats.total, stats.batches,
-                 stats.duplicates)
+        log.info(
+            "outbox relay %s delivered %s message(s) in %s batch(es), %s duplicate(s) "
+            "dropped by the broker",
+            self.relay_id,
+            stats.total,
+            stats.batches,
+            stats.duplicates,
+        )
         return stats
 
     def close(self) -> None:
@@ -140,12 +161,17 @@ class Relay:
             sink.close()
 
 
-def relay_forever(connect: Callable[[], psycopg.Connection[Any]],
-                  sinks: Mapping[str, Sink], *, schema: str = "eos",
-                  destinations: Sequence[str] | None = None, relay_id: str = "eos-outbox",
-                  batch_size: int = DEFAULT_BATCH_SIZE,
-                  poll_interval: float = DEFAULT_POLL_INTERVAL,
-                  stop: threading.Event | None = None) -> RelayStats:
+def relay_forever(
+    connect: Callable[[], psycopg.Connection[Any]],
+    sinks: Mapping[str, Sink],
+    *,
+    schema: str = "eos",
+    destinations: Sequence[str] | None = None,
+    relay_id: str = "eos-outbox",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
+    stop: threading.Event | None = None,
+) -> RelayStats:
     """Run a relay until ``stop`` is set: drain, sleep ``poll_interval``, repeat.
 
     A lost database connection is reopened; a broker error is logged and the batch retried
@@ -160,8 +186,14 @@ def relay_forever(connect: Callable[[], psycopg.Connection[Any]],
             try:
                 if conn is None or conn.closed:
                     conn = connect()
-                    relay = Relay(conn, sinks, schema=schema, destinations=destinations,
-                                  relay_id=relay_id, batch_size=batch_size)
+                    relay = Relay(
+                        conn,
+                        sinks,
+                        schema=schema,
+                        destinations=destinations,
+                        relay_id=relay_id,
+                        batch_size=batch_size,
+                    )
                 assert relay is not None
                 while not stop.is_set() and relay.relay_batch(total):
                     pass
@@ -171,8 +203,9 @@ def relay_forever(connect: Callable[[], psycopg.Connection[Any]],
                     conn.close()
             except Exception as exc:
                 if getattr(exc, "retryable", False):
-                    log.warning("outbox relay %s: %s; retrying in %ss", relay_id, exc,
-                                poll_interval)
+                    log.warning(
+                        "outbox relay %s: %s; retrying in %ss", relay_id, exc, poll_interval
+                    )
                 else:
                     raise
             stop.wait(poll_interval)

@@ -58,13 +58,19 @@ class NatsSink:
 
     scheme = "nats"
 
-    def __init__(self, servers: str | Sequence[str], *, timeout: float = DEFAULT_SEND_TIMEOUT,
-                 options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        servers: str | Sequence[str],
+        *,
+        timeout: float = DEFAULT_SEND_TIMEOUT,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
         try:
             import nats
         except ImportError:
-            raise ConfigurationError("the NATS sink needs nats-py: pip install 'eos-airflow[nats]'"
-                                     ) from None
+            raise ConfigurationError(
+                "the NATS sink needs nats-py: pip install 'eos-airflow[nats]'"
+            ) from None
         urls = [servers] if isinstance(servers, str) else list(servers)
         # The credentials travel as nats-py options, never inside the URLs it may show.
         self.servers, credentials = split_servers(urls)
@@ -72,16 +78,24 @@ class NatsSink:
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
         try:
-            self._nc = self._loop.run_until_complete(nats.connect(
-                servers=self.servers, connect_timeout=min(timeout, 10.0),
-                allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.2,
-                error_cb=_nats_error,
-                **{**credentials.options(), **dict(options or {})}))
+            self._nc = self._loop.run_until_complete(
+                nats.connect(
+                    servers=self.servers,
+                    connect_timeout=min(timeout, 10.0),
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.2,
+                    error_cb=_nats_error,
+                    **{**credentials.options(), **dict(options or {})},
+                )
+            )
         except Exception as exc:
             self._loop.close()
-            raise DeliveryError(f"cannot connect to NATS at {', '.join(self._shown)}: "
-                                f"{exc or type(exc).__name__}; check the URL and that the "
-                                "server runs with JetStream enabled (-js)") from exc
+            raise DeliveryError(
+                f"cannot connect to NATS at {', '.join(self._shown)}: "
+                f"{exc or type(exc).__name__}; check the URL and that the "
+                "server runs with JetStream enabled (-js)"
+            ) from exc
         self._js = self._nc.jetstream(timeout=timeout)
 
     def __repr__(self) -> str:
@@ -95,8 +109,9 @@ class NatsSink:
 
         async def one(message: OutboxMessage) -> bool:
             headers = {**message.headers, NATS_MSG_ID_HEADER: message.message_id}
-            ack = await self._js.publish(message.destination.name, message.body,
-                                         timeout=self.timeout, headers=headers)
+            ack = await self._js.publish(
+                message.destination.name, message.body, timeout=self.timeout, headers=headers
+            )
             return bool(ack.duplicate)
 
         # Publishes are written in order on one connection; their acks are awaited together.
@@ -107,11 +122,14 @@ class NatsSink:
             raise DeliveryError(
                 f"no JetStream stream stores subject(s) {', '.join(subjects)}; create one "
                 "(e.g. `nats stream add --subjects 'alerts.>' --dupe-window 2m`) whose "
-                "duplicate window is longer than a relay outage") from exc
+                "duplicate window is longer than a relay outage"
+            ) from exc
         except Exception as exc:
-            raise DeliveryError(f"NATS did not acknowledge the batch ({type(exc).__name__}: "
-                                f"{exc}); the messages stay in the outbox and are re-sent "
-                                "under the same ids") from exc
+            raise DeliveryError(
+                f"NATS did not acknowledge the batch ({type(exc).__name__}: "
+                f"{exc}); the messages stay in the outbox and are re-sent "
+                "under the same ids"
+            ) from exc
         return sum(acks)
 
     def close(self) -> None:
@@ -137,8 +155,10 @@ class NatsCredentials:
     token: str | None = None
 
     def __repr__(self) -> str:  # never shows a secret
-        return (f"NatsCredentials(user={self.user!r}, password={_hidden(self.password)}, "
-                f"token={_hidden(self.token)})")
+        return (
+            f"NatsCredentials(user={self.user!r}, password={_hidden(self.password)}, "
+            f"token={_hidden(self.token)})"
+        )
 
     def options(self) -> dict[str, str]:
         """Keyword arguments of ``nats.connect`` (only those that are set)."""
@@ -194,7 +214,8 @@ def split_servers(urls: Sequence[str]) -> tuple[list[str], NatsCredentials]:
     if len(found) > 1:
         raise ConfigurationError(
             "the NATS server URLs carry different credentials; nats-py uses one set for every "
-            "server: give the same user/password or token in each URL")
+            "server: give the same user/password or token in each URL"
+        )
     return [server for server, _ in split], (found.pop() if found else NatsCredentials())
 
 
@@ -204,8 +225,11 @@ def _redact(url: str) -> str:
     server, credentials = split_url(url)
     if credentials == NatsCredentials():
         return url
-    shown = (NatsCredentials(token="***") if credentials.token is not None
-             else NatsCredentials(user=credentials.user, password="***"))
+    shown = (
+        NatsCredentials(token="***")
+        if credentials.token is not None
+        else NatsCredentials(user=credentials.user, password="***")
+    )
     return shown.url(server).replace("%2A%2A%2A", "***")
 
 
@@ -214,8 +238,13 @@ class KafkaSink:
 
     scheme = "kafka"
 
-    def __init__(self, config: Mapping[str, Any], *, transactional_id: str,
-                 timeout: float = DEFAULT_SEND_TIMEOUT) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        transactional_id: str,
+        timeout: float = DEFAULT_SEND_TIMEOUT,
+    ) -> None:
         try:
             import confluent_kafka  # noqa: F401
         except ImportError:
@@ -223,10 +252,11 @@ class KafkaSink:
                 "the Kafka sink needs confluent-kafka: pip install 'eos-airflow[kafka]'"
             ) from None
         if "bootstrap.servers" not in config:
-            raise ConfigurationError("the Kafka producer config has no 'bootstrap.servers'; "
-                                     "set it in the connection's extra JSON")
-        self.config = {**config, "transactional.id": transactional_id,
-                       "enable.idempotence": True}
+            raise ConfigurationError(
+                "the Kafka producer config has no 'bootstrap.servers'; "
+                "set it in the connection's extra JSON"
+            )
+        self.config = {**config, "transactional.id": transactional_id, "enable.idempotence": True}
         self.timeout = timeout
         self._producer: Any = None
 
@@ -243,9 +273,11 @@ class KafkaSink:
                 # transaction (a relay that crashed mid-batch).
                 producer.init_transactions(self.timeout)
             except KafkaException as exc:
-                raise DeliveryError(f"Kafka producer could not start its transactions "
-                                    f"({exc.args[0].str()}); check bootstrap.servers and that "
-                                    "the cluster supports transactions") from exc
+                raise DeliveryError(
+                    f"Kafka producer could not start its transactions "
+                    f"({exc.args[0].str()}); check bootstrap.servers and that "
+                    "the cluster supports transactions"
+                ) from exc
             self._producer = producer
         return self._producer
 
@@ -261,8 +293,9 @@ class KafkaSink:
                 key = message.key.encode() if message.key is not None else None
                 while True:
                     try:
-                        producer.produce(message.destination.name, value=message.body,
-                                         key=key, headers=headers)
+                        producer.produce(
+                            message.destination.name, value=message.body, key=key, headers=headers
+                        )
                         break
                     except BufferError:  # local queue full: let librdkafka drain it
                         producer.poll(0.1)
@@ -270,9 +303,11 @@ class KafkaSink:
         except KafkaException as exc:
             error = exc.args[0]
             self._abort(error)
-            raise DeliveryError(f"Kafka did not commit the batch ({error.str()}); the "
-                                "messages stay in the outbox and are re-sent under the same "
-                                "ids") from exc
+            raise DeliveryError(
+                f"Kafka did not commit the batch ({error.str()}); the "
+                "messages stay in the outbox and are re-sent under the same "
+                "ids"
+            ) from exc
         return 0  # Kafka reports no duplicates: consumers drop them by eos-message-id
 
     def _abort(self, error: Any) -> None:
@@ -292,5 +327,13 @@ class KafkaSink:
             self._producer = None
 
 
-__all__ = ["DEFAULT_SEND_TIMEOUT", "DeliveryError", "KafkaSink", "NatsCredentials", "NatsSink",
-           "Sink", "split_servers", "split_url"]
+__all__ = [
+    "DEFAULT_SEND_TIMEOUT",
+    "DeliveryError",
+    "KafkaSink",
+    "NatsCredentials",
+    "NatsSink",
+    "Sink",
+    "split_servers",
+    "split_url",
+]

@@ -29,28 +29,44 @@ if TYPE_CHECKING:
     from eos_airflow.protocol.effect import Effect
 
 
-def publish(eos: Effect, destination: str, payload: Any, key: str | None = None,
-            headers: Mapping[str, str] | None = None) -> str:
+def publish(
+    eos: Effect,
+    destination: str,
+    payload: Any,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> str:
     """Queue ``payload`` for ``destination`` in ``eos``'s transaction; return the message id."""
     parse_destination(destination)
     body = encode_payload(payload, destination)
     if key is not None and not isinstance(key, str):
-        raise MessageError(f"message to {destination!r}: key must be a string or None, "
-                           f"got {type(key).__name__}")
+        raise MessageError(
+            f"message to {destination!r}: key must be a string or None, got {type(key).__name__}"
+        )
     header_json = json.dumps(check_headers(headers, destination))
     version = eos.previous.version + 1 if eos.previous is not None else 1
     cur = eos.conn.cursor(row_factory=dict_row)
     if eos._outbox_seq is None:
-        row = cur.execute(query("outbox_last_seq", eos.schema),
-                          {"key": eos.key, "version": version}).fetchone()
+        row = cur.execute(
+            query("outbox_last_seq", eos.schema), {"key": eos.key, "version": version}
+        ).fetchone()
         eos._outbox_seq = row["seq"] if row else 0
     seq = eos._outbox_seq + 1
     mid = message_id(eos.conn.info.dbname, eos.schema, eos.key, version, seq)
-    cur.execute(query("outbox_insert", eos.schema), {
-        "key": eos.key, "owner": getattr(eos.session, "owner", None), "version": version,
-        "seq": seq, "message_id": mid,
-        "destination": destination, "message_key": key, "payload": body,
-        "headers": header_json})
+    cur.execute(
+        query("outbox_insert", eos.schema),
+        {
+            "key": eos.key,
+            "owner": getattr(eos.session, "owner", None),
+            "version": version,
+            "seq": seq,
+            "message_id": mid,
+            "destination": destination,
+            "message_key": key,
+            "payload": body,
+            "headers": header_json,
+        },
+    )
     eos._outbox_seq = seq
     return str(mid)
 
@@ -69,28 +85,37 @@ def split_destinations(destinations: Sequence[str]) -> tuple[list[str], list[str
     return exact, schemes
 
 
-def pending(conn: psycopg.Connection[Any], schema: str, exact: list[str], schemes: list[str],
-            limit: int) -> list[OutboxMessage]:
+def pending(
+    conn: psycopg.Connection[Any], schema: str, exact: list[str], schemes: list[str], limit: int
+) -> list[OutboxMessage]:
     """Lock and return the oldest undelivered messages (inside the caller's transaction)."""
     cur = conn.cursor(row_factory=dict_row)
-    rows = cur.execute(query("outbox_pending", schema),
-                       {"exact": exact, "schemes": schemes, "limit": limit}).fetchall()
-    return [OutboxMessage(r["id"], r["message_id"],
-                          Destination(*r["destination"].split(":", 1)),
-                          r["message_key"], r["payload"], r["headers"] or {}) for r in rows]
+    rows = cur.execute(
+        query("outbox_pending", schema), {"exact": exact, "schemes": schemes, "limit": limit}
+    ).fetchall()
+    return [
+        OutboxMessage(
+            r["id"],
+            r["message_id"],
+            Destination(*r["destination"].split(":", 1)),
+            r["message_key"],
+            r["payload"],
+            r["headers"] or {},
+        )
+        for r in rows
+    ]
 
 
-def mark_delivered(conn: psycopg.Connection[Any], schema: str, ids: list[int],
-                   relay: str) -> int:
-    row = conn.execute(query("outbox_mark_delivered", schema),
-                       {"ids": ids, "relay": relay}).fetchone()
+def mark_delivered(conn: psycopg.Connection[Any], schema: str, ids: list[int], relay: str) -> int:
+    row = conn.execute(
+        query("outbox_mark_delivered", schema), {"ids": ids, "relay": relay}
+    ).fetchone()
     return row[0] if row else 0
 
 
 def backlog(conn: psycopg.Connection[Any], schema: str = "eos") -> list[dict[str, Any]]:
     """Undelivered messages per destination: ``[{destination, pending, oldest}]``."""
-    return conn.cursor(row_factory=dict_row).execute(query("outbox_backlog", schema),
-                                                     {}).fetchall()
+    return conn.cursor(row_factory=dict_row).execute(query("outbox_backlog", schema), {}).fetchall()
 
 
 __all__ = ["backlog", "mark_delivered", "pending", "publish", "split_destinations"]

@@ -104,7 +104,8 @@ class Checkpoints:
         if every is None and seconds is None:
             raise ConfigurationError(
                 "checkpoints need every= (items per chunk) and/or seconds= (time per chunk), "
-                "e.g. eos.checkpoints(rows, every=10_000)")
+                "e.g. eos.checkpoints(rows, every=10_000)"
+            )
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ConfigurationError(f"every= must be an integer >= 1, got {every!r}")
         if seconds is not None and not seconds > 0:
@@ -113,7 +114,8 @@ class Checkpoints:
         if session is None or not hasattr(session, "checkpoint"):
             raise ConfigurationError(
                 "this effect cannot commit in chunks (its protocol has no recovery points); "
-                "run it through Ledger.run or @task.exactly_once on one database")
+                "run it through Ledger.run or @task.exactly_once on one database"
+            )
         self._eos = eos
         self._session = session
         self._source = source
@@ -130,13 +132,22 @@ class Checkpoints:
         self.state = point.state if point else state
         self._used = False
         if point:
-            log.info("effect %s: resuming after recovery point %s (%s %s consumed, position "
-                     "%s, committed by attempt %s)", eos.key, point.seq, f"{point.rows:,}",
-                     label, point.position, point.attempt)
+            log.info(
+                "effect %s: resuming after recovery point %s (%s %s consumed, position "
+                "%s, committed by attempt %s)",
+                eos.key,
+                point.seq,
+                f"{point.rows:,}",
+                label,
+                point.position,
+                point.attempt,
+            )
 
     def __repr__(self) -> str:
-        return (f"<Checkpoints key={self._eos.key!r} chunks={self.chunks} rows={self.rows} "
-                f"resumed={self.resumed is not None}>")
+        return (
+            f"<Checkpoints key={self._eos.key!r} chunks={self.chunks} rows={self.rows} "
+            f"resumed={self.resumed is not None}>"
+        )
 
     def _items(self) -> Iterator[Any]:
         if callable(self._source):
@@ -148,13 +159,16 @@ class Checkpoints:
                 raise ConfigurationError(
                     f"effect {self._eos.key}: the source has fewer items than the "
                     f"{self.rows:,} already committed; it must yield the same items in the "
-                    "same order on every attempt (e.g. ORDER BY a unique key)")
+                    "same order on every attempt (e.g. ORDER BY a unique key)"
+                )
         return items
 
     def __iter__(self) -> Iterator[list[Any]]:
         if self._used:
-            raise ConfigurationError("a Checkpoints object is iterated once; call "
-                                     "eos.checkpoints(...) again for another loop")
+            raise ConfigurationError(
+                "a Checkpoints object is iterated once; call "
+                "eos.checkpoints(...) again for another loop"
+            )
         self._used = True
         items = self._items()
         started, start_rows = time.monotonic(), self.rows
@@ -179,19 +193,29 @@ class Checkpoints:
             self.chunks += 1
             pending = next(items, _END)
             final = pending is _END
-            self._session.checkpoint(self._eos, rows=self.rows, position=self.position,
-                                     state=self.state, detail={"chunk_rows": len(chunk)},
-                                     final=final)
+            self._session.checkpoint(
+                self._eos,
+                rows=self.rows,
+                position=self.position,
+                state=self.state,
+                detail={"chunk_rows": len(chunk)},
+                final=final,
+            )
             now = time.monotonic()
             if final or now - last_log >= PROGRESS_EVERY or self.chunks == 1:
                 last_log = now
-                log.info("effect %s: %s", self._eos.key,
-                         self._progress(now - started, self.rows - start_rows, final))
+                log.info(
+                    "effect %s: %s",
+                    self._eos.key,
+                    self._progress(now - started, self.rows - start_rows, final),
+                )
 
     def _progress(self, elapsed: float, done: int, final: bool) -> str:
         rate = done / elapsed if elapsed > 0 else 0.0
-        text = (f"chunk {self.chunks} {'written (commits with the effect)' if final else 'committed'}"
-                f": {self.rows:,} {self.label}")
+        text = (
+            f"chunk {self.chunks} {'written (commits with the effect)' if final else 'committed'}"
+            f": {self.rows:,} {self.label}"
+        )
         if self.total:
             text += f" of {self.total:,} ({100 * self.rows / self.total:.0f}%)"
         text += f", {rate:,.0f} {self.label}/s"
@@ -206,8 +230,9 @@ def staging_name(key: str, table: str) -> str:
     return f"eos_stage_{digest}"
 
 
-def staging_table(conn: psycopg.Connection[Any], target: sql.Composable, name: str,
-                  *, schema: str | None = None) -> sql.Composable:
+def staging_table(
+    conn: psycopg.Connection[Any], target: sql.Composable, name: str, *, schema: str | None = None
+) -> sql.Composable:
     """Create (or recreate, empty) the staging table ``name`` shaped like ``target`` and
     return its identifier. Call it only when not resuming (``chunks.resumed is None``): on a
     resumed attempt the staging table holds the committed chunks."""
@@ -217,9 +242,14 @@ def staging_table(conn: psycopg.Connection[Any], target: sql.Composable, name: s
     return ident
 
 
-def publish_staged(conn: psycopg.Connection[Any], staging: sql.Composable,
-                   target: sql.Composable, *, delete_where: sql.Composable | None = None,
-                   params: Any = None) -> int:
+def publish_staged(
+    conn: psycopg.Connection[Any],
+    staging: sql.Composable,
+    target: sql.Composable,
+    *,
+    delete_where: sql.Composable | None = None,
+    params: Any = None,
+) -> int:
     """In the final transaction: optionally delete ``delete_where`` from ``target``, move every
     staged row into it, drop the staging table; return the rows published."""
     if delete_where is not None:

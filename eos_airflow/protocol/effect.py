@@ -80,16 +80,22 @@ class Effect:
             self._offsets = Offsets(self.conn, key=self.key, schema=self.schema, owner=owner)
         return self._offsets
 
-    def checkpoints(self, source: Any, *, every: int | None = None,
-                    seconds: float | None = None, **options: Any) -> Checkpoints:
+    def checkpoints(
+        self, source: Any, *, every: int | None = None, seconds: float | None = None, **options: Any
+    ) -> Checkpoints:
         """Iterate ``source`` in chunks, each committed with a recovery point; a retry
         continues after the last committed chunk (protocol/checkpoints.py)."""
         from eos_airflow.protocol.checkpoints import Checkpoints
 
         return Checkpoints(self, source, every=every, seconds=seconds, **options)
 
-    def publish(self, destination: str, payload: Any, key: str | None = None,
-                headers: Mapping[str, str] | None = None) -> str:
+    def publish(
+        self,
+        destination: str,
+        payload: Any,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
         """Queue a message (``"nats:SUBJECT"`` or ``"kafka:TOPIC"``, JSON payload) in the
         transactional outbox: it is written in this effect's transaction, so it exists once
         the effect commits, and a relay delivers it under a deterministic message id
@@ -100,7 +106,8 @@ class Effect:
 
     #: Connections by target name of a multi-target effect (protocol/twophase.py).
     targets: Mapping[str, psycopg.Connection[Any]] | None = field(
-        default=None, repr=False, compare=False)
+        default=None, repr=False, compare=False
+    )
 
     @property
     def conns(self) -> Mapping[str, psycopg.Connection[Any]]:

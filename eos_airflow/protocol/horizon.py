@@ -60,16 +60,20 @@ def normalize_horizon(horizon: str) -> str:
     """``horizon`` as one of :data:`HORIZONS`; ``"xmin"`` warns and becomes ``"wait"``."""
     if horizon in DEPRECATED_HORIZONS:
         new = DEPRECATED_HORIZONS[horizon]
-        message = (f"horizon={horizon!r} is deprecated and now means horizon={new!r} (it waits "
-                   "for writers that drew sequence values before the run read the sequence); "
-                   f"write horizon={new!r}")
+        message = (
+            f"horizon={horizon!r} is deprecated and now means horizon={new!r} (it waits "
+            "for writers that drew sequence values before the run read the sequence); "
+            f"write horizon={new!r}"
+        )
         warnings.warn(message, DeprecationWarning, stacklevel=3)
         log.warning("%s", message)
         return new
     if horizon not in HORIZONS:
-        raise ConfigurationError(f"horizon={horizon!r} is not valid; choose one of "
-                                 f"{', '.join(map(repr, HORIZONS))} ('xmin' is a deprecated "
-                                 "alias of 'wait')")
+        raise ConfigurationError(
+            f"horizon={horizon!r} is not valid; choose one of "
+            f"{', '.join(map(repr, HORIZONS))} ('xmin' is a deprecated "
+            "alias of 'wait')"
+        )
     return horizon
 
 
@@ -117,51 +121,68 @@ _HOLDERS = """
 """
 
 
-def order_sequence(conn: psycopg.Connection[Any], table: str, column: str
-                   ) -> OrderSequence | None:
+def order_sequence(conn: psycopg.Connection[Any], table: str, column: str) -> OrderSequence | None:
     """The sequence that fills ``table.column`` (``table`` as quoted SQL text), or None."""
     row = conn.execute(_SEQUENCE, {"table": table, "column": column}).fetchone()
     return OrderSequence(*row) if row else None
 
 
-def refusal(conn: psycopg.Connection[Any], table: str, column: str,
-            sequence: OrderSequence | None) -> str | None:
+def refusal(
+    conn: psycopg.Connection[Any], table: str, column: str, sequence: OrderSequence | None
+) -> str | None:
     """Why ``"wait"`` cannot make ``table.column`` safe (None when it can); ``table`` as the
     user wrote it, for the message."""
     where = f"{table}.{column}"
     if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
-        return (f"the source of {where} is a standby: the writers' locks live on the primary; "
-                "read from the primary")
+        return (
+            f"the source of {where} is a standby: the writers' locks live on the primary; "
+            "read from the primary"
+        )
     if sequence is None:
-        return (f"{where} is not filled by a sequence (serial, identity or a nextval() "
-                "default), so no writer can be waited for")
+        return (
+            f"{where} is not filled by a sequence (serial, identity or a nextval() "
+            "default), so no writer can be waited for"
+        )
     if sequence.cache > 1:
-        return (f"sequence {sequence.name} behind {where} has CACHE {sequence.cache}: sessions "
-                "hand out cached values out of order; run ALTER SEQUENCE "
-                f"{sequence.name} CACHE 1")
+        return (
+            f"sequence {sequence.name} behind {where} has CACHE {sequence.cache}: sessions "
+            "hand out cached values out of order; run ALTER SEQUENCE "
+            f"{sequence.name} CACHE 1"
+        )
     if sequence.increment < 0 or sequence.cycle:
-        return (f"sequence {sequence.name} behind {where} "
-                f"{'descends' if sequence.increment < 0 else 'cycles'}: its values do not grow "
-                "with time")
-    if not conn.execute("SELECT has_sequence_privilege(%s::oid, 'SELECT, USAGE')",
-                        [sequence.oid]).fetchone()[0]:  # type: ignore[index]
-        return (f"the source's role {conn.info.user!r} cannot read sequence {sequence.name} "
-                f"behind {where}; run GRANT SELECT ON SEQUENCE {sequence.name} TO "
-                f"{conn.info.user}")
+        return (
+            f"sequence {sequence.name} behind {where} "
+            f"{'descends' if sequence.increment < 0 else 'cycles'}: its values do not grow "
+            "with time"
+        )
+    if not conn.execute(
+        "SELECT has_sequence_privilege(%s::oid, 'SELECT, USAGE')", [sequence.oid]
+    ).fetchone()[0]:  # type: ignore[index]
+        return (
+            f"the source's role {conn.info.user!r} cannot read sequence {sequence.name} "
+            f"behind {where}; run GRANT SELECT ON SEQUENCE {sequence.name} TO "
+            f"{conn.info.user}"
+        )
     return None
 
 
-def wait_for_writers(conn: psycopg.Connection[Any], sequence: OrderSequence, *,
-                     timeout: float, what: str,
-                     sleep: Callable[[float], None] = time.sleep) -> Any:
+def wait_for_writers(
+    conn: psycopg.Connection[Any],
+    sequence: OrderSequence,
+    *,
+    timeout: float,
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
     """Steps 1-3: read the sequence's last value, then wait until every transaction that held
     the sequence at that moment has ended. Returns the value (None: nothing drawn yet).
 
     ``conn`` must be in autocommit mode (each statement its own transaction, so this session
     holds no lock on the sequence while it waits).
     """
-    last = conn.execute("SELECT pg_sequence_last_value(%s::oid::regclass)",
-                        [sequence.oid]).fetchone()[0]  # type: ignore[index]
+    last = conn.execute(
+        "SELECT pg_sequence_last_value(%s::oid::regclass)", [sequence.oid]
+    ).fetchone()[0]  # type: ignore[index]
     held = conn.execute(_HOLDERS, {"seq": sequence.oid, "listed": None}).fetchall()
     listed = [row[0] for row in held]
     start = time.monotonic()
@@ -175,13 +196,20 @@ def wait_for_writers(conn: psycopg.Connection[Any], sequence: OrderSequence, *,
         held = conn.execute(_HOLDERS, {"seq": sequence.oid, "listed": listed}).fetchall()
     waited = time.monotonic() - start
     if listed:
-        log.info("%s: waited %.3f s for %d writer(s) of %s that drew values up to %s",
-                 what, waited, len(listed), sequence.name, last)
+        log.info(
+            "%s: waited %.3f s for %d writer(s) of %s that drew values up to %s",
+            what,
+            waited,
+            len(listed),
+            sequence.name,
+            last,
+        )
     return last
 
 
-def _timeout_message(what: str, sequence: OrderSequence, last: Any,
-                     held: list[tuple[Any, ...]], timeout: float) -> str:
+def _timeout_message(
+    what: str, sequence: OrderSequence, last: Any, held: list[tuple[Any, ...]], timeout: float
+) -> str:
     shown = []
     for _vxid, pid, state, xact_start, application in held[:5]:
         if pid is None:
@@ -191,27 +219,43 @@ def _timeout_message(what: str, sequence: OrderSequence, last: Any,
             app = f", application {application!r}" if application else ""
             shown.append(f"pid {pid} ({state or 'unknown state'}{since}{app})")
     more = f" and {len(held) - 5} more" if len(held) > 5 else ""
-    return (f"{what}: {len(held)} transaction(s) that may hold values of {sequence.name} up to "
-            f"{last} are still open after {timeout:g} s: {'; '.join(shown)}{more}. Nothing was "
-            "copied and the position did not move; the task can be retried. End those "
-            "transactions, raise horizon_timeout, or give lag= to copy below a fixed distance "
-            "instead")
+    return (
+        f"{what}: {len(held)} transaction(s) that may hold values of {sequence.name} up to "
+        f"{last} are still open after {timeout:g} s: {'; '.join(shown)}{more}. Nothing was "
+        "copied and the position did not move; the task can be retried. End those "
+        "transactions, raise horizon_timeout, or give lag= to copy below a fixed distance "
+        "instead"
+    )
 
 
-def range_query(source: sql.Composable, column: sql.Identifier, *, after: Any, ceiling: Any,
-                use_ceiling: bool, lag: Any) -> sql.Composed:
+def range_query(
+    source: sql.Composable,
+    column: sql.Identifier,
+    *,
+    after: Any,
+    ceiling: Any,
+    use_ceiling: bool,
+    lag: Any,
+) -> sql.Composed:
     """Step 4: (largest visible value past ``after``, safe horizon) in one snapshot. The
     horizon is the largest visible value ``<= ceiling`` (when ``use_ceiling``) and, with
     ``lag``, at least ``lag`` below the largest visible value."""
     conditions: list[sql.Composable] = []
     if use_ceiling:
-        conditions.append(sql.SQL("{col} <= {ceiling}").format(col=column,
-                                                              ceiling=sql.Literal(ceiling)))
+        conditions.append(
+            sql.SQL("{col} <= {ceiling}").format(col=column, ceiling=sql.Literal(ceiling))
+        )
     if lag is not None:
-        distance = (sql.SQL("{}::interval").format(sql.Literal(lag)) if isinstance(lag, str)
-                    else sql.Literal(lag))
-        conditions.append(sql.SQL("{col} <= (SELECT max({col}) FROM {src}) - {lag}").format(
-            col=column, src=source, lag=distance))
+        distance = (
+            sql.SQL("{}::interval").format(sql.Literal(lag))
+            if isinstance(lag, str)
+            else sql.Literal(lag)
+        )
+        conditions.append(
+            sql.SQL("{col} <= (SELECT max({col}) FROM {src}) - {lag}").format(
+                col=column, src=source, lag=distance
+            )
+        )
     safe = sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true")
     return sql.SQL(
         "SELECT max({col}) AS visible, max({col}) FILTER (WHERE {safe}) AS safe "
@@ -219,10 +263,17 @@ def range_query(source: sql.Composable, column: sql.Identifier, *, after: Any, c
     ).format(col=column, src=source, safe=safe, after=sql.Literal(after))
 
 
-def safe_horizon(connect: Callable[[], psycopg.Connection[Any]], source_table: str,
-                 column: str, *, horizon: str, lag: Any, after: Any,
-                 timeout: float = DEFAULT_HORIZON_TIMEOUT, what: str = "horizon"
-                 ) -> tuple[Any, Any]:
+def safe_horizon(
+    connect: Callable[[], psycopg.Connection[Any]],
+    source_table: str,
+    column: str,
+    *,
+    horizon: str,
+    lag: Any,
+    after: Any,
+    timeout: float = DEFAULT_HORIZON_TIMEOUT,
+    what: str = "horizon",
+) -> tuple[Any, Any]:
     """(largest visible value, safe horizon) of ``source_table.column`` past ``after``
     (``source_table``: ``"table"`` or ``"schema.table"``).
 
@@ -244,7 +295,8 @@ def safe_horizon(connect: Callable[[], psycopg.Connection[Any]], source_table: s
                 raise ConfigurationError(
                     f"cannot read {source_table}.{column} in database {conn.info.dbname!r} "
                     f"({exc.sqlstate}: {exc.diag.message_primary}); check source_table and "
-                    "column (nothing was written)") from exc
+                    "column (nothing was written)"
+                ) from exc
             reason = refusal(conn, source_table, column, sequence)
             if reason is None and sequence is not None:
                 ceiling = wait_for_writers(conn, sequence, timeout=timeout, what=what)
@@ -254,26 +306,45 @@ def safe_horizon(connect: Callable[[], psycopg.Connection[Any]], source_table: s
                     f"horizon='wait' cannot make the copy safe: {reason}. Give lag= (a "
                     "distance below the newest value that late writers stay within), or "
                     "horizon='none' if a single writer inserts in commit order (nothing was "
-                    "written)")
+                    "written)"
+                )
             else:
-                log.info("%s: %s; the horizon keeps lag=%r below the newest value", what,
-                         reason, lag)
+                log.info(
+                    "%s: %s; the horizon keeps lag=%r below the newest value", what, reason, lag
+                )
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             try:
-                row = conn.execute(range_query(source, sql.Identifier(column), after=after,
-                                               ceiling=ceiling, use_ceiling=use_ceiling,
-                                               lag=lag)).fetchone()
+                row = conn.execute(
+                    range_query(
+                        source,
+                        sql.Identifier(column),
+                        after=after,
+                        ceiling=ceiling,
+                        use_ceiling=use_ceiling,
+                        lag=lag,
+                    )
+                ).fetchone()
             except psycopg.Error as exc:
                 raise ConfigurationError(
                     f"cannot read {source_table}.{column} in database {conn.info.dbname!r} "
                     f"({exc.sqlstate}: {exc.diag.message_primary}); check source_table, "
-                    "column and lag (nothing was written)") from exc
+                    "column and lag (nothing was written)"
+                ) from exc
     finally:
         conn.close()
     return (row[0], row[1]) if row else (None, None)
 
 
-__all__ = ["DEFAULT_HORIZON_TIMEOUT", "HORIZONS", "HorizonTimeoutError", "OrderSequence",
-           "normalize_horizon", "order_sequence", "range_query", "refusal", "safe_horizon",
-           "wait_for_writers"]
+__all__ = [
+    "DEFAULT_HORIZON_TIMEOUT",
+    "HORIZONS",
+    "HorizonTimeoutError",
+    "OrderSequence",
+    "normalize_horizon",
+    "order_sequence",
+    "range_query",
+    "refusal",
+    "safe_horizon",
+    "wait_for_writers",
+]

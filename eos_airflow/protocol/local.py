@@ -112,12 +112,14 @@ def run_effect(
     origin = origin or Origin()
     owner = uuid.uuid4()
     # The claim, its COMMIT and the effect's BEGIN travel in one round trip.
-    claim = _claim(conn, schema, key, owner, attempt, origin, on_committed, wait_timeout,
-                   begin=True)
+    claim = _claim(
+        conn, schema, key, owner, attempt, origin, on_committed, wait_timeout, begin=True
+    )
     if claim["action"] == "skip":
         log.info("effect %s is committed (version %s): skipped", key, claim["version"])
-        return Outcome(key, "skipped", claim["result"], claim["version"], attempt,
-                       claim["committed_at"])
+        return Outcome(
+            key, "skipped", claim["result"], claim["version"], attempt, claim["committed_at"]
+        )
 
     event, detail = "failed", {}
     session = Session(conn, schema, key, owner, attempt)
@@ -137,8 +139,9 @@ def run_effect(
             if reconnect is None or _server_refused(conn, exc):
                 raise
             conn.close()
-            version, committed_at = commit_outcome(reconnect, schema, key, owner, attempt,
-                                                   wait_timeout, exc)
+            version, committed_at = commit_outcome(
+                reconnect, schema, key, owner, attempt, wait_timeout, exc
+            )
             committed = {"version": version, "committed_at": committed_at}
     except (CommitNotDoneError, CommitOutcomeUnknownError):
         raise  # resolved (and released) through a new connection
@@ -174,26 +177,37 @@ def run_effect(
     failpoints.check("after_commit", attempt=attempt)
     action = "replaced" if claim["prior_state"] == "committed" else "committed"
     log.info("effect %s %s (version %s)", key, action, committed["version"])
-    return Outcome(key, action, json.loads(payload), committed["version"], attempt,
-                   committed["committed_at"])
+    return Outcome(
+        key, action, json.loads(payload), committed["version"], attempt, committed["committed_at"]
+    )
 
 
-def lost_to(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUID,
-            attempt: int, txid: str | None = None) -> int | None:
+def lost_to(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    key: str,
+    owner: uuid.UUID,
+    attempt: int,
+    txid: str | None = None,
+) -> int | None:
     """After a fenced commit: the try that took ``key`` from the attempt ``owner``, or None
     when recovery released it (or the ledger cannot say) — then nobody writes the effect
     unless the attempt is retried."""
     try:
-        row = _execute(conn, "fence_cause", schema,
-                       {"key": key, "owner": str(owner), "attempt": attempt,
-                        "txid": txid}).fetchone()
+        row = _execute(
+            conn,
+            "fence_cause",
+            schema,
+            {"key": key, "owner": str(owner), "attempt": attempt, "txid": txid},
+        ).fetchone()
     except psycopg.Error:
         return None
     return None if row is None or row["released"] else row["attempt"]
 
 
-def _previous(conn: psycopg.Connection[Any], schema: str, key: str,
-              claim: dict[str, Any]) -> Previous | None:
+def _previous(
+    conn: psycopg.Connection[Any], schema: str, key: str, claim: dict[str, Any]
+) -> Previous | None:
     """The committed version this attempt supersedes, if the row holds one: under "replace",
     and whenever an operator reopened the key — also after attempts that failed or crashed
     since the reopen, which left the row ``failed`` or ``running`` with that version."""
@@ -223,8 +237,9 @@ class Session:
     ``with eos.conn.transaction()`` block in user code becomes a savepoint, as before.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any], schema: str, key: str,
-                 owner: uuid.UUID, attempt: int) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUID, attempt: int
+    ) -> None:
         self.conn = conn
         self.schema = schema
         self.key = key
@@ -246,14 +261,16 @@ class Session:
         prepared = _hot_paths.get(conn, {}).get(schema) == _PREPARED
         message = query("commit_prepared_then_end" if prepared else "commit_then_end", schema)
         try:
-            row = _script(conn, message, schema,
-                          {"key": self.key, "owner": self.owner, "result": payload})
+            row = _script(
+                conn, message, schema, {"key": self.key, "owner": self.owner, "result": payload}
+            )
         except pgerrors.InvalidSqlStatementName as exc:
             _hot_paths[conn][schema] = _NEVER  # this session's code drops prepared statements
             error = UserCodeError(
                 f"effect {self.key!r}: the function dropped this session's prepared statements "
                 "(DEALLOCATE ALL or DISCARD ALL), the ledger's among them; nothing was written. "
-                "The next try on this connection does without them; better, remove the statement")
+                "The next try on this connection does without them; better, remove the statement"
+            )
             error.retryable = True
             raise error from exc
         assert row is not None
@@ -270,21 +287,22 @@ class Session:
         try:
             conn.execute("ROLLBACK")
         except psycopg.Error:
-            log.warning("rollback of effect %s failed; closing its connection", self.key,
-                        exc_info=True)
+            log.warning(
+                "rollback of effect %s failed; closing its connection", self.key, exc_info=True
+            )
             conn.close()
 
     def resume(self, eos: Effect | None = None) -> RecoveryPoint | None:
         """The newest recovery point of the version being written, recorded as `resumed`
         and committed at once (with what the function wrote before its loop, and offsets it
         staged); or None."""
-        found = _execute(self.conn, "has_recovery_point", self.schema,
-                         {"key": self.key}).fetchone()
+        found = _execute(self.conn, "has_recovery_point", self.schema, {"key": self.key}).fetchone()
         if not found["found"]:
             return None
         self.step = "resume"
-        row = _execute(self.conn, "resume", self.schema,
-                       {"key": self.key, "owner": self.owner}).fetchone()
+        row = _execute(
+            self.conn, "resume", self.schema, {"key": self.key, "owner": self.owner}
+        ).fetchone()
         if row is None:
             self.step = "commit"
             return None
@@ -296,20 +314,36 @@ class Session:
         if offsets is not None:
             offsets.transaction_ended()
         self.begin()
-        return RecoveryPoint(row["seq"], row["rows"], row["position"], row["state"],
-                             row["attempt"])
+        return RecoveryPoint(row["seq"], row["rows"], row["position"], row["state"], row["attempt"])
 
-    def checkpoint(self, eos: Effect, *, rows: int, position: Any, state: Any,
-                   detail: dict[str, Any], final: bool = False) -> int:
+    def checkpoint(
+        self,
+        eos: Effect,
+        *,
+        rows: int,
+        position: Any,
+        state: Any,
+        detail: dict[str, Any],
+        final: bool = False,
+    ) -> int:
         """Record a recovery point in the chunk's transaction (fenced), then COMMIT it and
         BEGIN the next chunk — unless this is the final chunk, which commits with the effect."""
         self.step = "checkpoint"
         if eos._offsets is not None:
             eos._offsets.flush()
-        row = _execute(self.conn, "checkpoint", self.schema, {
-            "key": self.key, "owner": self.owner, "rows": rows,
-            "position": _json(position, "position"), "state": _json(state, "state"),
-            "detail": json.dumps(detail)}).fetchone()
+        row = _execute(
+            self.conn,
+            "checkpoint",
+            self.schema,
+            {
+                "key": self.key,
+                "owner": self.owner,
+                "rows": rows,
+                "position": _json(position, "position"),
+                "state": _json(state, "state"),
+                "detail": json.dumps(detail),
+            },
+        ).fetchone()
         self.step = "commit"
         if final:
             return row["seq"]
@@ -328,8 +362,9 @@ def _json(value: Any, what: str) -> str | None:
     try:
         return json.dumps(value, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
-        raise ResultError(f"the recovery point's {what} must be JSON, got "
-                          f"{type(value).__name__}: {exc}") from None
+        raise ResultError(
+            f"the recovery point's {what} must be JSON, got {type(value).__name__}: {exc}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -362,18 +397,36 @@ def _own_transaction(conn: psycopg.Connection[Any], key: str) -> Iterator[None]:
         raise error
 
 
-def _claim(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUID,
-           attempt: int, origin: Origin, on_committed: str, wait_timeout: float,
-           *, query_name: str = "claim", extra: dict[str, Any] | None = None,
-           begin: bool = False) -> dict[str, Any]:
+def _claim(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    key: str,
+    owner: uuid.UUID,
+    attempt: int,
+    origin: Origin,
+    on_committed: str,
+    wait_timeout: float,
+    *,
+    query_name: str = "claim",
+    extra: dict[str, Any] | None = None,
+    begin: bool = False,
+) -> dict[str, Any]:
     """The claim step; ``query_name``/``extra`` select a variant that does more in the same
     round trip (the two-phase protocol logs its transaction id with the claim). With
     ``begin``, a claim that returns ``run`` leaves the effect's transaction open (BEGIN sent
     in the same round trip); any other outcome leaves the connection idle."""
     params = {
-        "key": key, "owner": owner, "attempt": attempt, "dag_id": origin.dag_id,
-        "task_id": origin.task_id, "run_id": origin.run_id, "map_index": origin.map_index,
-        "host": _HOST, "pid": os.getpid(), "on_committed": on_committed, **(extra or {}),
+        "key": key,
+        "owner": owner,
+        "attempt": attempt,
+        "dag_id": origin.dag_id,
+        "task_id": origin.task_id,
+        "run_id": origin.run_id,
+        "map_index": origin.map_index,
+        "host": _HOST,
+        "pid": os.getpid(),
+        "on_committed": on_committed,
+        **(extra or {}),
     }
     check_session(conn)  # a pooler must keep the owner's session (protocol/pooling.py)
     deadline = time.monotonic() + wait_timeout
@@ -406,16 +459,24 @@ def _claim(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUI
         _wait_for_owner(conn, schema, key, row, deadline, wait_timeout)
 
 
-def _wait_for_owner(conn: psycopg.Connection[Any], schema: str, key: str,
-                    row: dict[str, Any], deadline: float, wait_timeout: float) -> None:
+def _wait_for_owner(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    key: str,
+    row: dict[str, Any],
+    deadline: float,
+    wait_timeout: float,
+) -> None:
     """Sleep on the owner's session lock until it ends or the deadline passes."""
     remaining = deadline - time.monotonic()
     holder = row["result"] or {}
     if remaining > 0:
         try:
             with conn.transaction():
-                conn.execute("SELECT set_config('lock_timeout', %s, true)",
-                             [f"{max(1, int(remaining * 1000))}ms"])
+                conn.execute(
+                    "SELECT set_config('lock_timeout', %s, true)",
+                    [f"{max(1, int(remaining * 1000))}ms"],
+                )
                 _execute(conn, "wait_for_owner", schema, {"key": key, "holder": row["holder"]})
             return
         except pgerrors.LockNotAvailable:
@@ -428,22 +489,44 @@ def _wait_for_owner(conn: psycopg.Connection[Any], schema: str, key: str,
     )
 
 
-def _release(conn: psycopg.Connection[Any], schema: str, key: str, owner: uuid.UUID,
-             attempt: int, event: str, detail: dict[str, Any]) -> None:
+def _release(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    key: str,
+    owner: uuid.UUID,
+    attempt: int,
+    event: str,
+    detail: dict[str, Any],
+) -> None:
     """Record the failure; never let a failed release hide the original error."""
     try:
-        _execute(conn, "release", schema, {"key": key, "owner": owner, "attempt": attempt,
-                                           "event": event, "detail": json.dumps(detail)})
+        _execute(
+            conn,
+            "release",
+            schema,
+            {
+                "key": key,
+                "owner": owner,
+                "attempt": attempt,
+                "event": event,
+                "detail": json.dumps(detail),
+            },
+        )
     except Exception:  # the original exception is re-raised by the caller
-        log.warning("could not record %s for effect %s; the next claim takes the key over",
-                    event, key, exc_info=True)
+        log.warning(
+            "could not record %s for effect %s; the next claim takes the key over",
+            event,
+            key,
+            exc_info=True,
+        )
         # The session may still hold the owner's advisory lock, which tells other runs that
         # the owner is alive: end the session so that the key is free to take over.
         conn.close()
 
 
-def _script(conn: psycopg.Connection[Any], message: bytes, schema: str,
-            params: dict[str, Any]) -> dict[str, Any] | None:
+def _script(
+    conn: psycopg.Connection[Any], message: bytes, schema: str, params: dict[str, Any]
+) -> dict[str, Any] | None:
     """Send several statements in one round trip: bound on the client, one simple-protocol
     message (the server stops at the first error). Return the first row of the first
     statement that returns rows."""
@@ -459,11 +542,13 @@ def _script(conn: psycopg.Connection[Any], message: bytes, schema: str,
 #: before the connection's first effect, then one of these.
 _PLAIN, _PREPARED, _NEVER = 0, 1, 2  # not prepared yet; prepared; the session drops them
 _hot_paths: weakref.WeakKeyDictionary[psycopg.Connection[Any], dict[str, int]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
-def _claim_then_begin(conn: psycopg.Connection[Any], schema: str,
-                      params: dict[str, Any]) -> dict[str, Any]:
+def _claim_then_begin(
+    conn: psycopg.Connection[Any], schema: str, params: dict[str, Any]
+) -> dict[str, Any]:
     """The claim in its own transaction, then BEGIN, in one round trip. A connection's first
     effect sends the claim as a plain statement (an Airflow task runs one effect per
     connection: preparing would not pay); the second also prepares the claim and the commit
@@ -478,8 +563,11 @@ def _claim_then_begin(conn: psycopg.Connection[Any], schema: str,
         elif state == _PREPARED:
             message = query("claim_prepared_then_begin", schema)
         else:
-            message = (query("prepare_hot_path", schema) + b"\n"
-                       + query("claim_prepared_then_begin", schema))
+            message = (
+                query("prepare_hot_path", schema)
+                + b"\n"
+                + query("claim_prepared_then_begin", schema)
+            )
         try:
             row = _script(conn, message, schema, params)
         except pgerrors.InvalidSqlStatementName:
@@ -514,8 +602,9 @@ def _drop_prepared(conn: psycopg.Connection[Any], schema: str) -> None:
         for row in found:
             conn.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(row["name"])))
     except psycopg.Error:
-        log.warning("could not drop the prepared statements of the ledger on this connection",
-                    exc_info=True)
+        log.warning(
+            "could not drop the prepared statements of the ledger on this connection", exc_info=True
+        )
 
 
 @contextlib.contextmanager
@@ -533,8 +622,9 @@ def _schema_errors(conn: psycopg.Connection[Any], schema: str) -> Iterator[None]
         ) from exc
 
 
-def _execute(conn: psycopg.Connection[Any], name: str, schema: str,
-             params: dict[str, Any]) -> psycopg.Cursor[Any]:
+def _execute(
+    conn: psycopg.Connection[Any], name: str, schema: str, params: dict[str, Any]
+) -> psycopg.Cursor[Any]:
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
     with _schema_errors(conn, schema):
         return cur.execute(query(name, schema), params)

@@ -57,41 +57,66 @@ class MultiLedger:
         self.wait_timeout = wait_timeout
         self.max_result_bytes = max_result_bytes
         self.coordinator = _ledger(coordinator, schema)
-        self.participants = {name: _ledger(target, schema)
-                             for name, target in participants.items()}
+        self.participants = {name: _ledger(target, schema) for name, target in participants.items()}
         self._executor: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
-        return (f"<MultiLedger protocol={self.protocol} participants="
-                f"{sorted(self.participants)}>")
+        return f"<MultiLedger protocol={self.protocol} participants={sorted(self.participants)}>"
 
-    def run(self, key: str, fn: Callable[[Effect], Any], *, attempt: int = 1,
-            on_committed: str = "skip", origin: Origin | None = None) -> Any:
+    def run(
+        self,
+        key: str,
+        fn: Callable[[Effect], Any],
+        *,
+        attempt: int = 1,
+        on_committed: str = "skip",
+        origin: Origin | None = None,
+    ) -> Any:
         """Run ``fn(eos)`` as effect ``key`` exactly once on every participant."""
-        return self.run_outcome(key, fn, attempt=attempt, on_committed=on_committed,
-                                origin=origin).result
+        return self.run_outcome(
+            key, fn, attempt=attempt, on_committed=on_committed, origin=origin
+        ).result
 
-    def run_outcome(self, key: str, fn: Callable[[Effect], Any], *, attempt: int = 1,
-                    on_committed: str = "skip", origin: Origin | None = None) -> Outcome:
+    def run_outcome(
+        self,
+        key: str,
+        fn: Callable[[Effect], Any],
+        *,
+        attempt: int = 1,
+        on_committed: str = "skip",
+        origin: Origin | None = None,
+    ) -> Outcome:
         """Like :meth:`run`, but say what happened (committed, replaced, skipped, recovered)."""
         if on_committed not in ON_COMMITTED:
             raise ConfigurationError(
-                f"on_committed={on_committed!r} is not one of {', '.join(ON_COMMITTED)}")
+                f"on_committed={on_committed!r} is not one of {', '.join(ON_COMMITTED)}"
+            )
         if not isinstance(attempt, int) or attempt < 1:
             raise ConfigurationError(f"attempt must be an integer >= 1, got {attempt!r}")
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=len(self.participants),
-                                                thread_name_prefix="eos-2pc")
+            self._executor = ThreadPoolExecutor(
+                max_workers=len(self.participants), thread_name_prefix="eos-2pc"
+            )
         coordinator = self.coordinator.connection()
         conns: dict[str, psycopg.Connection[Any]] = {}
         try:
             for name, ledger in self.participants.items():
                 conns[name] = ledger.connection()
             return run_two_phase(
-                coordinator, conns, key, fn, protocol=self.protocol, conn_ids=self.conn_ids,
-                schema=self.schema, attempt=attempt, on_committed=on_committed, origin=origin,
-                wait_timeout=self.wait_timeout, max_result_bytes=self.max_result_bytes,
-                executor=self._executor)
+                coordinator,
+                conns,
+                key,
+                fn,
+                protocol=self.protocol,
+                conn_ids=self.conn_ids,
+                schema=self.schema,
+                attempt=attempt,
+                on_committed=on_committed,
+                origin=origin,
+                wait_timeout=self.wait_timeout,
+                max_result_bytes=self.max_result_bytes,
+                executor=self._executor,
+            )
         finally:
             self.coordinator.putconn(coordinator)
             for name, conn in conns.items():
@@ -101,16 +126,22 @@ class MultiLedger:
         """Finish the coordinator's in-doubt transactions (see ``eos-airflow recover``)."""
         coordinator = self.coordinator.connection()
         try:
-            return recover(coordinator, schema=self.schema, grace=grace,
-                           participants={n: ledger.connection
-                                         for n, ledger in self.participants.items()})
+            return recover(
+                coordinator,
+                schema=self.schema,
+                grace=grace,
+                participants={n: ledger.connection for n, ledger in self.participants.items()},
+            )
         finally:
             self.coordinator.putconn(coordinator)
 
     def terminate(self, *, grace: float = DEFAULT_GRACE) -> list[Resolution]:
         """The 3PC termination protocol on the participants alone (coordinator down)."""
-        return terminate({n: ledger.connection for n, ledger in self.participants.items()},
-                         schema=self.schema, grace=grace)
+        return terminate(
+            {n: ledger.connection for n, ledger in self.participants.items()},
+            schema=self.schema,
+            grace=grace,
+        )
 
     def migrate(self) -> None:
         """Create or upgrade the ledger schema in the coordinator and every participant."""
@@ -136,7 +167,8 @@ def _ledger(target: Target, schema: str) -> Ledger:
     if callable(target):
         return Ledger(connect=target, schema=schema)
     raise ConfigurationError(
-        f"a database must be a DSN string or a connection factory, got {type(target).__name__}")
+        f"a database must be a DSN string or a connection factory, got {type(target).__name__}"
+    )
 
 
 __all__ = ["MultiLedger"]

@@ -48,8 +48,14 @@ class Offsets:
     effect's transaction ends.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any], *, key: str, schema: str = "eos",
-                 owner: uuid.UUID | None = None) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        *,
+        key: str,
+        schema: str = "eos",
+        owner: uuid.UUID | None = None,
+    ) -> None:
         self._conn = conn
         self._key = key
         self._schema = schema
@@ -120,9 +126,14 @@ class Offsets:
         if not self._staged:
             return {}
         cur = self._conn.cursor(row_factory=dict_row)
-        row = cur.execute(query("advance_offsets", self._schema), {
-            "key": self._key, "owner": self._owner,
-            "positions": json.dumps(self._staged, allow_nan=False)}).fetchone()
+        row = cur.execute(
+            query("advance_offsets", self._schema),
+            {
+                "key": self._key,
+                "owner": self._owner,
+                "positions": json.dumps(self._staged, allow_nan=False),
+            },
+        ).fetchone()
         assert row is not None
         self._staged.clear()
         return row["moves"]

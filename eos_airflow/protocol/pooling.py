@@ -42,7 +42,8 @@ POOLING_CODE = "EOS10"
 #: Per connection seen: the server session's process id at first sight, and whether a pooler
 #: answered the login (the id the connection was given then differs).
 _seen: weakref.WeakKeyDictionary[psycopg.Connection[Any], tuple[int, bool]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 def declared_session_pooling() -> bool:
@@ -86,7 +87,8 @@ def check_session(conn: psycopg.Connection[Any]) -> None:
             "stays on a pooled server session after its owner is gone, or passes to another "
             "client. Use session mode (pool_mode = session) for the ledger database and set "
             f"{POOL_MODE_ENV}=session on the workers, or connect the ledger directly to "
-            "PostgreSQL. Nothing was claimed")
+            "PostgreSQL. Nothing was claimed"
+        )
     if first:
         return
     server_pid = _server_pid(conn)
@@ -97,8 +99,14 @@ def check_session(conn: psycopg.Connection[Any]) -> None:
             f"ledger pools transactions, not sessions, although {POOL_MODE_ENV}=session says it "
             "pools sessions. An attempt's ownership of a key (a session-level advisory lock) "
             "cannot work through it: use session mode (pool_mode = session) for the ledger "
-            "database, or connect the ledger directly to PostgreSQL. Nothing was claimed")
+            "database, or connect the ledger directly to PostgreSQL. Nothing was claimed"
+        )
 
 
-__all__ = ["POOL_MODE_ENV", "POOLING_CODE", "behind_pooler", "check_session",
-           "declared_session_pooling"]
+__all__ = [
+    "POOL_MODE_ENV",
+    "POOLING_CODE",
+    "behind_pooler",
+    "check_session",
+    "declared_session_pooling",
+]

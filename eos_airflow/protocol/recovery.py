@@ -90,15 +90,31 @@ def prepared_on(conn: psycopg.Connection[Any], prefix: str = GID_PREFIX) -> dict
     """This database's prepared transactions whose gid starts with ``prefix``."""
     rows = conn.execute(
         "SELECT gid, prepared FROM pg_prepared_xacts "
-        "WHERE database = current_database() AND starts_with(gid, %s)", [prefix]).fetchall()
+        "WHERE database = current_database() AND starts_with(gid, %s)",
+        [prefix],
+    ).fetchall()
     return {gid: prepared for gid, prepared in rows}
 
 
-def vote(conn: psycopg.Connection[Any], schema: str, txid: str, key: str | None,
-         attempt: int, state: str, names: list[str], result: str | None) -> dict[str, Any]:
+def vote(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    txid: str,
+    key: str | None,
+    attempt: int,
+    state: str,
+    names: list[str],
+    result: str | None,
+) -> dict[str, Any]:
     """Write a 3PC vote at a participant unless one exists; return the vote in force."""
-    params = {"txid": txid, "key": key, "attempt": attempt, "state": state,
-              "participants": json.dumps(names), "result": result}
+    params = {
+        "txid": txid,
+        "key": key,
+        "attempt": attempt,
+        "state": state,
+        "participants": json.dumps(names),
+        "result": result,
+    }
     for _ in range(5):
         row = _execute(conn, "precommit_vote", schema, params).fetchone()
         if row is not None:
@@ -106,8 +122,9 @@ def vote(conn: psycopg.Connection[Any], schema: str, txid: str, key: str | None,
     raise RuntimeError(f"the vote of {txid} could not be read back")  # pragma: no cover
 
 
-def _votes(conns: Mapping[str, psycopg.Connection[Any]], schema: str,
-           txid: str) -> dict[str, dict[str, Any]]:
+def _votes(
+    conns: Mapping[str, psycopg.Connection[Any]], schema: str, txid: str
+) -> dict[str, dict[str, Any]]:
     found = {}
     for name, conn in conns.items():
         row = _execute(conn, "precommit_get", schema, {"txids": [txid]}).fetchone()
@@ -116,11 +133,20 @@ def _votes(conns: Mapping[str, psycopg.Connection[Any]], schema: str,
     return found
 
 
-def resolve(txid: str, *, protocol: str, conns: Mapping[str, psycopg.Connection[Any]],
-            coordinator: psycopg.Connection[Any] | None, schema: str = "eos",
-            decision: str | None = None, key: str | None = None, attempt: int = 0,
-            force: bool = False, by: str = "eos-airflow recover",
-            waiting: str = "within the grace period") -> Resolution:
+def resolve(
+    txid: str,
+    *,
+    protocol: str,
+    conns: Mapping[str, psycopg.Connection[Any]],
+    coordinator: psycopg.Connection[Any] | None,
+    schema: str = "eos",
+    decision: str | None = None,
+    key: str | None = None,
+    attempt: int = 0,
+    force: bool = False,
+    by: str = "eos-airflow recover",
+    waiting: str = "within the grace period",
+) -> Resolution:
     """Finish ``txid`` on ``conns`` (its participants by name) and log the outcome. An
     undecided transaction is aborted only with ``force``; otherwise it is reported as
     waiting, for the reason ``waiting``."""
@@ -135,8 +161,9 @@ def resolve(txid: str, *, protocol: str, conns: Mapping[str, psycopg.Connection[
             done.key = key
         if decision == "commit" or "precommitted" in states:
             commit = True
-            result = next((v["result"] for v in votes.values()
-                           if v["state"] == "precommitted"), None)
+            result = next(
+                (v["result"] for v in votes.values() if v["state"] == "precommitted"), None
+            )
         elif decision == "abort" or "aborted" in states:
             commit = False
         elif not force:
@@ -153,39 +180,66 @@ def resolve(txid: str, *, protocol: str, conns: Mapping[str, psycopg.Connection[
         if decision is None:
             if coordinator is None:
                 done.outcome = "blocked"
-                done.detail = ("two-phase commit: only the coordinator's decision log can "
-                               "decide; bring the coordinator back, then run eos-airflow recover")
+                done.detail = (
+                    "two-phase commit: only the coordinator's decision log can "
+                    "decide; bring the coordinator back, then run eos-airflow recover"
+                )
                 return done
             if not force:
                 done.detail = f"undecided: {waiting}"
                 return done
-            decision = _abort(coordinator, schema, txid, attempt, by, "no decision (presumed abort)")
+            decision = _abort(
+                coordinator, schema, txid, attempt, by, "no decision (presumed abort)"
+            )
         commit = decision == "commit"
-    finished = [name for name in names
-                if finish_prepared(conns[name], gid_of(txid, name), commit=commit)]
+    finished = [
+        name for name in names if finish_prepared(conns[name], gid_of(txid, name), commit=commit)
+    ]
     done.outcome = "committed" if commit else "aborted"
-    done.detail = (f"{'COMMIT' if commit else 'ROLLBACK'} PREPARED on "
-                   f"{', '.join(finished) or 'no participant (finished before)'}")
+    done.detail = (
+        f"{'COMMIT' if commit else 'ROLLBACK'} PREPARED on "
+        f"{', '.join(finished) or 'no participant (finished before)'}"
+    )
     if coordinator is not None:
         if not commit and decision != "abort":
             _abort(coordinator, schema, txid, attempt, by, "participants aborted (3PC)")
-        _execute(coordinator, "twophase_resolved", schema, {
-            "txid": txid, "outcome": done.outcome, "by": by,
-            "result": None if result is None else json.dumps(result)})
+        _execute(
+            coordinator,
+            "twophase_resolved",
+            schema,
+            {
+                "txid": txid,
+                "outcome": done.outcome,
+                "by": by,
+                "result": None if result is None else json.dumps(result),
+            },
+        )
     log.info("transaction %s (%s) %s: %s", txid, key, done.outcome, done.detail)
     return done
 
 
-def _abort(coordinator: psycopg.Connection[Any], schema: str, txid: str, attempt: int,
-           by: str, reason: str) -> str:
-    return _execute(coordinator, "twophase_abort", schema, {
-        "txid": txid, "attempt": attempt, "by": by, "reason": reason}).fetchone()["decision"]
+def _abort(
+    coordinator: psycopg.Connection[Any], schema: str, txid: str, attempt: int, by: str, reason: str
+) -> str:
+    return _execute(
+        coordinator,
+        "twophase_abort",
+        schema,
+        {"txid": txid, "attempt": attempt, "by": by, "reason": reason},
+    ).fetchone()["decision"]
 
 
-def finish_for_key(coordinator: psycopg.Connection[Any],
-                   conns: Mapping[str, psycopg.Connection[Any]], rows: list[dict[str, Any]],
-                   key: str, *, schema: str, by: str, scan: bool,
-                   exclude: str | None = None) -> list[Resolution]:
+def finish_for_key(
+    coordinator: psycopg.Connection[Any],
+    conns: Mapping[str, psycopg.Connection[Any]],
+    rows: list[dict[str, Any]],
+    key: str,
+    *,
+    schema: str,
+    by: str,
+    scan: bool,
+    exclude: str | None = None,
+) -> list[Resolution]:
     """Finish the key's other transactions that no attempt can decide any more (the caller
     claimed or skipped the key); with ``scan``, also look for them on the participants.
 
@@ -200,37 +254,66 @@ def finish_for_key(coordinator: psycopg.Connection[Any],
         for conn in conns.values():
             for gid in prepared_on(conn):
                 parsed = parse_gid(gid)
-                if (parsed is None or parsed.key_hash != hashed or parsed.txid == exclude
-                        or parsed.txid in txids):
+                if (
+                    parsed is None
+                    or parsed.key_hash != hashed
+                    or parsed.txid == exclude
+                    or parsed.txid in txids
+                ):
                     continue
-                row = _execute(coordinator, "twophase_get", schema,
-                               {"txid": parsed.txid}).fetchone()
-                txids[parsed.txid] = row or {"txid": parsed.txid, "protocol": parsed.protocol,
-                                             "decision": None, "attempt": parsed.attempt,
-                                             "participants": {}}
+                row = _execute(
+                    coordinator, "twophase_get", schema, {"txid": parsed.txid}
+                ).fetchone()
+                txids[parsed.txid] = row or {
+                    "txid": parsed.txid,
+                    "protocol": parsed.protocol,
+                    "decision": None,
+                    "attempt": parsed.attempt,
+                    "participants": {},
+                }
     done = []
     for txid, row in txids.items():
-        members = {n: c for n, c in conns.items() if not row["participants"]
-                   or n in row["participants"]}
+        members = {
+            n: c for n, c in conns.items() if not row["participants"] or n in row["participants"]
+        }
         check = _execute(coordinator, "twophase_abandoned", schema, {"txid": txid}).fetchone()
         if not check["abandoned"]:
-            done.append(Resolution(txid, key, row["protocol"], "waiting", sorted(members),
-                                   "its attempt is alive and owns the key: it decides or "
-                                   "aborts the transaction itself"))
+            done.append(
+                Resolution(
+                    txid,
+                    key,
+                    row["protocol"],
+                    "waiting",
+                    sorted(members),
+                    "its attempt is alive and owns the key: it decides or "
+                    "aborts the transaction itself",
+                )
+            )
             log.info("transaction %s (%s) left to its live attempt", txid, key)
             continue
-        done.append(resolve(txid, protocol=row["protocol"], conns=members,
-                            coordinator=coordinator, schema=schema,
-                            decision=check["decision"] or row["decision"], key=key,
-                            attempt=row["attempt"], force=True, by=by))
+        done.append(
+            resolve(
+                txid,
+                protocol=row["protocol"],
+                conns=members,
+                coordinator=coordinator,
+                schema=schema,
+                decision=check["decision"] or row["decision"],
+                key=key,
+                attempt=row["attempt"],
+                force=True,
+                by=by,
+            )
+        )
     return done
 
 
 class _Participants:
     """Connections to participants by name, opened on first use and closed at the end."""
 
-    def __init__(self, given: Mapping[str, Connect],
-                 by_conn_id: Callable[[str], Connect] | None) -> None:
+    def __init__(
+        self, given: Mapping[str, Connect], by_conn_id: Callable[[str], Connect] | None
+    ) -> None:
         self.given = dict(given)
         self.by_conn_id = by_conn_id
         self.open: dict[tuple[str, str | None], psycopg.Connection[Any]] = {}
@@ -245,7 +328,8 @@ class _Participants:
             else:
                 raise LookupError(
                     f"participant {name!r} has no Airflow connection id in the decision log; "
-                    f"pass --participant {name}=DSN")
+                    f"pass --participant {name}=DSN"
+                )
             conn = connect()
             conn.autocommit = True
             behind_pooler(conn)  # pooled: no automatic prepared statements
@@ -257,10 +341,15 @@ class _Participants:
             conn.close()
 
 
-def recover(coordinator: psycopg.Connection[Any], *, schema: str = "eos",
-            participants: Mapping[str, Connect] | None = None,
-            by_conn_id: Callable[[str], Connect] | None = None,
-            grace: float = DEFAULT_GRACE, by: str = "eos-airflow recover") -> list[Resolution]:
+def recover(
+    coordinator: psycopg.Connection[Any],
+    *,
+    schema: str = "eos",
+    participants: Mapping[str, Connect] | None = None,
+    by_conn_id: Callable[[str], Connect] | None = None,
+    grace: float = DEFAULT_GRACE,
+    by: str = "eos-airflow recover",
+) -> list[Resolution]:
     """Finish every in-doubt transaction of the coordinator ``coordinator``.
 
     Participants are found by the Airflow connection ids in the decision log
@@ -279,40 +368,70 @@ def recover(coordinator: psycopg.Connection[Any], *, schema: str = "eos",
                     continue
                 prepared_at[parsed.txid] = min(at, prepared_at.get(parsed.txid, at))
                 if parsed.txid not in rows:
-                    row = _execute(coordinator, "twophase_get", schema,
-                                   {"txid": parsed.txid}).fetchone()
+                    row = _execute(
+                        coordinator, "twophase_get", schema, {"txid": parsed.txid}
+                    ).fetchone()
                     rows[parsed.txid] = row or {
-                        "txid": parsed.txid, "key": None, "attempt": parsed.attempt,
-                        "protocol": parsed.protocol, "decision": None, "created_at": at,
-                        "participants": {n: {"conn_id": None} for n in participants or {}}}
-        _scan_logged_participants(coordinator, schema, pool, rows, prepared_at,
-                                  skip=set(participants or {}))
+                        "txid": parsed.txid,
+                        "key": None,
+                        "attempt": parsed.attempt,
+                        "protocol": parsed.protocol,
+                        "decision": None,
+                        "created_at": at,
+                        "participants": {n: {"conn_id": None} for n in participants or {}},
+                    }
+        _scan_logged_participants(
+            coordinator, schema, pool, rows, prepared_at, skip=set(participants or {})
+        )
         for txid, row in rows.items():
             members = row["participants"] or {n: {"conn_id": None} for n in participants or {}}
             try:
-                conns = {n: pool.get(n, (info or {}).get("conn_id")) for n, info in
-                         members.items()}
+                conns = {n: pool.get(n, (info or {}).get("conn_id")) for n, info in members.items()}
             except (LookupError, psycopg.OperationalError, EosError) as exc:
-                done.append(Resolution(txid, row["key"], row["protocol"], "unreachable",
-                                       sorted(members), str(exc).strip()))
+                done.append(
+                    Resolution(
+                        txid,
+                        row["key"],
+                        row["protocol"],
+                        "unreachable",
+                        sorted(members),
+                        str(exc).strip(),
+                    )
+                )
                 continue
             waiting = None
             if row["decision"] is None:
-                waiting = _still_live(coordinator, schema, row, conns, now, grace,
-                                      prepared_at.get(txid))
-            done.append(resolve(txid, protocol=row["protocol"], conns=conns,
-                                coordinator=coordinator, schema=schema,
-                                decision=row["decision"], key=row["key"],
-                                attempt=row["attempt"], force=waiting is None, by=by,
-                                waiting=waiting or ""))
+                waiting = _still_live(
+                    coordinator, schema, row, conns, now, grace, prepared_at.get(txid)
+                )
+            done.append(
+                resolve(
+                    txid,
+                    protocol=row["protocol"],
+                    conns=conns,
+                    coordinator=coordinator,
+                    schema=schema,
+                    decision=row["decision"],
+                    key=row["key"],
+                    attempt=row["attempt"],
+                    force=waiting is None,
+                    by=by,
+                    waiting=waiting or "",
+                )
+            )
     finally:
         pool.close()
     return done
 
 
-def _scan_logged_participants(coordinator: psycopg.Connection[Any], schema: str,
-                              pool: _Participants, rows: dict[str, dict[str, Any]],
-                              prepared_at: dict[str, datetime], skip: set[str]) -> None:
+def _scan_logged_participants(
+    coordinator: psycopg.Connection[Any],
+    schema: str,
+    pool: _Participants,
+    rows: dict[str, dict[str, Any]],
+    prepared_at: dict[str, datetime],
+    skip: set[str],
+) -> None:
     """Look on every participant the decision log names by Airflow connection id for our
     prepared transactions that the log does not list as unfinished: an attempt that lost its
     coordinator session may PREPARE after recovery decided abort and resolved its txid (it
@@ -328,8 +447,12 @@ def _scan_logged_participants(coordinator: psycopg.Connection[Any], schema: str,
         try:
             found = prepared_on(pool.get(name, conn_id))
         except (LookupError, psycopg.Error, EosError) as exc:
-            log.warning("cannot look for prepared transactions on participant %s "
-                        "(connection id %s): %s", name, conn_id, str(exc).strip())
+            log.warning(
+                "cannot look for prepared transactions on participant %s (connection id %s): %s",
+                name,
+                conn_id,
+                str(exc).strip(),
+            )
             continue
         for gid, at in found.items():
             parsed = parse_gid(gid)
@@ -338,22 +461,35 @@ def _scan_logged_participants(coordinator: psycopg.Connection[Any], schema: str,
             prepared_at[parsed.txid] = min(at, prepared_at.get(parsed.txid, at))
             if parsed.txid in rows and parsed.txid not in partial:
                 continue
-            row = rows.get(parsed.txid) or _execute(coordinator, "twophase_get", schema,
-                                                    {"txid": parsed.txid}).fetchone()
+            row = (
+                rows.get(parsed.txid)
+                or _execute(coordinator, "twophase_get", schema, {"txid": parsed.txid}).fetchone()
+            )
             if row is not None and row["participants"] and parsed.txid not in partial:
                 rows[parsed.txid] = row
                 continue
             partial.add(parsed.txid)  # the log does not say where it lives: collect that
             rows[parsed.txid] = row = row or {
-                "txid": parsed.txid, "key": None, "attempt": parsed.attempt,
-                "protocol": parsed.protocol, "decision": None, "created_at": at,
-                "participants": {}}
+                "txid": parsed.txid,
+                "key": None,
+                "attempt": parsed.attempt,
+                "protocol": parsed.protocol,
+                "decision": None,
+                "created_at": at,
+                "participants": {},
+            }
             row["participants"] = {**row["participants"], name: {"conn_id": conn_id}}
 
 
-def _still_live(coordinator: psycopg.Connection[Any], schema: str, row: dict[str, Any],
-                conns: Mapping[str, psycopg.Connection[Any]], now: datetime, grace: float,
-                prepared_at: datetime | None) -> str | None:
+def _still_live(
+    coordinator: psycopg.Connection[Any],
+    schema: str,
+    row: dict[str, Any],
+    conns: Mapping[str, psycopg.Connection[Any]],
+    now: datetime,
+    grace: float,
+    prepared_at: datetime | None,
+) -> str | None:
     """Why an undecided transaction must be left alone, or None when it is abandoned.
 
     Its attempt is alive while its session holds the claim's lock: it may still decide, and
@@ -362,11 +498,14 @@ def _still_live(coordinator: psycopg.Connection[Any], schema: str, row: dict[str
     PREPARE on its participants (from the log entry when nothing is prepared), covers what
     the lock cannot tell: a transaction found on a participant alone names no owner."""
     if row.get("owner") is not None and row.get("key") is not None:
-        alive = _execute(coordinator, "owner_alive", schema,
-                         {"key": row["key"], "owner": row["owner"]}).fetchone()["alive"]
+        alive = _execute(
+            coordinator, "owner_alive", schema, {"key": row["key"], "owner": row["owner"]}
+        ).fetchone()["alive"]
         if alive:
-            return ("its attempt is alive (its session holds the claim): it decides or aborts "
-                    "the transaction itself")
+            return (
+                "its attempt is alive (its session holds the claim): it decides or aborts "
+                "the transaction itself"
+            )
     for name, conn in conns.items():
         for at in prepared_on(conn, gid_of(row["txid"], name)).values():
             prepared_at = at if prepared_at is None else min(prepared_at, at)
@@ -377,9 +516,13 @@ def _still_live(coordinator: psycopg.Connection[Any], schema: str, row: dict[str
     return None
 
 
-def terminate(participants: Mapping[str, Connect], *, schema: str = "eos",
-              grace: float = DEFAULT_GRACE,
-              by: str = "eos-airflow recover --terminate") -> list[Resolution]:
+def terminate(
+    participants: Mapping[str, Connect],
+    *,
+    schema: str = "eos",
+    grace: float = DEFAULT_GRACE,
+    by: str = "eos-airflow recover --terminate",
+) -> list[Resolution]:
     """The 3PC termination protocol, run on the participants alone (coordinator down).
 
     Pass every participant of the transactions to finish. Three-phase transactions end
@@ -399,9 +542,18 @@ def terminate(participants: Mapping[str, Connect], *, schema: str = "eos",
                 found[parsed.txid] = (parsed.protocol, parsed.attempt, min(at, oldest))
         conns = {name: pool.get(name, None) for name in participants}
         for txid, (protocol, attempt, born) in sorted(found.items()):
-            done.append(resolve(txid, protocol=protocol, conns=conns, coordinator=None,
-                                schema=schema, attempt=attempt,
-                                force=(now - born).total_seconds() >= grace, by=by))
+            done.append(
+                resolve(
+                    txid,
+                    protocol=protocol,
+                    conns=conns,
+                    coordinator=None,
+                    schema=schema,
+                    attempt=attempt,
+                    force=(now - born).total_seconds() >= grace,
+                    by=by,
+                )
+            )
     finally:
         pool.close()
     return done

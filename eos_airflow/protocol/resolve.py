@@ -46,9 +46,15 @@ class CommitNotDoneError(EosError):
     retryable = True
 
 
-def commit_outcome(connect: Callable[[], psycopg.Connection[Any]], schema: str, key: str,
-                   owner: uuid.UUID, attempt: int, wait_timeout: float, cause: BaseException
-                   ) -> tuple[int, datetime]:
+def commit_outcome(
+    connect: Callable[[], psycopg.Connection[Any]],
+    schema: str,
+    key: str,
+    owner: uuid.UUID,
+    attempt: int,
+    wait_timeout: float,
+    cause: BaseException,
+) -> tuple[int, datetime]:
     """Return ``(version, committed_at)`` if ``owner`` committed ``key``; otherwise release the
     claim and raise :class:`CommitNotDoneError` (or :class:`CommitOutcomeUnknownError`)."""
     try:
@@ -62,15 +68,22 @@ def commit_outcome(connect: Callable[[], psycopg.Connection[Any]], schema: str, 
     try:
         conn.autocommit = True
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-        detail = {"error": type(cause).__name__, "message": str(cause)[:500],
-                  "step": "commit", "resolved": "not committed"}
+        detail = {
+            "error": type(cause).__name__,
+            "message": str(cause)[:500],
+            "step": "commit",
+            "resolved": "not committed",
+        }
         try:
             with conn.transaction():
-                cur.execute("SELECT set_config('lock_timeout', %s, true)",
-                            [f"{max(1, int(wait_timeout * 1000))}ms"])
-                found = cur.execute(query("commit_outcome", schema), {
-                    "key": key, "owner": owner, "attempt": attempt,
-                    "detail": json.dumps(detail)}).fetchone()
+                cur.execute(
+                    "SELECT set_config('lock_timeout', %s, true)",
+                    [f"{max(1, int(wait_timeout * 1000))}ms"],
+                )
+                found = cur.execute(
+                    query("commit_outcome", schema),
+                    {"key": key, "owner": owner, "attempt": attempt, "detail": json.dumps(detail)},
+                ).fetchone()
         except pgerrors.LockNotAvailable:
             raise CommitOutcomeUnknownError(
                 f"effect {key!r} attempt {attempt}: the connection broke during COMMIT "
@@ -79,8 +92,12 @@ def commit_outcome(connect: Callable[[], psycopg.Connection[Any]], schema: str, 
                 "committed (Airflow retries this)"
             ) from cause
         if found is not None:
-            log.warning("effect %s: the connection broke during COMMIT; the ledger shows the "
-                        "commit happened (version %s)", key, found["version"])
+            log.warning(
+                "effect %s: the connection broke during COMMIT; the ledger shows the "
+                "commit happened (version %s)",
+                key,
+                found["version"],
+            )
             return found["version"], found["committed_at"]
     finally:
         conn.close()

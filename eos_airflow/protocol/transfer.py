@@ -66,7 +66,8 @@ def table_parts(name: str) -> tuple[str, ...]:
     parts = tuple(name.split(".")) if isinstance(name, str) else ()
     if not 1 <= len(parts) <= 2 or not all(p.strip() for p in parts):
         raise ConfigurationError(
-            f"table {name!r} is not a table name; write 'table' or 'schema.table'")
+            f"table {name!r} is not a table name; write 'table' or 'schema.table'"
+        )
     return parts
 
 
@@ -82,15 +83,16 @@ def inline(conn: psycopg.Connection[Any], query: str, params: Any) -> str:
     return psycopg.ClientCursor(conn).mogrify(query, params)
 
 
-def target_columns(conn: psycopg.Connection[Any], table: sql.Identifier
-                   ) -> list[tuple[str, int]]:
+def target_columns(conn: psycopg.Connection[Any], table: sql.Identifier) -> list[tuple[str, int]]:
     """(name, type oid) of the table's columns, in order; a clear error if it is missing."""
     try:
         with conn.transaction():
             rows = conn.execute(
                 "SELECT a.attname, a.atttypid FROM pg_attribute a "
                 "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped "
-                "ORDER BY a.attnum", [table.as_string(conn)]).fetchall()
+                "ORDER BY a.attnum",
+                [table.as_string(conn)],
+            ).fetchall()
     except psycopg.errors.UndefinedTable:
         raise ConfigurationError(
             f"target table {'.'.join(table._obj)} does not exist in database "  # noqa: SLF001
@@ -103,8 +105,9 @@ def describe(conn: psycopg.Connection[Any], query: str) -> list[int]:
     """Type oids of ``query``'s columns, without running it; a clear error if it is bad."""
     try:
         with conn.transaction():
-            cur = conn.execute(sql.SQL("SELECT * FROM ({}) AS eos_source LIMIT 0").format(
-                sql.SQL(query)))
+            cur = conn.execute(
+                sql.SQL("SELECT * FROM ({}) AS eos_source LIMIT 0").format(sql.SQL(query))
+            )
     except psycopg.Error as exc:
         raise ConfigurationError(
             f"the source query failed in database {conn.info.dbname!r} "
@@ -126,7 +129,8 @@ class _Stream:
         query = sql.SQL(self.query)
         if skip:
             query = sql.SQL("SELECT * FROM ({}) AS eos_source OFFSET {}").format(
-                query, sql.Literal(skip))
+                query, sql.Literal(skip)
+            )
         fmt = sql.SQL("(FORMAT BINARY)" if self.binary else "(FORMAT TEXT)")
         statement = sql.SQL("COPY ({}) TO STDOUT {}").format(query, fmt)
         with self.conn.cursor().copy(statement) as copy:
@@ -171,7 +175,8 @@ def transfer(
         if missing:
             raise ConfigurationError(
                 f"table {table} has no column {', '.join(map(repr, missing))}; its columns "
-                f"are {', '.join(known)} (nothing was written)")
+                f"are {', '.join(known)} (nothing was written)"
+            )
         all_columns = [(name, known[name]) for name in columns]
     typed = all_columns
     src = source()
@@ -183,53 +188,80 @@ def transfer(
             raise ConfigurationError(
                 f"the source query returns {len(types)} columns and table {table} has "
                 f"{len(typed)}; select one value per target column, in the table's order "
-                "(nothing was written)")
+                "(nothing was written)"
+            )
         binary = types == [oid for _, oid in typed]
         fmt = sql.SQL("(FORMAT BINARY)" if binary else "(FORMAT TEXT)")
         where = sql.SQL(replace_where) if replace_where else sql.SQL("true")
         where_params = parameters if replace_where else None
         if chunk_rows is None:
             if mode == "replace":
-                conn.execute(sql.SQL("DELETE FROM {} WHERE ").format(target) + where,
-                             where_params)
+                conn.execute(sql.SQL("DELETE FROM {} WHERE ").format(target) + where, where_params)
             rows = _copy_all(eos, src, text, target, typed, fmt, binary)
             chunks = 1
         else:
-            rows, chunks = _copy_chunks(eos, src, text, target, typed, binary, chunk_rows,
-                                        visibility, where if mode == "replace" else None,
-                                        where_params, table)
+            rows, chunks = _copy_chunks(
+                eos,
+                src,
+                text,
+                target,
+                typed,
+                binary,
+                chunk_rows,
+                visibility,
+                where if mode == "replace" else None,
+                where_params,
+                table,
+            )
     finally:
         src.close()
-    return {"rows": rows, "table": table, "mode": mode, "chunks": chunks,
-            "format": "binary" if binary else "text"}
+    return {
+        "rows": rows,
+        "table": table,
+        "mode": mode,
+        "chunks": chunks,
+        "format": "binary" if binary else "text",
+    }
 
 
 def check_options(mode: str, chunk_rows: int | None, visibility: str | None) -> str:
     if mode not in MODES:
-        raise ConfigurationError(f"mode={mode!r} is not valid; choose one of "
-                                 f"{', '.join(map(repr, MODES))}")
+        raise ConfigurationError(
+            f"mode={mode!r} is not valid; choose one of {', '.join(map(repr, MODES))}"
+        )
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ConfigurationError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
     if visibility is None:
         visibility = "atomic" if mode == "replace" else "chunks"
     if visibility not in VISIBILITIES:
-        raise ConfigurationError(f"visibility={visibility!r} is not valid; choose one of "
-                                 f"{', '.join(map(repr, VISIBILITIES))}")
+        raise ConfigurationError(
+            f"visibility={visibility!r} is not valid; choose one of "
+            f"{', '.join(map(repr, VISIBILITIES))}"
+        )
     if mode == "replace" and visibility == "chunks":
         raise ConfigurationError(
             "mode='replace' with visibility='chunks' would show a half-replaced partition; "
-            "use visibility='atomic' (the default for replace)")
+            "use visibility='atomic' (the default for replace)"
+        )
     return visibility
 
 
-def _copy_into(target: sql.Composable, columns: list[tuple[str, int]],
-               fmt: sql.Composable) -> sql.Composed:
+def _copy_into(
+    target: sql.Composable, columns: list[tuple[str, int]], fmt: sql.Composable
+) -> sql.Composed:
     names = sql.SQL(", ").join(sql.Identifier(name) for name, _ in columns)
     return sql.SQL("COPY {} ({}) FROM STDIN {}").format(target, names, fmt)
 
 
-def _copy_all(eos: Effect, src: psycopg.Connection[Any], query: str, target: sql.Composable,
-              columns: list[tuple[str, int]], fmt: sql.Composable, binary: bool) -> int:
+def _copy_all(
+    eos: Effect,
+    src: psycopg.Connection[Any],
+    query: str,
+    target: sql.Composable,
+    columns: list[tuple[str, int]],
+    fmt: sql.Composable,
+    binary: bool,
+) -> int:
     """One COPY from the source straight into the target, in the effect's transaction."""
     started = last = time.monotonic()
     out_sql = sql.SQL("COPY ({}) TO STDOUT {}").format(sql.SQL(query), fmt)
@@ -244,20 +276,38 @@ def _copy_all(eos: Effect, src: psycopg.Connection[Any], query: str, target: sql
                 break
             if (now := time.monotonic()) - last >= PROGRESS_EVERY:
                 last = now
-                log.info("effect %s: copied %s rows (%s rows/s)", eos.key, f"{messages:,}",
-                         f"{messages / (now - started):,.0f}")
+                log.info(
+                    "effect %s: copied %s rows (%s rows/s)",
+                    eos.key,
+                    f"{messages:,}",
+                    f"{messages / (now - started):,.0f}",
+                )
     rows = tgt.rowcount
     elapsed = time.monotonic() - started
-    log.info("effect %s: copied %s rows in %.1f s (%s rows/s, %s COPY)", eos.key, f"{rows:,}",
-             elapsed, f"{rows / elapsed:,.0f}" if elapsed > 0 else "-",
-             "binary" if binary else "text")
+    log.info(
+        "effect %s: copied %s rows in %.1f s (%s rows/s, %s COPY)",
+        eos.key,
+        f"{rows:,}",
+        elapsed,
+        f"{rows / elapsed:,.0f}" if elapsed > 0 else "-",
+        "binary" if binary else "text",
+    )
     return rows
 
 
-def _copy_chunks(eos: Effect, src: psycopg.Connection[Any], query: str, target: sql.Identifier,
-                 columns: list[tuple[str, int]], binary: bool, chunk_rows: int,
-                 visibility: str, delete_where: sql.Composable | None,
-                 parameters: Any, table: str) -> tuple[int, int]:
+def _copy_chunks(
+    eos: Effect,
+    src: psycopg.Connection[Any],
+    query: str,
+    target: sql.Identifier,
+    columns: list[tuple[str, int]],
+    binary: bool,
+    chunk_rows: int,
+    visibility: str,
+    delete_where: sql.Composable | None,
+    parameters: Any,
+    table: str,
+) -> tuple[int, int]:
     stream = _Stream(src, query, binary)
     chunks = eos.checkpoints(lambda done: stream.rows(skip=done), every=chunk_rows)
     dest: sql.Composable = target
@@ -281,12 +331,19 @@ def _copy_chunks(eos: Effect, src: psycopg.Connection[Any], query: str, target: 
             else:
                 inp.write(b"".join(chunk))
     if visibility == "atomic":
-        published = publish_staged(eos.conn, dest, target, delete_where=delete_where,
-                                   params=parameters)
-        log.info("effect %s: published %s staged rows into %s", eos.key, f"{published:,}",
-                 table)
+        published = publish_staged(
+            eos.conn, dest, target, delete_where=delete_where, params=parameters
+        )
+        log.info("effect %s: published %s staged rows into %s", eos.key, f"{published:,}", table)
     return chunks.rows, chunks.chunks
 
 
-__all__ = ["check_options", "describe", "inline", "table_identifier", "table_parts",
-           "target_columns", "transfer"]
+__all__ = [
+    "check_options",
+    "describe",
+    "inline",
+    "table_identifier",
+    "table_parts",
+    "target_columns",
+    "transfer",
+]

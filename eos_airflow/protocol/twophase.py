@@ -132,16 +132,19 @@ def check_targets(targets: Mapping[str, Any], protocol: str) -> None:
     """Raise :class:`ConfigurationError` unless ``targets`` and ``protocol`` are usable."""
     if protocol not in PROTOCOLS:
         raise ConfigurationError(
-            f"protocol={protocol!r} is not valid for several targets; choose '2pc' or '3pc'")
+            f"protocol={protocol!r} is not valid for several targets; choose '2pc' or '3pc'"
+        )
     if not isinstance(targets, Mapping) or len(targets) < 2:
         raise ConfigurationError(
             "targets must map at least two names to databases, e.g. "
-            "targets={'a': 'bank_a', 'b': 'bank_b'}; use conn_id= for one database")
+            "targets={'a': 'bank_a', 'b': 'bank_b'}; use conn_id= for one database"
+        )
     for name in targets:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigurationError(
                 f"target name {name!r} must be 1-40 letters, digits or underscores "
-                "(it is part of the prepared transaction's id)")
+                "(it is part of the prepared transaction's id)"
+            )
 
 
 class MultiEffect(Effect):
@@ -152,15 +155,18 @@ class MultiEffect(Effect):
         names = ", ".join(repr(n) for n in (self.targets or {}))
         raise ConfigurationError(
             f"this effect writes to several targets ({names}): use eos.conns[name], e.g. "
-            f"eos.conns[{next(iter(self.targets or {'a': 0}))!r}], instead of eos.conn")
+            f"eos.conns[{next(iter(self.targets or {'a': 0}))!r}], instead of eos.conn"
+        )
 
     @conn.setter
     def conn(self, value: Any) -> None:  # the dataclass __init__ assigns the placeholder
         pass
 
     def __repr__(self) -> str:
-        return (f"<MultiEffect key={self.key!r} attempt={self.attempt} "
-                f"targets={sorted(self.targets or {})}>")
+        return (
+            f"<MultiEffect key={self.key!r} attempt={self.attempt} "
+            f"targets={sorted(self.targets or {})}>"
+        )
 
 
 def run_two_phase(
@@ -191,36 +197,65 @@ def run_two_phase(
     owner = uuid.uuid4()
     txid = make_txid(protocol, key, attempt, owner)
     names = sorted(conns)  # participant order: 3PC votes are written in this order
-    participants = {n: {"gid": gid_of(txid, n), "conn_id": (conn_ids or {}).get(n)}
-                    for n in names}
+    participants = {n: {"gid": gid_of(txid, n), "conn_id": (conn_ids or {}).get(n)} for n in names}
     # claim, and (when this attempt runs) log the txid and its participants: one round trip
-    claim = _claim(coordinator, schema, key, owner, attempt, origin, on_committed, wait_timeout,
-                   query_name="twophase_claim",
-                   extra={"txid": txid, "protocol": protocol,
-                          "participants": json.dumps(participants)})
+    claim = _claim(
+        coordinator,
+        schema,
+        key,
+        owner,
+        attempt,
+        origin,
+        on_committed,
+        wait_timeout,
+        query_name="twophase_claim",
+        extra={"txid": txid, "protocol": protocol, "participants": json.dumps(participants)},
+    )
     by = f"attempt {attempt}"
     if claim["action"] == "skip":
         rows = _execute(coordinator, "twophase_unresolved_key", schema, {"key": key}).fetchall()
         recovery.finish_for_key(coordinator, conns, rows, key, schema=schema, by=by, scan=False)
         log.info("effect %s is committed (version %s): skipped", key, claim["version"])
-        return Outcome(key, "skipped", claim["result"], claim["version"], attempt,
-                       claim["committed_at"])
+        return Outcome(
+            key, "skipped", claim["result"], claim["version"], attempt, claim["committed_at"]
+        )
     try:
         others = claim["others"] or []
         if others or claim["prior_state"] is not None:
-            recovery.finish_for_key(coordinator, conns, others, key, schema=schema, by=by,
-                                    scan=True, exclude=txid)
+            recovery.finish_for_key(
+                coordinator, conns, others, key, schema=schema, by=by, scan=True, exclude=txid
+            )
             entry = _execute(coordinator, "twophase_key_entry", schema, {"key": key}).fetchone()
             if entry["state"] == "committed" and claim["prior_state"] != "committed":
                 # an earlier attempt's three-phase transaction committed on the participants
                 _execute(coordinator, "twophase_forget", schema, {"txid": txid, "owner": owner})
-                _release(coordinator, schema, key, owner, attempt, "skipped",
-                         {"reason": "an earlier attempt's transaction committed", "by": by})
-                return Outcome(key, "recovered", entry["result"], entry["version"], attempt,
-                               entry["committed_at"])
+                _release(
+                    coordinator,
+                    schema,
+                    key,
+                    owner,
+                    attempt,
+                    "skipped",
+                    {"reason": "an earlier attempt's transaction committed", "by": by},
+                )
+                return Outcome(
+                    key,
+                    "recovered",
+                    entry["result"],
+                    entry["version"],
+                    attempt,
+                    entry["committed_at"],
+                )
     except BaseException as exc:
-        _release(coordinator, schema, key, owner, attempt, "failed",
-                 {"error": type(exc).__name__, "message": str(exc)[:500], "step": "begin"})
+        _release(
+            coordinator,
+            schema,
+            key,
+            owner,
+            attempt,
+            "failed",
+            {"error": type(exc).__name__, "message": str(exc)[:500], "step": "begin"},
+        )
         raise
     previous = _previous(coordinator, schema, key, claim)
     step = Step()
@@ -235,8 +270,15 @@ def run_two_phase(
             conns[name].execute("BEGIN")
             step.open.add(name)
         step.participant = None
-        eos = MultiEffect(key, attempt, None, previous, origin,  # type: ignore[arg-type]
-                          schema=schema, targets={n: conns[n] for n in names})
+        eos = MultiEffect(
+            key,
+            attempt,
+            None,
+            previous,
+            origin,  # type: ignore[arg-type]
+            schema=schema,
+            targets={n: conns[n] for n in names},
+        )
         result = fn(eos)
         payload = encode_result(result, limit=max_result_bytes)
         _check_coordinator(coordinator, key, txid)
@@ -250,13 +292,15 @@ def run_two_phase(
                 step.name = "precommit"
                 for name in names:
                     step.participant = name
-                    vote = recovery.vote(conns[name], schema, txid, key, attempt, "precommitted",
-                                         names, payload)
+                    vote = recovery.vote(
+                        conns[name], schema, txid, key, attempt, "precommitted", names, payload
+                    )
                     if vote["state"] != "precommitted":
                         raise InDoubtError(
                             f"effect {key!r}: recovery aborted transaction {txid} at "
                             f"participant {name!r} before it pre-committed; nothing was "
-                            "committed. Retry (Airflow retries this)")
+                            "committed. Retry (Airflow retries this)"
+                        )
                     step.precommitted = True
                 step.participant = None
                 failpoints.check("after_precommit", attempt=attempt)
@@ -267,8 +311,12 @@ def run_two_phase(
         failpoints.check("after_decision", attempt=attempt)
         step.name = "commit prepared"
         _commit_prepared_all(pool, conns, names, txid, attempt)
-        _execute(coordinator, "twophase_resolved", schema,
-                 {"txid": txid, "outcome": "committed", "by": None, "result": None})
+        _execute(
+            coordinator,
+            "twophase_resolved",
+            schema,
+            {"txid": txid, "outcome": "committed", "by": None, "result": None},
+        )
     except BaseException as exc:
         _fail(exc, coordinator, conns, schema, key, txid, owner, attempt, step)
         raise  # _fail raises the mapped error; this keeps type checkers informed
@@ -277,15 +325,29 @@ def run_two_phase(
             pool.shutdown(wait=False)
     failpoints.check("after_commit", attempt=attempt)
     action = "replaced" if claim["prior_state"] == "committed" else "committed"
-    log.info("effect %s %s across %s (version %s, %s)", key, action, ", ".join(names),
-             committed["version"], protocol)
-    return Outcome(key, action, json.loads(payload), committed["version"], attempt,
-                   committed["committed_at"])
+    log.info(
+        "effect %s %s across %s (version %s, %s)",
+        key,
+        action,
+        ", ".join(names),
+        committed["version"],
+        protocol,
+    )
+    return Outcome(
+        key, action, json.loads(payload), committed["version"], attempt, committed["committed_at"]
+    )
 
 
-def _settle(exc: psycopg.OperationalError, redial: Callable[[], psycopg.Connection[Any]],
-            conns: Mapping[str, psycopg.Connection[Any]], schema: str, key: str, txid: str,
-            attempt: int, step: Step) -> None:
+def _settle(
+    exc: psycopg.OperationalError,
+    redial: Callable[[], psycopg.Connection[Any]],
+    conns: Mapping[str, psycopg.Connection[Any]],
+    schema: str,
+    key: str,
+    txid: str,
+    attempt: int,
+    step: Step,
+) -> None:
     """The coordinator session was lost around PREPARE or the decision, while the
     participants still answer: in a new session, abort the txid unless it is decided (the
     decision in force is returned) and finish this attempt's prepared work accordingly, so
@@ -295,28 +357,53 @@ def _settle(exc: psycopg.OperationalError, redial: Callable[[], psycopg.Connecti
 
     try:
         with redial() as coordinator:
-            decision = _execute(coordinator, "twophase_abort", schema, {
-                "txid": txid, "attempt": attempt, "by": f"attempt {attempt}",
-                "reason": "the attempt lost its coordinator session"}).fetchone()["decision"]
+            decision = _execute(
+                coordinator,
+                "twophase_abort",
+                schema,
+                {
+                    "txid": txid,
+                    "attempt": attempt,
+                    "by": f"attempt {attempt}",
+                    "reason": "the attempt lost its coordinator session",
+                },
+            ).fetchone()["decision"]
             commit = decision == "commit"
             for name in sorted(step.prepared):
                 recovery.finish_prepared(conns[name], gid_of(txid, name), commit=commit)
-            _execute(coordinator, "twophase_resolved", schema, {
-                "txid": txid, "outcome": "committed" if commit else "aborted", "by": None,
-                "result": None})
+            _execute(
+                coordinator,
+                "twophase_resolved",
+                schema,
+                {
+                    "txid": txid,
+                    "outcome": "committed" if commit else "aborted",
+                    "by": None,
+                    "result": None,
+                },
+            )
     except psycopg.Error:
-        log.warning("effect %s: could not reach the coordinator again to settle %s",
-                    key, txid, exc_info=True)
+        log.warning(
+            "effect %s: could not reach the coordinator again to settle %s",
+            key,
+            txid,
+            exc_info=True,
+        )
         return
     if commit:
-        log.warning("effect %s: transaction %s committed although the coordinator session was "
-                    "lost after its decision; finished it on every participant", key, txid)
+        log.warning(
+            "effect %s: transaction %s committed although the coordinator session was "
+            "lost after its decision; finished it on every participant",
+            key,
+            txid,
+        )
         raise exc  # committed everywhere; the caller still sees what interrupted it
     raise LostClaimError(
         f"effect {key!r} attempt {attempt}: lost the coordinator's session during {step.name} "
         f"of transaction {txid} ({str(exc).strip()}); it was aborted and its prepared "
         "transactions rolled back on every participant, nothing was committed. Retry "
-        "(Airflow retries this)") from exc
+        "(Airflow retries this)"
+    ) from exc
 
 
 class Step:
@@ -354,22 +441,40 @@ def _check_coordinator(coordinator: psycopg.Connection[Any], key: str, txid: str
         raise DatabaseUnavailableError(
             f"effect {key!r}: lost the coordinator's session before transaction {txid} was "
             f"prepared ({str(exc).strip()}); every participant was rolled back and nothing "
-            "was committed. Retry (Airflow retries this)") from exc
+            "was committed. Retry (Airflow retries this)"
+        ) from exc
 
 
-def _decide(coordinator: psycopg.Connection[Any], schema: str, txid: str, key: str,
-            owner: uuid.UUID, payload: str) -> dict[str, Any]:
-    return _execute(coordinator, "twophase_decide", schema,
-                    {"txid": txid, "key": key, "owner": owner, "result": payload}).fetchone()
+def _decide(
+    coordinator: psycopg.Connection[Any],
+    schema: str,
+    txid: str,
+    key: str,
+    owner: uuid.UUID,
+    payload: str,
+) -> dict[str, Any]:
+    return _execute(
+        coordinator,
+        "twophase_decide",
+        schema,
+        {"txid": txid, "key": key, "owner": owner, "result": payload},
+    ).fetchone()
 
 
 def _statement(verb: str, gid: str) -> sql.Composed:
     return sql.SQL(verb + " {}").format(sql.Literal(gid))
 
 
-def _prepare_all(pool: ThreadPoolExecutor, conns: Mapping[str, psycopg.Connection[Any]],
-                 names: list[str], txid: str, step: Step, attempt: int) -> None:
+def _prepare_all(
+    pool: ThreadPoolExecutor,
+    conns: Mapping[str, psycopg.Connection[Any]],
+    names: list[str],
+    txid: str,
+    step: Step,
+    attempt: int,
+) -> None:
     """PREPARE every participant in parallel; raise the first refusal once all finished."""
+
     def prepare(name: str) -> str:
         conn = conns[name]
         status = conn.info.transaction_status
@@ -377,16 +482,20 @@ def _prepare_all(pool: ThreadPoolExecutor, conns: Mapping[str, psycopg.Connectio
             raise ParticipantError(
                 f"a statement failed in participant {name!r}'s transaction and the function "
                 "went on (it caught the error); nothing was committed. Let the error "
-                f"propagate, or wrap the statement in `with eos.conns[{name!r}].transaction():`")
+                f"propagate, or wrap the statement in `with eos.conns[{name!r}].transaction():`"
+            )
         if status != psycopg.pq.TransactionStatus.INTRANS:
             raise ParticipantError(
                 f"the function ended participant {name!r}'s transaction itself (commit or "
                 "rollback), so it cannot be prepared; what it committed there stays. Do not "
-                "call commit() or rollback() on eos.conns[...]: eos-airflow commits them")
+                "call commit() or rollback() on eos.conns[...]: eos-airflow commits them"
+            )
         done = conn.execute(_statement("PREPARE TRANSACTION", gid_of(txid, name)))
         if done.statusmessage != "PREPARE TRANSACTION":  # PostgreSQL rolled it back instead
-            raise ParticipantError(f"participant {name!r} did not prepare "
-                                   f"({done.statusmessage}); nothing was committed")
+            raise ParticipantError(
+                f"participant {name!r} did not prepare "
+                f"({done.statusmessage}); nothing was committed"
+            )
         return name
 
     futures: dict[Future[str], str] = {pool.submit(prepare, n): n for n in names}
@@ -413,15 +522,18 @@ def _prepare_all(pool: ThreadPoolExecutor, conns: Mapping[str, psycopg.Connectio
         raise exc
 
 
-def _commit_prepared_all(pool: ThreadPoolExecutor,
-                         conns: Mapping[str, psycopg.Connection[Any]], names: list[str],
-                         txid: str, attempt: int) -> None:
+def _commit_prepared_all(
+    pool: ThreadPoolExecutor,
+    conns: Mapping[str, psycopg.Connection[Any]],
+    names: list[str],
+    txid: str,
+    attempt: int,
+) -> None:
     from eos_airflow.protocol.recovery import finish_prepared
 
     # Once the decision is durable, another run that skips the key, or `recover`, may finish
     # a participant first: a gid that is no longer prepared was committed by them.
-    futures = [pool.submit(finish_prepared, conns[n], gid_of(txid, n), commit=True)
-               for n in names]
+    futures = [pool.submit(finish_prepared, conns[n], gid_of(txid, n), commit=True) for n in names]
     errors: list[BaseException] = []
     for done, future in enumerate(as_completed(futures), 1):
         # wait for every thread, so that none still uses its connection when this returns
@@ -435,36 +547,63 @@ def _commit_prepared_all(pool: ThreadPoolExecutor,
         raise errors[0]
 
 
-def _fail(exc: BaseException, coordinator: psycopg.Connection[Any],
-          conns: Mapping[str, psycopg.Connection[Any]], schema: str, key: str, txid: str,
-          owner: uuid.UUID, attempt: int, step: Step) -> None:
+def _fail(
+    exc: BaseException,
+    coordinator: psycopg.Connection[Any],
+    conns: Mapping[str, psycopg.Connection[Any]],
+    schema: str,
+    key: str,
+    txid: str,
+    owner: uuid.UUID,
+    attempt: int,
+    step: Step,
+) -> None:
     """Undo what can be undone, record why, and raise the error the caller should see."""
     from eos_airflow.protocol import recovery
 
     for name in step.open:
         recovery.rollback_open(conns[name])
-    in_doubt = step.decided or step.precommitted or (
-        step.name == "decide" and isinstance(exc, psycopg.OperationalError))
+    in_doubt = (
+        step.decided
+        or step.precommitted
+        or (step.name == "decide" and isinstance(exc, psycopg.OperationalError))
+    )
     if step.decided and not isinstance(exc, psycopg.OperationalError):
         # The commit decision is durable and the databases answer: finish it now rather than
         # leave prepared transactions holding their locks until the next attempt or recover.
         try:
             for name in sorted(step.prepared):
                 recovery.finish_prepared(conns[name], gid_of(txid, name), commit=True)
-            _execute(coordinator, "twophase_resolved", schema,
-                     {"txid": txid, "outcome": "committed", "by": None, "result": None})
+            _execute(
+                coordinator,
+                "twophase_resolved",
+                schema,
+                {"txid": txid, "outcome": "committed", "by": None, "result": None},
+            )
             in_doubt = False
         except psycopg.Error:
-            log.warning("effect %s: could not finish committed transaction %s now",
-                        key, txid, exc_info=True)
+            log.warning(
+                "effect %s: could not finish committed transaction %s now", key, txid, exc_info=True
+            )
         if not in_doubt:
             raise exc  # committed everywhere; the caller still sees what interrupted it
-    if (in_doubt and isinstance(exc, psycopg.OperationalError) and not step.decided
-            and not step.precommitted and step.redial is not None):
+    if (
+        in_doubt
+        and isinstance(exc, psycopg.OperationalError)
+        and not step.decided
+        and not step.precommitted
+        and step.redial is not None
+    ):
         _settle(exc, step.redial, conns, schema, key, txid, attempt, step)
     if in_doubt:
-        log.warning("effect %s: transaction %s is in doubt after %s (%s); the next attempt or "
-                    "`eos-airflow recover` finishes it", key, txid, step.name, exc)
+        log.warning(
+            "effect %s: transaction %s is in doubt after %s (%s); the next attempt or "
+            "`eos-airflow recover` finishes it",
+            key,
+            txid,
+            step.name,
+            exc,
+        )
         if isinstance(exc, psycopg.OperationalError):
             raise InDoubtError(
                 f"effect {key!r}: lost the coordinator during {step.name} of transaction "
@@ -475,43 +614,59 @@ def _fail(exc: BaseException, coordinator: psycopg.Connection[Any],
     fenced = isinstance(exc, pgerrors.Error) and exc.sqlstate == FENCED_SQLSTATE
     holder = lost_to(coordinator, schema, key, owner, attempt, txid) if fenced else None
     try:  # log the abort first: nobody can decide the txid afterwards
-        _execute(coordinator, "twophase_abort", schema, {
-            "txid": txid, "attempt": attempt, "by": f"attempt {attempt}",
-            "reason": "fenced" if fenced else f"{type(exc).__name__} at {step.name}"})
+        _execute(
+            coordinator,
+            "twophase_abort",
+            schema,
+            {
+                "txid": txid,
+                "attempt": attempt,
+                "by": f"attempt {attempt}",
+                "reason": "fenced" if fenced else f"{type(exc).__name__} at {step.name}",
+            },
+        )
     except psycopg.Error:
-        log.warning("could not log the abort of %s; rolling back anyway (presumed abort)",
-                    txid, exc_info=True)
+        log.warning(
+            "could not log the abort of %s; rolling back anyway (presumed abort)",
+            txid,
+            exc_info=True,
+        )
     for name in sorted(step.prepared):
         recovery.finish_prepared(conns[name], gid_of(txid, name), commit=False)
     try:
-        _execute(coordinator, "twophase_resolved", schema,
-                 {"txid": txid, "outcome": "aborted", "by": None, "result": None})
+        _execute(
+            coordinator,
+            "twophase_resolved",
+            schema,
+            {"txid": txid, "outcome": "aborted", "by": None, "result": None},
+        )
     except psycopg.Error:
-        log.warning("could not mark %s resolved; `eos-airflow recover` does", txid,
-                    exc_info=True)
+        log.warning("could not mark %s resolved; `eos-airflow recover` does", txid, exc_info=True)
     detail: dict[str, Any] = {"step": step.name, "txid": txid}
     if not fenced:
         detail.update(error=type(exc).__name__, message=str(exc)[:500])
         if step.participant:
             detail["participant"] = step.participant
-    _release(coordinator, schema, key, owner, attempt, "fenced" if fenced else "failed",
-             detail)
+    _release(coordinator, schema, key, owner, attempt, "fenced" if fenced else "failed", detail)
     if fenced and holder is None:  # released by recovery, not taken by another attempt
         raise LostClaimError(
             f"effect {key!r} attempt {attempt}: recovery aborted its transaction {txid} "
             "while it ran (its coordinator session looked gone); its prepared transactions "
             "were rolled back on every participant and nothing was committed. Retry (Airflow "
-            "retries this)") from exc
+            "retries this)"
+        ) from exc
     if fenced:
         raise FencedError(
             f"effect {key!r}: a newer attempt claimed it while attempt {attempt} ran "
             f"(try {holder}); this attempt's prepared transactions were rolled back on every "
             "participant. Nothing to do: the newer attempt writes the effect (do not retry "
-            "this one)") from exc
+            "this one)"
+        ) from exc
     if isinstance(exc, pgerrors.Error) and exc.sqlstate == ABORTED_SQLSTATE:
         error: EosError = InDoubtError(
             f"effect {key!r}: recovery aborted transaction {txid} before attempt {attempt} "
-            "decided it; nothing was committed. Retry (Airflow retries this)")
+            "decided it; nothing was committed. Retry (Airflow retries this)"
+        )
         raise error from exc
     if isinstance(exc, pgerrors.Error) and not isinstance(exc, pgerrors.OperationalError):
         where = f"participant {step.participant!r}" if step.participant else "a participant"
@@ -524,11 +679,23 @@ def _fail(exc: BaseException, coordinator: psycopg.Connection[Any],
         action = "refused to prepare" if step.name == "prepare" else "refused a statement"
         error = ParticipantError(
             f"effect {key!r} attempt {attempt}: {where} {action} ({exc.sqlstate}: "
-            f"{str(exc).strip()}); nothing was committed on any database. {_hint(exc)}")
+            f"{str(exc).strip()}); nothing was committed on any database. {_hint(exc)}"
+        )
         error.retryable = (exc.sqlstate or "")[:2] not in _PERMANENT_SQLSTATE_CLASSES
         raise error from exc
     raise exc
 
 
-__all__ = ["PROTOCOLS", "Gid", "InDoubtError", "MultiEffect", "ParticipantError",
-           "check_targets", "gid_of", "key_hash", "make_txid", "parse_gid", "run_two_phase"]
+__all__ = [
+    "PROTOCOLS",
+    "Gid",
+    "InDoubtError",
+    "MultiEffect",
+    "ParticipantError",
+    "check_targets",
+    "gid_of",
+    "key_hash",
+    "make_txid",
+    "parse_gid",
+    "run_two_phase",
+]

@@ -45,8 +45,12 @@ class LedgerSensor(BaseSensorOperator):
     as for every sensor; a timeout fails the task, or skips it with ``soft_fail=True``.
     """
 
-    template_fields: Sequence[str] = (*BaseSensorOperator.template_fields, "key", "key_prefix",
-                                      "wait_for_run_id")
+    template_fields: Sequence[str] = (
+        *BaseSensorOperator.template_fields,
+        "key",
+        "key_prefix",
+        "wait_for_run_id",
+    )
     ui_color = "#cdeccd"
 
     def __init__(
@@ -68,13 +72,17 @@ class LedgerSensor(BaseSensorOperator):
         if not conn_id:
             raise ValueError("conn_id is required: the Airflow connection of the ledger database")
         if key is None and key_prefix is None and wait_for_task is None:
-            raise ValueError("give key= (a key or a list of keys), key_prefix= or "
-                             "wait_for_task=(dag_id, task_id)")
+            raise ValueError(
+                "give key= (a key or a list of keys), key_prefix= or "
+                "wait_for_task=(dag_id, task_id)"
+            )
         if key_prefix is not None and wait_for_task is not None:
             raise ValueError("key_prefix and wait_for_task both name a prefix; give one of them")
         if wait_for_task is not None and (len(wait_for_task) != 2 or min_count is None):
-            raise ValueError("wait_for_task takes (dag_id, task_id) and needs min_count= the "
-                             "number of its map indexes (1 for an unmapped task)")
+            raise ValueError(
+                "wait_for_task takes (dag_id, task_id) and needs min_count= the "
+                "number of its map indexes (1 for an unmapped task)"
+            )
         if min_count is not None and min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
         self.conn_id = conn_id
@@ -96,8 +104,12 @@ class LedgerSensor(BaseSensorOperator):
             dag_id, task_id = self.wait_for_task
             prefix = f"{dag_id}/{task_id}/{self.wait_for_run_id}/"
         try:
-            return WaitSpec(keys=tuple(str(k) for k in keys), prefix=prefix,
-                            min_count=self.min_count or 1, fail_on_failed=self.fail_on_failed)
+            return WaitSpec(
+                keys=tuple(str(k) for k in keys),
+                prefix=prefix,
+                min_count=self.min_count or 1,
+                fail_on_failed=self.fail_on_failed,
+            )
         except EosError as exc:
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
@@ -138,10 +150,15 @@ class LedgerSensor(BaseSensorOperator):
         spec = self.spec()
         self.defer(
             trigger=LedgerTrigger(
-                conn_id=self.conn_id, keys=list(spec.keys), prefix=spec.prefix,
-                min_count=spec.min_count, schema=self.ledger_schema,
-                poll_interval=self.trigger_poll_interval, fail_on_failed=self.fail_on_failed,
-                deadline=time.time() + self.timeout),
+                conn_id=self.conn_id,
+                keys=list(spec.keys),
+                prefix=spec.prefix,
+                min_count=spec.min_count,
+                schema=self.ledger_schema,
+                poll_interval=self.trigger_poll_interval,
+                fail_on_failed=self.fail_on_failed,
+                deadline=time.time() + self.timeout,
+            ),
             method_name="execute_complete",
             timeout=timedelta(seconds=self.timeout),
         )
@@ -150,9 +167,13 @@ class LedgerSensor(BaseSensorOperator):
         """Resume from the trigger: return the results, or fail without retries."""
         if not event:
             raise AirflowFailException("LedgerTrigger fired without an event; clear the task")
-        verdict = Verdict(event["status"], event.get("results") or {},
-                          event.get("missing") or [], event.get("failed") or [],
-                          event.get("message", ""))
+        verdict = Verdict(
+            event["status"],
+            event.get("results") or {},
+            event.get("missing") or [],
+            event.get("failed") or [],
+            event.get("message", ""),
+        )
         self._finish(verdict)
         self.log.info("ledger: %s", verdict.message)
         return verdict.results

@@ -60,33 +60,51 @@ class LedgerTrigger(BaseTrigger):
         self.deadline = deadline
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("eos_airflow.triggers.ledger.LedgerTrigger", {
-            "conn_id": self.conn_id, "keys": list(self.keys), "prefix": self.prefix,
-            "min_count": self.min_count, "schema": self.schema,
-            "poll_interval": self.poll_interval, "fail_on_failed": self.fail_on_failed,
-            "deadline": self.deadline,
-        })
+        return (
+            "eos_airflow.triggers.ledger.LedgerTrigger",
+            {
+                "conn_id": self.conn_id,
+                "keys": list(self.keys),
+                "prefix": self.prefix,
+                "min_count": self.min_count,
+                "schema": self.schema,
+                "poll_interval": self.poll_interval,
+                "fail_on_failed": self.fail_on_failed,
+                "deadline": self.deadline,
+            },
+        )
 
     def spec(self) -> WaitSpec:
-        return WaitSpec(keys=tuple(self.keys), prefix=self.prefix,
-                        min_count=self.min_count or 1, fail_on_failed=self.fail_on_failed)
+        return WaitSpec(
+            keys=tuple(self.keys),
+            prefix=self.prefix,
+            min_count=self.min_count or 1,
+            fail_on_failed=self.fail_on_failed,
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
             spec = self.spec()
             connection = await BaseHook.aget_connection(self.conn_id)
         except AirflowNotFoundException:
-            yield TriggerEvent({"status": "error", "message": (
-                f"Airflow connection {self.conn_id!r} is not defined; create it, e.g. "
-                f"`airflow connections add {self.conn_id} --conn-uri postgresql://USER@HOST/DB`"
-                f" or set AIRFLOW_CONN_{self.conn_id.upper()}")})
+            yield TriggerEvent(
+                {
+                    "status": "error",
+                    "message": (
+                        f"Airflow connection {self.conn_id!r} is not defined; create it, e.g. "
+                        f"`airflow connections add {self.conn_id} --conn-uri postgresql://USER@HOST/DB`"
+                        f" or set AIRFLOW_CONN_{self.conn_id.upper()}"
+                    ),
+                }
+            )
             return
         except EosError as exc:
             yield TriggerEvent({"status": "error", "message": str(exc)})
             return
         timeout = None if self.deadline is None else max(0.0, self.deadline - time.time())
-        watcher = shared_watcher(conninfo(connection), self.schema,
-                                 poll_interval=self.poll_interval)
+        watcher = shared_watcher(
+            conninfo(connection), self.schema, poll_interval=self.poll_interval
+        )
         self.log.info("waiting for %s (watcher %r)", spec, watcher)
         verdict = await watcher.wait(spec, timeout=timeout, poll_interval=self.poll_interval)
         yield TriggerEvent(verdict.to_payload())

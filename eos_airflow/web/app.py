@@ -40,8 +40,10 @@ def settings() -> tuple[str, str]:
     """(connection id, schema) from Airflow's configuration."""
     from airflow.configuration import conf
 
-    return (conf.get("eos_airflow", "ledger_conn_id", fallback=DEFAULT_CONN_ID),
-            conf.get("eos_airflow", "ledger_schema", fallback=DEFAULT_SCHEMA))
+    return (
+        conf.get("eos_airflow", "ledger_conn_id", fallback=DEFAULT_CONN_ID),
+        conf.get("eos_airflow", "ledger_schema", fallback=DEFAULT_SCHEMA),
+    )
 
 
 @contextmanager
@@ -55,8 +57,9 @@ def ledger() -> Iterator[tuple[psycopg.Connection[Any], str]]:
     except EosError as exc:
         raise HTTPException(503, f"{exc} ([eos_airflow] ledger_conn_id = {conn_id!r})") from exc
     try:
-        conn.execute("SELECT set_config('statement_timeout', %s, false)",
-                     [str(STATEMENT_TIMEOUT_MS)])
+        conn.execute(
+            "SELECT set_config('statement_timeout', %s, false)", [str(STATEMENT_TIMEOUT_MS)]
+        )
         try:
             check_revision(conn, schema)
         except EosError as exc:
@@ -105,25 +108,39 @@ def create_app() -> FastAPI:
     def audit_page(request: Request) -> HTMLResponse:
         return _page("audit.html", request, view="audit")
 
-    @app.get("/ti/{dag_id}/{run_id}/{task_id}/{map_index}", response_class=HTMLResponse,
-             dependencies=_protected)
-    def ti_page(request: Request, dag_id: str, run_id: str, task_id: str,
-                map_index: str) -> HTMLResponse:
-        return _page("audit.html", request, view="ti", ti={
-            "dag_id": dag_id, "run_id": run_id, "task_id": task_id,
-            "map_index": _map_index(map_index)})
+    @app.get(
+        "/ti/{dag_id}/{run_id}/{task_id}/{map_index}",
+        response_class=HTMLResponse,
+        dependencies=_protected,
+    )
+    def ti_page(
+        request: Request, dag_id: str, run_id: str, task_id: str, map_index: str
+    ) -> HTMLResponse:
+        return _page(
+            "audit.html",
+            request,
+            view="ti",
+            ti={
+                "dag_id": dag_id,
+                "run_id": run_id,
+                "task_id": task_id,
+                "map_index": _map_index(map_index),
+            },
+        )
 
     @app.get("/static/audit.js", dependencies=_protected)
     def script() -> Response:
         text = resources.files("eos_airflow.web").joinpath("static", "audit.js").read_text()
-        return Response(text, media_type="text/javascript",
-                        headers={"Cache-Control": "private, max-age=300"})
+        return Response(
+            text, media_type="text/javascript", headers={"Cache-Control": "private, max-age=300"}
+        )
 
     @app.get("/api/entries", dependencies=_protected)
     def api_entries(
         scope: DagScope,
-        state: Annotated[Literal["running", "committed", "failed", "reopened"] | None,
-                         Query()] = None,
+        state: Annotated[
+            Literal["running", "committed", "failed", "reopened"] | None, Query()
+        ] = None,
         dag_id: str | None = None,
         prefix: str | None = None,
         since: str | None = None,
@@ -131,8 +148,16 @@ def create_app() -> FastAPI:
     ) -> dict[str, Any]:
         try:
             with ledger() as (conn, schema):
-                rows = data.entries(conn, schema, state=state, dag_id=dag_id, prefix=prefix,
-                                    since=since, limit=limit, dag_ids=scope)
+                rows = data.entries(
+                    conn,
+                    schema,
+                    state=state,
+                    dag_id=dag_id,
+                    prefix=prefix,
+                    since=since,
+                    limit=limit,
+                    dag_ids=scope,
+                )
         except ConfigurationError as exc:
             raise _json_error(exc) from exc
         return {"entries": rows, "count": len(rows)}
@@ -146,23 +171,29 @@ def create_app() -> FastAPI:
         return found
 
     @app.get("/api/ti/{dag_id}/{run_id}/{task_id}/{map_index}", dependencies=_protected)
-    def api_ti(dag_id: str, run_id: str, task_id: str, map_index: str,
-               scope: DagScope) -> dict[str, Any]:
+    def api_ti(
+        dag_id: str, run_id: str, task_id: str, map_index: str, scope: DagScope
+    ) -> dict[str, Any]:
         with ledger() as (conn, schema):
-            found = data.ti_entries(conn, schema, dag_id, run_id, task_id,
-                                    _map_index(map_index))
+            found = data.ti_entries(conn, schema, dag_id, run_id, task_id, _map_index(map_index))
         found = [e for e in found if _visible(e["entry"]["dag_id"], scope)]
-        return {"task_instance": {"dag_id": dag_id, "run_id": run_id, "task_id": task_id,
-                                  "map_index": _map_index(map_index)}, "entries": found}
+        return {
+            "task_instance": {
+                "dag_id": dag_id,
+                "run_id": run_id,
+                "task_id": task_id,
+                "map_index": _map_index(map_index),
+            },
+            "entries": found,
+        }
 
     @app.get("/api/activity", dependencies=_protected)
-    def api_activity(scope: DagScope,
-                     since: str | None = None,
-                     bucket: Literal["hour", "day"] = "hour") -> dict[str, Any]:
+    def api_activity(
+        scope: DagScope, since: str | None = None, bucket: Literal["hour", "day"] = "hour"
+    ) -> dict[str, Any]:
         try:
             with ledger() as (conn, schema):
-                return data.activity(conn, schema, since=since, bucket=bucket,
-                                     dag_ids=scope)
+                return data.activity(conn, schema, since=since, bucket=bucket, dag_ids=scope)
         except ConfigurationError as exc:
             raise _json_error(exc) from exc
 

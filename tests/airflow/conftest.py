@@ -38,8 +38,9 @@ def airflow_base(pg_admin_dsn: str, tmp_path_factory) -> Iterator[dict[str, str]
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
     env.pop("EOS_FAILPOINTS", None)
-    done = subprocess.run([AIRFLOW, "db", "migrate"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [AIRFLOW, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     yield {"env": env, "template": name}
     drop_database(pg_admin_dsn, name)
@@ -49,18 +50,33 @@ class AirflowRunner:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
 
-    def dags_test(self, dag_id: str, logical_date: str = "2024-01-01", *,
-                  failpoints: str | None = None, timeout: float = 300
-                  ) -> subprocess.CompletedProcess[str]:
+    def dags_test(
+        self,
+        dag_id: str,
+        logical_date: str = "2024-01-01",
+        *,
+        failpoints: str | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
         env = dict(self.env)
         if failpoints:
             env["EOS_FAILPOINTS"] = failpoints
-        return subprocess.run([AIRFLOW, "dags", "test", dag_id, logical_date], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [AIRFLOW, "dags", "test", dag_id, logical_date],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def python(self, code: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 @pytest.fixture

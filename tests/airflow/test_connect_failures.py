@@ -44,18 +44,27 @@ def meta_dsn(airflow) -> str:
 
 def tries(airflow, dag_id: str) -> dict[str, tuple[str, int]]:
     with psycopg.connect(meta_dsn(airflow)) as conn:
-        return {task: (state, n) for task, state, n in conn.execute(
-            "SELECT task_id, state, try_number FROM task_instance WHERE dag_id = %s",
-            [dag_id])}
+        return {
+            task: (state, n)
+            for task, state, n in conn.execute(
+                "SELECT task_id, state, try_number FROM task_instance WHERE dag_id = %s", [dag_id]
+            )
+        }
 
 
-def run_while_down(airflow, dag_id: str, db: str, port: int
-                   ) -> tuple[subprocess.CompletedProcess[str], bool]:
+def run_while_down(
+    airflow, dag_id: str, db: str, port: int
+) -> tuple[subprocess.CompletedProcess[str], bool]:
     """`airflow dags test dag_id` with ``flaky_db`` unreachable until its first try fails
     to connect; returns the run and whether the database was brought back."""
     env = {**airflow.env, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([AIRFLOW, "dags", "test", dag_id, "2024-01-01"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [AIRFLOW, "dags", "test", dag_id, "2024-01-01"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     proxy: list[FaultProxy] = []
 
@@ -85,7 +94,8 @@ def flaky(airflow, db) -> Iterator[int]:
     user = psycopg.conninfo.conninfo_to_dict(db).get("user", "postgres")
     dbname = psycopg.conninfo.conninfo_to_dict(db)["dbname"]
     airflow.env["AIRFLOW_CONN_FLAKY_DB"] = airflow_conn_json(
-        f"postgresql://{user}@127.0.0.1:{port}/{dbname}")
+        f"postgresql://{user}@127.0.0.1:{port}/{dbname}"
+    )
     yield port
 
 
@@ -98,7 +108,8 @@ def test_database_down_at_task_start_and_back_within_the_retry_delay(airflow, db
     assert tries(airflow, "eos_db_down") == {"load": ("success", 2)}
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT day, written_by_try FROM sales").fetchall() == [
-            ("2024-01-01", 2)]
+            ("2024-01-01", 2)
+        ]
         # the first try never reached the database: the second claimed and committed
         assert events(conn, "down/2024-01-01") == [("claimed", 2), ("committed", 2)]
 
@@ -129,7 +140,8 @@ def password_server() -> Iterator[LocalServer]:
 
 def test_wrong_password_fails_at_once_without_retries(airflow, password_server):
     airflow.env["AIRFLOW_CONN_WRONG_PASSWORD"] = airflow_conn_json(
-        f"postgresql://pw:wrong-password@127.0.0.1:{password_server.port}/postgres")
+        f"postgresql://pw:wrong-password@127.0.0.1:{password_server.port}/postgres"
+    )
     run = airflow.dags_test("eos_wrong_password")
     out = run.stdout + run.stderr
     assert run.returncode == 1, out[-4000:]
@@ -139,4 +151,3 @@ def test_wrong_password_fails_at_once_without_retries(airflow, password_server):
     assert "the server refused the credentials: fix the password" in out
     assert "wrong-password" not in out and "right-password" not in out
     assert "a task that cannot connect never runs its function" not in out
-

@@ -43,10 +43,14 @@ def warehouse(db: str) -> str:
     return db
 
 
-def make_stack(airflow, tmp_path: Path, executor: str, failpoints: str | None = None
-               ) -> AirflowStack:
-    env = {**FAST_FAILURE_DETECTION, "EOS_E2E_PARTS": str(PARTS),
-           "AIRFLOW_CONN_WAREHOUSE": airflow.env["AIRFLOW_CONN_WAREHOUSE"]}
+def make_stack(
+    airflow, tmp_path: Path, executor: str, failpoints: str | None = None
+) -> AirflowStack:
+    env = {
+        **FAST_FAILURE_DETECTION,
+        "EOS_E2E_PARTS": str(PARTS),
+        "AIRFLOW_CONN_WAREHOUSE": airflow.env["AIRFLOW_CONN_WAREHOUSE"],
+    }
     if failpoints:
         env["EOS_FAILPOINTS"] = failpoints
     broker = "redis://127.0.0.1:6379/7"
@@ -54,19 +58,32 @@ def make_stack(airflow, tmp_path: Path, executor: str, failpoints: str | None = 
         import redis
 
         redis.Redis.from_url(broker).flushdb()
-    return AirflowStack(tmp_path / "home", airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"],
-                        E2E_DAGS, executor=executor, workers=2, parallelism=6,
-                        broker_url=broker, env=env, log_dir=tmp_path / "logs")
+    return AirflowStack(
+        tmp_path / "home",
+        airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"],
+        E2E_DAGS,
+        executor=executor,
+        workers=2,
+        parallelism=6,
+        broker_url=broker,
+        env=env,
+        log_dir=tmp_path / "logs",
+    )
 
 
 def ledger_states(conn: psycopg.Connection, prefix: str) -> dict[str, tuple[str, int]]:
-    return {k: (s, a) for k, s, a in conn.execute(
-        "SELECT key, state::text, attempt FROM eos.ledger WHERE key LIKE %s", [prefix + "%"])}
+    return {
+        k: (s, a)
+        for k, s, a in conn.execute(
+            "SELECT key, state::text, attempt FROM eos.ledger WHERE key LIKE %s", [prefix + "%"]
+        )
+    }
 
 
 @pytest.mark.parametrize("executor", ["local", "celery"])
 def test_mapped_effects_survive_killed_workers_and_a_scheduler_restart(
-        airflow, warehouse, tmp_path, executor):
+    airflow, warehouse, tmp_path, executor
+):
     """≥ 50 mapped exactly-once loads; tries killed mid-effect and right after their commit,
     a whole Celery worker lost, the scheduler restarted: every partition written once."""
     # a 2 s pause after each commit, before Airflow hears of it: the window in which a
@@ -124,20 +141,33 @@ def test_mapped_effects_survive_killed_workers_and_a_scheduler_restart(
     assert len(tis) == PARTS
 
     with psycopg.connect(warehouse, autocommit=True) as conn:
-        written = Counter(p for (p,) in conn.execute(
-            "SELECT part FROM e2e_parts WHERE key LIKE %s", [prefix + "%"]))
+        written = Counter(
+            p
+            for (p,) in conn.execute("SELECT part FROM e2e_parts WHERE key LIKE %s", [prefix + "%"])
+        )
         assert written == Counter(range(PARTS)), "every partition exactly once"
         states = ledger_states(conn, prefix)
         assert sorted(states) == sorted(f"{prefix}{i}" for i in range(PARTS))
         assert {s for s, _ in states.values()} == {"committed"}
-        events = Counter(e for (e,) in conn.execute(
-            "SELECT event::text FROM eos.ledger_events WHERE key LIKE %s", [prefix + "%"]))
-        history = {key: conn.execute(
-            "SELECT event::text, attempt, detail FROM eos.ledger_events WHERE key = %s "
-            "ORDER BY seq", [key]).fetchall() for key in {k for k, _ in victims}}
+        events = Counter(
+            e
+            for (e,) in conn.execute(
+                "SELECT event::text FROM eos.ledger_events WHERE key LIKE %s", [prefix + "%"]
+            )
+        )
+        history = {
+            key: conn.execute(
+                "SELECT event::text, attempt, detail FROM eos.ledger_events WHERE key = %s "
+                "ORDER BY seq",
+                [key],
+            ).fetchall()
+            for key in {k for k, _ in victims}
+        }
         took_over = conn.execute(
             "SELECT count(*) FROM eos.ledger_events WHERE key LIKE %s AND event = 'claimed' "
-            "AND detail ? 'took_over'", [prefix + "%"]).fetchone()[0]
+            "AND detail ? 'took_over'",
+            [prefix + "%"],
+        ).fetchone()[0]
         assert verify(conn).ok
     assert events["committed"] == PARTS  # one commit per partition, never a second
     # Each killed try, judged by its key's history rather than by the moment it was picked
@@ -146,27 +176,37 @@ def test_mapped_effects_survive_killed_workers_and_a_scheduler_restart(
     fates = Counter()
     for key, killed_try in victims:
         trail = history[key]
-        commit_at = next((i for i, (e, a, _) in enumerate(trail)
-                          if e == "committed" and a == killed_try), None)
+        commit_at = next(
+            (i for i, (e, a, _) in enumerate(trail) if e == "committed" and a == killed_try), None
+        )
         if commit_at is not None:
             fates["committed, then skipped"] += 1
             assert any(e == "skipped" and a > killed_try for e, a, _ in trail[commit_at:]), (
-                key, killed_try, trail)
+                key,
+                killed_try,
+                trail,
+            )
         else:
             fates["taken over"] += 1
-            assert any(e == "claimed" and a > killed_try
-                       and (d.get("took_over") or {}).get("attempt") == killed_try
-                       for e, a, d in trail), (key, killed_try, trail)
+            assert any(
+                e == "claimed"
+                and a > killed_try
+                and (d.get("took_over") or {}).get("attempt") == killed_try
+                for e, a, d in trail
+            ), (key, killed_try, trail)
     assert fates["taken over"] >= 1 and fates["committed, then skipped"] >= 1, fates
     tries = Counter(n for _, n in tis.values())
-    print(f"\n{executor}: kills {dict(kills)}, fates {dict(fates)}, events {dict(events)}, "
-          f"took over {took_over}, "
-          f"final tries {dict(sorted(tries.items()))}")
+    print(
+        f"\n{executor}: kills {dict(kills)}, fates {dict(fates)}, events {dict(events)}, "
+        f"took over {took_over}, "
+        f"final tries {dict(sorted(tries.items()))}"
+    )
 
 
 @pytest.mark.parametrize("executor", ["local", "celery"])
 def test_a_frozen_try_resumed_after_the_next_try_committed_is_fenced(
-        airflow, warehouse, tmp_path, executor):
+    airflow, warehouse, tmp_path, executor
+):
     """A zombie for real: try 1 is frozen with SIGSTOP inside its effect until its heartbeat
     times out; Airflow starts try 2, which commits; try 1 resumes and tries to commit."""
     stack = make_stack(airflow, tmp_path, executor)
@@ -192,30 +232,42 @@ def test_a_frozen_try_resumed_after_the_next_try_committed_is_fenced(
         stack.wait_until(freeze, 240, "try 1 to be inside its effect")
         frozen.signal(signal.SIGSTOP)
         try:
+
             def try_two_committed() -> bool:
                 with psycopg.connect(warehouse, autocommit=True) as conn:
                     return ledger_states(conn, key).get(key) == ("committed", 2)
 
-            stack.wait_until(try_two_committed, 240,
-                             "Airflow to give up on the frozen try and try 2 to commit")
+            stack.wait_until(
+                try_two_committed, 240, "Airflow to give up on the frozen try and try 2 to commit"
+            )
         finally:
             frozen.runner.send_signal(signal.SIGCONT)  # the task first: it commits now
             time.sleep(3)
             frozen.signal(signal.SIGCONT)
         with psycopg.connect(warehouse, autocommit=True) as conn:
-            stack.wait_until(lambda: conn.execute(
-                "SELECT count(*) FROM eos.ledger_events WHERE key = %s AND event = 'fenced'",
-                [key]).fetchone()[0] >= 1, 60, "the resumed try 1 to be fenced")
+            stack.wait_until(
+                lambda: (
+                    conn.execute(
+                        "SELECT count(*) FROM eos.ledger_events WHERE key = %s AND event = 'fenced'",
+                        [key],
+                    ).fetchone()[0]
+                    >= 1
+                ),
+                60,
+                "the resumed try 1 to be fenced",
+            )
         state = stack.wait_for_run("eos_e2e_zombie", run_id, timeout=240)
     assert state == "success", stack.log_tail()
     with psycopg.connect(warehouse, autocommit=True) as conn:
-        rows = conn.execute("SELECT written_by_try FROM e2e_parts WHERE key = %s",
-                            [key]).fetchall()
+        rows = conn.execute("SELECT written_by_try FROM e2e_parts WHERE key = %s", [key]).fetchall()
         fenced = conn.execute(
             "SELECT attempt, detail->>'step' FROM eos.ledger_events WHERE key = %s "
-            "AND event = 'fenced'", [key]).fetchall()
-        entry = conn.execute("SELECT state::text, attempt, version, result FROM eos.ledger "
-                             "WHERE key = %s", [key]).fetchone()
+            "AND event = 'fenced'",
+            [key],
+        ).fetchall()
+        entry = conn.execute(
+            "SELECT state::text, attempt, version, result FROM eos.ledger WHERE key = %s", [key]
+        ).fetchone()
     assert rows == [(2,)], "try 1's write was rolled back; try 2's landed once"
     assert fenced == [(1, "commit")]
     assert entry == ("committed", 2, 1, {"try": 2})

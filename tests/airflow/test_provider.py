@@ -13,13 +13,17 @@ from eos_airflow.provider import get_provider_info
 
 
 def test_provider_info_matches_airflows_schema():
-    schema = json.loads(resources.files("airflow").joinpath("provider_info.schema.json")
-                        .read_text())
+    schema = json.loads(
+        resources.files("airflow").joinpath("provider_info.schema.json").read_text()
+    )
     info = get_provider_info()
     jsonschema.validate(info, schema)
     assert info["package-name"] == "eos-airflow"
-    (entry,) = [e for e in entry_points(group="apache_airflow_provider")
-                if e.value == "eos_airflow.provider:get_provider_info"]
+    (entry,) = [
+        e
+        for e in entry_points(group="apache_airflow_provider")
+        if e.value == "eos_airflow.provider:get_provider_info"
+    ]
     assert entry.load() is get_provider_info
 
 

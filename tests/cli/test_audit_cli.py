@@ -21,8 +21,12 @@ TI = Origin("sales", "load", "run_1", -1)
 
 
 def cli(*argv: str, dsn: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "eos_airflow.cli.main", *argv, "--dsn", dsn],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "eos_airflow.cli.main", *argv, "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -30,11 +34,10 @@ def history(db: str) -> str:
     """2 commits, 1 skip, 1 failure, 1 fence-at-claim, across two DAGs."""
     with Ledger(db) as ledger:
         ledger.run("sales/2024-01-01", lambda eos: 1, origin=TI)
-        ledger.run("sales/2024-01-01", lambda eos: 1, origin=TI, attempt=2)   # skipped
+        ledger.run("sales/2024-01-01", lambda eos: 1, origin=TI, attempt=2)  # skipped
         with pytest.raises(ZeroDivisionError):
-            ledger.run("sales/2024-01-02", lambda eos: 1 / 0, origin=TI)       # failed
-        ledger.run("stock/2024-01-01", lambda eos: 2,
-                   origin=Origin("stock", "load", "run_9", -1))
+            ledger.run("sales/2024-01-02", lambda eos: 1 / 0, origin=TI)  # failed
+        ledger.run("stock/2024-01-01", lambda eos: 2, origin=Origin("stock", "load", "run_9", -1))
     return db
 
 
@@ -43,7 +46,12 @@ def test_stats_counts_every_decision(history: str):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert {k: data[k] for k in ("claimed", "committed", "skipped", "fenced", "failed")} == {
-        "claimed": 3, "committed": 2, "skipped": 1, "fenced": 0, "failed": 1}
+        "claimed": 3,
+        "committed": 2,
+        "skipped": 1,
+        "fenced": 0,
+        "failed": 1,
+    }
     assert data["duplicates_prevented"] == 1
     assert data["entries"] == {"committed": 2, "failed": 1}
     assert data["by_dag"]["sales"]["skipped"] == 1 and data["by_dag"]["stock"]["committed"] == 1
@@ -59,6 +67,7 @@ def test_stats_counts_fenced_attempts(db: str):
         def hold(eos):
             started.set()
             release.wait(10)
+
         ledger.run("k", hold, origin=TI, attempt=3)
 
     with Ledger(db) as ledger:
@@ -82,8 +91,17 @@ def test_export_writes_the_whole_trail_as_json_lines_and_csv(history: str, tmp_p
         total = conn.execute("SELECT count(*) FROM eos.ledger_events").fetchone()[0]
     assert len(rows) == total == 7
     assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
-    assert set(rows[0]) == {"id", "key", "seq", "event", "attempt", "at", "detail",
-                            "prev_hash", "hash"}
+    assert set(rows[0]) == {
+        "id",
+        "key",
+        "seq",
+        "event",
+        "attempt",
+        "at",
+        "detail",
+        "prev_hash",
+        "hash",
+    }
     target = tmp_path / "trail.csv"
     out = cli("ledger", "export", "--format", "csv", "--output", str(target), dsn=history)
     assert out.returncode == 0 and f"exported {total} events" in out.stderr
@@ -124,13 +142,23 @@ def test_doctor_reports_a_missing_schema(empty_db: str):
 
 
 def test_doctor_warns_about_claims_of_crashed_owners(db: str):
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import sys, time
         from eos_airflow import Ledger
         def hang(eos):
             print("in-run", flush=True); time.sleep(60)
         Ledger(sys.argv[1]).run("k", hang)
-    """), db], stdout=subprocess.PIPE, text=True, env=os.environ)
+    """),
+            db,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ,
+    )
     assert child.stdout.readline().strip() == "in-run"
     live = json.loads(cli("doctor", "--format", "json", dsn=db).stdout)
     assert {c["check"]: c["status"] for c in live["checks"]}["claims of dead owners"] == "ok"
@@ -160,11 +188,15 @@ HOLDER = textwrap.dedent("""
 
 
 def test_recover_expires_claims_of_crashed_owners(db: str):
-    child = subprocess.Popen([sys.executable, "-c", HOLDER, db, "60"], stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, db, "60"], stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout.readline().strip() == "in-run"
     assert json.loads(cli("recover", "--format", "json", dsn=db).stdout) == {
-        "expired": [], "held": [], "transactions": []}
+        "expired": [],
+        "held": [],
+        "transactions": [],
+    }
     child.send_signal(signal.SIGKILL)
     child.wait(10)
     out = cli("recover", "--format", "json", dsn=db)
@@ -173,7 +205,9 @@ def test_recover_expires_claims_of_crashed_owners(db: str):
     assert (expired["key"], expired["reason"]) == ("k", "owner session ended")
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT state::text, owner FROM eos.ledger").fetchone() == (
-            "failed", None)
+            "failed",
+            None,
+        )
         detail = conn.execute("SELECT detail FROM eos.ledger_events WHERE seq = 2").fetchone()[0]
         assert detail["recovered_by"] == "eos-airflow recover"
     assert cli("ledger", "verify", dsn=db).returncode == 0
@@ -182,8 +216,12 @@ def test_recover_expires_claims_of_crashed_owners(db: str):
 def test_recover_older_than_leaves_a_live_owner_alone(db: str):
     """A claim held by a live session is never expired, however old: its attempt may still
     commit, and fencing it (non-retryable) would lose the effect. It is listed instead."""
-    child = subprocess.Popen([sys.executable, "-c", HOLDER, db, "stdin"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, db, "stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert child.stdout.readline().strip() == "in-run"
     out = cli("recover", "--older-than", "0s", "--format", "json", dsn=db)
     assert out.returncode == 0, out.stderr
@@ -197,15 +235,24 @@ def test_recover_older_than_leaves_a_live_owner_alone(db: str):
     assert child.returncode == 0 and "FENCED" not in rest
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT to_regclass('written')").fetchone() == ("written",)
-        assert conn.execute("SELECT event::text FROM eos.ledger_events ORDER BY seq"
-                            ).fetchall() == [("claimed",), ("committed",)]
+        assert conn.execute(
+            "SELECT event::text FROM eos.ledger_events ORDER BY seq"
+        ).fetchall() == [("claimed",), ("committed",)]
 
 
 def test_reopen_lets_the_next_run_reprocess_with_the_previous_result(db: str):
     with Ledger(db) as ledger:
         ledger.run("sales/2024-01-01", lambda eos: {"rows": 3}, origin=TI)
-        out = cli("ledger", "reopen", "sales/2024-01-01", "--reason", "source file corrected",
-                  "--format", "json", dsn=db)
+        out = cli(
+            "ledger",
+            "reopen",
+            "sales/2024-01-01",
+            "--reason",
+            "source file corrected",
+            "--format",
+            "json",
+            dsn=db,
+        )
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["state"] == "reopened"
         seen = {}
@@ -214,16 +261,22 @@ def test_reopen_lets_the_next_run_reprocess_with_the_previous_result(db: str):
             seen["previous"] = eos.previous
             return {"rows": 4}
 
-        again = ledger.run_outcome("sales/2024-01-01", reload, origin=Origin("sales", "load",
-                                                                            "run_2", -1))
+        again = ledger.run_outcome(
+            "sales/2024-01-01", reload, origin=Origin("sales", "load", "run_2", -1)
+        )
     assert again.action == "committed" and again.version == 2
     assert seen["previous"].result == {"rows": 3} and seen["previous"].version == 1
     with psycopg.connect(db) as conn:
-        kinds = conn.execute("SELECT event::text, detail->>'reason' FROM eos.ledger_events "
-                             "ORDER BY seq").fetchall()
-    assert kinds == [("claimed", None), ("committed", None),
-                     ("reopened", "source file corrected"), ("claimed", None),
-                     ("committed", None)]
+        kinds = conn.execute(
+            "SELECT event::text, detail->>'reason' FROM eos.ledger_events ORDER BY seq"
+        ).fetchall()
+    assert kinds == [
+        ("claimed", None),
+        ("committed", None),
+        ("reopened", "source file corrected"),
+        ("claimed", None),
+        ("committed", None),
+    ]
     stats = json.loads(cli("ledger", "stats", "--format", "json", dsn=db).stdout)
     assert stats["reopened"] == 1 and stats["committed"] == 2
     assert cli("ledger", "verify", dsn=db).returncode == 0

@@ -21,8 +21,18 @@ from tests.conftest import ROOT, create_database, drop_database
 from tests.ledger.test_migrations import HEAD, REVISIONS
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/x"
-LIST_COLUMNS = ["key", "state", "attempt", "version", "dag_id", "task_id", "run_id",
-                "map_index", "claimed_at", "committed_at"]
+LIST_COLUMNS = [
+    "key",
+    "state",
+    "attempt",
+    "version",
+    "dag_id",
+    "task_id",
+    "run_id",
+    "map_index",
+    "claimed_at",
+    "committed_at",
+]
 
 
 def cli(*argv: str, env_dsn: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -31,8 +41,14 @@ def cli(*argv: str, env_dsn: str | None = None) -> subprocess.CompletedProcess[s
     env["COLUMNS"] = "300"  # wide enough that rich tables do not fold keys
     if env_dsn is not None:
         env["EOS_LEDGER_DSN"] = env_dsn
-    return subprocess.run([sys.executable, "-m", "eos_airflow.cli.main", *argv], cwd=ROOT,
-                          env=env, text=True, capture_output=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "eos_airflow.cli.main", *argv],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def cli_all(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
@@ -51,22 +67,24 @@ def json_lines(stdout: str) -> list[dict]:
 def test_db_migrate_creates_the_schema_then_is_up_to_date(empty_db: str):
     first = cli("db", "migrate", "--dsn", empty_db)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == f"ledger schema 'eos' at revision {HEAD} (applied {', '.join(REVISIONS)})\n"
+    assert (
+        first.stdout == f"ledger schema 'eos' at revision {HEAD} (applied {', '.join(REVISIONS)})\n"
+    )
     again = cli("db", "migrate", "--dsn", empty_db)
     as_json = cli("db", "migrate", "--format", "json", env_dsn=empty_db)
     assert (again.returncode, as_json.returncode) == (0, 0), (again.stderr, as_json.stderr)
     assert again.stdout == f"ledger schema 'eos' at revision {HEAD} (up to date)\n"
     assert json.loads(as_json.stdout) == {"applied": [], "revision": HEAD, "schema": "eos"}
     with psycopg.connect(empty_db) as conn:
-        assert conn.execute("SELECT revision FROM eos.schema_migrations ORDER BY 1"
-                            ).fetchall() == [(r,) for r in REVISIONS]
+        assert conn.execute("SELECT revision FROM eos.schema_migrations ORDER BY 1").fetchall() == [
+            (r,) for r in REVISIONS
+        ]
 
 
 def test_db_migrate_json_lists_the_applied_revision(empty_db: str):
     out = cli("db", "migrate", "--dsn", empty_db, "--format", "json", "--schema", "audit")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"applied": REVISIONS, "revision": HEAD,
-                                      "schema": "audit"}
+    assert json.loads(out.stdout) == {"applied": REVISIONS, "revision": HEAD, "schema": "audit"}
     with psycopg.connect(empty_db) as conn:
         assert conn.execute("SELECT count(*) FROM audit.ledger").fetchone() == (0,)
 
@@ -75,8 +93,13 @@ def test_db_migrate_json_lists_the_applied_revision(empty_db: str):
 
 SALES = Origin("sales", "load", "manual__1", -1)
 ORDERS = Origin("orders", "load", "manual__1", -1)
-COMMITTED = {"sales/2024-01-01": SALES, "sales/2024-01-02": SALES, "orders/1": ORDERS,
-             "tmp_1": None, "tmpX1": None}
+COMMITTED = {
+    "sales/2024-01-01": SALES,
+    "sales/2024-01-02": SALES,
+    "orders/1": ORDERS,
+    "tmp_1": None,
+    "tmpX1": None,
+}
 FAILED = {"sales/2024-01-03": SALES}
 
 
@@ -128,15 +151,21 @@ def test_ledger_list_formats_and_filters(listed: str):
 
     rows = json_lines(as_json.stdout)
     assert [(r["key"], r["state"]) for r in rows] == [
-        (k, "failed" if k in FAILED else "committed") for k in everything]
+        (k, "failed" if k in FAILED else "committed") for k in everything
+    ]
     first = next(r for r in rows if r["key"] == "sales/2024-01-01")
     assert (first["dag_id"], first["run_id"], first["version"], first["result"]) == (
-        "sales", "manual__1", 1, {"rows": 3})
+        "sales",
+        "manual__1",
+        1,
+        {"rows": 3},
+    )
 
     lines = list(csv.reader(io.StringIO(as_csv.stdout)))
     assert lines[0] == LIST_COLUMNS
     assert [line[:3] for line in lines[1:]] == [
-        [k, "failed" if k in FAILED else "committed", "1"] for k in everything]
+        [k, "failed" if k in FAILED else "committed", "1"] for k in everything
+    ]
 
     def keys(out: subprocess.CompletedProcess[str]) -> list[str]:
         return [r["key"] for r in json_lines(out.stdout)]
@@ -165,7 +194,11 @@ def test_ledger_show_entry_and_events(listed: str):
     assert shown["recovery_points"] == []  # not a chunked effect
     entry = shown["entry"]
     assert (entry["key"], entry["state"], entry["version"], entry["event_seq"]) == (
-        "sales/2024-01-01", "committed", 1, 3)
+        "sales/2024-01-01",
+        "committed",
+        1,
+        3,
+    )
     assert entry["result"] == {"rows": 3}
     assert [e["event"] for e in shown["events"]] == ["claimed", "committed", "skipped"]
     assert [(e["seq"], e["attempt"]) for e in shown["events"]] == [(1, 1), (2, 1), (3, 2)]
@@ -205,9 +238,9 @@ def test_ledger_show_json_of_a_running_key(ledger: Ledger, db: str):
 # --- ledger verify --------------------------------------------------------------------------
 
 
-def test_ledger_verify_passes_then_names_the_first_tampered_event(ledger: Ledger,
-                                                                  conn: psycopg.Connection,
-                                                                  db: str):
+def test_ledger_verify_passes_then_names_the_first_tampered_event(
+    ledger: Ledger, conn: psycopg.Connection, db: str
+):
     ledger.run("a", lambda eos: 1)
     ledger.run("b", lambda eos: 2)
     ledger.run("b", lambda eos: 3)
@@ -218,24 +251,29 @@ def test_ledger_verify_passes_then_names_the_first_tampered_event(ledger: Ledger
     assert intact.stdout == "ledger verified: 7 events of 3 keys, hash chains intact\n"
 
     event_id = conn.execute(
-        "SELECT id FROM eos.ledger_events WHERE key = 'b' AND seq = 2").fetchone()[0]
+        "SELECT id FROM eos.ledger_events WHERE key = 'b' AND seq = 2"
+    ).fetchone()[0]
     with conn.transaction():
         conn.execute("SET LOCAL session_replication_role = replica")
-        conn.execute("UPDATE eos.ledger_events SET detail = '{\"version\": 7}' WHERE id = %s",
-                     [event_id])
-    text, as_json = cli_all(("ledger", "verify", "--dsn", db),
-                            ("ledger", "verify", "--dsn", db, "--format", "json"))
+        conn.execute(
+            "UPDATE eos.ledger_events SET detail = '{\"version\": 7}' WHERE id = %s", [event_id]
+        )
+    text, as_json = cli_all(
+        ("ledger", "verify", "--dsn", db), ("ledger", "verify", "--dsn", db, "--format", "json")
+    )
     assert text.returncode == 1
     assert "LEDGER VERIFICATION FAILED: 1 problem(s) in 7 events of 3 keys" in text.stderr
     assert f"first bad event: event id {event_id} (key 'b', seq 2)" in text.stderr
     assert "edited" in text.stderr
     assert as_json.returncode == 1
     report = json.loads(as_json.stdout)
-    assert (report["ok"], report["events"], report["keys"], report["problems"]) == (
-        False, 7, 3, 1)
+    assert (report["ok"], report["events"], report["keys"], report["problems"]) == (False, 7, 3, 1)
     assert report["first_bad"] == {
-        "key": "b", "seq": 2, "event_id": event_id,
-        "reason": "hash does not match the event's content (edited)"}
+        "key": "b",
+        "seq": 2,
+        "event_id": event_id,
+        "reason": "hash does not match the event's content (edited)",
+    }
 
 
 # --- errors ---------------------------------------------------------------------------------

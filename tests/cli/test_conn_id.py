@@ -14,24 +14,46 @@ from eos_airflow.hooks.ledger import airflow_conn_json as airflow_conn
 
 def run_cli(*args: str, env: dict[str, str], tmp_path) -> subprocess.CompletedProcess[str]:
     full_env = {"AIRFLOW_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", **env}
-    return subprocess.run([sys.executable, "-m", "eos_airflow.cli.main", *args],
-                          capture_output=True, text=True, env=full_env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "eos_airflow.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+    )
 
 
 def test_conn_id_reads_the_airflow_connection_and_keeps_stdout_clean(db: str, tmp_path):
     with Ledger(db) as ledger:
         ledger.run("sales/2024-01-01", lambda eos: {"rows": 3})
-    out = run_cli("ledger", "list", "--conn-id", "warehouse", "--format", "json",
-                  env={"AIRFLOW_CONN_WAREHOUSE": airflow_conn(db)}, tmp_path=tmp_path)
+    out = run_cli(
+        "ledger",
+        "list",
+        "--conn-id",
+        "warehouse",
+        "--format",
+        "json",
+        env={"AIRFLOW_CONN_WAREHOUSE": airflow_conn(db)},
+        tmp_path=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(r["key"], r["state"], r["result"]) for r in rows] == [
-        ("sales/2024-01-01", "committed", {"rows": 3})]
+        ("sales/2024-01-01", "committed", {"rows": 3})
+    ]
 
 
 def test_conn_id_migrates_through_the_airflow_connection(empty_db: str, tmp_path):
-    out = run_cli("db", "migrate", "--conn-id", "warehouse", "--format", "json",
-                  env={"AIRFLOW_CONN_WAREHOUSE": airflow_conn(empty_db)}, tmp_path=tmp_path)
+    out = run_cli(
+        "db",
+        "migrate",
+        "--conn-id",
+        "warehouse",
+        "--format",
+        "json",
+        env={"AIRFLOW_CONN_WAREHOUSE": airflow_conn(empty_db)},
+        tmp_path=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["applied"][0] == "0001"
     with psycopg.connect(empty_db) as conn:

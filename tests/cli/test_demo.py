@@ -27,11 +27,18 @@ EOS_AIRFLOW = str(Path(sys.executable).parent / "eos-airflow")
 
 
 def test_demo_runs_the_sales_scenarios_and_the_three_example_uses(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EOS_", "AIRFLOW_", "AIRFLOW__"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("EOS_", "AIRFLOW_", "AIRFLOW__"))
+    }
     env.update({"EOS_DEMO_NATS_URL": "", "COLUMNS": "240"})  # wide: one line per message
-    done = subprocess.run([EOS_AIRFLOW, "demo", "--workdir", str(tmp_path / "demo")],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [EOS_AIRFLOW, "demo", "--workdir", str(tmp_path / "demo")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     out = done.stdout
     assert done.returncode == 0, out[-6000:] + done.stderr[-3000:]
     assert "✗" not in out, out[-6000:]
@@ -45,21 +52,28 @@ def test_demo_runs_the_sales_scenarios_and_the_three_example_uses(tmp_path):
     assert re.search(r"Audit trail: \d+ hash-chained events, intact\.", out)
 
     # analytics: resumed after the two committed chunks; the re-run replaced the day
-    assert ("try 2 resumed after 100,000 committed rows; 120,000 events in the warehouse "
-            "(120,000 in the source)") in out
-    assert ("the day was replaced (ledger version 2): 2,025 orders, 120,000 events — not "
-            "4,025 / 240,000") in out
+    assert (
+        "try 2 resumed after 100,000 committed rows; 120,000 events in the warehouse "
+        "(120,000 in the source)"
+    ) in out
+    assert (
+        "the day was replaced (ledger version 2): 2,025 orders, 120,000 events — not "
+        "4,025 / 240,000"
+    ) in out
 
     # IoT: no NATS, so Kafka only; every reading once, every alert delivered once
     assert "to Kafka only (EOS_DEMO_NATS_URL is empty)" in out
-    assert ("600 rows = the 600 produced readings; ledger: claimed → failed → claimed → "
-            "offsets → committed → skipped; alerts delivered once each: Kafka 117 of 117") in out
+    assert (
+        "600 rows = the 600 produced readings; ledger: claimed → failed → claimed → "
+        "offsets → committed → skipped; alerts delivered once each: Kafka 117 of 117"
+    ) in out
 
     # finance: killed after the decision, recovered, nothing moved twice
     assert "left in doubt: 2 prepared transactions (balances still 1000 / 1000" in out
-    assert ("balances 975 / 1025: moved 25 once, total 2000 unchanged, 0 prepared "
-            "transactions left") in out
+    assert (
+        "balances 975 / 1025: moved 25 once, total 2000 unchanged, 0 prepared transactions left"
+    ) in out
 
     # the summary: every example's checks passed
-    summary = out[out.index("what happened, and what the ledger prevented"):]
+    summary = out[out.index("what happened, and what the ledger prevented") :]
     assert len(re.findall(r"│ ok\s*│", summary)) == 3, summary

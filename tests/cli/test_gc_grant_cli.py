@@ -76,7 +76,12 @@ def test_gc_removes_old_committed_history_and_verify_still_passes(history: str):
     dry = cli("ledger", "gc", "--older-than", "0s", "--dry-run", "--format", "json", dsn=history)
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout) | {"cutoff": None, "sample": None} == {
-        "cutoff": None, "sample": None, "dry_run": True, "keys": 2, "events": 7}
+        "cutoff": None,
+        "sample": None,
+        "dry_run": True,
+        "keys": 2,
+        "events": 7,
+    }
     with psycopg.connect(history) as conn:
         assert events(conn) == before  # a dry run removes nothing
 
@@ -90,8 +95,9 @@ def test_gc_removes_old_committed_history_and_verify_still_passes(history: str):
         assert [e for e, _ in events(conn, "c")] == ["pruned"]
         detail = conn.execute("SELECT detail FROM eos.ledger_events WHERE key = 'c'").fetchone()[0]
         assert (detail["through_seq"], detail["events"], detail["versions"]) == (4, 4, 2)
-        assert conn.execute("SELECT key, through_seq, events, versions FROM eos.pruned_chains "
-                            "ORDER BY key").fetchall() == [("a", 3, 3, 1), ("c", 4, 4, 2)]
+        assert conn.execute(
+            "SELECT key, through_seq, events, versions FROM eos.pruned_chains ORDER BY key"
+        ).fetchall() == [("a", 3, 3, 1), ("c", 4, 4, 2)]
     code, result = verify_json(history)
     assert code == 0 and result["ok"], result
     # the protocol carries on: a skip of a pruned key, then a second gc prunes again
@@ -102,21 +108,28 @@ def test_gc_removes_old_committed_history_and_verify_still_passes(history: str):
     nothing = cli("ledger", "gc", "--older-than", "0s", "--format", "json", dsn=history)
     assert json.loads(nothing.stdout)["keys"] == 0  # only its own `pruned` events are left
     with psycopg.connect(history) as conn:
-        assert conn.execute("SELECT events, versions FROM eos.pruned_chains WHERE key = 'c'"
-                            ).fetchone() == (6, 2)
+        assert conn.execute(
+            "SELECT events, versions FROM eos.pruned_chains WHERE key = 'c'"
+        ).fetchone() == (6, 2)
     assert verify_json(history)[0] == 0
     text = cli("ledger", "gc", "--older-than", "30d", dsn=history)
     assert text.returncode == 0 and "gc removed 0 events of 0 committed keys" in text.stdout
 
 
-@pytest.mark.parametrize("tamper, reason", [
-    ("DELETE FROM eos.ledger_events WHERE key = 'c'", "the rest are gone"),
-    ("UPDATE eos.pruned_chains SET through_seq = 3 WHERE key = 'c'", "expected event number 4"),
-    ("UPDATE eos.pruned_chains SET versions = 1 WHERE key = 'c'", "ledger row says version 2"),
-    ("DELETE FROM eos.pruned_chains WHERE key = 'c'", "expected event number 1"),
-    ("UPDATE eos.ledger_events SET detail = jsonb_set(detail, '{through_seq}', '2') "
-     "WHERE key = 'c'", "hash does not match"),
-])
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        ("DELETE FROM eos.ledger_events WHERE key = 'c'", "the rest are gone"),
+        ("UPDATE eos.pruned_chains SET through_seq = 3 WHERE key = 'c'", "expected event number 4"),
+        ("UPDATE eos.pruned_chains SET versions = 1 WHERE key = 'c'", "ledger row says version 2"),
+        ("DELETE FROM eos.pruned_chains WHERE key = 'c'", "expected event number 1"),
+        (
+            "UPDATE eos.ledger_events SET detail = jsonb_set(detail, '{through_seq}', '2') "
+            "WHERE key = 'c'",
+            "hash does not match",
+        ),
+    ],
+)
 def test_tampering_after_gc_is_detected(history: str, tamper: str, reason: str):
     assert cli("ledger", "gc", "--older-than", "0s", dsn=history).returncode == 0
     with superuser_edit(history) as conn:
@@ -132,8 +145,9 @@ def test_gc_deletes_only_through_its_function(history: str):
         with pytest.raises(psycopg.Error, match="append-only") as err:
             conn.execute("DELETE FROM eos.ledger_events WHERE key = 'a'")
         assert err.value.sqlstate == "EOS02"
-        assert conn.execute("SELECT count(*) FROM eos.ledger_events WHERE key = 'a'"
-                            ).fetchone() == (3,)
+        assert conn.execute(
+            "SELECT count(*) FROM eos.ledger_events WHERE key = 'a'"
+        ).fetchone() == (3,)
 
 
 def test_gc_rejects_bad_durations_before_connecting():
@@ -160,9 +174,11 @@ def test_checkpoint_detects_a_truncated_tail_and_a_removed_key(history: str, tmp
     # cut key a's tail back before the checkpoint, and fix its row so the chain verifies
     with superuser_edit(history) as conn:
         conn.execute("DELETE FROM eos.ledger_events WHERE key = 'a' AND seq >= 3")
-        conn.execute("UPDATE eos.ledger AS l SET event_seq = 2, last_hash = e.hash "
-                     "FROM eos.ledger_events AS e WHERE l.key = 'a' AND e.key = 'a' "
-                     "AND e.seq = 2")
+        conn.execute(
+            "UPDATE eos.ledger AS l SET event_seq = 2, last_hash = e.hash "
+            "FROM eos.ledger_events AS e WHERE l.key = 'a' AND e.key = 'a' "
+            "AND e.seq = 2"
+        )
     assert verify_json(history)[0] == 0  # the chains alone cannot tell
     code, result = verify_json(history, "--checkpoint", str(path))
     assert code == 1
@@ -174,8 +190,10 @@ def test_checkpoint_detects_a_truncated_tail_and_a_removed_key(history: str, tmp
         conn.execute("DELETE FROM eos.ledger WHERE key = 'b'")
     text = cli_process("ledger", "verify", "--checkpoint", str(path), dsn=history)
     assert text.returncode == 1
-    assert ("key 'b': the checkpoint records 2 events of this key; its ledger row and history "
-            "are gone (removed)") in text.stderr
+    assert (
+        "key 'b': the checkpoint records 2 events of this key; its ledger row and history "
+        "are gone (removed)"
+    ) in text.stderr
 
 
 def test_checkpoint_survives_gc(history: str, tmp_path):
@@ -193,8 +211,10 @@ def test_bad_checkpoint_files_are_refused(history: str, tmp_path):
         "missing.json": (None, "does not exist; write one with `eos-airflow ledger checkpoint"),
         "garbage.json": ("{not json", "is not a checkpoint written by"),
         "foreign.json": (json.dumps({"hello": 1}), "no format marker"),
-        "edited.json": (json.dumps({**good, "heads": {**good["heads"], "a": [1, "00"]}}),
-                        "is damaged: its heads do not match its heads_digest"),
+        "edited.json": (
+            json.dumps({**good, "heads": {**good["heads"], "a": [1, "00"]}}),
+            "is damaged: its heads do not match its heads_digest",
+        ),
         "future.json": (json.dumps({**good, "format_version": 99}), "upgrade eos-airflow"),
     }
     for name, (content, message) in cases.items():
@@ -206,8 +226,7 @@ def test_bad_checkpoint_files_are_refused(history: str, tmp_path):
         assert message in out.stderr, (name, out.stderr)
     other = cli("ledger", "verify", "--checkpoint", str(path), "--schema", "audit", dsn=history)
     assert other.returncode == 3  # no ledger in schema "audit"
-    unwritable = cli("ledger", "checkpoint", "--out", str(tmp_path / "no" / "cp.json"),
-                     dsn=history)
+    unwritable = cli("ledger", "checkpoint", "--out", str(tmp_path / "no" / "cp.json"), dsn=history)
     assert unwritable.returncode == 2 and "cannot write the checkpoint to" in unwritable.stderr
 
 
@@ -233,13 +252,15 @@ def as_role(dsn: str, role: str):
         conn = psycopg.connect(dsn, autocommit=True)
         conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
         return conn
+
     return connect
 
 
 def test_db_grant_makes_history_insert_only_for_the_writer(history: str, roles):
     writer, auditor = roles
-    out = cli("db", "grant", "--writer", writer, "--auditor", auditor, "--format", "json",
-              dsn=history)
+    out = cli(
+        "db", "grant", "--writer", writer, "--auditor", auditor, "--format", "json", dsn=history
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["created"] == [writer, auditor]
     again = cli("db", "grant", "--writer", writer, "--auditor", auditor, dsn=history)
@@ -252,12 +273,14 @@ def test_db_grant_makes_history_insert_only_for_the_writer(history: str, roles):
         with pytest.raises(Boom):
             ledger.run("w/2", boom, origin=TI)
     with as_role(history, writer)() as conn:
-        for statement in ("UPDATE eos.ledger_events SET attempt = 9",
-                          "DELETE FROM eos.ledger_events",
-                          "TRUNCATE eos.ledger_events",
-                          "DELETE FROM eos.ledger",
-                          "DELETE FROM eos.pruned_chains",
-                          "SELECT * FROM eos.gc_prune(ARRAY['a'], now(), 'me')"):
+        for statement in (
+            "UPDATE eos.ledger_events SET attempt = 9",
+            "DELETE FROM eos.ledger_events",
+            "TRUNCATE eos.ledger_events",
+            "DELETE FROM eos.ledger",
+            "DELETE FROM eos.pruned_chains",
+            "SELECT * FROM eos.gc_prune(ARRAY['a'], now(), 'me')",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
         conn.execute("SET eos.gc_prune = 'on'")  # the flag alone opens nothing
@@ -266,9 +289,11 @@ def test_db_grant_makes_history_insert_only_for_the_writer(history: str, roles):
     with as_role(history, auditor)() as conn:
         assert chain.verify(conn).ok
         assert conn.execute("SELECT count(*) FROM eos.ledger_events").fetchone()[0] == 14
-        for statement in ("INSERT INTO eos.waiters VALUES ('k', false, 'me', now())",
-                          "UPDATE eos.ledger SET version = 9",
-                          "SELECT * FROM eos.gc_prune(ARRAY['a'], now(), 'me')"):
+        for statement in (
+            "INSERT INTO eos.waiters VALUES ('k', false, 'me', now())",
+            "UPDATE eos.ledger SET version = 9",
+            "SELECT * FROM eos.gc_prune(ARRAY['a'], now(), 'me')",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
     gc = cli("ledger", "gc", "--older-than", "0s", "--format", "json", dsn=history)
@@ -279,9 +304,11 @@ def test_the_trigger_refuses_a_non_owner_that_sets_the_gc_flag(history: str, rol
     writer, _ = roles
     with psycopg.connect(history, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(writer)))
-        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA eos TO {0}; "
-                             "GRANT SELECT, DELETE ON eos.ledger_events TO {0}")
-                     .format(sql.Identifier(writer)))
+        conn.execute(
+            sql.SQL(
+                "GRANT USAGE ON SCHEMA eos TO {0}; GRANT SELECT, DELETE ON eos.ledger_events TO {0}"
+            ).format(sql.Identifier(writer))
+        )
     with as_role(history, writer)() as conn:
         conn.execute("SET eos.gc_prune = 'on'")
         with pytest.raises(psycopg.Error, match="append-only") as err:
@@ -295,13 +322,21 @@ def test_db_grant_bad_input(history: str, empty_db: str, roles):
     assert same.returncode == 2 and "must be different roles" in same.stderr
     missing = cli("db", "grant", "--writer", writer, "--auditor", "x", dsn=empty_db)
     assert missing.returncode == 3 and "eos-airflow db migrate" in missing.stderr
-    down = cli("db", "grant", "--writer", writer, "--auditor", "x",
-               dsn="postgresql://postgres@127.0.0.1:1/none")
+    down = cli(
+        "db",
+        "grant",
+        "--writer",
+        writer,
+        "--auditor",
+        "x",
+        dsn="postgresql://postgres@127.0.0.1:1/none",
+    )
     assert down.returncode == 3 and "cannot connect to the ledger database" in down.stderr
     with psycopg.connect(history, autocommit=True) as conn:
         conn.execute("UPDATE eos.alembic_version SET version_num = '0003'")
     old = cli("ledger", "gc", "--older-than", "1d", dsn=history)
     assert old.returncode == 3 and "run `eos-airflow db migrate`" in old.stderr
     with psycopg.connect(history) as conn:  # nothing was created
-        assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s",
-                            [writer]).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_roles WHERE rolname = %s", [writer]
+        ).fetchone() == (0,)

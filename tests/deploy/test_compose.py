@@ -10,10 +10,24 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-AIRFLOW_SERVICES = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                    "airflow-worker", "airflow-triggerer", "airflow-init")
-LONG_RUNNING = ("postgres", "warehouse", "redis", "airflow-apiserver", "airflow-scheduler",
-                "airflow-dag-processor", "airflow-worker", "airflow-triggerer")
+AIRFLOW_SERVICES = (
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-worker",
+    "airflow-triggerer",
+    "airflow-init",
+)
+LONG_RUNNING = (
+    "postgres",
+    "warehouse",
+    "redis",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-worker",
+    "airflow-triggerer",
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +84,8 @@ def test_init_migrates_airflow_and_the_ledger(compose):
     init = compose["services"]["airflow-init"]
     script = "\n".join(init["command"])
     assert script.index("airflow db migrate") < script.index(
-        "eos-airflow db migrate --conn-id eos_warehouse")
+        "eos-airflow db migrate --conn-id eos_warehouse"
+    )
     env = compose["x-airflow-common"]["environment"]
     assert env["AIRFLOW_CONN_EOS_WAREHOUSE"].endswith("@warehouse:5432/warehouse")
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"

@@ -43,6 +43,7 @@ Report = Callable[[dict[str, Any]], None]
 
 # -- forked children ------------------------------------------------------------------------
 
+
 @dataclass
 class Child:
     pid: int
@@ -62,11 +63,13 @@ class Child:
         return True
 
     def lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.data.decode().splitlines(keepends=True)
-                if line.endswith("\n")]
+        return [
+            json.loads(line)
+            for line in self.data.decode().splitlines(keepends=True)
+            if line.endswith("\n")
+        ]
 
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool],
-                 timeout: float = 60.0) -> bool:
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> bool:
         """Wait until the child reports a line matching ``predicate`` (True), or ends or the
         time is up without one (False); the child goes on either way."""
         deadline = time.monotonic() + timeout
@@ -83,8 +86,9 @@ class Child:
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
                 os.close(self.fd)
-                raise AssertionError(f"child {self.pid} hung for {timeout} s; it reported "
-                                     f"{self.data.decode()!r}")
+                raise AssertionError(
+                    f"child {self.pid} hung for {timeout} s; it reported {self.data.decode()!r}"
+                )
         os.close(self.fd)
         _, status = os.waitpid(self.pid, 0)
         return os.waitstatus_to_exitcode(status), self.lines()
@@ -109,8 +113,11 @@ def spawn(body: Callable[[Report], None], failpoints: str | None = None) -> Chil
             def report(line: dict[str, Any]) -> None:
                 os.write(write, (json.dumps(line, default=str) + "\n").encode())
 
-            eos_failpoints.set_observer(lambda step, action, attempt: report(
-                {"fired": step, "action": action, "attempt": attempt}))
+            eos_failpoints.set_observer(
+                lambda step, action, attempt: report(
+                    {"fired": step, "action": action, "attempt": attempt}
+                )
+            )
             body(report)
         except BaseException:
             traceback.print_exc()
@@ -121,12 +128,14 @@ def spawn(body: Callable[[Report], None], failpoints: str | None = None) -> Chil
     return Child(pid, read)
 
 
-def run_child(body: Callable[[Report], None], failpoints: str | None = None,
-              timeout: float = 120.0) -> tuple[int, list[dict[str, Any]]]:
+def run_child(
+    body: Callable[[Report], None], failpoints: str | None = None, timeout: float = 120.0
+) -> tuple[int, list[dict[str, Any]]]:
     return spawn(body, failpoints).wait(timeout)
 
 
 # -- runs -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Job:
@@ -154,9 +163,16 @@ class Run:
         return Origin("crash", self.step, run_id or f"run-{self.number}", job.index)
 
 
-def attempt_jobs(run: Run, report: Report, one: Callable[[Job, int, Origin, float], Any],
-                 attempt: int, *, run_id: str | None = None, wait_timeout: float = 30.0,
-                 stop_on_error: bool = False) -> None:
+def attempt_jobs(
+    run: Run,
+    report: Report,
+    one: Callable[[Job, int, Origin, float], Any],
+    attempt: int,
+    *,
+    run_id: str | None = None,
+    wait_timeout: float = 30.0,
+    stop_on_error: bool = False,
+) -> None:
     """Run every job of ``run`` (in a child); report what each caller was told."""
     for job in run.jobs:
         try:
@@ -177,15 +193,17 @@ def merge_reports(run: Run, code: int, lines: list[dict[str, Any]]) -> None:
         if "told" in line:
             key = line["key"]
             assert run.told.setdefault(key, line["told"]) == line["told"], (
-                f"{key}: one caller was told {run.told[key]}, another {line['told']}")
+                f"{key}: one caller was told {run.told[key]}, another {line['told']}"
+            )
         elif "fired" in line:
-            assert (line["fired"], line["action"].split(":")[0]) == (run.failpoint,
-                                                                     run.action), (
-                f"failpoint {line} fired in a run that injects {run.action} at {run.step}")
+            assert (line["fired"], line["action"].split(":")[0]) == (run.failpoint, run.action), (
+                f"failpoint {line} fired in a run that injects {run.action} at {run.step}"
+            )
             run.fired = True
     if code == 137:
         assert any(line.get("action") == "exit" for line in lines), (
-            f"child ended with status 137 but no exit failpoint fired: {lines}")
+            f"child ended with status 137 but no exit failpoint fired: {lines}"
+        )
     assert code in (0, 137), f"child failed with status {code}: {lines}"
 
 
@@ -216,10 +234,13 @@ class Scenario:
 
     def plan(self, number: int, step: str, action: str) -> Run:
         rng = self.rng
-        jobs = [self.job(f"{self.name}/{number}/{j}", j) for j in range(
-            1 if action == "sleep" else rng.randint(1, 4 if self.big else 3))]
+        jobs = [
+            self.job(f"{self.name}/{number}/{j}", j)
+            for j in range(1 if action == "sleep" else rng.randint(1, 4 if self.big else 3))
+        ]
         if step.rsplit(".", 1)[-1] in self.chunk_steps and not any(
-                self.chunk_hits(job) for job in jobs):
+            self.chunk_hits(job) for job in jobs
+        ):
             jobs[0].every = jobs[0].every or rng.randint(1, 8)
             jobs[0].size = jobs[0].every * rng.randint(2, 4)  # at least 2 chunks
         self.keys.extend(job.key for job in jobs)
@@ -248,11 +269,18 @@ class Scenario:
     def one(self, job: Job, attempt: int, origin: Origin, wait_timeout: float) -> Any:
         raise NotImplementedError
 
-    def attempt(self, run: Run, attempt: int, *, run_id: str | None = None,
-                wait_timeout: float = 30.0) -> Callable[[Report], None]:
-        return lambda report: attempt_jobs(run, report, self.one, attempt, run_id=run_id,
-                                           wait_timeout=wait_timeout,
-                                           stop_on_error=self.stop_on_error)
+    def attempt(
+        self, run: Run, attempt: int, *, run_id: str | None = None, wait_timeout: float = 30.0
+    ) -> Callable[[Report], None]:
+        return lambda report: attempt_jobs(
+            run,
+            report,
+            self.one,
+            attempt,
+            run_id=run_id,
+            wait_timeout=wait_timeout,
+            stop_on_error=self.stop_on_error,
+        )
 
     def faulty(self, run: Run) -> tuple[Callable[[Report], None], str]:
         """The child that meets the fault, and its EOS_FAILPOINTS."""
@@ -291,10 +319,13 @@ class Scenario:
         from pathlib import Path
 
         eos = Path(sys.executable).parent / "eos-airflow"
-        done = subprocess.run([str(eos), "recover", "--dsn", self.dsn, *self.recover_args()],
-                              capture_output=True, text=True, timeout=60,
-                              env={k: v for k, v in os.environ.items()
-                                   if k != "EOS_FAILPOINTS"})
+        done = subprocess.run(
+            [str(eos), "recover", "--dsn", self.dsn, *self.recover_args()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "EOS_FAILPOINTS"},
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
     def recover_args(self) -> list[str]:
@@ -306,16 +337,26 @@ class Scenario:
         target holding exactly what the committed attempt(s) wrote."""
         keys = [job.key for job in run.jobs]
         with psycopg.connect(self.ledger_dsn, autocommit=True) as conn:
-            entries = {k: (s, r) for k, s, r in conn.execute(
-                "SELECT key, state::text, result FROM eos.ledger WHERE key = ANY(%s)", [keys])}
-            commits = Counter(k for (k,) in conn.execute(
-                "SELECT key FROM eos.ledger_events WHERE key = ANY(%s) "
-                "AND event IN ('committed', 'replaced')", [keys]))
+            entries = {
+                k: (s, r)
+                for k, s, r in conn.execute(
+                    "SELECT key, state::text, result FROM eos.ledger WHERE key = ANY(%s)", [keys]
+                )
+            }
+            commits = Counter(
+                k
+                for (k,) in conn.execute(
+                    "SELECT key FROM eos.ledger_events WHERE key = ANY(%s) "
+                    "AND event IN ('committed', 'replaced')",
+                    [keys],
+                )
+            )
         for key in keys:
             assert entries[key][0] == "committed", f"{key} is {entries[key][0]}, not committed"
             assert commits[key] == 1, f"{key} committed {commits[key]} times"
             assert run.told[key] == entries[key][1], (
-                f"{key}: the caller was told {run.told[key]}, the ledger holds {entries[key][1]}")
+                f"{key}: the caller was told {run.told[key]}, the ledger holds {entries[key][1]}"
+            )
         self.check_target(run)
 
     @property
@@ -337,9 +378,14 @@ class Scenario:
         item missing from the target) and transactions left prepared."""
         out: dict[str, Any] = {"prepared": 0}
         with psycopg.connect(self.ledger_dsn) as conn:
-            commits = Counter(k for (k,) in conn.execute(
-                "SELECT key FROM eos.ledger_events WHERE key = ANY(%s) "
-                "AND event IN ('committed', 'replaced')", [self.keys]))
+            commits = Counter(
+                k
+                for (k,) in conn.execute(
+                    "SELECT key FROM eos.ledger_events WHERE key = ANY(%s) "
+                    "AND event IN ('committed', 'replaced')",
+                    [self.keys],
+                )
+            )
         duplicates, lost = self.target_counts()
         out["duplicates"] = duplicates + sum(n - 1 for n in commits.values() if n > 1)
         out["lost"] = lost + sum(1 for key in self.keys if not commits[key])
@@ -349,17 +395,20 @@ class Scenario:
                     continue
                 checked = verify(conn)
                 assert checked.ok, f"{name}: {checked.first_problem}"
-                running = conn.execute("SELECT key, state::text FROM eos.ledger "
-                                       "WHERE state <> 'committed'").fetchall()
+                running = conn.execute(
+                    "SELECT key, state::text FROM eos.ledger WHERE state <> 'committed'"
+                ).fetchall()
                 assert not running, f"{name}: keys left unfinished: {running[:5]}"
                 out["prepared"] += conn.execute(
                     "SELECT count(*) FROM pg_prepared_xacts WHERE database = "
-                    "current_database() AND gid LIKE 'eos:%'").fetchone()[0]
+                    "current_database() AND gid LIKE 'eos:%'"
+                ).fetchone()[0]
                 out[name] = conn.execute("SELECT count(*) FROM eos.ledger_events").fetchone()[0]
         return out
 
 
 # -- single database ------------------------------------------------------------------------
+
 
 class Local(Scenario):
     """One transaction: the rows and the ledger's commit mark."""
@@ -373,38 +422,42 @@ class Local(Scenario):
 
     def one(self, job: Job, attempt: int, origin: Origin, wait_timeout: float) -> Any:
         def fn(eos):
-            eos.conn.execute("INSERT INTO rows_t SELECT %s, g, %s FROM generate_series(1, %s) g",
-                             [eos.key, eos.attempt, job.size])
+            eos.conn.execute(
+                "INSERT INTO rows_t SELECT %s, g, %s FROM generate_series(1, %s) g",
+                [eos.key, eos.attempt, job.size],
+            )
             return {"rows": job.size, "attempt": eos.attempt}
+
         with Ledger(self.dsn, wait_timeout=wait_timeout) as ledger:
             return ledger.run(job.key, fn, attempt=attempt, origin=origin)
 
     def check_target(self, run: Run) -> None:
         with psycopg.connect(self.dsn) as conn:
             for job in run.jobs:
-                rows = conn.execute("SELECT i, attempt FROM rows_t WHERE key = %s ORDER BY i",
-                                    [job.key]).fetchall()
+                rows = conn.execute(
+                    "SELECT i, attempt FROM rows_t WHERE key = %s ORDER BY i", [job.key]
+                ).fetchall()
                 committed = run.told[job.key]["attempt"]
                 assert rows == [(i, committed) for i in range(1, job.size + 1)], (
                     f"{job.key}: rows {rows[:5]}... are not rows 1..{job.size} of attempt "
-                    f"{committed} (duplicates or partial writes)")
-
+                    f"{committed} (duplicates or partial writes)"
+                )
 
     def target_counts(self) -> tuple[int, int]:
         with psycopg.connect(self.dsn) as conn:
-            found = dict(((k, i), n) for k, i, n in conn.execute(
-                "SELECT key, i, count(*) FROM rows_t GROUP BY key, i"))
+            found = dict(
+                ((k, i), n)
+                for k, i, n in conn.execute("SELECT key, i, count(*) FROM rows_t GROUP BY key, i")
+            )
         want = {(job.key, i) for job in self.jobs for i in range(1, job.size + 1)}
-        return (sum(n - 1 for n in found.values()) + len(set(found) - want),
-                len(want - set(found)))
+        return (sum(n - 1 for n in found.values()) + len(set(found) - want), len(want - set(found)))
 
 
 class Chunked(Local):
     """``eos.checkpoints``: each chunk commits with a recovery point; a retry resumes."""
 
     name = "chunked"
-    steps = ("after_claim", "before_chunk_commit", "after_chunk", "before_commit",
-             "after_commit")
+    steps = ("after_claim", "before_chunk_commit", "after_chunk", "before_commit", "after_commit")
 
     def job(self, key: str, index: int) -> Job:
         job = super().job(key, index)
@@ -415,19 +468,27 @@ class Chunked(Local):
         def fn(eos):
             chunks = eos.checkpoints(range(1, job.size + 1), every=job.every)
             for chunk in chunks:
-                eos.conn.cursor().executemany("INSERT INTO rows_t VALUES (%s, %s, %s)",
-                                              [(eos.key, i, eos.attempt) for i in chunk])
+                eos.conn.cursor().executemany(
+                    "INSERT INTO rows_t VALUES (%s, %s, %s)",
+                    [(eos.key, i, eos.attempt) for i in chunk],
+                )
             return {"rows": chunks.rows, "chunks": chunks.chunks}
+
         with Ledger(self.dsn, wait_timeout=wait_timeout) as ledger:
             return ledger.run(job.key, fn, attempt=attempt, origin=origin)
 
     def check_target(self, run: Run) -> None:
         with psycopg.connect(self.dsn) as conn:
             for job in run.jobs:
-                rows = [i for (i,) in conn.execute(
-                    "SELECT i FROM rows_t WHERE key = %s ORDER BY i", [job.key])]
+                rows = [
+                    i
+                    for (i,) in conn.execute(
+                        "SELECT i FROM rows_t WHERE key = %s ORDER BY i", [job.key]
+                    )
+                ]
                 assert rows == list(range(1, job.size + 1)), (
-                    f"{job.key}: chunks of {job.every}: rows {rows} are not 1..{job.size} once")
+                    f"{job.key}: chunks of {job.every}: rows {rows} are not 1..{job.size} once"
+                )
                 assert run.told[job.key]["rows"] == job.size
 
 
@@ -436,15 +497,16 @@ class Incremental(Scenario):
     in ``eos.offsets``, copied with the position advanced in the same transaction."""
 
     name = "incremental"
-    steps = ("after_claim", "before_chunk_commit", "after_chunk", "before_commit",
-             "after_commit")
+    steps = ("after_claim", "before_chunk_commit", "after_chunk", "before_commit", "after_commit")
 
     def setup(self) -> None:
         import eos_airflow.operators.incremental  # noqa: F401  (imports Airflow: once, here)
 
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE src (id bigserial PRIMARY KEY, v int); "
-                         "CREATE TABLE dst (id bigint, v int)")
+            conn.execute(
+                "CREATE TABLE src (id bigserial PRIMARY KEY, v int); "
+                "CREATE TABLE dst (id bigint, v int)"
+            )
 
     def job(self, key: str, index: int) -> Job:
         job = super().job(key, index)
@@ -461,8 +523,7 @@ class Incremental(Scenario):
 
     def add_source_rows(self, job: Job) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute("INSERT INTO src (v) SELECT g FROM generate_series(1, %s) g",
-                         [job.size])
+            conn.execute("INSERT INTO src (v) SELECT g FROM generate_series(1, %s) g", [job.size])
 
     def one(self, job: Job, attempt: int, origin: Origin, wait_timeout: float) -> Any:
         from eos_airflow.operators.incremental import incremental
@@ -474,10 +535,21 @@ class Incremental(Scenario):
             return psycopg.connect(self.dsn, autocommit=True)
 
         with Ledger(self.dsn, wait_timeout=wait_timeout) as ledger:
-            return ledger.run(job.key, lambda eos: incremental(
-                eos, connect, source_table="src", column="id", target_table="dst",
-                columns=["id", "v"], offset_source="table:src", chunk_rows=job.every),
-                attempt=attempt, origin=origin)
+            return ledger.run(
+                job.key,
+                lambda eos: incremental(
+                    eos,
+                    connect,
+                    source_table="src",
+                    column="id",
+                    target_table="dst",
+                    columns=["id", "v"],
+                    offset_source="table:src",
+                    chunk_rows=job.every,
+                ),
+                attempt=attempt,
+                origin=origin,
+            )
 
     def check_target(self, run: Run) -> None:
         """Once the run is recovered, every source row is in the target exactly once: each
@@ -487,24 +559,25 @@ class Incremental(Scenario):
         with psycopg.connect(self.dsn) as conn:
             source = {i for (i,) in conn.execute("SELECT id FROM src")}
             dst = Counter(i for (i,) in conn.execute("SELECT id FROM dst"))
-            position = conn.execute("SELECT position FROM eos.offsets WHERE source = "
-                                    "'table:src'").fetchone()
+            position = conn.execute(
+                "SELECT position FROM eos.offsets WHERE source = 'table:src'"
+            ).fetchone()
         twice = sorted(i for i, n in dst.items() if n > 1)
         assert not twice, f"source rows copied more than once: {twice[:10]}"
         lost, unknown = sorted(source - set(dst)), sorted(set(dst) - source)
         assert not lost and not unknown, (
             f"{len(lost)} source rows never copied {lost[:10]}, {len(unknown)} copied rows "
-            f"not in the source {unknown[:10]} (position {position})")
+            f"not in the source {unknown[:10]} (position {position})"
+        )
         assert position is not None and position[0] == max(source), (
-            f"position {position} is not the largest source id {max(source)}")
-
+            f"position {position} is not the largest source id {max(source)}"
+        )
 
     def target_counts(self) -> tuple[int, int]:
         with psycopg.connect(self.dsn) as conn:
             source = {i for (i,) in conn.execute("SELECT id FROM src")}
             dst = Counter(i for (i,) in conn.execute("SELECT id FROM dst"))
-        return (sum(n - 1 for n in dst.values()) + len(set(dst) - source),
-                len(source - set(dst)))
+        return (sum(n - 1 for n in dst.values()) + len(set(dst) - source), len(source - set(dst)))
 
 
 class Transfer(Scenario):
@@ -512,8 +585,7 @@ class Transfer(Scenario):
     in chunks, append or replace (atomic: staged, then published)."""
 
     name = "transfer"
-    steps = ("after_claim", "before_chunk_commit", "after_chunk", "before_commit",
-             "after_commit")
+    steps = ("after_claim", "before_chunk_commit", "after_chunk", "before_commit", "after_commit")
 
     def setup(self) -> None:
         with psycopg.connect(self.dsns["source"], autocommit=True) as conn:
@@ -524,12 +596,13 @@ class Transfer(Scenario):
     def job(self, key: str, index: int) -> Job:
         job = super().job(key, index)
         job.every = self.rng.choice([None, self.chunk_size(job)])
-        job.extra = {"grp": len(self.keys) + index, "mode": self.rng.choice(["append",
-                                                                              "replace"])}
+        job.extra = {"grp": len(self.keys) + index, "mode": self.rng.choice(["append", "replace"])}
         text = "tab\there, line\nbreak, quote ' \" \\ é ✓"
         with psycopg.connect(self.dsns["source"], autocommit=True) as conn:
-            conn.execute("INSERT INTO tsrc SELECT %s, g, %s || g FROM generate_series(1, %s) g",
-                         [job.extra["grp"], text, 400])
+            conn.execute(
+                "INSERT INTO tsrc SELECT %s, g, %s || g FROM generate_series(1, %s) g",
+                [job.extra["grp"], text, 400],
+            )
         if job.extra["mode"] == "replace":  # an old partition that the load replaces
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 conn.execute("INSERT INTO tdst VALUES (%s, -1, 'old')", [job.extra["grp"]])
@@ -541,38 +614,56 @@ class Transfer(Scenario):
 
         grp = job.extra["grp"]
         with Ledger(self.dsn, wait_timeout=wait_timeout) as ledger:
-            return ledger.run(job.key, lambda eos: transfer(
-                eos, source, query="SELECT grp, i, v FROM tsrc WHERE grp = %s AND i <= %s "
-                "ORDER BY i", parameters=[grp, job.size], table="tdst", mode=job.extra["mode"],
-                replace_where="grp = %s AND i <= %s" if job.extra["mode"] == "replace" else None,
-                chunk_rows=job.every), attempt=attempt, origin=origin)
+            return ledger.run(
+                job.key,
+                lambda eos: transfer(
+                    eos,
+                    source,
+                    query="SELECT grp, i, v FROM tsrc WHERE grp = %s AND i <= %s ORDER BY i",
+                    parameters=[grp, job.size],
+                    table="tdst",
+                    mode=job.extra["mode"],
+                    replace_where="grp = %s AND i <= %s"
+                    if job.extra["mode"] == "replace"
+                    else None,
+                    chunk_rows=job.every,
+                ),
+                attempt=attempt,
+                origin=origin,
+            )
 
     def check_target(self, run: Run) -> None:
         with psycopg.connect(self.dsns["source"]) as src, psycopg.connect(self.dsn) as dst:
             for job in run.jobs:
                 grp = job.extra["grp"]
-                want = src.execute("SELECT i, v FROM tsrc WHERE grp = %s AND i <= %s "
-                                   "ORDER BY i", [grp, job.size]).fetchall()
-                got = dst.execute("SELECT i, v FROM tdst WHERE grp = %s ORDER BY i",
-                                  [grp]).fetchall()
-                assert got == want, (f"{job.key} ({job.extra['mode']}, chunks of {job.every}):"
-                                     f" {len(got)} rows, expected {len(want)} once")
+                want = src.execute(
+                    "SELECT i, v FROM tsrc WHERE grp = %s AND i <= %s ORDER BY i", [grp, job.size]
+                ).fetchall()
+                got = dst.execute(
+                    "SELECT i, v FROM tdst WHERE grp = %s ORDER BY i", [grp]
+                ).fetchall()
+                assert got == want, (
+                    f"{job.key} ({job.extra['mode']}, chunks of {job.every}):"
+                    f" {len(got)} rows, expected {len(want)} once"
+                )
                 assert run.told[job.key]["rows"] == job.size
-            staging = dst.execute("SELECT relname FROM pg_class WHERE relname LIKE "
-                                  "'eos\\_stage\\_%'").fetchall()
+            staging = dst.execute(
+                "SELECT relname FROM pg_class WHERE relname LIKE 'eos\\_stage\\_%'"
+            ).fetchall()
             assert not staging, f"staging tables left: {staging}"
-
 
     def target_counts(self) -> tuple[int, int]:
         with psycopg.connect(self.dsn) as conn:
-            found = dict(((g, i), n) for g, i, n in conn.execute(
-                "SELECT grp, i, count(*) FROM tdst GROUP BY grp, i"))
+            found = dict(
+                ((g, i), n)
+                for g, i, n in conn.execute("SELECT grp, i, count(*) FROM tdst GROUP BY grp, i")
+            )
         want = {(job.extra["grp"], i) for job in self.jobs for i in range(1, job.size + 1)}
-        return (sum(n - 1 for n in found.values()) + len(set(found) - want),
-                len(want - set(found)))
+        return (sum(n - 1 for n in found.values()) + len(set(found) - want), len(want - set(found)))
 
 
 # -- several databases ----------------------------------------------------------------------
+
 
 class TwoPhase(Scenario):
     """``MultiLedger`` across banks ``a`` and ``b``, coordinated by the ledger of ``c``:
@@ -581,15 +672,23 @@ class TwoPhase(Scenario):
     name = "2pc"
     protocol = "2pc"
     stop_on_error = True
-    steps = ("after_claim", "before_commit", "after_prepare", "after_decision",
-             "after_first_commit_prepared", "after_commit")
+    steps = (
+        "after_claim",
+        "before_commit",
+        "after_prepare",
+        "after_decision",
+        "after_first_commit_prepared",
+        "after_commit",
+    )
     START = 1_000_000
 
     def setup(self) -> None:
         for name in ("a", "b"):
             with psycopg.connect(self.dsns[name], autocommit=True) as conn:
-                conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint); "
-                             "CREATE TABLE tlog (key text, amount int)")
+                conn.execute(
+                    "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint); "
+                    "CREATE TABLE tlog (key text, amount int)"
+                )
                 conn.execute("INSERT INTO accounts VALUES (1, %s)", [self.START])
 
     @property
@@ -601,17 +700,24 @@ class TwoPhase(Scenario):
         return self.dsns["c"]
 
     def multi(self, wait_timeout: float = 30.0) -> MultiLedger:
-        return MultiLedger(self.dsns["c"], {"a": self.dsns["a"], "b": self.dsns["b"]},
-                           protocol=self.protocol, wait_timeout=wait_timeout)
+        return MultiLedger(
+            self.dsns["c"],
+            {"a": self.dsns["a"], "b": self.dsns["b"]},
+            protocol=self.protocol,
+            wait_timeout=wait_timeout,
+        )
 
     def one(self, job: Job, attempt: int, origin: Origin, wait_timeout: float) -> Any:
         def fn(eos):
             for name, sign in (("a", -1), ("b", 1)):
-                eos.conns[name].execute("UPDATE accounts SET balance = balance + %s",
-                                        [sign * job.size])
-                eos.conns[name].execute("INSERT INTO tlog VALUES (%s, %s)",
-                                        [eos.key, sign * job.size])
+                eos.conns[name].execute(
+                    "UPDATE accounts SET balance = balance + %s", [sign * job.size]
+                )
+                eos.conns[name].execute(
+                    "INSERT INTO tlog VALUES (%s, %s)", [eos.key, sign * job.size]
+                )
             return {"amount": job.size, "attempt": eos.attempt}
+
         with self.multi(wait_timeout) as banks:
             return banks.run(job.key, fn, attempt=attempt, origin=origin)
 
@@ -620,26 +726,37 @@ class TwoPhase(Scenario):
         if how < (0.3 if not self.big else 0.03):
             self.cli_recover()
         elif how < 0.5:
+
             def recover(report: Report) -> None:
                 with self.multi() as banks:
                     report({"resolved": [r.outcome for r in banks.recover(grace=0)]})
+
             code, lines = run_child(recover)
             assert code == 0, lines
         super().recover(run)
 
     def recover_args(self) -> list[str]:
-        return ["--grace", "0", "--participant", f"a={self.dsns['a']}",
-                "--participant", f"b={self.dsns['b']}"]
+        return [
+            "--grace",
+            "0",
+            "--participant",
+            f"a={self.dsns['a']}",
+            "--participant",
+            f"b={self.dsns['b']}",
+        ]
 
     def check_target(self, run: Run) -> None:
         for name, sign in (("a", -1), ("b", 1)):
             with psycopg.connect(self.dsns[name]) as conn:
-                prepared = conn.execute("SELECT gid FROM pg_prepared_xacts WHERE database = "
-                                        "current_database() AND gid LIKE 'eos:%'").fetchall()
+                prepared = conn.execute(
+                    "SELECT gid FROM pg_prepared_xacts WHERE database = "
+                    "current_database() AND gid LIKE 'eos:%'"
+                ).fetchall()
                 assert not prepared, f"{name}: left prepared after recovery: {prepared}"
                 for job in run.jobs:
-                    rows = conn.execute("SELECT amount FROM tlog WHERE key = %s",
-                                        [job.key]).fetchall()
+                    rows = conn.execute(
+                        "SELECT amount FROM tlog WHERE key = %s", [job.key]
+                    ).fetchall()
                     assert rows == [(sign * job.size,)], f"{job.key} on {name}: {rows}"
                     assert run.told[job.key]["amount"] == job.size
 
@@ -650,7 +767,8 @@ class TwoPhase(Scenario):
             with psycopg.connect(self.dsns[name]) as conn:
                 found = Counter(conn.execute("SELECT key, amount FROM tlog").fetchall())
             duplicates += sum(n - 1 for n in found.values()) + sum(
-                1 for key, amount in found if want.get(key) != sign * amount)
+                1 for key, amount in found if want.get(key) != sign * amount
+            )
             lost += sum(1 for key, size in want.items() if (key, sign * size) not in found)
         return duplicates, lost
 
@@ -674,6 +792,7 @@ class ThreePhase(TwoPhase):
 
 # -- the transactional outbox and its relay --------------------------------------------------
 
+
 class Outbox(Scenario):
     """Effects that ``eos.publish`` (the message rows commit with the effect), then the relay
     to a broker (``relay.*`` steps: the relay's own failpoints)."""
@@ -683,11 +802,25 @@ class Outbox(Scenario):
     #: Does the broker drop a re-sent id (JetStream's duplicate window)? Kafka keeps the copy
     #: of a batch re-sent after a crash (consumers drop it by id): only counted, not a fault.
     broker_dedupes = True
-    steps = ("after_claim", "before_commit", "after_commit", "relay.after_send",
-             "relay.before_commit", "relay.after_commit")
+    steps = (
+        "after_claim",
+        "before_commit",
+        "after_commit",
+        "relay.after_send",
+        "relay.before_commit",
+        "relay.after_commit",
+    )
 
-    def __init__(self, dsns: dict[str, str], rng: random.Random, big: bool, *,
-                 destination: str, make_sink: Callable[[], Any], broker: str) -> None:
+    def __init__(
+        self,
+        dsns: dict[str, str],
+        rng: random.Random,
+        big: bool,
+        *,
+        destination: str,
+        make_sink: Callable[[], Any],
+        broker: str,
+    ) -> None:
         super().__init__(dsns, rng, big)
         self.destination = destination
         self.make_sink = make_sink
@@ -707,6 +840,7 @@ class Outbox(Scenario):
             for n in range(job.size):
                 eos.publish(self.destination, {"key": eos.key, "n": n}, key=eos.key)
             return {"messages": job.size, "attempt": eos.attempt}
+
         with Ledger(self.dsn, wait_timeout=wait_timeout) as ledger:
             return ledger.run(job.key, fn, attempt=attempt, origin=origin)
 
@@ -717,13 +851,19 @@ class Outbox(Scenario):
             sink = self.make_sink()
             try:
                 with psycopg.connect(self.dsn, autocommit=True) as conn:
-                    stats = Relay(conn, {self.scheme: sink}, relay_id="eos-crash",
-                                  batch_size=self.batch, attempt=attempt).drain()
+                    stats = Relay(
+                        conn,
+                        {self.scheme: sink},
+                        relay_id="eos-crash",
+                        batch_size=self.batch,
+                        attempt=attempt,
+                    ).drain()
                 report({"relayed": stats.as_dict()})
             except (EosError, psycopg.Error) as exc:
                 report({"error": type(exc).__name__, "message": str(exc)[:300]})
             finally:
                 sink.close()
+
         return body
 
     def plan(self, number: int, step: str, action: str) -> Run:
@@ -763,13 +903,23 @@ class Outbox(Scenario):
     def check_target(self, run: Run) -> None:
         keys = [job.key for job in run.jobs]
         with psycopg.connect(self.dsn) as conn:
-            rows = dict(conn.execute("SELECT key, messages FROM ob_t WHERE key = ANY(%s)",
-                                     [keys]).fetchall())
+            rows = dict(
+                conn.execute(
+                    "SELECT key, messages FROM ob_t WHERE key = ANY(%s)", [keys]
+                ).fetchall()
+            )
             assert len(rows) == len(keys)
-            queued = Counter(k for (k,) in conn.execute(
-                "SELECT effect_key FROM eos.outbox WHERE effect_key = ANY(%s)", [keys]))
-            undelivered = conn.execute("SELECT count(*) FROM eos.outbox WHERE delivered_at IS "
-                                       "NULL AND effect_key = ANY(%s)", [keys]).fetchone()[0]
+            queued = Counter(
+                k
+                for (k,) in conn.execute(
+                    "SELECT effect_key FROM eos.outbox WHERE effect_key = ANY(%s)", [keys]
+                )
+            )
+            undelivered = conn.execute(
+                "SELECT count(*) FROM eos.outbox WHERE delivered_at IS "
+                "NULL AND effect_key = ANY(%s)",
+                [keys],
+            ).fetchone()[0]
         for job in run.jobs:
             assert rows[job.key] == queued[job.key] == job.size, (job.key, rows, queued)
         if run.step.startswith("relay."):
@@ -785,9 +935,11 @@ class Outbox(Scenario):
             rows = Counter(k for (k,) in conn.execute("SELECT key FROM ob_t"))
             queued = Counter(k for (k,) in conn.execute("SELECT effect_key FROM eos.outbox"))
         duplicates = sum(n - 1 for n in rows.values()) + sum(
-            max(0, queued[job.key] - job.size) for job in self.jobs)
+            max(0, queued[job.key] - job.size) for job in self.jobs
+        )
         lost = sum(1 for job in self.jobs if not rows[job.key]) + sum(
-            max(0, job.size - queued[job.key]) for job in self.jobs)
+            max(0, job.size - queued[job.key]) for job in self.jobs
+        )
         return duplicates, lost
 
     def finish(self) -> dict[str, Any]:
@@ -795,8 +947,12 @@ class Outbox(Scenario):
         self.drain()
         with psycopg.connect(self.dsn) as conn:
             ids = {str(i) for (i,) in conn.execute("SELECT message_id FROM eos.outbox")}
-            assert conn.execute("SELECT count(*) FROM eos.outbox WHERE delivered_at IS NULL"
-                                ).fetchone()[0] == 0, "messages left undelivered"
+            assert (
+                conn.execute(
+                    "SELECT count(*) FROM eos.outbox WHERE delivered_at IS NULL"
+                ).fetchone()[0]
+                == 0
+            ), "messages left undelivered"
         copies = Counter(self.received())
         out["lost"] += len(ids - set(copies))
         out["duplicates"] += len(set(copies) - ids)  # unknown ids at the broker
@@ -821,8 +977,17 @@ class OutboxNats(Outbox):
         stream = self.broker
 
         def read(report: Report) -> None:
-            report({"ids": [h.get(NATS_MSG_ID_HEADER) for _, _, h in
-                            nats_received(stream, f"{self.destination[5:].rsplit('.', 1)[0]}.>")]})
+            report(
+                {
+                    "ids": [
+                        h.get(NATS_MSG_ID_HEADER)
+                        for _, _, h in nats_received(
+                            stream, f"{self.destination[5:].rsplit('.', 1)[0]}.>"
+                        )
+                    ]
+                }
+            )
+
         code, lines = run_child(read)
         assert code == 0, lines
         return lines[0]["ids"]
@@ -850,8 +1015,13 @@ class OutboxKafka(Outbox):
 
         def read(report: Report) -> None:
             kept, aborted = committed_messages(bootstrap, topic, self.journal)
-            report({"ids": [dict(m.headers())[KAFKA_MSG_ID_HEADER].decode() for m in kept],
-                    "aborted": aborted})
+            report(
+                {
+                    "ids": [dict(m.headers())[KAFKA_MSG_ID_HEADER].decode() for m in kept],
+                    "aborted": aborted,
+                }
+            )
+
         code, lines = run_child(read)
         assert code == 0, lines
         self.aborted_copies = lines[0]["aborted"]

@@ -25,8 +25,7 @@ from collections.abc import Sequence
 
 
 def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *argv], capture_output=True, text=True, check=check,
-                          timeout=30)
+    return subprocess.run(["ip", *argv], capture_output=True, text=True, check=check, timeout=30)
 
 
 def available() -> str | None:
@@ -53,8 +52,9 @@ class VanishingNetwork:
         self.links = {name: f"eos{name}{tag}" for name in ("h", "ra", "rb", "c")}
         used = _ip("-4", "-o", "addr").stdout
         for _ in range(100):  # a /29 in 10.213.0.0/16 that no interface here uses
-            net = ipaddress.ip_network(f"10.213.{random.randrange(256)}."
-                                       f"{8 * random.randrange(32)}/29")
+            net = ipaddress.ip_network(
+                f"10.213.{random.randrange(256)}.{8 * random.randrange(32)}/29"
+            )
             if not any(f" {address}/" in used for address in net):
                 break
         self.network = net
@@ -77,29 +77,30 @@ class VanishingNetwork:
         _ip("addr", "add", f"{self.host_address}/30", "dev", h)
         _ip("link", "set", h, "up")
         _ip("route", "add", str(self.client_side), "via", self.router_host_address)
-        self._in(self.router_ns, "ip", "addr", "add", f"{self.router_host_address}/30",
-                 "dev", ra)
-        self._in(self.router_ns, "ip", "addr", "add", f"{self.router_client_address}/30",
-                 "dev", rb)
+        self._in(self.router_ns, "ip", "addr", "add", f"{self.router_host_address}/30", "dev", ra)
+        self._in(self.router_ns, "ip", "addr", "add", f"{self.router_client_address}/30", "dev", rb)
         for link in (ra, rb, "lo"):
             self._in(self.router_ns, "ip", "link", "set", link, "up")
         self._in(self.router_ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
         self._in(self.client_ns, "ip", "addr", "add", f"{self.client_address}/30", "dev", c)
         for link in (c, "lo"):
             self._in(self.client_ns, "ip", "link", "set", link, "up")
-        self._in(self.client_ns, "ip", "route", "add", "default", "via",
-                 self.router_client_address)
+        self._in(self.client_ns, "ip", "route", "add", "default", "via", self.router_client_address)
         return self
 
     @staticmethod
     def _in(ns: str, *argv: str) -> None:
-        subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True,
-                       check=True, timeout=30)
+        subprocess.run(
+            ["ip", "netns", "exec", ns, *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
 
     def run(self, argv: Sequence[str], **kwargs) -> subprocess.Popen[str]:
         """Start ``argv`` inside the client namespace."""
-        return subprocess.Popen(["ip", "netns", "exec", self.client_ns, *argv], text=True,
-                                **kwargs)
+        return subprocess.Popen(["ip", "netns", "exec", self.client_ns, *argv], text=True, **kwargs)
 
     def vanish(self) -> None:
         """From now on the router silently drops every packet between client and host."""
@@ -109,8 +110,21 @@ class VanishingNetwork:
     def restore(self) -> None:
         """Forward again (for the next test)."""
         for address in (self.client_address, self.host_address):
-            subprocess.run(["ip", "netns", "exec", self.router_ns, "ip", "route", "del",
-                            "blackhole", f"{address}/32"], capture_output=True, timeout=30)
+            subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.router_ns,
+                    "ip",
+                    "route",
+                    "del",
+                    "blackhole",
+                    f"{address}/32",
+                ],
+                capture_output=True,
+                timeout=30,
+            )
 
     def destroy(self) -> None:
         _ip("route", "del", str(self.client_side), check=False)

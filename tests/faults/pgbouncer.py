@@ -76,7 +76,8 @@ class PgBouncer:
             "ignore_startup_parameters = extra_float_digits,options\n"
             "server_login_retry = 1\n"
             f"logfile = {self.log}\n"
-            f"pidfile = {self.root / 'pgbouncer.pid'}\n")
+            f"pidfile = {self.root / 'pgbouncer.pid'}\n"
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> PgBouncer:
@@ -89,8 +90,9 @@ class PgBouncer:
             command[1:1] = ["-u", entry.pw_name]
         # its log goes to the logfile; stderr must not be a pipe nobody reads (PgBouncer
         # would block on a full one)
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 20
         while True:
             try:

@@ -53,8 +53,10 @@ class FaultProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def dsn(self, dbname: str, user: str = "postgres") -> str:
-        return (f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
-                "?connect_timeout=5&sslmode=disable&gssencmode=disable")
+        return (
+            f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
+            "?connect_timeout=5&sslmode=disable&gssencmode=disable"
+        )
 
     # --- faults --------------------------------------------------------------------------
 
@@ -144,8 +146,9 @@ class FaultProxy:
         deadline = 0.0
         try:
             while True:
-                readable, _, _ = select.select([client, upstream], [], [],
-                                              0.05 if swallowing else 0.5)
+                readable, _, _ = select.select(
+                    [client, upstream], [], [], 0.05 if swallowing else 0.5
+                )
                 while time.monotonic() < self._stalled_until:
                     time.sleep(0.01)
                 if client in readable:
@@ -183,8 +186,9 @@ class FaultProxy:
                 # The answer to the armed message ends with ReadyForQuery ('Z', length 5),
                 # sent once the server has acted on it (after a Sync, for the extended
                 # protocol: later client messages are still forwarded meanwhile).
-                if swallowing is not None and (b"Z\x00\x00\x00\x05" in swallowed
-                                               or time.monotonic() >= deadline):
+                if swallowing is not None and (
+                    b"Z\x00\x00\x00\x05" in swallowed or time.monotonic() >= deadline
+                ):
                     self.fired["lose_reply"] += 1
                     swallowing.fired.set()
                     time.sleep(0.2)  # a test may act on the client's socket first
@@ -218,6 +222,6 @@ def _frame(buffer: bytes, startup: bool) -> tuple[list[bytes], bytes, bool]:
         (length,) = struct.unpack("!i", buffer[1:5])
         if len(buffer) < 1 + length:
             break
-        message, buffer = buffer[:1 + length], buffer[1 + length:]
+        message, buffer = buffer[: 1 + length], buffer[1 + length :]
         messages.append(message)
     return messages, buffer, startup

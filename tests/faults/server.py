@@ -56,31 +56,35 @@ class LocalServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.settings = {"listen_addresses": "'127.0.0.1'", "port": str(self.port),
-                         "unix_socket_directories": f"'{self.root}'", "fsync": "on",
-                         "max_connections": "100", **(settings or {})}
+        self.settings = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.root}'",
+            "fsync": "on",
+            "max_connections": "100",
+            **(settings or {}),
+        }
 
     def _pg(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [str(self.bin / argv[0]), *argv[1:]]
         if self.user:
             command = ["runuser", "-u", self.user, "--", *command]
-        return subprocess.run(command, capture_output=True, text=True, check=check,
-                              timeout=120)
+        return subprocess.run(command, capture_output=True, text=True, check=check, timeout=120)
 
     def init(self) -> LocalServer:
         if self.user:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        self._pg("initdb", "-D", str(self.pgdata), "-U", "postgres", "-A", "trust",
-                 "--no-sync")
+        self._pg("initdb", "-D", str(self.pgdata), "-U", "postgres", "-A", "trust", "--no-sync")
         with open(self.pgdata / "postgresql.conf", "a") as conf:
             for name, value in self.settings.items():
                 conf.write(f"{name} = {value}\n")
         return self
 
     def start(self) -> LocalServer:
-        self._pg("pg_ctl", "-D", str(self.pgdata), "-l", str(self.logfile), "-w", "-t", "60",
-                 "start")
+        self._pg(
+            "pg_ctl", "-D", str(self.pgdata), "-l", str(self.logfile), "-w", "-t", "60", "start"
+        )
         return self
 
     def stop(self, mode: str = "fast") -> None:

@@ -44,31 +44,44 @@ def auth_server() -> Iterator[LocalServer]:
 
 
 def attempt(dsn: str) -> Exception:
-    with Ledger(dsn) as ledger, pytest.raises((ConfigurationError, DatabaseUnavailableError)
-                                              ) as raised:
+    with (
+        Ledger(dsn) as ledger,
+        pytest.raises((ConfigurationError, DatabaseUnavailableError)) as raised,
+    ):
         ledger.run("k", lambda eos: None)
     return raised.value
 
 
-def at(server: LocalServer, user: str = "postgres", db: str = "postgres",
-       password: str | None = None) -> str:
+def at(
+    server: LocalServer, user: str = "postgres", db: str = "postgres", password: str | None = None
+) -> str:
     auth = f"{user}:{password}" if password else user
     return f"postgresql://{auth}@127.0.0.1:{server.port}/{db}?connect_timeout=5"
 
 
 #: case → (the DSN on the test's server, what the message says to fix)
 PERMANENT = {
-    "wrong password": (lambda s: at(s, "pw", password="wrong"),
-                       "the server refused the credentials: fix the password"),
-    "no password given": (lambda s: at(s, "pw"),
-                          "the server refused the credentials: fix the password"),
-    "unknown user": (lambda s: at(s, "nobody_here"),
-                     "the user does not exist on the server: fix the user name"),
-    "unknown database": (lambda s: at(s, db="no_such_db"),
-                         "the database does not exist on the server: fix its name"),
+    "wrong password": (
+        lambda s: at(s, "pw", password="wrong"),
+        "the server refused the credentials: fix the password",
+    ),
+    "no password given": (
+        lambda s: at(s, "pw"),
+        "the server refused the credentials: fix the password",
+    ),
+    "unknown user": (
+        lambda s: at(s, "nobody_here"),
+        "the user does not exist on the server: fix the user name",
+    ),
+    "unknown database": (
+        lambda s: at(s, db="no_such_db"),
+        "the database does not exist on the server: fix its name",
+    ),
     "role without LOGIN": (lambda s: at(s, "nologin"), "the role may not log in"),
-    "malformed port": (lambda s: f"postgresql://postgres@127.0.0.1:{s.port}x/postgres",
-                       "the connection parameters are malformed"),
+    "malformed port": (
+        lambda s: f"postgresql://postgres@127.0.0.1:{s.port}x/postgres",
+        "the connection parameters are malformed",
+    ),
 }
 
 
@@ -104,6 +117,7 @@ def smart_shutdown(server: LocalServer) -> Callable[[], None]:
         held.close()
         server.stop()
         server.start()
+
     return back
 
 
@@ -114,12 +128,15 @@ def test_passing_failures_are_retryable(auth_server):
 
     cases["closed port"] = (
         attempt(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"),
-        "nothing accepts connections at that address")
+        "nothing accepts connections at that address",
+    )
 
     release = hold_role_slot(auth_server)
     try:
-        cases["role connection limit"] = (attempt(at(auth_server, "busy")),
-                                          "no free connection slot")
+        cases["role connection limit"] = (
+            attempt(at(auth_server, "busy")),
+            "no free connection slot",
+        )
     finally:
         release()
 
@@ -132,8 +149,10 @@ def test_passing_failures_are_retryable(auth_server):
     stopped = LocalServer().init().start()
     try:
         stopped.stop()
-        cases["stopped server"] = (attempt(stopped.dsn()),
-                                   "nothing accepts connections at that address")
+        cases["stopped server"] = (
+            attempt(stopped.dsn()),
+            "nothing accepts connections at that address",
+        )
     finally:
         stopped.destroy()
 
@@ -150,15 +169,16 @@ def test_passing_failures_are_retryable(auth_server):
     standby = LocalServer({"hot_standby": "off"}).init()
     (standby.pgdata / "standby.signal").touch()
     try:
-        standby._pg("pg_ctl", "-D", str(standby.pgdata), "-l", str(standby.logfile), "-W",
-                    "start")
+        standby._pg("pg_ctl", "-D", str(standby.pgdata), "-l", str(standby.logfile), "-W", "start")
         for _ in range(200):  # until the postmaster answers (and refuses)
             error = attempt(standby.dsn())
             if "not accepting connections" in str(error) or "starting up" in str(error):
                 break
             time.sleep(0.05)
         cases["standby, not accepting connections"] = (
-            error, "the server is starting up, shutting down or recovering")
+            error,
+            "the server is starting up, shutting down or recovering",
+        )
     finally:
         standby.destroy()
 

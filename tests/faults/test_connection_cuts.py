@@ -24,8 +24,14 @@ CUTS = int(os.environ.get("EOS_CUTS", "0")) or None
 #: messages around the user's statements: the claim with its COMMIT and the effect's BEGIN,
 #: then the ledger's commit() with the effect's COMMIT. From a connection's second effect on,
 #: both run as prepared statements, named in the message (EXECUTE "eos_claim_…").
-MOMENTS = (b".claim(", b'EXECUTE "eos_claim_', b"INSERT INTO target", b".commit(",
-           b'EXECUTE "eos_commit_', b".release(")
+MOMENTS = (
+    b".claim(",
+    b'EXECUTE "eos_claim_',
+    b"INSERT INTO target",
+    b".commit(",
+    b'EXECUTE "eos_commit_',
+    b".release(",
+)
 #: ... dropped before the server sees it, or forwarded and its reply lost.
 MODES = ("drop", "lose_reply")
 
@@ -50,22 +56,29 @@ def test_commit_reply_lost_is_resolved_from_the_ledger(proxy, target):
         fired = proxy.arm(b".commit(", "lose_reply")  # the message that ends in COMMIT
         outcome = ledger.run_outcome("lost-reply", write, origin=Origin("d", "t", "r", -1))
         assert fired.is_set()
-        assert (outcome.action, outcome.result, outcome.version) == ("committed",
-                                                                     {"attempt": 1}, 1)
+        assert (outcome.action, outcome.result, outcome.version) == ("committed", {"attempt": 1}, 1)
         fired = proxy.arm(b".commit(", "drop")
         with pytest.raises(EosError, match="the ledger shows that it did not commit") as raised:
             ledger.run("dropped", write, origin=Origin("d", "t", "r", -1))
         assert fired.is_set() and raised.value.retryable
-        assert ledger.run("dropped", write, attempt=2,
-                          origin=Origin("d", "t", "r", -1)) == {"attempt": 2}
+        assert ledger.run("dropped", write, attempt=2, origin=Origin("d", "t", "r", -1)) == {
+            "attempt": 2
+        }
     with psycopg.connect(target) as conn:
         assert conn.execute("SELECT key, attempt FROM target ORDER BY key").fetchall() == [
-            ("dropped", 2), ("lost-reply", 1)]
-        assert conn.execute("SELECT key, event::text, attempt FROM eos.ledger_events "
-                            "ORDER BY key, seq").fetchall() == [
-            ("dropped", "claimed", 1), ("dropped", "failed", 1), ("dropped", "claimed", 2),
-            ("dropped", "committed", 2), ("lost-reply", "claimed", 1),
-            ("lost-reply", "committed", 1)]
+            ("dropped", 2),
+            ("lost-reply", 1),
+        ]
+        assert conn.execute(
+            "SELECT key, event::text, attempt FROM eos.ledger_events ORDER BY key, seq"
+        ).fetchall() == [
+            ("dropped", "claimed", 1),
+            ("dropped", "failed", 1),
+            ("dropped", "claimed", 2),
+            ("dropped", "committed", 2),
+            ("lost-reply", "claimed", 1),
+            ("lost-reply", "committed", 1),
+        ]
 
 
 def test_socket_closed_before_the_connection_counts_as_broken_is_resolved(proxy, target):
@@ -115,8 +128,9 @@ def test_a_commit_that_reaches_the_ledger_late_is_resolved_consistently(proxy, t
     blocker = psycopg.connect(target, autocommit=True)
 
     def write_then_hold_the_entry(eos):
-        eos.conn.execute("INSERT INTO target (key, attempt) VALUES (%s, %s)",
-                         [eos.key, eos.attempt])
+        eos.conn.execute(
+            "INSERT INTO target (key, attempt) VALUES (%s, %s)", [eos.key, eos.attempt]
+        )
         blocker.execute("BEGIN")
         blocker.execute("SELECT 1 FROM eos.ledger WHERE key = %s FOR SHARE", [eos.key])
         threading.Timer(1.5, blocker.execute, ["COMMIT"]).start()
@@ -125,8 +139,9 @@ def test_a_commit_that_reaches_the_ledger_late_is_resolved_consistently(proxy, t
     try:
         with Ledger(proxy.dsn(dbname)) as ledger:
             fired = proxy.arm(b".commit(", "lose_reply", reply_wait=0)
-            outcome = ledger.run_outcome("late", write_then_hold_the_entry,
-                                         origin=Origin("d", "t", "r", -1))
+            outcome = ledger.run_outcome(
+                "late", write_then_hold_the_entry, origin=Origin("d", "t", "r", -1)
+            )
             assert fired.is_set()
     finally:
         time.sleep(1.6)
@@ -139,8 +154,9 @@ def test_a_commit_that_reaches_the_ledger_late_is_resolved_consistently(proxy, t
 
 
 def events_of(conn: psycopg.Connection, key: str) -> list[tuple[str, int]]:
-    return conn.execute("SELECT event::text, attempt FROM eos.ledger_events WHERE key = %s "
-                        "ORDER BY seq", [key]).fetchall()
+    return conn.execute(
+        "SELECT event::text, attempt FROM eos.ledger_events WHERE key = %s ORDER BY seq", [key]
+    ).fetchall()
 
 
 @pytest.mark.parametrize("cuts", [CUTS or 60, pytest.param(CUTS or 500, marks=pytest.mark.slow)])
@@ -150,8 +166,10 @@ def test_random_cuts_never_duplicate_or_lose_a_commit(proxy, target, cuts):
     # none of psycopg's automatic prepared statements: those travel without their text, and
     # the proxy would no longer see the moment to cut (the ledger's own are named in theirs)
     dsn = proxy.dsn(dbname)
-    ledger = Ledger(connect=lambda: psycopg.connect(dsn, autocommit=True, prepare_threshold=None),
-                    wait_timeout=10)
+    ledger = Ledger(
+        connect=lambda: psycopg.connect(dsn, autocommit=True, prepare_threshold=None),
+        wait_timeout=10,
+    )
     told: dict[str, int] = {}
     fired_at: Counter[tuple[bytes, str]] = Counter()
     key_no = 0
@@ -163,8 +181,9 @@ def test_random_cuts_never_duplicate_or_lose_a_commit(proxy, target, cuts):
                 moment, mode = rng.choice(MOMENTS), rng.choice(MODES)
                 fired = proxy.arm(moment, mode) if rng.random() < 0.8 else None
                 try:
-                    told[key] = ledger.run(key, write, attempt=attempt,
-                                           origin=Origin("cuts", "load", "run", key_no))["attempt"]
+                    told[key] = ledger.run(
+                        key, write, attempt=attempt, origin=Origin("cuts", "load", "run", key_no)
+                    )["attempt"]
                     break
                 except (EosError, psycopg.Error):
                     attempt += 1  # Airflow's next try
@@ -179,16 +198,23 @@ def test_random_cuts_never_duplicate_or_lose_a_commit(proxy, target, cuts):
     time.sleep(0.2)
     with psycopg.connect(target, autocommit=True) as conn:
         rows = conn.execute("SELECT key, attempt FROM target").fetchall()
-        committed = dict(conn.execute("SELECT key, attempt FROM eos.ledger "
-                                      "WHERE state = 'committed'").fetchall())
+        committed = dict(
+            conn.execute("SELECT key, attempt FROM eos.ledger WHERE state = 'committed'").fetchall()
+        )
         states = Counter(s for (s,) in conn.execute("SELECT state::text FROM eos.ledger"))
-        commits = Counter(k for (k,) in conn.execute(
-            "SELECT key FROM eos.ledger_events WHERE event IN ('committed', 'replaced')"))
+        commits = Counter(
+            k
+            for (k,) in conn.execute(
+                "SELECT key FROM eos.ledger_events WHERE event IN ('committed', 'replaced')"
+            )
+        )
         assert verify(conn).ok
     written = Counter(k for k, _ in rows)
     assert set(written.values()) == {1}, "a key written twice"
     assert set(commits.values()) == {1}, "a key committed twice"
     assert states == {"committed": len(told)}, states
     assert dict(rows) == committed == told, "callers, rows and ledger agree"
-    print(f"\n{sum(fired_at.values())} cuts over {len(told)} keys: "
-          + ", ".join(f"{m.decode()}/{mode} {n}" for (m, mode), n in sorted(fired_at.items())))
+    print(
+        f"\n{sum(fired_at.values())} cuts over {len(told)} keys: "
+        + ", ".join(f"{m.decode()}/{mode} {n}" for (m, mode), n in sorted(fired_at.items()))
+    )

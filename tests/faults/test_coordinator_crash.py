@@ -69,8 +69,9 @@ def bank_dsns(pg_admin_dsn: str, template_db: str) -> Iterator[dict[str, str]]:
 
 def _server_pids(server: LocalServer) -> list[int]:
     postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
-    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True,
-                              text=True).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-P", str(postmaster)], capture_output=True, text=True
+    ).stdout.split()
     return [postmaster, *map(int, children)]
 
 
@@ -81,23 +82,31 @@ def _state(pid: int) -> str:
         return "gone"
 
 
-def _attempt(coordinator_dsn: str, banks: dict[str, str], attempt: int,
-             failpoint: str | None = None) -> subprocess.CompletedProcess[str]:
+def _attempt(
+    coordinator_dsn: str, banks: dict[str, str], attempt: int, failpoint: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if failpoint:
         env["EOS_FAILPOINTS"] = failpoint
-    return subprocess.run([sys.executable, "-c", RUN, coordinator_dsn, banks["a"], banks["b"],
-                           str(attempt)], env=env, capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", RUN, coordinator_dsn, banks["a"], banks["b"], str(attempt)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
 
 
 def test_a_coordinator_crash_after_prepare_loses_no_claim_and_blocks_no_retry(
-        coordinator: LocalServer, bank_dsns: dict[str, str]):
+    coordinator: LocalServer, bank_dsns: dict[str, str]
+):
     dsn = coordinator.create_database("ledger")
     migrate(dsn)
     with psycopg.connect(dsn) as conn:
-        (walwriter,) = conn.execute("SELECT pid FROM pg_stat_activity "
-                                    "WHERE backend_type = 'walwriter'").fetchone()
+        (walwriter,) = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'"
+        ).fetchone()
     os.kill(walwriter, signal.SIGSTOP)
 
     died = _attempt(dsn, bank_dsns, 1, "after_prepare=exit")
@@ -133,6 +142,7 @@ def test_a_coordinator_crash_after_prepare_loses_no_claim_and_blocks_no_retry(
     for name in ("a", "b"):
         with psycopg.connect(bank_dsns[name]) as conn:
             balances.append(conn.execute("SELECT balance FROM accounts").fetchone()[0])
-            assert conn.execute("SELECT count(*) FROM pg_prepared_xacts "
-                                "WHERE database = current_database()").fetchone() == (0,)
+            assert conn.execute(
+                "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()"
+            ).fetchone() == (0,)
     assert balances == [90, 110]

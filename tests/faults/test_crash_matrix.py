@@ -50,9 +50,19 @@ from tests.faults import crash
 SEED = int(os.environ.get("EOS_FAULT_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
 RUNS = int(os.environ.get("EOS_CRASH_RUNS", "0")) or 1000
 ACTIONS = ("raise", "exit", "sleep")
-SCENARIOS = {cls.name: cls for cls in (crash.Local, crash.Chunked, crash.Incremental,
-                                       crash.Transfer, crash.OutboxNats, crash.OutboxKafka,
-                                       crash.TwoPhase, crash.ThreePhase)}
+SCENARIOS = {
+    cls.name: cls
+    for cls in (
+        crash.Local,
+        crash.Chunked,
+        crash.Incremental,
+        crash.Transfer,
+        crash.OutboxNats,
+        crash.OutboxKafka,
+        crash.TwoPhase,
+        crash.ThreePhase,
+    )
+}
 NATS_URL = os.environ.get("EOS_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 #: The mock Kafka cluster lives in a process of its own, so that the test process (which forks
@@ -69,8 +79,12 @@ sys.stdin.read()
 @pytest.fixture(scope="module")
 def kafka_bootstrap() -> Iterator[str]:
     pytest.importorskip("confluent_kafka")
-    owner = subprocess.Popen([sys.executable, "-c", KAFKA_OWNER], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", KAFKA_OWNER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         yield owner.stdout.readline().strip()
     finally:
@@ -96,17 +110,21 @@ def nats_stream(name: str, prefix: str, *, delete: bool = False) -> None:
 
 
 @pytest.fixture
-def scenario(request, pg_admin_dsn: str, template_db: str,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[crash.Scenario]:
+def scenario(
+    request, pg_admin_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[crash.Scenario]:
     """The protocol's scenario over fresh databases (and broker stream or topic)."""
     name, big = request.param
     cls = SCENARIOS[name]
     token = uuid.uuid4().hex[:8]
-    wanted = {"2pc": ("a", "b", "c"), "3pc": ("a", "b", "c"),
-              "transfer": ("db", "source")}.get(name, ("db",))
+    wanted = {"2pc": ("a", "b", "c"), "3pc": ("a", "b", "c"), "transfer": ("db", "source")}.get(
+        name, ("db",)
+    )
     databases = {role: f"eos_crash_{role}_{token}" for role in wanted}
-    dsns = {role: create_database(pg_admin_dsn, db, template=None if role == "source"
-                                  else template_db) for role, db in databases.items()}
+    dsns = {
+        role: create_database(pg_admin_dsn, db, template=None if role == "source" else template_db)
+        for role, db in databases.items()
+    }
     rng = random.Random(f"{SEED}/{name}")
     cleanup = []
     try:
@@ -120,9 +138,17 @@ def scenario(request, pg_admin_dsn: str, template_db: str,
 
             def nats_sink():
                 from eos_airflow.outbox import NatsSink
+
                 return NatsSink(NATS_URL, timeout=10)
-            built = cls(dsns, rng, big, destination=f"nats:{prefix}.orders",
-                        make_sink=nats_sink, broker=stream)
+
+            built = cls(
+                dsns,
+                rng,
+                big,
+                destination=f"nats:{prefix}.orders",
+                make_sink=nats_sink,
+                broker=stream,
+            )
         elif name == "outbox-kafka":
             bootstrap = request.getfixturevalue("kafka_bootstrap")
             topic = f"eoscrash-{token}"
@@ -131,17 +157,24 @@ def scenario(request, pg_admin_dsn: str, template_db: str,
 
             def kafka_sink():
                 from tests.messaging.kafka_log import JournaledKafkaSink
-                return JournaledKafkaSink({"bootstrap.servers": bootstrap, "log_level": 0},
-                                          transactional_id=f"eos-crash-{token}", timeout=10,
-                                          journal=journal)
+
+                return JournaledKafkaSink(
+                    {"bootstrap.servers": bootstrap, "log_level": 0},
+                    transactional_id=f"eos-crash-{token}",
+                    timeout=10,
+                    journal=journal,
+                )
 
             def create_topic(report):
                 from tests.messaging.conftest import create_topic
+
                 report({"partitions": create_topic(bootstrap, topic)})
+
             code, lines = crash.run_child(create_topic)
             assert code == 0, lines
-            built = cls(dsns, rng, big, destination=f"kafka:{topic}", make_sink=kafka_sink,
-                        broker=bootstrap)
+            built = cls(
+                dsns, rng, big, destination=f"kafka:{topic}", make_sink=kafka_sink, broker=bootstrap
+            )
             built.journal = journal
         else:
             built = cls(dsns, rng, big)
@@ -160,8 +193,9 @@ def finish_prepared(admin: str, databases: list[str]) -> None:
     from tests.conftest import dsn_for
 
     with psycopg.connect(admin) as conn:
-        rows = conn.execute("SELECT gid, database FROM pg_prepared_xacts "
-                            "WHERE database = ANY(%s)", [databases]).fetchall()
+        rows = conn.execute(
+            "SELECT gid, database FROM pg_prepared_xacts WHERE database = ANY(%s)", [databases]
+        ).fetchall()
     for gid, database in rows:
         with psycopg.connect(dsn_for(admin, database), autocommit=True) as conn:
             conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
@@ -197,8 +231,14 @@ def drive(scenario: crash.Scenario, plan: list[tuple[str, str]]) -> dict[str, ob
         fired[(step, action)] += run.fired
         keys += len(run.jobs)
     totals = scenario.finish()
-    return {"runs": len(plan), "fired": sum(fired.values()), "keys": keys,
-            "by_step": fired, "seconds": time.monotonic() - started, **totals}
+    return {
+        "runs": len(plan),
+        "fired": sum(fired.values()),
+        "keys": keys,
+        "by_step": fired,
+        "seconds": time.monotonic() - started,
+        **totals,
+    }
 
 
 def report(scenario: crash.Scenario, tally: dict[str, object]) -> None:
@@ -209,10 +249,12 @@ def report(scenario: crash.Scenario, tally: dict[str, object]) -> None:
         if "aborted_copies" in tally:
             extra += f", {tally['aborted_copies']} in aborted transactions not counted"
         extra += ")"
-    print(f"\ncrash matrix {scenario.name} (EOS_FAULT_SEED={SEED}): {tally['runs']} runs, "
-          f"{tally['fired']} faults fired, {tally['keys']} keys, {tally['duplicates']} "
-          f"duplicates, {tally['lost']} lost, {tally['prepared']} prepared left{extra}; "
-          f"{tally['seconds']:.1f} s\n  {steps}")
+    print(
+        f"\ncrash matrix {scenario.name} (EOS_FAULT_SEED={SEED}): {tally['runs']} runs, "
+        f"{tally['fired']} faults fired, {tally['keys']} keys, {tally['duplicates']} "
+        f"duplicates, {tally['lost']} lost, {tally['prepared']} prepared left{extra}; "
+        f"{tally['seconds']:.1f} s\n  {steps}"
+    )
     assert (tally["duplicates"], tally["lost"], tally["prepared"]) == (0, 0, 0), tally
 
 
@@ -233,8 +275,9 @@ def full_plan(name: str) -> list[tuple[str, str]]:
     return plan
 
 
-@pytest.mark.parametrize("scenario", [(name, False) for name in SCENARIOS], indirect=True,
-                         ids=list(SCENARIOS))
+@pytest.mark.parametrize(
+    "scenario", [(name, False) for name in SCENARIOS], indirect=True, ids=list(SCENARIOS)
+)
 def test_every_step_of_every_protocol_survives_its_fault(scenario):
     plan = sample_plan(scenario.name)
     tally = drive(scenario, plan)
@@ -244,8 +287,9 @@ def test_every_step_of_every_protocol_survives_its_fault(scenario):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", [(name, True) for name in SCENARIOS], indirect=True,
-                         ids=list(SCENARIOS))
+@pytest.mark.parametrize(
+    "scenario", [(name, True) for name in SCENARIOS], indirect=True, ids=list(SCENARIOS)
+)
 def test_crash_matrix(scenario):
     plan = full_plan(scenario.name)
     tally = drive(scenario, plan)
@@ -262,14 +306,23 @@ def test_a_failed_chunked_incremental_run_resumes_after_a_newer_runs_position(db
     from eos_airflow.operators.incremental import incremental
 
     with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE src (id bigserial PRIMARY KEY, v int); "
-                     "CREATE TABLE dst (id bigint, v int); "
-                     "INSERT INTO src (v) SELECT generate_series(1, 10)")
+        conn.execute(
+            "CREATE TABLE src (id bigserial PRIMARY KEY, v int); "
+            "CREATE TABLE dst (id bigint, v int); "
+            "INSERT INTO src (v) SELECT generate_series(1, 10)"
+        )
 
     def load(eos):
-        return incremental(eos, lambda: psycopg.connect(db, autocommit=True),
-                           source_table="src", column="id", target_table="dst",
-                           columns=["id", "v"], offset_source="table:src", chunk_rows=3)
+        return incremental(
+            eos,
+            lambda: psycopg.connect(db, autocommit=True),
+            source_table="src",
+            column="id",
+            target_table="dst",
+            columns=["id", "v"],
+            offset_source="table:src",
+            chunk_rows=3,
+        )
 
     def origin(run: str) -> Origin:
         return Origin("incr", "copy", run, -1)
@@ -286,6 +339,5 @@ def test_a_failed_chunked_incremental_run_resumes_after_a_newer_runs_position(db
         retry = ledger.run("incr/run-1", load, attempt=2, origin=origin("run-1"))
         assert retry["rows"] == 0
     with psycopg.connect(db) as conn:
-        assert [i for (i,) in conn.execute("SELECT id FROM dst ORDER BY id")] == list(
-            range(1, 13))
+        assert [i for (i,) in conn.execute("SELECT id FROM dst ORDER BY id")] == list(range(1, 13))
         assert conn.execute("SELECT position FROM eos.offsets").fetchone() == (12,)

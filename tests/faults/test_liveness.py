@@ -91,16 +91,23 @@ def dbname(server: LocalServer, request: pytest.FixtureRequest) -> str:
     return name
 
 
-def start_owner(network: netns.VanishingNetwork, server: LocalServer, dbname: str, mode: str,
-                liveness: float) -> tuple[subprocess.Popen[str], int]:
+def start_owner(
+    network: netns.VanishingNetwork, server: LocalServer, dbname: str, mode: str, liveness: float
+) -> tuple[subprocess.Popen[str], int]:
     """The owner, in the namespace: returns once it holds the key (and its backend pid)."""
-    dsn = (f"postgresql://postgres@{network.host_address}:"
-           f"{server.port}/{dbname}?connect_timeout=5&sslmode=disable")
+    dsn = (
+        f"postgresql://postgres@{network.host_address}:"
+        f"{server.port}/{dbname}?connect_timeout=5&sslmode=disable"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("EOS_LIVENESS_TIMEOUT", None)
-    proc = network.run([sys.executable, "-m", "tests.faults.vanishing_client", dsn, KEY, mode,
-                        str(liveness)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       cwd=ROOT, env=env)
+    proc = network.run(
+        [sys.executable, "-m", "tests.faults.vanishing_client", dsn, KEY, mode, str(liveness)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+    )
     ready, _, _ = select.select([proc.stdout], [], [], 30)
     line = proc.stdout.readline() if ready else ""
     if not line.startswith("claimed "):
@@ -113,8 +120,12 @@ def start_owner(network: netns.VanishingNetwork, server: LocalServer, dbname: st
 
 def backend_alive(dsn: str, pid: int) -> bool:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
-                            [pid]).fetchone()[0] == 1
+        return (
+            conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()[
+                0
+            ]
+            == 1
+        )
 
 
 def take_over(dsn: str, wait_timeout: float) -> tuple[float | None, object]:
@@ -128,9 +139,12 @@ def take_over(dsn: str, wait_timeout: float) -> tuple[float | None, object]:
 
     with Ledger(dsn, liveness_timeout=LIVENESS) as ledger:
         try:
-            outcome = ledger.run_outcome(KEY, write, origin=Origin("liveness", "load", "run_b",
-                                                                   -1),
-                                         wait_timeout=wait_timeout)
+            outcome = ledger.run_outcome(
+                KEY,
+                write,
+                origin=Origin("liveness", "load", "run_b", -1),
+                wait_timeout=wait_timeout,
+            )
         except KeyInProgressError as exc:
             return None, exc
     return started[0], outcome
@@ -138,7 +152,8 @@ def take_over(dsn: str, wait_timeout: float) -> tuple[float | None, object]:
 
 @pytest.mark.parametrize("mode", ["idle", "statement", "sending"])
 def test_a_silent_owner_loses_its_claim_and_a_waiter_takes_over_within_the_bound(
-        network, server, dbname, mode):
+    network, server, dbname, mode
+):
     dsn = server.dsn(dbname)
     owner, pid = start_owner(network, server, dbname, mode, LIVENESS)
     try:
@@ -147,7 +162,8 @@ def test_a_silent_owner_loses_its_claim_and_a_waiter_takes_over_within_the_bound
         started, outcome = take_over(dsn, wait_timeout=BOUND + SLACK)
         assert started is not None, (
             f"the waiter gave up after {BOUND + SLACK:.0f} s: the silent owner still holds the "
-            f"key ({outcome}); its backend is alive: {backend_alive(dsn, pid)}")
+            f"key ({outcome}); its backend is alive: {backend_alive(dsn, pid)}"
+        )
         took = started - vanished
         assert took <= BOUND + SLACK, f"took over after {took:.1f} s (bound {BOUND:.1f} s)"
         assert outcome.action == "committed" and outcome.version == 1
@@ -156,20 +172,21 @@ def test_a_silent_owner_loses_its_claim_and_a_waiter_takes_over_within_the_bound
             assert conn.execute("SELECT who FROM t").fetchall() == [("waiter",)]
             rows = conn.execute(
                 "SELECT event::text, detail ? 'took_over' FROM eos.ledger_events "
-                "WHERE key = %s ORDER BY id", [KEY]).fetchall()
+                "WHERE key = %s ORDER BY id",
+                [KEY],
+            ).fetchall()
             assert rows == [("claimed", False), ("claimed", True), ("committed", False)]
-            state = conn.execute("SELECT state::text, run_id FROM eos.ledger WHERE key = %s",
-                                 [KEY]).fetchone()
+            state = conn.execute(
+                "SELECT state::text, run_id FROM eos.ledger WHERE key = %s", [KEY]
+            ).fetchone()
             assert state == ("committed", "run_b")
-        print(f"{mode}: took over {took:.1f} s after the network vanished "
-              f"(bound {BOUND:.1f} s)")
+        print(f"{mode}: took over {took:.1f} s after the network vanished (bound {BOUND:.1f} s)")
     finally:
         owner.kill()
         owner.wait()
 
 
-def test_without_liveness_the_silent_owner_keeps_the_key_past_the_bound(
-        network, server, dbname):
+def test_without_liveness_the_silent_owner_keeps_the_key_past_the_bound(network, server, dbname):
     dsn = server.dsn(dbname)
     owner, pid = start_owner(network, server, dbname, "idle", 0)
     try:
@@ -178,8 +195,9 @@ def test_without_liveness_the_silent_owner_keeps_the_key_past_the_bound(
         assert started is None and isinstance(outcome, KeyInProgressError)
         assert backend_alive(dsn, pid)  # the server still waits for the silent client
         with psycopg.connect(dsn, autocommit=True) as conn:
-            state = conn.execute("SELECT state::text, run_id FROM eos.ledger WHERE key = %s",
-                                 [KEY]).fetchone()
+            state = conn.execute(
+                "SELECT state::text, run_id FROM eos.ledger WHERE key = %s", [KEY]
+            ).fetchone()
             assert state == ("running", "run_a")
     finally:
         owner.kill()

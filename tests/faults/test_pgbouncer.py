@@ -72,8 +72,9 @@ class Databases(dict):
         self.admin, self.template, self.token = admin, template, uuid.uuid4().hex[:8]
 
     def __missing__(self, role: str) -> str:
-        dsn = self[role] = create_database(self.admin, f"eos_pgb_{role}_{self.token}",
-                                           template=self.template)
+        dsn = self[role] = create_database(
+            self.admin, f"eos_pgb_{role}_{self.token}", template=self.template
+        )
         return dsn
 
 
@@ -102,6 +103,7 @@ def need_prepared_transactions(databases: Databases) -> None:
 
 # -- what must be left behind: nothing ------------------------------------------------------
 
+
 def dbname(dsn: str) -> str:
     return str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
 
@@ -115,9 +117,11 @@ def leftovers(admin: str, bouncer: PgBouncer, direct: dict[str, str]) -> dict[st
         locks = conn.execute(
             "SELECT d.datname, l.objid, l.pid FROM pg_locks l JOIN pg_database d "
             "ON d.oid = l.database WHERE l.locktype = 'advisory' AND d.datname = ANY(%s)",
-            [names]).fetchall()
-        prepared = conn.execute("SELECT gid FROM pg_prepared_xacts WHERE database = ANY(%s)",
-                                [names]).fetchall()
+            [names],
+        ).fetchall()
+        prepared = conn.execute(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = ANY(%s)", [names]
+        ).fetchall()
     statements: list = []
     servers = [s for s in bouncer.show("SERVERS") if s["database"] in names]
     for name in {s["database"] for s in servers}:
@@ -136,8 +140,11 @@ def leftovers(admin: str, bouncer: PgBouncer, direct: dict[str, str]) -> dict[st
             for client in clients:
                 client.close()
         assert pids <= seen, f"{name}: server sessions {pids - seen} were not inspected"
-    return {"advisory locks": locks, "prepared transactions": prepared,
-            "prepared statements": statements}
+    return {
+        "advisory locks": locks,
+        "prepared transactions": prepared,
+        "prepared statements": statements,
+    }
 
 
 def assert_nothing_left(admin: str, bouncer: PgBouncer, direct: dict[str, str]) -> None:
@@ -147,6 +154,7 @@ def assert_nothing_left(admin: str, bouncer: PgBouncer, direct: dict[str, str]) 
 
 # -- the crash matrix through PgBouncer -----------------------------------------------------
 
+
 def full_combos(name: str, runs: int | None = None) -> list[tuple[str, str]]:
     """Every step × every action of the protocol (or ``runs`` of them, cycling), shuffled."""
     combos = [(step, action) for step in SCENARIOS[name].steps for action in ACTIONS]
@@ -155,8 +163,9 @@ def full_combos(name: str, runs: int | None = None) -> list[tuple[str, str]]:
     return plan
 
 
-def through_bouncer(name: str, bouncer: PgBouncer, direct: dict[str, str],
-                    participants_only: bool = False) -> crash.Scenario:
+def through_bouncer(
+    name: str, bouncer: PgBouncer, direct: dict[str, str], participants_only: bool = False
+) -> crash.Scenario:
     """The crash matrix's scenario ``name`` over ``direct``'s databases, reached through
     ``bouncer`` (2PC with ``participants_only``: the coordinator's ledger directly)."""
     if name in ("2pc", "3pc"):
@@ -171,20 +180,32 @@ def through_bouncer(name: str, bouncer: PgBouncer, direct: dict[str, str],
 
 
 def report(scenario: crash.Scenario, where: str, tally: dict) -> None:
-    print(f"\ncrash matrix {scenario.name} through PgBouncer {where} (EOS_FAULT_SEED={SEED}): "
-          f"{tally['runs']} runs, {tally['fired']} faults fired, {tally['keys']} keys, "
-          f"{tally['duplicates']} duplicates, {tally['lost']} lost, "
-          f"{tally['left']} left behind; {tally['seconds']:.1f} s")
+    print(
+        f"\ncrash matrix {scenario.name} through PgBouncer {where} (EOS_FAULT_SEED={SEED}): "
+        f"{tally['runs']} runs, {tally['fired']} faults fired, {tally['keys']} keys, "
+        f"{tally['duplicates']} duplicates, {tally['lost']} lost, "
+        f"{tally['left']} left behind; {tally['seconds']:.1f} s"
+    )
 
 
-def run_matrix(scenario: crash.Scenario, plan: list[tuple[str, str]], admin: str,
-               bouncer: PgBouncer, direct: dict[str, str], where: str) -> dict:
+def run_matrix(
+    scenario: crash.Scenario,
+    plan: list[tuple[str, str]],
+    admin: str,
+    bouncer: PgBouncer,
+    direct: dict[str, str],
+    where: str,
+) -> dict:
     tally = drive(scenario, plan)  # asserts every key committed once, as its callers were told
     keys = [k for k in scenario.keys]
     with psycopg.connect(scenario.ledger_dsn) as conn:
-        committed = dict(conn.execute(
-            "SELECT key, count(*) FROM eos.ledger_events WHERE key = ANY(%s) AND event IN "
-            "('committed', 'replaced') GROUP BY key", [keys]).fetchall())
+        committed = dict(
+            conn.execute(
+                "SELECT key, count(*) FROM eos.ledger_events WHERE key = ANY(%s) AND event IN "
+                "('committed', 'replaced') GROUP BY key",
+                [keys],
+            ).fetchall()
+        )
     tally["duplicates"] = sum(1 for k in keys if committed.get(k, 0) > 1)
     tally["lost"] = sum(1 for k in keys if committed.get(k, 0) == 0)
     left = leftovers(admin, bouncer, direct)
@@ -196,8 +217,7 @@ def run_matrix(scenario: crash.Scenario, plan: list[tuple[str, str]], admin: str
 
 
 @pytest.mark.parametrize("name", ["local", "chunked", "2pc"])
-def test_crash_sample_through_session_pooling(name, bouncers, databases, pg_admin_dsn,
-                                              monkeypatch):
+def test_crash_sample_through_session_pooling(name, bouncers, databases, pg_admin_dsn, monkeypatch):
     if name == "2pc":
         need_prepared_transactions(databases)
     monkeypatch.setenv(POOL_MODE_ENV, "session")
@@ -217,13 +237,15 @@ def test_two_phase_participants_behind_transaction_pooling(bouncers, databases, 
     bouncer = bouncers["transaction"]
     scenario = through_bouncer("2pc", bouncer, databases, participants_only=True)
     plan = full_combos("2pc", 2 * len(SCENARIOS["2pc"].steps))  # each step twice
-    tally = run_matrix(scenario, plan, pg_admin_dsn, bouncer, databases,
-                       "transaction mode (participants)")
+    tally = run_matrix(
+        scenario, plan, pg_admin_dsn, bouncer, databases, "transaction mode (participants)"
+    )
     assert tally["fired"] == len(plan), f"some faults did not fire: {tally['by_step']}"
 
 
-def test_two_phase_participants_reused_behind_transaction_pooling(bouncers, databases,
-                                                                  pg_admin_dsn):
+def test_two_phase_participants_reused_behind_transaction_pooling(
+    bouncers, databases, pg_admin_dsn
+):
     """One MultiLedger runs many effects on the same participant connections while other
     clients keep the pool busy (so PgBouncer moves each participant between server
     sessions): every effect commits, and no prepared statement is left on any server
@@ -238,8 +260,10 @@ def test_two_phase_participants_reused_behind_transaction_pooling(bouncers, data
     stop = threading.Event()
 
     def churn() -> None:
-        others = [psycopg.connect(bouncer.through(databases[r]), autocommit=True)
-                  for r in ("a", "b", "a", "b")]
+        others = [
+            psycopg.connect(bouncer.through(databases[r]), autocommit=True)
+            for r in ("a", "b", "a", "b")
+        ]
         try:
             while not stop.is_set():
                 for other in others:
@@ -256,8 +280,7 @@ def test_two_phase_participants_reused_behind_transaction_pooling(bouncers, data
     thread = threading.Thread(target=churn)
     thread.start()
     try:
-        with MultiLedger(databases["c"], {r: bouncer.through(databases[r]) for r in "ab"}
-                         ) as banks:
+        with MultiLedger(databases["c"], {r: bouncer.through(databases[r]) for r in "ab"}) as banks:
             outcomes = [banks.run_outcome(f"k{i}", fn).action for i in range(30)]
     finally:
         stop.set()
@@ -266,14 +289,15 @@ def test_two_phase_participants_reused_behind_transaction_pooling(bouncers, data
     for role in ("a", "b"):
         with psycopg.connect(databases[role]) as conn:
             assert conn.execute("SELECT count(*), count(DISTINCT key) FROM t").fetchone() == (
-                30, 30)
+                30,
+                30,
+            )
     assert_nothing_left(pg_admin_dsn, bouncer, {r: databases[r] for r in "abc"})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["local", "chunked", "2pc"])
-def test_crash_matrix_through_session_pooling(name, bouncers, databases, pg_admin_dsn,
-                                              monkeypatch):
+def test_crash_matrix_through_session_pooling(name, bouncers, databases, pg_admin_dsn, monkeypatch):
     if name == "2pc":
         need_prepared_transactions(databases)
     monkeypatch.setenv(POOL_MODE_ENV, "session")
@@ -286,9 +310,11 @@ def test_crash_matrix_through_session_pooling(name, bouncers, databases, pg_admi
 
 # -- transaction mode: refused at the claim -------------------------------------------------
 
+
 @pytest.mark.parametrize("declared", [False, True], ids=["undeclared", "declared-session"])
-def test_transaction_pooling_is_refused_at_the_claim(declared, bouncers, databases,
-                                                     pg_admin_dsn, monkeypatch):
+def test_transaction_pooling_is_refused_at_the_claim(
+    declared, bouncers, databases, pg_admin_dsn, monkeypatch
+):
     """Through transaction pooling the claim is refused with PoolingError (EOS10), at once
     and before anything is claimed: no ledger row, no event, no write, no lock. Declaring
     session pooling wrongly does not help once the server session changes under the
@@ -324,20 +350,23 @@ def test_transaction_pooling_is_refused_at_the_claim(declared, bouncers, databas
     assert message.startswith("EOS10: ")
     assert "pool_mode = session" in message and "directly" in message
     assert "Nothing was claimed" in message
-    assert ("changed between transactions" if declared else "goes through a connection pooler"
-            ) in message
+    assert (
+        "changed between transactions" if declared else "goes through a connection pooler"
+    ) in message
     assert isinstance(refused.value, ConfigurationError) and not refused.value.retryable
     assert took < 2, f"the refusal took {took:.1f} s"
     with psycopg.connect(databases["db"]) as conn:
         assert conn.execute("SELECT count(*) FROM eos.ledger WHERE key = 'k'").fetchone() == (0,)
-        assert conn.execute("SELECT count(*) FROM eos.ledger_events WHERE key = 'k'"
-                            ).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM eos.ledger_events WHERE key = 'k'"
+        ).fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM rows_t WHERE key = 'k'").fetchone() == (0,)
     assert_nothing_left(pg_admin_dsn, bouncer, {"db": databases["db"]})
 
 
-def test_a_coordinator_behind_transaction_pooling_is_refused(bouncers, databases,
-                                                            pg_admin_dsn, monkeypatch):
+def test_a_coordinator_behind_transaction_pooling_is_refused(
+    bouncers, databases, pg_admin_dsn, monkeypatch
+):
     """A multi-database effect whose coordinator's ledger sits behind transaction pooling is
     refused at its claim, before any participant begins: nothing prepared, nothing written."""
     need_prepared_transactions(databases)
@@ -352,8 +381,7 @@ def test_a_coordinator_behind_transaction_pooling_is_refused(bouncers, databases
             eos.conns[name].execute("INSERT INTO t VALUES (%s)", [eos.key])
         return {}
 
-    with MultiLedger(bouncer.through(databases["c"]),
-                     {r: databases[r] for r in "ab"}) as banks:
+    with MultiLedger(bouncer.through(databases["c"]), {r: databases[r] for r in "ab"}) as banks:
         with pytest.raises(PoolingError, match="^EOS10: .*pool_mode = session"):
             banks.run("k", fn)
     for role in ("a", "b"):
@@ -380,19 +408,25 @@ OWNER = textwrap.dedent("""
 
 
 def owner(dsn: str, hold: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", OWNER, dsn, str(hold)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, POOL_MODE_ENV: "session"})
+    return subprocess.Popen(
+        [sys.executable, "-c", OWNER, dsn, str(hold)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, POOL_MODE_ENV: "session"},
+    )
 
 
 def waiter_write(eos):
-    eos.conn.execute("INSERT INTO writes VALUES (%s, %s, %s)",
-                     [eos.key, eos.attempt, eos.origin.run_id])
+    eos.conn.execute(
+        "INSERT INTO writes VALUES (%s, %s, %s)", [eos.key, eos.attempt, eos.origin.run_id]
+    )
     return {"by": eos.origin.run_id}
 
 
 def test_waiter_takes_over_when_the_owner_is_killed_through_session_pooling(
-        bouncers, databases, pg_admin_dsn, monkeypatch):
+    bouncers, databases, pg_admin_dsn, monkeypatch
+):
     """The owner's process dies (SIGKILL) mid-effect: PgBouncer closes the server session
     that was in the owner's transaction, its advisory lock goes with it, and the waiter —
     blocked on that lock through PgBouncer — takes over within seconds and writes once."""
@@ -409,7 +443,8 @@ def test_waiter_takes_over_when_the_owner_is_killed_through_session_pooling(
         try:
             with Ledger(dsn) as ledger:
                 result["out"] = ledger.run_outcome(
-                    "k", waiter_write, origin=Origin("d", "t", "waiter", -1), wait_timeout=30)
+                    "k", waiter_write, origin=Origin("d", "t", "waiter", -1), wait_timeout=30
+                )
         except Exception as exc:  # reported below
             result["error"] = exc
 
@@ -427,15 +462,18 @@ def test_waiter_takes_over_when_the_owner_is_killed_through_session_pooling(
     assert took < 5, f"the take-over took {took:.1f} s"
     with psycopg.connect(databases["db"]) as conn:
         assert conn.execute("SELECT run_id FROM writes").fetchall() == [("waiter",)]
-        reason = conn.execute("SELECT detail->'took_over'->>'reason' FROM eos.ledger_events "
-                              "WHERE event = 'claimed' AND seq = 2").fetchone()
+        reason = conn.execute(
+            "SELECT detail->'took_over'->>'reason' FROM eos.ledger_events "
+            "WHERE event = 'claimed' AND seq = 2"
+        ).fetchone()
         assert reason == ("previous owner's session ended",)
     print(f"\ntake-over through PgBouncer session mode: {took:.2f} s after the kill")
     assert_nothing_left(pg_admin_dsn, bouncer, {"db": databases["db"]})
 
 
-def test_a_live_owner_is_not_taken_over_through_session_pooling(bouncers, databases,
-                                                                pg_admin_dsn, monkeypatch):
+def test_a_live_owner_is_not_taken_over_through_session_pooling(
+    bouncers, databases, pg_admin_dsn, monkeypatch
+):
     """Through PgBouncer the owner's lock still says "alive": another run waits, then gives
     up with KeyInProgressError; the owner commits."""
     from eos_airflow import KeyInProgressError
@@ -455,8 +493,9 @@ def test_a_live_owner_is_not_taken_over_through_session_pooling(bouncers, databa
     assert_nothing_left(pg_admin_dsn, bouncer, {"db": databases["db"]})
 
 
-@pytest.mark.parametrize("where", ["direct", "session-undeclared", "session-declared",
-                                   "transaction-undeclared"])
+@pytest.mark.parametrize(
+    "where", ["direct", "session-undeclared", "session-declared", "transaction-undeclared"]
+)
 def test_doctor_reports_the_pooler(where, bouncers, databases):
     """`eos-airflow doctor` says whether a pooler answers and whether claims will pass."""
     import json
@@ -468,10 +507,14 @@ def test_doctor_reports_the_pooler(where, bouncers, databases):
     env = {k: v for k, v in os.environ.items() if k != POOL_MODE_ENV}
     if where.endswith("-declared"):
         env[POOL_MODE_ENV] = "session"
-    done = subprocess.run([str(BIN / "eos-airflow"), "doctor", "--dsn", dsn, "--format", "json"],
-                          capture_output=True, text=True, timeout=60, env=env)
-    (check,) = [c for c in json.loads(done.stdout)["checks"]
-                if c["check"] == "connection pooler"]
+    done = subprocess.run(
+        [str(BIN / "eos-airflow"), "doctor", "--dsn", dsn, "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    (check,) = [c for c in json.loads(done.stdout)["checks"] if c["check"] == "connection pooler"]
     if mode == "direct":
         assert check["status"] == "ok" and check["detail"].startswith("none")
     elif where.endswith("-declared"):

@@ -24,22 +24,27 @@ from eos_airflow.ledger.chain import verify
 CYCLES = int(os.environ.get("EOS_RESTART_CYCLES", "0")) or None
 
 
-def drive(dsn: str, keys: int, stop: threading.Event, done: dict[str, object],
-          rng: random.Random) -> None:
+def drive(
+    dsn: str, keys: int, stop: threading.Event, done: dict[str, object], rng: random.Random
+) -> None:
     """Run effect after effect; retry each key with the next try until it returns."""
     ledger = Ledger(dsn, wait_timeout=5)
     try:
         for i in range(keys):
             key, attempt = f"restart/{i}", 1
             while not stop.is_set():
+
                 def fn(eos, i=i):
-                    eos.conn.execute("INSERT INTO target (key, attempt) VALUES (%s, %s)",
-                                     [eos.key, eos.attempt])
+                    eos.conn.execute(
+                        "INSERT INTO target (key, attempt) VALUES (%s, %s)", [eos.key, eos.attempt]
+                    )
                     time.sleep(rng.uniform(0, 0.01))
                     return {"i": i, "attempt": eos.attempt}
+
                 try:
-                    done[key] = ledger.run(key, fn, attempt=attempt,
-                                           origin=Origin("restarts", "load", "run", i))
+                    done[key] = ledger.run(
+                        key, fn, attempt=attempt, origin=Origin("restarts", "load", "run", i)
+                    )
                     break
                 except (EosError, psycopg.Error):
                     attempt += 1  # Airflow's next try
@@ -48,8 +53,9 @@ def drive(dsn: str, keys: int, stop: threading.Event, done: dict[str, object],
         ledger.close()
 
 
-@pytest.mark.parametrize("cycles", [CYCLES or 8, pytest.param(CYCLES or 100,
-                                                              marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "cycles", [CYCLES or 8, pytest.param(CYCLES or 100, marks=pytest.mark.slow)]
+)
 def test_immediate_restarts_lose_nothing_and_commit_nothing_twice(own_server, own_db, cycles):
     with psycopg.connect(own_db, autocommit=True) as conn:
         conn.execute("CREATE TABLE target (key text, attempt int)")
@@ -72,11 +78,14 @@ def test_immediate_restarts_lose_nothing_and_commit_nothing_twice(own_server, ow
 
     with psycopg.connect(own_db, autocommit=True) as conn:
         rows = conn.execute("SELECT key, attempt FROM target").fetchall()
-        ledger = dict(conn.execute("SELECT key, attempt FROM eos.ledger "
-                                   "WHERE state = 'committed'").fetchall())
+        ledger = dict(
+            conn.execute("SELECT key, attempt FROM eos.ledger WHERE state = 'committed'").fetchall()
+        )
         states = Counter(s for (s,) in conn.execute("SELECT state::text FROM eos.ledger"))
-        commits = Counter(k for (k,) in conn.execute(
-            "SELECT key FROM eos.ledger_events WHERE event = 'committed'"))
+        commits = Counter(
+            k
+            for (k,) in conn.execute("SELECT key FROM eos.ledger_events WHERE event = 'committed'")
+        )
         assert verify(conn).ok
     written = Counter(k for k, _ in rows)
     assert set(written.values()) == {1}, "a key written twice"
@@ -86,5 +95,7 @@ def test_immediate_restarts_lose_nothing_and_commit_nothing_twice(own_server, ow
     for key, result in done.items():  # what callers were told is what the ledger kept
         assert ledger[key] == result["attempt"]
     retried = sum(1 for a in ledger.values() if a > 1)
-    print(f"\n{cycles} immediate restarts on PostgreSQL {own_server.version()}: {keys} keys, "
-          f"{retried} needed a retry, 0 duplicates, 0 lost")
+    print(
+        f"\n{cycles} immediate restarts on PostgreSQL {own_server.version()}: {keys} keys, "
+        f"{retried} needed a retry, 0 duplicates, 0 lost"
+    )

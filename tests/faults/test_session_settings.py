@@ -30,11 +30,13 @@ from tests.conftest import ROOT
 
 def expected(timeout: float) -> dict[str, str]:
     """What pg_settings shows (base units: seconds, milliseconds) for ``timeout``."""
-    return {"tcp_keepalives_idle": str(int(timeout // 3)),
-            "tcp_keepalives_interval": str(int(timeout // 6)),
-            "tcp_keepalives_count": "4",
-            "tcp_user_timeout": str(int(timeout * 1000)),
-            "client_connection_check_interval": str(int(timeout * 1000) // 6)}
+    return {
+        "tcp_keepalives_idle": str(int(timeout // 3)),
+        "tcp_keepalives_interval": str(int(timeout // 6)),
+        "tcp_keepalives_count": "4",
+        "tcp_user_timeout": str(int(timeout * 1000)),
+        "client_connection_check_interval": str(int(timeout * 1000) // 6),
+    }
 
 
 #: What the server's sessions get without liveness: the kernel's idle time before the first
@@ -49,8 +51,12 @@ def shown(rows) -> dict[str, str]:
 
 def test_ledger_connections_carry_the_settings(own_db: str, monkeypatch):
     monkeypatch.delenv("EOS_LIVENESS_TIMEOUT", raising=False)
-    for kwargs, env, timeout in (({}, None, 60), ({"liveness_timeout": 12}, None, 12),
-                                 ({}, "30", 30), ({"liveness_timeout": 24}, "30", 24)):
+    for kwargs, env, timeout in (
+        ({}, None, 60),
+        ({"liveness_timeout": 12}, None, 12),
+        ({}, "30", 30),
+        ({"liveness_timeout": 24}, "30", 24),
+    ):
         if env is not None:
             monkeypatch.setenv("EOS_LIVENESS_TIMEOUT", env)
         with Ledger(own_db, **kwargs) as ledger:
@@ -103,13 +109,18 @@ HOOK = textwrap.dedent("""
 
 @pytest.mark.parametrize("env, timeout", [(None, 60), ("30", 30)])
 def test_airflow_hook_connections_carry_the_settings(own_db: str, tmp_path, env, timeout):
-    environ = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(tmp_path), "PYTHONPATH": str(ROOT),
-               "AIRFLOW_CONN_LEDGER": airflow_conn_json(own_db)}
+    environ = {
+        "PATH": "/usr/bin:/bin",
+        "AIRFLOW_HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+        "AIRFLOW_CONN_LEDGER": airflow_conn_json(own_db),
+    }
     if env is not None:
         environ["EOS_LIVENESS_TIMEOUT"] = env
     code = HOOK.replace("SETTINGS", repr(list(SERVER_SETTINGS)))
-    done = subprocess.run([sys.executable, "-c", code], env=environ,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.splitlines()[-1])
     assert shown(found["rows"]) == expected(timeout)
@@ -119,8 +130,9 @@ def test_airflow_hook_connections_carry_the_settings(own_db: str, tmp_path, env,
     assert found["keepalive"] == 1 and found["keepidle"] == timeout // 3
 
 
-def test_the_watchers_connection_carries_the_settings_and_its_lock_timeout(own_db: str,
-                                                                          monkeypatch):
+def test_the_watchers_connection_carries_the_settings_and_its_lock_timeout(
+    own_db: str, monkeypatch
+):
     monkeypatch.delenv("EOS_LIVENESS_TIMEOUT", raising=False)
 
     async def scenario() -> tuple[list, dict[str, str]]:
@@ -147,17 +159,34 @@ def test_the_watchers_connection_carries_the_settings_and_its_lock_timeout(own_d
 def test_doctor_reports_the_cli_sessions_liveness(own_db: str, tmp_path):
     def doctor(**env: str) -> dict[str, str]:
         done = subprocess.run(
-            [sys.executable, "-m", "eos_airflow.cli.main", "doctor", "--dsn", own_db,
-             "--format", "json"], capture_output=True, text=True, timeout=120,
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
-                 "AIRFLOW_HOME": str(tmp_path), **env})
+            [
+                sys.executable,
+                "-m",
+                "eos_airflow.cli.main",
+                "doctor",
+                "--dsn",
+                own_db,
+                "--format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "PYTHONPATH": str(ROOT),
+                "AIRFLOW_HOME": str(tmp_path),
+                **env,
+            },
+        )
         return {c["check"]: c for c in json.loads(done.stdout)["checks"]}["liveness"]
 
     on = doctor()
     assert on["status"] == "ok"
     bound = Liveness(60).bound
-    assert on["detail"].startswith(f"a worker that goes silent loses its session, and its "
-                                   f"keys, within {bound:g} s")
+    assert on["detail"].startswith(
+        f"a worker that goes silent loses its session, and its keys, within {bound:g} s"
+    )
     assert "tcp_keepalives_idle=20" in on["detail"] and "tcp_user_timeout=60000" in on["detail"]
     off = doctor(EOS_LIVENESS_TIMEOUT="0")
     assert off["status"] == "warn" and "EOS_LIVENESS_TIMEOUT=0" in off["detail"]
@@ -171,5 +200,4 @@ def test_settings_are_not_startup_options_so_a_pooler_accepts_them(own_db: str):
         assert conn.info.get_parameters().get("options") is None
         ledger.putconn(conn)
     with psycopg.connect(own_db) as plain:  # the server default, for comparison
-        assert plain.execute("SHOW tcp_keepalives_idle").fetchone()[0] == \
-            KERNEL_KEEPALIVE_TIME
+        assert plain.execute("SHOW tcp_keepalives_idle").fetchone()[0] == KERNEL_KEEPALIVE_TIME

@@ -60,9 +60,13 @@ class Event:
 
 
 def chain_of(conn: psycopg.Connection, key: str) -> list[Event]:
-    return [Event(*row) for row in conn.execute(
-        "SELECT id, key, seq, event::text FROM eos.ledger_events WHERE key = %s ORDER BY seq",
-        [key])]
+    return [
+        Event(*row)
+        for row in conn.execute(
+            "SELECT id, key, seq, event::text FROM eos.ledger_events WHERE key = %s ORDER BY seq",
+            [key],
+        )
+    ]
 
 
 @contextlib.contextmanager
@@ -122,8 +126,9 @@ def delete(conn, ev: Event, chains) -> tuple:
 def swap(conn, first: Event, second: Event) -> tuple:
     """Exchange the seq numbers of two events of one key (the unique key forbids a one-step swap)."""
     assert first.key == second.key and first.seq < second.seq
-    conn.execute("UPDATE eos.ledger_events SET seq = -seq WHERE id IN (%s, %s)",
-                 [first.id, second.id])
+    conn.execute(
+        "UPDATE eos.ledger_events SET seq = -seq WHERE id IN (%s, %s)", [first.id, second.id]
+    )
     conn.execute("UPDATE eos.ledger_events SET seq = %s WHERE id = %s", [second.seq, first.id])
     conn.execute("UPDATE eos.ledger_events SET seq = %s WHERE id = %s", [first.seq, second.id])
     return first.key, first.seq, second.id
@@ -141,8 +146,9 @@ FORGE = """
 
 def forge_in_middle(conn, key: str, seq: int, chains) -> tuple:
     """Shift events seq.. up by one and insert a well-hashed forged event as number seq."""
-    conn.execute("UPDATE eos.ledger_events SET seq = -seq - 1 WHERE key = %s AND seq >= %s",
-                 [key, seq])
+    conn.execute(
+        "UPDATE eos.ledger_events SET seq = -seq - 1 WHERE key = %s AND seq >= %s", [key, seq]
+    )
     conn.execute("UPDATE eos.ledger_events SET seq = -seq WHERE key = %s AND seq < 0", [key])
     conn.execute(FORGE, {"key": key, "seq": seq})
     displaced = chains[key][seq - 1]
@@ -195,13 +201,12 @@ def bconn(built_db) -> Iterator[psycopg.Connection]:
 
 
 def test_real_effects_verify_and_every_event_is_counted(built, bconn: psycopg.Connection):
-    assert [e.event for e in built[A]] == ["claimed", "committed", "skipped", "claimed",
-                                           "replaced"]
+    assert [e.event for e in built[A]] == ["claimed", "committed", "skipped", "claimed", "replaced"]
     assert events(bconn, B) == [("claimed", 1), ("failed", 1), ("claimed", 2), ("committed", 2)]
-    assert [e.event for e in built[C]] == ["claimed", "committed", "skipped", "claimed",
-                                           "failed"]
-    failure = bconn.execute("SELECT detail->>'message' FROM eos.ledger_events "
-                           "WHERE key = %s AND event = 'failed'", [C]).fetchone()[0]
+    assert [e.event for e in built[C]] == ["claimed", "committed", "skipped", "claimed", "failed"]
+    failure = bconn.execute(
+        "SELECT detail->>'message' FROM eos.ledger_events WHERE key = %s AND event = 'failed'", [C]
+    ).fetchone()[0]
     assert "\x1f unit separator" in failure
     result = chain.verify(bconn)
     assert result.ok, result.problems
@@ -229,8 +234,9 @@ CASES: dict[str, Callable] = {
 
 @pytest.mark.parametrize("how", ["replica", "disable trigger"])
 @pytest.mark.parametrize("case", CASES)
-def test_tampering_is_detected_at_the_first_bad_event(built, bconn: psycopg.Connection,
-                                                       case: str, how: str):
+def test_tampering_is_detected_at_the_first_bad_event(
+    built, bconn: psycopg.Connection, case: str, how: str
+):
     with tampering(bconn, how):
         expected = CASES[case](bconn, built)
         result = chain.verify(bconn)
@@ -244,8 +250,10 @@ def test_problem_messages_say_what_happened(built, bconn: psycopg.Connection):
     with tampering(bconn):
         edit_detail(bconn, built[B][1], built)
         problem = chain.verify(bconn).first_problem
-    assert str(problem) == (f"event id {built[B][1].id} (key {B!r}, seq 2): "
-                            "hash does not match the event's content (edited)")
+    assert str(problem) == (
+        f"event id {built[B][1].id} (key {B!r}, seq 2): "
+        "hash does not match the event's content (edited)"
+    )
     with tampering(bconn):
         delete(bconn, built[A][4], built)
         problem = chain.verify(bconn).first_problem
@@ -265,19 +273,21 @@ def test_problems_are_reported_for_every_damaged_key(built, bconn: psycopg.Conne
         edit_attempt(bconn, built[A][0], built)
         edit_attempt(bconn, built[B][3], built)
         result = chain.verify(bconn)
-    assert [where(p) for p in result.problems] == [
-        (A, 1, built[A][0].id), (B, 4, built[B][3].id)]
+    assert [where(p) for p in result.problems] == [(A, 1, built[A][0].id), (B, 4, built[B][3].id)]
 
 
 # --- the append-only trigger ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("statement", [
-    "UPDATE eos.ledger_events SET detail = '{}'",
-    "UPDATE eos.ledger_events SET attempt = attempt WHERE false",
-    "DELETE FROM eos.ledger_events WHERE seq > 1",
-    "TRUNCATE eos.ledger_events",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE eos.ledger_events SET detail = '{}'",
+        "UPDATE eos.ledger_events SET attempt = attempt WHERE false",
+        "DELETE FROM eos.ledger_events WHERE seq > 1",
+        "TRUNCATE eos.ledger_events",
+    ],
+)
 def test_events_are_append_only(ledger: Ledger, conn: psycopg.Connection, statement: str):
     ledger.run("k", ok())
     before = conn.execute("SELECT * FROM eos.ledger_events ORDER BY id").fetchall()
@@ -300,16 +310,25 @@ OPS = {
 }
 plans = st.lists(  # per key: a list of (operation, attempt)
     st.lists(st.tuples(st.sampled_from(list(OPS)), st.integers(1, 3)), min_size=1, max_size=4),
-    min_size=1, max_size=3)
+    min_size=1,
+    max_size=3,
+)
 TAMPERS = ("edit detail", "edit at", "edit attempt", "edit event kind", "delete", "swap")
 
 
 def test_random_tampering_of_random_ledgers_is_detected(pg_admin_dsn: str, template_db: str):
-    with fresh_database(pg_admin_dsn, template_db) as dsn, Ledger(dsn) as ledger, \
-            psycopg.connect(dsn, autocommit=True) as conn:
+    with (
+        fresh_database(pg_admin_dsn, template_db) as dsn,
+        Ledger(dsn) as ledger,
+        psycopg.connect(dsn, autocommit=True) as conn,
+    ):
 
-        @settings(max_examples=25, deadline=None, database=None,
-                  suppress_health_check=[HealthCheck.too_slow])
+        @settings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        )
         @given(plan=plans, data=st.data())
         def check(plan: list[list[tuple[str, int]]], data: st.DataObject) -> None:
             prefix = uuid.uuid4().hex[:8]
@@ -317,31 +336,43 @@ def test_random_tampering_of_random_ledgers_is_detected(pg_admin_dsn: str, templ
             for key, ops in zip(keys, plan, strict=True):
                 for op, attempt in ops:
                     with contextlib.suppress(Boom, AlreadyCommittedError, FencedError):
-                        ledger.run(key, OPS[op]["fn"], attempt=attempt,
-                                   on_committed=OPS[op]["on_committed"], origin=TI)
+                        ledger.run(
+                            key,
+                            OPS[op]["fn"],
+                            attempt=attempt,
+                            on_committed=OPS[op]["on_committed"],
+                            origin=TI,
+                        )
             total = conn.execute("SELECT count(*) FROM eos.ledger_events").fetchone()[0]
             intact = chain.verify(conn)
             assert intact.ok, intact.problems
             assert intact.events == total
 
             chains = {key: chain_of(conn, key) for key in keys}
-            target = data.draw(st.sampled_from([ev for key in keys for ev in chains[key]]),
-                               label="event")
+            target = data.draw(
+                st.sampled_from([ev for key in keys for ev in chains[key]]), label="event"
+            )
             how = data.draw(st.sampled_from(TAMPERS), label="tampering")
             with tampering(conn):
                 if how == "edit event kind":
-                    kind = data.draw(st.sampled_from([k for k in EVENT_KINDS
-                                                      if k != target.event]), label="kind")
+                    kind = data.draw(
+                        st.sampled_from([k for k in EVENT_KINDS if k != target.event]), label="kind"
+                    )
                     expected = edit_kind(conn, target, chains, kind)
                 elif how == "swap":
-                    other = data.draw(st.sampled_from([ev for ev in chains[target.key]
-                                                       if ev != target]), label="other")
+                    other = data.draw(
+                        st.sampled_from([ev for ev in chains[target.key] if ev != target]),
+                        label="other",
+                    )
                     first, second = sorted((target, other), key=lambda ev: ev.seq)
                     expected = swap(conn, first, second)
                 else:
-                    expected = {"edit detail": edit_detail, "edit at": edit_at,
-                                "edit attempt": edit_attempt, "delete": delete}[how](
-                                    conn, target, chains)
+                    expected = {
+                        "edit detail": edit_detail,
+                        "edit at": edit_at,
+                        "edit attempt": edit_attempt,
+                        "delete": delete,
+                    }[how](conn, target, chains)
                 result = chain.verify(conn)
                 assert not result.ok
                 assert where(result.first_problem) == expected

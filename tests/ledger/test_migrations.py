@@ -23,30 +23,57 @@ from eos_airflow.ledger.tables import EFFECT_STATES, EVENT_KINDS, ledger_metadat
 from tests.conftest import ROOT
 
 VERSIONS = ROOT / "eos_airflow" / "ledger" / "migrations" / "versions"
-MIGRATION_FILES = {path.name[:4]: path for path in sorted(VERSIONS.glob("[0-9][0-9][0-9][0-9]_*.py"))}
+MIGRATION_FILES = {
+    path.name[:4]: path for path in sorted(VERSIONS.glob("[0-9][0-9][0-9][0-9]_*.py"))
+}
 REVISIONS = list(MIGRATION_FILES)
 HEAD = REVISIONS[-1]
 ODD_SCHEMA = "_eos_audit_2"  # only plain lowercase identifiers are accepted as schemas
-LEDGER_TABLES = {"alembic_version", "inbox", "ledger", "ledger_events", "offsets", "outbox",
-                 "precommits", "pruned_chains", "recovery_points", "schema_migrations",
-                 "twophase", "waiters"}
+LEDGER_TABLES = {
+    "alembic_version",
+    "inbox",
+    "ledger",
+    "ledger_events",
+    "offsets",
+    "outbox",
+    "precommits",
+    "pruned_chains",
+    "recovery_points",
+    "schema_migrations",
+    "twophase",
+    "waiters",
+}
 
 
 def schemas(conn: psycopg.Connection) -> set[str]:
-    return {name for (name,) in conn.execute(
-        "SELECT nspname FROM pg_namespace "
-        "WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'")}
+    return {
+        name
+        for (name,) in conn.execute(
+            "SELECT nspname FROM pg_namespace "
+            "WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'"
+        )
+    }
 
 
 def tables_in(conn: psycopg.Connection, schema: str) -> set[str]:
-    return {name for (name,) in conn.execute(
-        "SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema])}
+    return {
+        name
+        for (name,) in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema]
+        )
+    }
 
 
 def cli(*argv: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "EOS_LEDGER_DSN"}
-    return subprocess.Popen([sys.executable, "-m", "eos_airflow.cli.main", *argv], cwd=ROOT,
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "eos_airflow.cli.main", *argv],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_migrate_applies_every_revision_once_and_records_its_checksum(empty_db: str):
@@ -55,7 +82,8 @@ def test_migrate_applies_every_revision_once_and_records_its_checksum(empty_db: 
     with psycopg.connect(empty_db) as conn:
         rows = conn.execute(
             "SELECT revision, description, checksum, package_version, applied_at "
-            "FROM eos.schema_migrations ORDER BY revision").fetchall()
+            "FROM eos.schema_migrations ORDER BY revision"
+        ).fetchall()
         version = conn.execute("SELECT version_num FROM eos.alembic_version").fetchall()
         assert check_revision(conn, "eos") == HEAD
     assert [r[0] for r in rows] == REVISIONS
@@ -90,14 +118,16 @@ def test_concurrent_migrations_serialise_and_create_the_schema_once(empty_db: st
         results = [p.communicate(timeout=60) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], results
         outputs = sorted(out for out, _ in results)
-        assert outputs == [f"ledger schema 'eos' at revision {HEAD} (applied {', '.join(REVISIONS)})\n",
-                           f"ledger schema 'eos' at revision {HEAD} (up to date)\n"]
+        assert outputs == [
+            f"ledger schema 'eos' at revision {HEAD} (applied {', '.join(REVISIONS)})\n",
+            f"ledger schema 'eos' at revision {HEAD} (up to date)\n",
+        ]
         assert "eos" in schemas(holder)
         assert tables_in(holder, "eos") == LEDGER_TABLES
-        assert holder.execute("SELECT revision FROM eos.schema_migrations ORDER BY 1"
-                              ).fetchall() == [(r,) for r in REVISIONS]
-        assert holder.execute("SELECT version_num FROM eos.alembic_version").fetchall() == [
-            (HEAD,)]
+        assert holder.execute(
+            "SELECT revision FROM eos.schema_migrations ORDER BY 1"
+        ).fetchall() == [(r,) for r in REVISIONS]
+        assert holder.execute("SELECT version_num FROM eos.alembic_version").fetchall() == [(HEAD,)]
 
 
 # --- "all migrations applied" equals the declared metadata ---------------------------------
@@ -117,20 +147,29 @@ def schema_diff(dsn: str, schema: str, target: sa.MetaData) -> list[Any]:
             return parent_names.get("schema_name") == schema and name != "alembic_version"
         return True
 
-    def include_object(obj: Any, name: str | None, type_: str, reflected: bool,
-                       compare_to: Any) -> bool:
+    def include_object(
+        obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+    ) -> bool:
         if type_ == "table":
             return obj.schema == schema and name != "alembic_version"
         return True
 
-    engine = sa.create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn),
-                              poolclass=sa.NullPool)
+    engine = sa.create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=sa.NullPool
+    )
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={
-                "include_schemas": True, "include_name": include_name,
-                "include_object": include_object, "compare_type": True,
-                "compare_server_default": True, "target_metadata": target})
+            context = MigrationContext.configure(
+                connection,
+                opts={
+                    "include_schemas": True,
+                    "include_name": include_name,
+                    "include_object": include_object,
+                    "compare_type": True,
+                    "compare_server_default": True,
+                    "target_metadata": target,
+                },
+            )
             return compare_metadata(context, target)
     finally:
         engine.dispose()
@@ -142,28 +181,41 @@ def test_migrated_schema_equals_the_declared_metadata(empty_db: str, schema: str
     assert schema_diff(empty_db, schema, ledger_metadata(schema)) == []
     # Alembic does not compare enum labels: compare them here.
     with psycopg.connect(empty_db) as conn:
-        labels = dict(conn.execute(
-            "SELECT t.typname, array_agg(e.enumlabel::text ORDER BY e.enumsortorder) "
-            "FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid "
-            "JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %s "
-            "GROUP BY t.typname", [schema]).fetchall())
+        labels = dict(
+            conn.execute(
+                "SELECT t.typname, array_agg(e.enumlabel::text ORDER BY e.enumsortorder) "
+                "FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid "
+                "JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %s "
+                "GROUP BY t.typname",
+                [schema],
+            ).fetchall()
+        )
     assert labels == {"effect_state": list(EFFECT_STATES), "event_kind": list(EVENT_KINDS)}
 
 
 def test_metadata_comparison_sees_differences(db: str):
     """The comparison above is not vacuous: it sees the tables, types, comments and indexes."""
     assert {(d[0], d[1].name) for d in schema_diff(db, "eos", sa.MetaData(schema="eos"))} == {
-        ("remove_table", "ledger"), ("remove_table", "ledger_events"),
-        ("remove_table", "schema_migrations"), ("remove_table", "waiters"),
-        ("remove_index", "waiters_prefix_idx"), ("remove_index", "waiters_listener_idx"),
+        ("remove_table", "ledger"),
+        ("remove_table", "ledger_events"),
+        ("remove_table", "schema_migrations"),
+        ("remove_table", "waiters"),
+        ("remove_index", "waiters_prefix_idx"),
+        ("remove_index", "waiters_listener_idx"),
         ("remove_index", "ledger_origin_idx"),
-        ("remove_index", "ledger_state_idx"), ("remove_index", "ledger_events_at_idx"),
-        ("remove_table", "twophase"), ("remove_table", "precommits"),
-        ("remove_index", "twophase_key_idx"), ("remove_index", "twophase_unresolved_idx"),
+        ("remove_index", "ledger_state_idx"),
+        ("remove_index", "ledger_events_at_idx"),
+        ("remove_table", "twophase"),
+        ("remove_table", "precommits"),
+        ("remove_index", "twophase_key_idx"),
+        ("remove_index", "twophase_unresolved_idx"),
         ("remove_table", "pruned_chains"),
-        ("remove_table", "recovery_points"), ("remove_table", "offsets"),
-        ("remove_table", "outbox"), ("remove_table", "inbox"),
-        ("remove_index", "outbox_pending_idx")}
+        ("remove_table", "recovery_points"),
+        ("remove_table", "offsets"),
+        ("remove_table", "outbox"),
+        ("remove_table", "inbox"),
+        ("remove_index", "outbox_pending_idx"),
+    }
 
     changed = ledger_metadata("eos")
     ledger = changed.tables["eos.ledger"]
@@ -173,10 +225,14 @@ def test_metadata_comparison_sees_differences(db: str):
     kinds = set()
     for d in schema_diff(db, "eos", changed):
         entries = d if isinstance(d, list) else [d]
-        kinds |= {(e[0], e[3]) if e[0].startswith("modify_") else (e[0], e[1].name)
-                  for e in entries}
-    assert kinds == {("modify_type", "attempt"), ("modify_comment", "owner"),
-                     ("add_index", "ledger_host_idx")}
+        kinds |= {
+            (e[0], e[3]) if e[0].startswith("modify_") else (e[0], e[1].name) for e in entries
+        }
+    assert kinds == {
+        ("modify_type", "attempt"),
+        ("modify_comment", "owner"),
+        ("add_index", "ledger_host_idx"),
+    }
 
 
 # --- schema names are identifiers, never SQL ------------------------------------------------
@@ -195,7 +251,9 @@ def test_odd_schema_name_migrates_into_exactly_that_schema(empty_db: str):
         assert (first.action, again.action, again.result) == ("committed", "skipped", {"n": 1})
         entry = conn.execute(
             psycopg.sql.SQL("SELECT key, state::text, result FROM {}.ledger").format(
-                psycopg.sql.Identifier(ODD_SCHEMA))).fetchall()
+                psycopg.sql.Identifier(ODD_SCHEMA)
+            )
+        ).fetchall()
         assert entry == [("k", "committed", {"n": 1})]
         assert check_revision(conn, ODD_SCHEMA) == HEAD
         result = chain.verify(conn, ODD_SCHEMA)
@@ -206,8 +264,10 @@ def test_odd_schema_name_migrates_into_exactly_that_schema(empty_db: str):
 
 def test_schema_names_that_are_not_plain_identifiers_are_refused(empty_db: str):
     for schema in ("eos%s 100%", 'eos "audit"; drop', "e$$; DROP SCHEMA public; $$"):
-        with pytest.raises(ConfigurationError, match="is not allowed: a ledger schema must be "
-                                                     "a plain lowercase identifier"):
+        with pytest.raises(
+            ConfigurationError,
+            match="is not allowed: a ledger schema must be a plain lowercase identifier",
+        ):
             migrate(empty_db, schema)
     with psycopg.connect(empty_db) as conn:
         assert schemas(conn) == {"public"}

@@ -51,8 +51,11 @@ OPS: dict[str, tuple[Callable, str]] = {
     "failed replace": (boom, "replace"),
     "refuse": (lambda eos: 1, "fail"),
 }
-plans = st.lists(st.tuples(st.integers(0, 2), st.sampled_from(sorted(OPS)), st.integers(1, 3)),
-                 min_size=1, max_size=10)
+plans = st.lists(
+    st.tuples(st.integers(0, 2), st.sampled_from(sorted(OPS)), st.integers(1, 3)),
+    min_size=1,
+    max_size=10,
+)
 EVENT_COLUMNS = ("key", "seq", "event", "attempt", "at", "detail", "prev_hash", "hash", "id")
 TAMPERS = ("edit", "delete", "insert", "reorder", "row", "truncate tail", "remove key")
 
@@ -68,8 +71,9 @@ class Ev:
 def verify(dsn: str, checkpoint: Path) -> tuple[int, dict]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["ledger", "verify", "--format", "json", "--checkpoint", str(checkpoint),
-                     "--dsn", dsn])
+        code = main(
+            ["ledger", "verify", "--format", "json", "--checkpoint", str(checkpoint), "--dsn", dsn]
+        )
     assert out.getvalue(), err.getvalue()
     return code, json.loads(out.getvalue())
 
@@ -81,8 +85,9 @@ def take_checkpoint(dsn: str, path: Path) -> None:
 
 def chains(conn: psycopg.Connection) -> dict[str, list[Ev]]:
     out: dict[str, list[Ev]] = {}
-    for row in conn.execute("SELECT id, key, seq, event::text FROM eos.ledger_events "
-                            "ORDER BY key COLLATE \"C\", seq"):
+    for row in conn.execute(
+        'SELECT id, key, seq, event::text FROM eos.ledger_events ORDER BY key COLLATE "C", seq'
+    ):
         out.setdefault(row[1], []).append(Ev(*row))
     return out
 
@@ -111,7 +116,7 @@ EDITS = {  # column -> SET clause that changes it
 
 ROW_EDITS = {
     "state": "state = (CASE WHEN state = 'committed' THEN 'failed' ELSE 'committed' END)"
-             "::eos.effect_state",
+    "::eos.effect_state",
     "version": "version = version + 1",
     "attempt": "attempt = attempt + 1",
     "event_seq": "event_seq = event_seq - 1",
@@ -119,8 +124,9 @@ ROW_EDITS = {
 }
 
 
-def tamper(conn: psycopg.Connection, how: str, ch: dict[str, list[Ev]],
-           data: st.DataObject) -> tuple[str, int | None, int | None]:
+def tamper(
+    conn: psycopg.Connection, how: str, ch: dict[str, list[Ev]], data: st.DataObject
+) -> tuple[str, int | None, int | None]:
     """Do one tampering; return where verify must report the first problem
     (key, seq, event id), None where it cannot be pinned down more than the key."""
     key = data.draw(st.sampled_from(sorted(ch)), label="key")
@@ -130,13 +136,22 @@ def tamper(conn: psycopg.Connection, how: str, ch: dict[str, list[Ev]],
     if how == "edit":
         column = data.draw(st.sampled_from(EVENT_COLUMNS), label="column")
         if column == "event":
-            kind = data.draw(st.sampled_from([k for k in ("claimed", "committed", "replaced",
-                                                           "skipped", "fenced", "failed")
-                                              if k != ev.event]), label="kind")
+            kind = data.draw(
+                st.sampled_from(
+                    [
+                        k
+                        for k in ("claimed", "committed", "replaced", "skipped", "fenced", "failed")
+                        if k != ev.event
+                    ]
+                ),
+                label="kind",
+            )
             conn.execute("UPDATE eos.ledger_events SET event = %s WHERE id = %s", [kind, ev.id])
         else:
-            conn.execute(f"UPDATE eos.ledger_events SET {EDITS[column]} WHERE id = %s",  # noqa: S608
-                         [ev.id])
+            conn.execute(
+                f"UPDATE eos.ledger_events SET {EDITS[column]} WHERE id = %s",  # noqa: S608
+                [ev.id],
+            )
         if column in ("key", "seq") and after is not None:  # a hole where ev was
             return key, after.seq, after.id
         if column == "key":  # the newest event moved away: the row's head shows it
@@ -148,8 +163,10 @@ def tamper(conn: psycopg.Connection, how: str, ch: dict[str, list[Ev]],
         conn.execute("DELETE FROM eos.ledger_events WHERE id = %s", [ev.id])
         return (key, after.seq, after.id) if after else (key, ev.seq, None)
     if how == "insert":  # a well-hashed forged event as number ev.seq, later ones shifted
-        conn.execute("UPDATE eos.ledger_events SET seq = -seq - 1 WHERE key = %s AND seq >= %s",
-                     [key, ev.seq])
+        conn.execute(
+            "UPDATE eos.ledger_events SET seq = -seq - 1 WHERE key = %s AND seq >= %s",
+            [key, ev.seq],
+        )
         conn.execute("UPDATE eos.ledger_events SET seq = -seq WHERE key = %s AND seq < 0", [key])
         conn.execute(FORGE, {"key": key, "seq": ev.seq})
         return key, ev.seq + 1, ev.id
@@ -158,24 +175,25 @@ def tamper(conn: psycopg.Connection, how: str, ch: dict[str, list[Ev]],
             return tamper(conn, "delete", {key: chain}, data)
         other = data.draw(st.sampled_from([e for e in chain if e != ev]), label="other")
         first, second = sorted((ev, other), key=lambda e: e.seq)
-        conn.execute("UPDATE eos.ledger_events SET seq = -seq WHERE id IN (%s, %s)",
-                     [first.id, second.id])
-        conn.execute("UPDATE eos.ledger_events SET seq = %s WHERE id = %s",
-                     [second.seq, first.id])
-        conn.execute("UPDATE eos.ledger_events SET seq = %s WHERE id = %s",
-                     [first.seq, second.id])
+        conn.execute(
+            "UPDATE eos.ledger_events SET seq = -seq WHERE id IN (%s, %s)", [first.id, second.id]
+        )
+        conn.execute("UPDATE eos.ledger_events SET seq = %s WHERE id = %s", [second.seq, first.id])
+        conn.execute("UPDATE eos.ledger_events SET seq = %s WHERE id = %s", [first.seq, second.id])
         return key, first.seq, second.id
     if how == "row":
         column = data.draw(st.sampled_from(sorted(ROW_EDITS)), label="row column")
-        conn.execute(f"UPDATE eos.ledger SET {ROW_EDITS[column]} WHERE key = %s",  # noqa: S608
-                     [key])
+        conn.execute(
+            f"UPDATE eos.ledger SET {ROW_EDITS[column]} WHERE key = %s",  # noqa: S608
+            [key],
+        )
         head = {"event_seq": len(chain) - 1, "last_hash": len(chain)}.get(column)
         return key, head, None
     if how == "truncate tail":  # cut back to ev, and make the row agree with what is left
-        conn.execute("DELETE FROM eos.ledger_events WHERE key = %s AND seq > %s",
-                     [key, ev.seq - 1])
+        conn.execute("DELETE FROM eos.ledger_events WHERE key = %s AND seq > %s", [key, ev.seq - 1])
         conn.execute("DELETE FROM eos.ledger WHERE key = %s AND %s = 1", [key, ev.seq])
-        conn.execute("""
+        conn.execute(
+            """
             UPDATE eos.ledger AS l SET event_seq = e.seq, last_hash = e.hash, attempt = e.attempt,
                    version = (SELECT count(*) FROM eos.ledger_events AS c WHERE c.key = l.key
                               AND c.event::text IN ('committed', 'replaced')),
@@ -186,7 +204,9 @@ def tamper(conn: psycopg.Connection, how: str, ch: dict[str, list[Ev]],
                                 ELSE 'failed'::eos.effect_state END
             FROM eos.ledger_events AS e
             WHERE l.key = %(key)s AND e.key = %(key)s AND e.seq = (
-                SELECT max(seq) FROM eos.ledger_events WHERE key = %(key)s)""", {"key": key})
+                SELECT max(seq) FROM eos.ledger_events WHERE key = %(key)s)""",
+            {"key": key},
+        )
         # the checkpoint names the key (a rough row fix, e.g. of a reopened key, may be
         # reported first, also by key)
         return key, None, None
@@ -197,8 +217,12 @@ def tamper(conn: psycopg.Connection, how: str, ch: dict[str, list[Ev]],
 
 
 def test_every_single_tampering_is_detected(pg_admin_dsn: str, template_db: str, tmp_path):
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     @given(plan=plans, how=st.sampled_from(TAMPERS), data=st.data())
     def check(plan: list[tuple[int, str, int]], how: str, data: st.DataObject) -> None:
         name = f"eos_tamper_{uuid.uuid4().hex[:10]}"
@@ -208,18 +232,21 @@ def test_every_single_tampering_is_detected(pg_admin_dsn: str, template_db: str,
                 for key_no, op, attempt in plan:
                     fn, on_committed = OPS[op]
                     with contextlib.suppress(Boom, AlreadyCommittedError, FencedError):
-                        ledger.run(f"k/{key_no}", fn, attempt=attempt,
-                                   on_committed=on_committed, origin=TI)
+                        ledger.run(
+                            f"k/{key_no}", fn, attempt=attempt, on_committed=on_committed, origin=TI
+                        )
             checkpoint = tmp_path / f"{name}.json"
             take_checkpoint(dsn, checkpoint)
             assert verify(dsn, checkpoint)[0] == 0
             with psycopg.connect(dsn) as conn:
                 ch = chains(conn)
-                conn.execute("ALTER TABLE eos.ledger_events "
-                             "DISABLE TRIGGER ledger_events_append_only")
+                conn.execute(
+                    "ALTER TABLE eos.ledger_events DISABLE TRIGGER ledger_events_append_only"
+                )
                 expected = tamper(conn, how, ch, data)
-                conn.execute("ALTER TABLE eos.ledger_events "
-                             "ENABLE TRIGGER ledger_events_append_only")
+                conn.execute(
+                    "ALTER TABLE eos.ledger_events ENABLE TRIGGER ledger_events_append_only"
+                )
             code, result = verify(dsn, checkpoint)
             assert code == 1, result
             first = result["first_bad"]
@@ -235,9 +262,9 @@ def test_every_single_tampering_is_detected(pg_admin_dsn: str, template_db: str,
 
 
 @pytest.mark.slow
-def test_many_tamperings_are_detected(pg_admin_dsn: str, template_db: str, tmp_path,
-                                      monkeypatch):
+def test_many_tamperings_are_detected(pg_admin_dsn: str, template_db: str, tmp_path, monkeypatch):
     """The same property with EOS_TAMPER_EXAMPLES (default here 200) examples."""
-    monkeypatch.setattr(sys.modules[__name__], "EXAMPLES",
-                        int(os.environ.get("EOS_TAMPER_EXAMPLES", "200")))
+    monkeypatch.setattr(
+        sys.modules[__name__], "EXAMPLES", int(os.environ.get("EOS_TAMPER_EXAMPLES", "200"))
+    )
     test_every_single_tampering_is_detected(pg_admin_dsn, template_db, tmp_path)

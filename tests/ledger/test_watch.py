@@ -30,9 +30,14 @@ async def commit_later(ledger: Ledger, key: str, delay: float) -> float:
 
 def watcher_backends(dsn: str) -> list[int]:
     with psycopg.connect(dsn) as conn:
-        return [pid for (pid,) in conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
-            "AND datname = current_database()", [APPLICATION_NAME])]
+        return [
+            pid
+            for (pid,) in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                "AND datname = current_database()",
+                [APPLICATION_NAME],
+            )
+        ]
 
 
 def test_commit_while_waiting_wakes_the_wait_through_notify(db: str, ledger: Ledger):
@@ -60,7 +65,8 @@ def test_commit_notifies_only_when_someone_waits(db: str, ledger: Ledger):
         async def scenario() -> None:
             watcher = Watcher(db, poll_interval=NO_POLL)
             waiting = asyncio.ensure_future(
-                watcher.wait(WaitSpec(keys=("somebody/waits",), prefix="batch/")))
+                watcher.wait(WaitSpec(keys=("somebody/waits",), prefix="batch/"))
+            )
             await asyncio.sleep(0.5)  # registered
             await asyncio.to_thread(commit, ledger, "somebody/waits")
             await asyncio.to_thread(commit, ledger, "batch/1")
@@ -83,13 +89,16 @@ def test_committed_failed_and_prefix_waits(db: str, ledger: Ledger):
 
     async def scenario() -> list:
         watcher = Watcher(db, poll_interval=NO_POLL)
-        return [await watcher.wait(spec, timeout=1.0) for spec in (
-            WaitSpec(keys=("a",)),
-            WaitSpec(keys=("a", "broken")),
-            WaitSpec(keys=("a", "broken"), fail_on_failed=False),
-            WaitSpec(prefix="maps/run1/", min_count=3),
-            WaitSpec(prefix="maps/run1/", min_count=4),
-        )]
+        return [
+            await watcher.wait(spec, timeout=1.0)
+            for spec in (
+                WaitSpec(keys=("a",)),
+                WaitSpec(keys=("a", "broken")),
+                WaitSpec(keys=("a", "broken"), fail_on_failed=False),
+                WaitSpec(prefix="maps/run1/", min_count=3),
+                WaitSpec(prefix="maps/run1/", min_count=4),
+            )
+        ]
 
     done, failed, waits_on, three, four = asyncio.run(scenario())
     assert (done.status, done.results) == ("committed", {"a": {"n": 1}})

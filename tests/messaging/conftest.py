@@ -44,8 +44,9 @@ def create_topic(bootstrap: str, topic: str) -> int:
 
 
 def produce_json(bootstrap: str, topic: str, rows: list[dict], *, partitions: int) -> None:
-    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "log_level": 0,
-                                         "enable.idempotence": True})
+    producer = confluent_kafka.Producer(
+        {"bootstrap.servers": bootstrap, "log_level": 0, "enable.idempotence": True}
+    )
     for i, row in enumerate(rows):
         producer.produce(topic, json.dumps(row).encode(), partition=i % partitions)
     assert producer.flush(10) == 0
@@ -53,13 +54,21 @@ def produce_json(bootstrap: str, topic: str, rows: list[dict], *, partitions: in
 
 def consume_all(bootstrap: str, topic: str, isolation: str = "read_committed") -> list:
     """Every committed message of ``topic`` from the beginning (a read_committed consumer)."""
-    consumer = confluent_kafka.Consumer({
-        "bootstrap.servers": bootstrap, "group.id": f"check-{uuid.uuid4().hex}",
-        "isolation.level": isolation, "enable.partition.eof": True,
-        "fetch.wait.max.ms": 50, "enable.auto.commit": False, "log_level": 0})
+    consumer = confluent_kafka.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"check-{uuid.uuid4().hex}",
+            "isolation.level": isolation,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 50,
+            "enable.auto.commit": False,
+            "log_level": 0,
+        }
+    )
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING)
-                     for p in parts])
+    consumer.assign(
+        [confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING) for p in parts]
+    )
     out, ends = [], set()
     while len(ends) < len(parts):
         for m in consumer.consume(1000, timeout=0.1):

@@ -61,7 +61,8 @@ class _JournaledProducer:
         while len(self._delivered) < self._produced and time.monotonic() < deadline:
             self._producer.poll(0.05)  # serve the delivery reports of the flushed records
         assert len(self._delivered) == self._produced, (
-            f"{self._produced} records produced, {len(self._delivered)} delivery reports")
+            f"{self._produced} records produced, {len(self._delivered)} delivery reports"
+        )
         line = json.dumps({"committed": self._delivered}) + "\n"
         fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:

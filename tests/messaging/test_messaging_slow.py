@@ -50,25 +50,36 @@ def child(code: str, spec: dict, failpoints: str | None) -> subprocess.Completed
     env.pop("EOS_FAILPOINTS", None)
     if failpoints:
         env["EOS_FAILPOINTS"] = failpoints
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
-def test_ingest_killed_at_random_steps_loads_every_message_once(db, kafka_bootstrap,
-                                                                kafka_topic):
+def test_ingest_killed_at_random_steps_loads_every_message_once(db, kafka_bootstrap, kafka_topic):
     rng = random.Random(SEED)
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("CREATE TABLE readings (device text, seq int, value float8)")
-    produce_json(kafka_bootstrap, kafka_topic,
-                 [{"device": f"d{i % 7}", "seq": i, "value": i / 2} for i in range(N)],
-                 partitions=4)
+    produce_json(
+        kafka_bootstrap,
+        kafka_topic,
+        [{"device": f"d{i % 7}", "seq": i, "value": i / 2} for i in range(N)],
+        partitions=4,
+    )
     steps = ["after_claim", "after_poll", "before_commit", "after_commit", None, None]
     crashes = 0
     for run in range(10 * N // 250 + 20):
         step = rng.choice(steps)
-        done = child(INGEST, {"dsn": db, "key": f"ingest/{run}", "topic": kafka_topic,
-                              "bootstrap": kafka_bootstrap, "batch": 250},
-                     f"{step}=exit" if step else None)
+        done = child(
+            INGEST,
+            {
+                "dsn": db,
+                "key": f"ingest/{run}",
+                "topic": kafka_topic,
+                "bootstrap": kafka_bootstrap,
+                "batch": 250,
+            },
+            f"{step}=exit" if step else None,
+        )
         if step and step != "after_commit" or done.returncode == EXIT_CODE:
             assert done.returncode == EXIT_CODE, done.stderr[-2000:]
             crashes += 1
@@ -91,21 +102,30 @@ def test_relay_killed_at_random_batches_delivers_every_message_once(db, nats_str
     rng = random.Random(SEED)
     with Ledger(db) as ledger:
         for e in range(0, N, 500):
-            ledger.run(f"alerts/{e}", lambda eos, e=e: [
-                eos.publish(f"nats:{prefix}.a", {"n": e + i}) for i in range(min(500, N - e))]
-                and {})
+            ledger.run(
+                f"alerts/{e}",
+                lambda eos, e=e: (
+                    [eos.publish(f"nats:{prefix}.a", {"n": e + i}) for i in range(min(500, N - e))]
+                    and {}
+                ),
+            )
     for _ in range(50):
         step = rng.choice(["after_send", "before_commit", "after_commit"])
-        done = child(RELAY, {"dsn": db, "nats": NATS_URL, "batch": 100},
-                     f"{step}#{rng.randint(1, 5)}=exit")
+        done = child(
+            RELAY, {"dsn": db, "nats": NATS_URL, "batch": 100}, f"{step}#{rng.randint(1, 5)}=exit"
+        )
         if done.returncode == 0:
             break
         assert done.returncode == EXIT_CODE, done.stderr[-2000:]
     else:
         pytest.fail("the relay did not finish")
     with psycopg.connect(db) as conn:
-        ids = [i for (i,) in conn.execute("SELECT message_id::text FROM eos.outbox "
-                                          "WHERE delivered_at IS NOT NULL ORDER BY id")]
+        ids = [
+            i
+            for (i,) in conn.execute(
+                "SELECT message_id::text FROM eos.outbox WHERE delivered_at IS NOT NULL ORDER BY id"
+            )
+        ]
     assert len(ids) == N
     got = [h[NATS_MSG_ID_HEADER] for _, _, h in nats_received(stream, f"{prefix}.>")]
     assert Counter(got) == Counter(ids) and got == ids

@@ -24,15 +24,31 @@ TOKEN = "t0k/en#?@x"
 
 def test_user_info_is_split_decoded_and_redacted():
     for url, server, credentials, shown in [
-        ("nats://relay:s3cret@127.0.0.1:4222", "nats://127.0.0.1:4222",
-         NatsCredentials(user="relay", password="s3cret"), "nats://relay:***@127.0.0.1:4222"),
-        ("nats://SECRETTOKEN@host:4222", "nats://host:4222", NatsCredentials(token="SECRETTOKEN"),
-         "nats://***@host:4222"),
+        (
+            "nats://relay:s3cret@127.0.0.1:4222",
+            "nats://127.0.0.1:4222",
+            NatsCredentials(user="relay", password="s3cret"),
+            "nats://relay:***@127.0.0.1:4222",
+        ),
+        (
+            "nats://SECRETTOKEN@host:4222",
+            "nats://host:4222",
+            NatsCredentials(token="SECRETTOKEN"),
+            "nats://***@host:4222",
+        ),
         # unescaped / # ? @ in the password (as the old URL builder produced them)
-        (f"nats://relay:{PASSWORD}@host:4222", "nats://host:4222",
-         NatsCredentials(user="relay", password=PASSWORD), "nats://relay:***@host:4222"),
-        ("nats://relay:100%25%2F@host", "nats://host", NatsCredentials("relay", "100%/"),
-         "nats://relay:***@host"),
+        (
+            f"nats://relay:{PASSWORD}@host:4222",
+            "nats://host:4222",
+            NatsCredentials(user="relay", password=PASSWORD),
+            "nats://relay:***@host:4222",
+        ),
+        (
+            "nats://relay:100%25%2F@host",
+            "nats://host",
+            NatsCredentials("relay", "100%/"),
+            "nats://relay:***@host",
+        ),
         (f"nats://{TOKEN}@host", "nats://host", NatsCredentials(token=TOKEN), "nats://***@host"),
         ("nats://host:4222", "nats://host:4222", NatsCredentials(), "nats://host:4222"),
     ]:
@@ -42,7 +58,9 @@ def test_user_info_is_split_decoded_and_redacted():
     assert built == "nats://relay:p%2Fa%23s%3Fs%40w%3Ard@host:4222"
     assert split_url(built) == ("nats://host:4222", NatsCredentials("relay", PASSWORD))
     assert split_url(NatsCredentials(token=TOKEN).url("nats://h")) == (
-        "nats://h", NatsCredentials(token=TOKEN))
+        "nats://h",
+        NatsCredentials(token=TOKEN),
+    )
     assert PASSWORD not in repr(NatsCredentials("relay", PASSWORD))
     assert TOKEN not in repr(NatsCredentials(token=TOKEN))
 
@@ -61,9 +79,20 @@ def auth_server(tmp_path) -> Iterator:
     def start(*auth: str) -> str:
         port = _free_port()
         server = subprocess.Popen(
-            ["nats-server", "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",
-             str(tmp_path / f"js{port}"), *auth],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "nats-server",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-js",
+                "-sd",
+                str(tmp_path / f"js{port}"),
+                *auth,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         started.append(server)
         deadline = time.monotonic() + 10
         while True:
@@ -93,7 +122,7 @@ def test_credentials_with_special_characters_reach_the_server_and_no_log(auth_se
         assert sink.servers == [url] and PASSWORD not in repr(sink)
     finally:
         sink.close()
-    sink = NatsSink(f"nats://relay:{PASSWORD}@{url[len('nats://'):]}", timeout=5)  # raw
+    sink = NatsSink(f"nats://relay:{PASSWORD}@{url[len('nats://') :]}", timeout=5)  # raw
     sink.close()
     with pytest.raises(DeliveryError) as caught:
         NatsSink(NatsCredentials("relay", "wrong/" + PASSWORD).url(url), timeout=3)
@@ -127,15 +156,24 @@ def test_an_airflow_connection_password_is_escaped(monkeypatch):
     pytest.importorskip("airflow")
     from eos_airflow.operators.outbox import nats_servers
 
-    monkeypatch.setenv("AIRFLOW_CONN_NATS_AUTH_T", (
-        '{"conn_type": "generic", "host": "127.0.0.1", "port": 4999, "login": "relay", '
-        f'"password": "{PASSWORD}"}}'))
-    monkeypatch.setenv("AIRFLOW_CONN_NATS_TOKEN_T",
-                       f'{{"conn_type": "generic", "host": "h", "password": "{TOKEN}"}}')
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_NATS_AUTH_T",
+        (
+            '{"conn_type": "generic", "host": "127.0.0.1", "port": 4999, "login": "relay", '
+            f'"password": "{PASSWORD}"}}'
+        ),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_NATS_TOKEN_T",
+        f'{{"conn_type": "generic", "host": "h", "password": "{TOKEN}"}}',
+    )
     (url,) = nats_servers("nats_auth_t")
     parts = urlsplit(url)  # a well-formed URL: the password cannot end the user info
     assert (parts.hostname, parts.port, unquote(parts.password or "")) == (
-        "127.0.0.1", 4999, PASSWORD)
+        "127.0.0.1",
+        4999,
+        PASSWORD,
+    )
     assert split_url(url) == ("nats://127.0.0.1:4999", NatsCredentials("relay", PASSWORD))
     (url,) = nats_servers("nats_token_t")
     assert split_url(url) == ("nats://h:4222", NatsCredentials(token=TOKEN))

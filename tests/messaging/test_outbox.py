@@ -31,20 +31,29 @@ from tests.messaging.conftest import NATS_URL, consume_all, nats_received
 
 def outbox(dsn: str) -> list[tuple]:
     with psycopg.connect(dsn) as conn:
-        return conn.execute("SELECT effect_key, seq, message_id::text, destination, "
-                            "message_key, payload, delivered_at IS NOT NULL "
-                            "FROM eos.outbox ORDER BY id").fetchall()
+        return conn.execute(
+            "SELECT effect_key, seq, message_id::text, destination, "
+            "message_key, payload, delivered_at IS NOT NULL "
+            "FROM eos.outbox ORDER BY id"
+        ).fetchall()
 
 
-def publish_alerts(ledger: Ledger, key: str, destination: str, n: int, *,
-                   fail_first: bool = False) -> list[str]:
+def publish_alerts(
+    ledger: Ledger, key: str, destination: str, n: int, *, fail_first: bool = False
+) -> list[str]:
     ids: list[str] = []
 
     def fn(eos):
         ids.clear()
         for i in range(n):
-            ids.append(eos.publish(destination, {"alert": i, "key": key}, key=f"dev-{i}",
-                                   headers={"origin": "test"}))
+            ids.append(
+                eos.publish(
+                    destination,
+                    {"alert": i, "key": key},
+                    key=f"dev-{i}",
+                    headers={"origin": "test"},
+                )
+            )
         if fail_first and eos.attempt == 1:
             raise RuntimeError("sensor feed cut")
         return {"published": len(ids)}
@@ -77,10 +86,16 @@ def test_publish_commits_with_the_effect_and_a_retry_reuses_the_ids(ledger, db):
     rows = outbox(db)
     assert [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows] == [
         ("alerts/1", 1, ids_try1[0], "kafka:alerts", None, {"n": 1}),
-        ("alerts/1", 2, ids_try1[1], "nats:alerts.high", "k", [1, 2])]
+        ("alerts/1", 2, ids_try1[1], "nats:alerts.high", "k", [1, 2]),
+    ]
     with psycopg.connect(db) as conn:
         assert [e for e, _ in events(conn, "alerts/1")] == [
-            "claimed", "failed", "claimed", "committed", "skipped"]
+            "claimed",
+            "failed",
+            "claimed",
+            "committed",
+            "skipped",
+        ]
 
 
 def test_replace_publishes_new_messages_under_new_ids(ledger, db):
@@ -96,23 +111,30 @@ def test_replace_publishes_new_messages_under_new_ids(ledger, db):
 
 
 BAD_MESSAGES = [
-    (lambda eos: eos.publish("kafka:alerts", {"at": object()}),
-     "message to 'kafka:alerts': the payload must be JSON (dict, list, str, int, float, bool "
-     "or None), got dict: Object of type object is not JSON serializable; convert it first"),
+    (
+        lambda eos: eos.publish("kafka:alerts", {"at": object()}),
+        "message to 'kafka:alerts': the payload must be JSON (dict, list, str, int, float, bool "
+        "or None), got dict: Object of type object is not JSON serializable; convert it first",
+    ),
     (lambda eos: eos.publish("kafka:alerts", float("nan")), "the payload must be JSON"),
-    (lambda eos: eos.publish("smtp:ops@example.com", {}),
-     "destination 'smtp:ops@example.com' has unknown scheme 'smtp'; known schemes: nats, kafka"),
+    (
+        lambda eos: eos.publish("smtp:ops@example.com", {}),
+        "destination 'smtp:ops@example.com' has unknown scheme 'smtp'; known schemes: nats, kafka",
+    ),
     (lambda eos: eos.publish("alerts", {}), "destination 'alerts' is not 'scheme:name'"),
     (lambda eos: eos.publish("kafka:bad topic", {}), "'bad topic' is not a Kafka topic name"),
     (lambda eos: eos.publish("nats:alerts.*", {}), "is not a NATS subject to publish to"),
-    (lambda eos: eos.publish("nats:a", {}, headers={"Nats-Msg-Id": "x"}),
-     "header 'Nats-Msg-Id' is set by the relay"),
+    (
+        lambda eos: eos.publish("nats:a", {}, headers={"Nats-Msg-Id": "x"}),
+        "header 'Nats-Msg-Id' is set by the relay",
+    ),
     (lambda eos: eos.publish("nats:a", {}, key=7), "key must be a string or None, got int"),
 ]
 
 
 def test_bad_messages_fail_clearly_and_write_nothing(ledger, db):
     for i, (call, message) in enumerate(BAD_MESSAGES):
+
         def fn(eos, call=call):
             eos.publish("kafka:alerts", {"good": True})  # rolled back with the effect
             call(eos)
@@ -126,11 +148,13 @@ def test_bad_messages_fail_clearly_and_write_nothing(ledger, db):
 
 
 def test_relay_needs_a_sink_for_each_destination(conn):
-    with pytest.raises(ConfigurationError, match="include scheme.s. kafka but the relay has no "
-                                                 "sink for them"):
+    with pytest.raises(
+        ConfigurationError, match="include scheme.s. kafka but the relay has no sink for them"
+    ):
         Relay(conn, {}, destinations=["kafka:*"])
-    with pytest.raises(ConfigurationError, match="include scheme.s. kafka but the relay has no "
-                                                 "sink for them"):
+    with pytest.raises(
+        ConfigurationError, match="include scheme.s. kafka but the relay has no sink for them"
+    ):
         Relay(conn, {}, destinations=["kafka:alerts"])
     with pytest.raises(MessageError, match="unknown scheme 'mqtt'"):
         Relay(conn, {}, destinations=["mqtt:*"])
@@ -149,8 +173,9 @@ def test_missing_stream_is_a_clear_delivery_error_and_nothing_is_marked(ledger, 
     publish_alerts(ledger, "nostream/1", "nats:eostest.nostream.x", 1)
     sink = NatsSink(NATS_URL, timeout=5)
     try:
-        with pytest.raises(Exception, match="no JetStream stream stores subject.s. "
-                                            "eostest.nostream.x; create one"):
+        with pytest.raises(
+            Exception, match="no JetStream stream stores subject.s. eostest.nostream.x; create one"
+        ):
             Relay(conn, {"nats": sink}).drain()
     finally:
         sink.close()
@@ -173,26 +198,31 @@ with psycopg.connect(spec["dsn"], autocommit=True) as conn:
 
 
 def relay_in_child(dsn: str, scheme: str, step: str, kafka: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EOS_FAILPOINTS": f"{step}=exit", "PYTHONPATH": str(ROOT),
-           "RELAY_SPEC": json.dumps({"dsn": dsn, "scheme": scheme, "nats": NATS_URL,
-                                     "kafka": kafka})}
-    return subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
-                          text=True, timeout=120)
+    env = {
+        **os.environ,
+        "EOS_FAILPOINTS": f"{step}=exit",
+        "PYTHONPATH": str(ROOT),
+        "RELAY_SPEC": json.dumps({"dsn": dsn, "scheme": scheme, "nats": NATS_URL, "kafka": kafka}),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def make_sink(scheme: str, kafka_bootstrap: str):
     if scheme == "nats":
         return NatsSink(NATS_URL, timeout=10)
-    return KafkaSink({"bootstrap.servers": kafka_bootstrap, "log_level": 0},
-                     transactional_id="eos-outbox-t")
+    return KafkaSink(
+        {"bootstrap.servers": kafka_bootstrap, "log_level": 0}, transactional_id="eos-outbox-t"
+    )
 
 
 @pytest.mark.parametrize("action", ["raise", "exit"])
 @pytest.mark.parametrize("step", RELAY_STEPS)
 @pytest.mark.parametrize("scheme", ["nats", "kafka"])
 def test_relay_crash_at_every_step_then_each_message_is_received_once(
-        ledger, db, conn, nats_stream, kafka_topic, kafka_bootstrap, monkeypatch,
-        scheme, step, action):
+    ledger, db, conn, nats_stream, kafka_topic, kafka_bootstrap, monkeypatch, scheme, step, action
+):
     stream, prefix = nats_stream
     name = f"{prefix}.alerts" if scheme == "nats" else kafka_topic
     ids = publish_alerts(ledger, "alerts/a", f"{scheme}:{name}", 6, fail_first=True)
@@ -237,9 +267,14 @@ def test_relay_crash_at_every_step_then_each_message_is_received_once(
 def test_relay_on_a_database_without_the_ledger_says_to_migrate(empty_db):
     sink = NatsSink(NATS_URL, timeout=5)
     try:
-        with psycopg.connect(empty_db, autocommit=True) as conn, pytest.raises(
-                LedgerSchemaError, match=r'the ledger schema "eos" in database "eos_e_\w+" has '
-                                         "no outbox .*; upgrade it with `eos-airflow db migrate`"):
+        with (
+            psycopg.connect(empty_db, autocommit=True) as conn,
+            pytest.raises(
+                LedgerSchemaError,
+                match=r'the ledger schema "eos" in database "eos_e_\w+" has '
+                "no outbox .*; upgrade it with `eos-airflow db migrate`",
+            ),
+        ):
             Relay(conn, {"nats": sink}).drain()
     finally:
         sink.close()
@@ -250,9 +285,16 @@ def test_relay_forever_delivers_what_effects_publish_until_stopped(ledger, db, n
     stop = threading.Event()
     sink = NatsSink(NATS_URL, timeout=5)
     result: list = []
-    worker = threading.Thread(target=lambda: result.append(relay_forever(
-        lambda: psycopg.connect(db, autocommit=True), {"nats": sink}, poll_interval=0.05,
-        stop=stop)))
+    worker = threading.Thread(
+        target=lambda: result.append(
+            relay_forever(
+                lambda: psycopg.connect(db, autocommit=True),
+                {"nats": sink},
+                poll_interval=0.05,
+                stop=stop,
+            )
+        )
+    )
     worker.start()
     try:
         ids = publish_alerts(ledger, "live/1", f"nats:{prefix}.live", 3)
@@ -270,6 +312,5 @@ def test_relay_forever_delivers_what_effects_publish_until_stopped(ledger, db, n
 def test_unreachable_nats_is_a_retryable_error_without_the_password():
     with pytest.raises(DeliveryError) as caught:
         NatsSink("nats://relay:s3cret@127.0.0.1:1", timeout=2)
-    assert str(caught.value).startswith(
-        "cannot connect to NATS at nats://relay:***@127.0.0.1:1: ")
+    assert str(caught.value).startswith("cannot connect to NATS at nats://relay:***@127.0.0.1:1: ")
     assert "s3cret" not in str(caught.value) and caught.value.retryable

@@ -31,8 +31,14 @@ import pytest
 
 MODELS = Path(__file__).resolve().parents[2] / "model"
 DEPTH = 100_000  # pan -m: far above every model's depth; reaching it fails the test
-INCOMPLETE = ("Search not completed", "max search depth too small", "out of memory",
-              "error: max search depth", "aborting", "VECTORSZ")
+INCOMPLETE = (
+    "Search not completed",
+    "max search depth too small",
+    "out of memory",
+    "error: max search depth",
+    "aborting",
+    "VECTORSZ",
+)
 
 
 def _require_spin() -> None:
@@ -62,25 +68,34 @@ class Search:
 
     def summary(self) -> str:
         flags = " ".join(f"-D{d}" for d in self.defines) or "(as designed)"
-        return (f"{self.model} {self.run} {flags}: {self.states:,} states stored, "
-                f"{self.transitions:,} transitions, depth {self.depth}, "
-                f"errors {self.errors}, {self.seconds:g} s")
+        return (
+            f"{self.model} {self.run} {flags}: {self.states:,} states stored, "
+            f"{self.transitions:,} transitions, depth {self.depth}, "
+            f"errors {self.errors}, {self.seconds:g} s"
+        )
 
 
-def search(model: str, tmp_path: Path, *, ltl: str | None = None,
-           defines: tuple[str, ...] = ()) -> Search:
+def search(
+    model: str, tmp_path: Path, *, ltl: str | None = None, defines: tuple[str, ...] = ()
+) -> Search:
     """Compile ``model`` and search it exhaustively: without a never claim (``ltl=None``:
     assertions and invalid end states) or with the never claim ``ltl``."""
     _require_spin()
     shutil.copy(MODELS / model, tmp_path / model)  # the trail's replay reads it there
     flags = [f"-D{d}" for d in defines]
-    generated = subprocess.run(["spin", *flags, "-a", model], cwd=tmp_path,
-                               capture_output=True, text=True, timeout=120)
+    generated = subprocess.run(
+        ["spin", *flags, "-a", model], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert generated.returncode == 0, generated.stdout + generated.stderr
     # safety searches are short: an unoptimised pan compiles 4x faster than it searches slower
     cflags = ["-O0", "-DSAFETY", "-DNOCLAIM"] if ltl is None else ["-O1", "-DNFAIR=4"]
-    built = subprocess.run(["gcc", *cflags, "-o", "pan", "pan.c"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        ["gcc", *cflags, "-o", "pan", "pan.c"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr
     argv = ["./pan", f"-m{DEPTH}"] + ([] if ltl is None else ["-a", "-f", "-N", ltl])
     searched = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -94,21 +109,33 @@ def search(model: str, tmp_path: Path, *, ltl: str | None = None,
     if ltl is None:  # the run checks what it claims to: assertions and end states, no claim
         assert re.search(r"invalid end states\s+\+", out), out
         assert re.search(r"assertion violations\s+\+", out), out
-        assert re.search(r"never claim\s+- \(none specified\)|never claim\s+- \(not selected\)",
-                         out), out
+        assert re.search(
+            r"never claim\s+- \(none specified\)|never claim\s+- \(not selected\)", out
+        ), out
     else:
         assert re.search(rf"never claim\s+\+ \({re.escape(ltl)}\)", out), out
     trail = ""
     if (tmp_path / f"{model}.trail").exists():
-        replay = subprocess.run(["spin", *flags, "-t", "-p", "-g", model], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=120)
+        replay = subprocess.run(
+            ["spin", *flags, "-t", "-p", "-g", model],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         trail = replay.stdout
-    result = Search(model, "safety (no never claim)" if ltl is None else f"ltl {ltl}",
-                    defines, out, int(number(r"errors: (\d+)")),
-                    int(number(r"(\d+) states, stored")),
-                    int(number(r"(\d+) transitions \(")),
-                    int(number(r"depth reached (\d+)")),
-                    float(number(r"pan: elapsed time ([\d.e+]+)", float)), trail)
+    result = Search(
+        model,
+        "safety (no never claim)" if ltl is None else f"ltl {ltl}",
+        defines,
+        out,
+        int(number(r"errors: (\d+)")),
+        int(number(r"(\d+) states, stored")),
+        int(number(r"(\d+) transitions \(")),
+        int(number(r"depth reached (\d+)")),
+        float(number(r"pan: elapsed time ([\d.e+]+)", float)),
+        trail,
+    )
     print(f"\nspin: {result.summary()}")
     return result
 
@@ -122,8 +149,9 @@ def verified(model: str, tmp_path: Path, ltl: str | None = None) -> Search:
     return result
 
 
-def refuted(model: str, tmp_path: Path, define: str, *, violation: str,
-            trail_says: tuple[str, ...] = ()) -> Search:
+def refuted(
+    model: str, tmp_path: Path, define: str, *, violation: str, trail_says: tuple[str, ...] = ()
+) -> Search:
     """A flawed variant: spin must find a counterexample, of the kind ``violation``
     (pan's report), whose replay shows ``trail_says``."""
     result = search(model, tmp_path, defines=(define,))
@@ -136,6 +164,7 @@ def refuted(model: str, tmp_path: Path, define: str, *, violation: str,
 
 
 # --- ledger.pml: claim / fence / commit of one database ---------------------------------
+
 
 def test_ledger_model_safety_and_end_states(tmp_path):
     verified("ledger.pml", tmp_path)
@@ -156,6 +185,7 @@ def test_ledger_model_finds_the_flaw_of_row_only_fencing(tmp_path):
 
 
 # --- twophase.pml: 2PC with recover, a skipping run and the next try ----------------------
+
 
 def test_twophase_model_safety_and_end_states(tmp_path):
     """Atomicity, no commit without a `commit` decision (a decided-abort txid never
@@ -184,39 +214,64 @@ LIVE_OWNER_ABORTED = "assertion violated  !((alive["  # assert(!(alive[b] && own
 def test_twophase_model_finds_recover_aborting_a_live_attempt(tmp_path):
     """Grace counted from the claim, owner's liveness not asked (the old recover): recover
     aborts the undecided transaction of the attempt that owns the key and is alive."""
-    refuted("twophase.pml", tmp_path, "GRACE_FROM_CLAIM", violation=LIVE_OWNER_ABORTED,
-            trail_says=("finisher 4",))
+    refuted(
+        "twophase.pml",
+        tmp_path,
+        "GRACE_FROM_CLAIM",
+        violation=LIVE_OWNER_ABORTED,
+        trail_says=("finisher 4",),
+    )
 
 
 def test_twophase_model_finds_a_skipping_run_aborting_a_live_replace(tmp_path):
     """The old skip path finished every unresolved transaction of the key: it aborts a live
     replace attempt's."""
-    refuted("twophase.pml", tmp_path, "SKIP_ABORTS_LIVE", violation=LIVE_OWNER_ABORTED,
-            trail_says=("finisher 3", "replacing = 1"))
+    refuted(
+        "twophase.pml",
+        tmp_path,
+        "SKIP_ABORTS_LIVE",
+        violation=LIVE_OWNER_ABORTED,
+        trail_says=("finisher 3", "replacing = 1"),
+    )
 
 
 def test_twophase_model_finds_the_orphans_of_a_non_durable_claim(tmp_path):
     """An asynchronous claim and txid log, lost in a coordinator crash after the
     participants PREPAREd, with recover reading only the log: the prepared transaction is
     never finished (invalid end state: recover cannot end, nothing can finish it)."""
-    refuted("twophase.pml", tmp_path, "NONDURABLE_CLAIM", violation="invalid end state",
-            trail_says=("coordinator crash lost the log",))
+    refuted(
+        "twophase.pml",
+        tmp_path,
+        "NONDURABLE_CLAIM",
+        violation="invalid end state",
+        trail_says=("coordinator crash lost the log",),
+    )
 
 
 def test_twophase_model_finds_the_claim_path_aborting_a_newer_live_try(tmp_path):
     """The claim path finishing every other transaction of the key (no liveness test): a
     zombie try 1, replacing, scans the participants after try 2 took the key over and
     PREPAREd, and aborts the live owner's transaction."""
-    refuted("twophase.pml", tmp_path, "OWNER_FINISHES_ALL", violation=LIVE_OWNER_ABORTED,
-            trail_says=("finisher 2",))
+    refuted(
+        "twophase.pml",
+        tmp_path,
+        "OWNER_FINISHES_ALL",
+        violation=LIVE_OWNER_ABORTED,
+        trail_says=("finisher 2",),
+    )
 
 
 def test_twophase_model_finds_the_orphan_of_a_lost_coordinator_session(tmp_path):
     """recover reading only the decision log: an attempt that lost only its coordinator
     session is aborted and marked resolved before it PREPAREs over its live participant
     connections; the orphan prepared transaction is never finished."""
-    refuted("twophase.pml", tmp_path, "RECOVER_LOG_ONLY", violation="invalid end state",
-            trail_says=("lost its coordinator session", "finisher 4"))
+    refuted(
+        "twophase.pml",
+        tmp_path,
+        "RECOVER_LOG_ONLY",
+        violation="invalid end state",
+        trail_says=("lost its coordinator session", "finisher 4"),
+    )
 
 
 def test_twophase_model_finds_the_flaw_of_an_unlogged_abort(tmp_path):
@@ -226,6 +281,7 @@ def test_twophase_model_finds_the_flaw_of_an_unlogged_abort(tmp_path):
 
 
 # --- threephase.pml: 3PC with the termination protocol ------------------------------------
+
 
 def test_threephase_model_safety_and_end_states(tmp_path):
     """Crash-stop: atomic, nothing commits before the first participant's pre-commit, a

@@ -25,17 +25,22 @@ TI = Origin("warehouse", "load", "manual__1", -1)
 
 
 def make_source(conn: psycopg.Connection, rows: int) -> None:
-    conn.execute("CREATE TABLE src AS SELECT g AS id, md5(g::text) AS payload "
-                 "FROM generate_series(1, %s) AS g", [rows])
+    conn.execute(
+        "CREATE TABLE src AS SELECT g AS id, md5(g::text) AS payload "
+        "FROM generate_series(1, %s) AS g",
+        [rows],
+    )
     conn.execute("ALTER TABLE src ADD PRIMARY KEY (id)")
     conn.execute("CREATE TABLE dst (id int, payload text)")
 
 
 def assert_exactly_once(conn: psycopg.Connection, rows: int) -> None:
-    assert conn.execute("SELECT count(*), count(DISTINCT id), min(id), max(id) FROM dst"
-                        ).fetchone() == (rows, rows, 1, rows)
-    assert conn.execute("SELECT count(*) FROM dst JOIN src USING (id) "
-                        "WHERE dst.payload = src.payload").fetchone() == (rows,)
+    assert conn.execute(
+        "SELECT count(*), count(DISTINCT id), min(id), max(id) FROM dst"
+    ).fetchone() == (rows, rows, 1, rows)
+    assert conn.execute(
+        "SELECT count(*) FROM dst JOIN src USING (id) WHERE dst.payload = src.payload"
+    ).fetchone() == (rows,)
 
 
 def test_chunks_commit_with_recovery_points_and_the_last_with_the_effect(ledger: Ledger, conn):
@@ -51,12 +56,21 @@ def test_chunks_commit_with_recovery_points_and_the_last_with_the_effect(ledger:
         return {"rows": chunks.rows, "chunks": chunks.chunks, "state": chunks.state}
 
     assert ledger.run("k", load) == {"rows": 25, "chunks": 3, "state": {"sum": 300}}
-    assert events(conn, "k") == [("claimed", 1), ("checkpoint", 1), ("checkpoint", 1),
-                                 ("checkpoint", 1), ("committed", 1)]
-    points = conn.execute("SELECT version, seq, rows, position, state FROM eos.recovery_points "
-                          "ORDER BY seq").fetchall()
-    assert points == [(1, 1, 10, 9, {"sum": 45}), (1, 2, 20, 19, {"sum": 190}),
-                      (1, 3, 25, 24, {"sum": 300})]
+    assert events(conn, "k") == [
+        ("claimed", 1),
+        ("checkpoint", 1),
+        ("checkpoint", 1),
+        ("checkpoint", 1),
+        ("committed", 1),
+    ]
+    points = conn.execute(
+        "SELECT version, seq, rows, position, state FROM eos.recovery_points ORDER BY seq"
+    ).fetchall()
+    assert points == [
+        (1, 1, 10, 9, {"sum": 45}),
+        (1, 2, 20, 19, {"sum": 190}),
+        (1, 3, 25, 24, {"sum": 300}),
+    ]
     assert conn.execute("SELECT count(*) FROM t").fetchone() == (25,)
     # a committed effect is skipped; the loop does not run again
     assert ledger.run_outcome("k", load).action == "skipped"
@@ -71,8 +85,9 @@ def test_retry_resumes_after_the_last_committed_chunk(ledger: Ledger, conn, monk
         chunks = eos.checkpoints(lambda after: range(after, 50), every=10)
         for chunk in chunks:
             seen.append((eos.attempt, chunk[:1]))
-            eos.conn.cursor().executemany("INSERT INTO t VALUES (%s, %s)",
-                                          [(i, eos.attempt) for i in chunk])
+            eos.conn.cursor().executemany(
+                "INSERT INTO t VALUES (%s, %s)", [(i, eos.attempt) for i in chunk]
+            )
         return chunks.rows
 
     monkeypatch.setenv("EOS_FAILPOINTS", "after_chunk@1#3=raise")
@@ -83,11 +98,15 @@ def test_retry_resumes_after_the_last_committed_chunk(ledger: Ledger, conn, monk
     assert ledger.run("k", load, attempt=2, origin=TI) == 50
     assert seen == [(1, [0]), (1, [10]), (1, [20]), (2, [30]), (2, [40])]
     assert conn.execute("SELECT attempt, count(*) FROM t GROUP BY 1 ORDER BY 1").fetchall() == [
-        (1, 30), (2, 20)]
-    resumed = conn.execute("SELECT attempt, detail FROM eos.ledger_events "
-                           "WHERE event = 'resumed'").fetchall()
-    assert resumed == [(2, {"after_seq": 3, "rows": 30, "position": None,
-                            "checkpointed_by_attempt": 1})]
+        (1, 30),
+        (2, 20),
+    ]
+    resumed = conn.execute(
+        "SELECT attempt, detail FROM eos.ledger_events WHERE event = 'resumed'"
+    ).fetchall()
+    assert resumed == [
+        (2, {"after_seq": 3, "rows": 30, "position": None, "checkpointed_by_attempt": 1})
+    ]
 
 
 def test_bad_options_and_protocols_without_recovery_points(ledger: Ledger):
@@ -98,6 +117,7 @@ def test_bad_options_and_protocols_without_recovery_points(ledger: Ledger):
 
     def short_source(eos):
         return sum(len(c) for c in eos.checkpoints([1, 2, 3], every=1))
+
     assert ledger.run("c", short_source) == 3
 
     def slow_items():
@@ -107,6 +127,7 @@ def test_bad_options_and_protocols_without_recovery_points(ledger: Ledger):
 
     def by_time(eos):  # a chunk closes when 0.05 s have passed since it began
         return [len(c) for c in eos.checkpoints(slow_items(), seconds=0.05)]
+
     sizes = ledger.run("d", by_time)
     assert sum(sizes) == 8 and len(sizes) >= 3 and max(sizes) <= 3, sizes
 
@@ -128,22 +149,27 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _attempt(db: str, attempt: int, chunk: int, failpoint: str | None = None
-             ) -> subprocess.Popen[str]:
+def _attempt(
+    db: str, attempt: int, chunk: int, failpoint: str | None = None
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "EOS_FAILPOINTS"}
     if failpoint:
         env["EOS_FAILPOINTS"] = failpoint
-    return subprocess.Popen([sys.executable, "-c", CHILD, db, str(attempt), str(chunk)],
-                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, db, str(attempt), str(chunk)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _points(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT count(*) FROM eos.recovery_points").fetchone()[0]
 
 
-def kill_and_resume(db: str, conn: psycopg.Connection, rows: int, chunks: int,
-                    seed: int) -> None:
+def kill_and_resume(db: str, conn: psycopg.Connection, rows: int, chunks: int, seed: int) -> None:
     """Attempts 1-4 die at random chunk boundaries and mid-chunk (exit failpoints, a raised
     failpoint, SIGKILL from here); attempt 5 finishes. Each row lands exactly once."""
     rng = random.Random(seed)
@@ -189,19 +215,36 @@ def kill_and_resume(db: str, conn: psycopg.Connection, rows: int, chunks: int,
     assert_exactly_once(conn, rows)
     resumed = conn.execute(
         "SELECT attempt, (detail->>'rows')::bigint FROM eos.ledger_events "
-        "WHERE event = 'resumed' ORDER BY seq").fetchall()
+        "WHERE event = 'resumed' ORDER BY seq"
+    ).fetchall()
     assert resumed == expected_resume, (seed, k1, k2, k4)
     state = conn.execute("SELECT state::text, attempt FROM eos.ledger").fetchone()
     assert state == ("committed", 5)
     assert _points(conn) == chunks  # one recovery point per chunk, none written twice
     assert conn.execute("SELECT count(DISTINCT seq) FROM eos.recovery_points").fetchone() == (
-        chunks,)
+        chunks,
+    )
     assert verify(conn).ok
 
     # `eos-airflow ledger show` lists where each attempt checkpointed
-    show = subprocess.run([sys.executable, "-m", "eos_airflow.cli.main", "ledger", "show",
-                           "load/2024-01-01", "--dsn", db, "--format", "json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    show = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eos_airflow.cli.main",
+            "ledger",
+            "show",
+            "load/2024-01-01",
+            "--dsn",
+            db,
+            "--format",
+            "json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert show.returncode == 0, show.stderr
     shown = json.loads(show.stdout)
     assert len(shown["recovery_points"]) == chunks
@@ -223,6 +266,7 @@ def test_kill_and_resume_1m_rows_100_chunks(db: str, conn):
 
 # --- fencing across chunks ------------------------------------------------------------------
 
+
 def test_zombie_cannot_commit_a_chunk_after_a_newer_try_claimed(db: str, conn):
     """Try 1 commits 2 chunks, writes its 3rd and stalls (a zombie); try 2 claims, resumes
     after chunk 2 and finishes. Try 1 wakes: its chunk rolls back, FencedError."""
@@ -232,6 +276,7 @@ def test_zombie_cannot_commit_a_chunk_after_a_newer_try_claimed(db: str, conn):
     def load(eos):
         def rows(after):
             return conn_rows[after:]
+
         chunks = eos.checkpoints(rows, every=100)
         for chunk in chunks:
             eos.conn.cursor().executemany("INSERT INTO dst VALUES (%s, %s)", chunk)
@@ -243,6 +288,7 @@ def test_zombie_cannot_commit_a_chunk_after_a_newer_try_claimed(db: str, conn):
     conn_rows = conn.execute("SELECT id, payload FROM src ORDER BY id").fetchall()
     errors: list[BaseException] = []
     with Ledger(db) as ledger:
+
         def zombie():
             try:
                 ledger.run("k", load, attempt=1, origin=TI)
@@ -260,10 +306,12 @@ def test_zombie_cannot_commit_a_chunk_after_a_newer_try_claimed(db: str, conn):
     ev = events(conn, "k")
     assert ev[:3] == [("claimed", 1), ("checkpoint", 1), ("checkpoint", 1)]
     assert ("resumed", 2) in ev and ("fenced", 1) in ev
-    assert conn.execute("SELECT detail->>'step' FROM eos.ledger_events WHERE event = 'fenced'"
-                        ).fetchone() == ("checkpoint",)
-    assert conn.execute("SELECT attempt, count(*) FROM eos.recovery_points GROUP BY 1 "
-                        "ORDER BY 1").fetchall() == [(1, 2), (2, 8)]
+    assert conn.execute(
+        "SELECT detail->>'step' FROM eos.ledger_events WHERE event = 'fenced'"
+    ).fetchone() == ("checkpoint",)
+    assert conn.execute(
+        "SELECT attempt, count(*) FROM eos.recovery_points GROUP BY 1 ORDER BY 1"
+    ).fetchall() == [(1, 2), (2, 8)]
 
 
 def test_zombie_held_between_chunks_is_fenced_at_its_next_chunk(db: str, conn):
@@ -278,13 +326,19 @@ def test_zombie_held_between_chunks_is_fenced_at_its_next_chunk(db: str, conn):
             assert go.wait(30)
 
     def load(eos):
-        return transfer(eos, lambda: psycopg.connect(db), table="dst", chunk_rows=100,
-                        query="SELECT id, payload FROM src ORDER BY id")["rows"]
+        return transfer(
+            eos,
+            lambda: psycopg.connect(db),
+            table="dst",
+            chunk_rows=100,
+            query="SELECT id, payload FROM src ORDER BY id",
+        )["rows"]
 
     failpoints.set_hook("after_chunk", hook)
     errors: list[BaseException] = []
     try:
         with Ledger(db) as ledger:
+
             def zombie():
                 try:
                     ledger.run("k", load, attempt=1, origin=TI)
@@ -305,6 +359,7 @@ def test_zombie_held_between_chunks_is_fenced_at_its_next_chunk(db: str, conn):
 
 # --- atomic publication ---------------------------------------------------------------------
 
+
 def test_staged_load_shows_readers_no_partial_partition(db: str, conn):
     rows = 20_000
     make_source(conn, rows)
@@ -318,8 +373,14 @@ def test_staged_load_shows_readers_no_partial_partition(db: str, conn):
                 counts.add(r.execute("SELECT count(*) FROM dst").fetchone()[0])
 
     def load(eos):
-        return transfer(eos, lambda: psycopg.connect(db), table="dst", chunk_rows=1000,
-                        mode="replace", query="SELECT id, payload FROM src ORDER BY id")
+        return transfer(
+            eos,
+            lambda: psycopg.connect(db),
+            table="dst",
+            chunk_rows=1000,
+            mode="replace",
+            query="SELECT id, payload FROM src ORDER BY id",
+        )
 
     t = threading.Thread(target=reader)
     t.start()
@@ -330,14 +391,21 @@ def test_staged_load_shows_readers_no_partial_partition(db: str, conn):
     finally:
         stop.set()
         t.join(10)
-    assert result == {"rows": rows, "table": "dst", "mode": "replace", "chunks": 20,
-                      "format": "binary"}
+    assert result == {
+        "rows": rows,
+        "table": "dst",
+        "mode": "replace",
+        "chunks": 20,
+        "format": "binary",
+    }
     assert counts == {5, rows}  # the old partition, then the whole new one
     assert_exactly_once(conn, rows)
-    assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'eos_stage_%'"
-                        ).fetchone() == (0,)
-    assert conn.execute("SELECT count(*) FROM eos.ledger_events WHERE event = 'checkpoint'"
-                        ).fetchone() == (20,)
+    assert conn.execute(
+        "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'eos_stage_%'"
+    ).fetchone() == (0,)
+    assert conn.execute(
+        "SELECT count(*) FROM eos.ledger_events WHERE event = 'checkpoint'"
+    ).fetchone() == (20,)
 
 
 def test_offsets_advance_with_each_chunk(ledger: Ledger, conn, monkeypatch):
@@ -360,8 +428,13 @@ def test_offsets_advance_with_each_chunk(ledger: Ledger, conn, monkeypatch):
     assert conn.execute("SELECT count(*) FROM t").fetchone() == (40,)
     assert ledger.run("k", consume, attempt=2, origin=TI) == 95
     assert conn.execute("SELECT count(*), count(DISTINCT i), max(i) FROM t").fetchone() == (
-        95, 95, 94)
+        95,
+        95,
+        94,
+    )
     assert conn.execute("SELECT position, attempt FROM eos.offsets").fetchone() == (94, 2)
-    moves = conn.execute("SELECT detail->'offsets'->'queue:q/0' FROM eos.ledger_events "
-                         "WHERE event = 'offsets' ORDER BY seq").fetchall()
+    moves = conn.execute(
+        "SELECT detail->'offsets'->'queue:q/0' FROM eos.ledger_events "
+        "WHERE event = 'offsets' ORDER BY seq"
+    ).fetchall()
     assert [m[0]["to"] for m in moves] == [9, 19, 29, 39, 49, 59, 69, 79, 89, 94]

@@ -31,8 +31,9 @@ def writes(conn: psycopg.Connection) -> psycopg.Connection:
 
 
 def write(eos, hold: float = 0.0):
-    eos.conn.execute("INSERT INTO writes VALUES (%s, %s, %s)",
-                     [eos.key, eos.attempt, eos.origin.run_id])
+    eos.conn.execute(
+        "INSERT INTO writes VALUES (%s, %s, %s)", [eos.key, eos.attempt, eos.origin.run_id]
+    )
     if hold:
         time.sleep(hold)
     return {"attempt": eos.attempt, "run_id": eos.origin.run_id}
@@ -48,9 +49,11 @@ def test_fifty_concurrent_runs_commit_exactly_once(db: str, writes):
         barrier.wait()
         try:
             return ledger.run_outcome(
-                "sales/2024-01-01", lambda eos: write(eos, hold=0.5),
+                "sales/2024-01-01",
+                lambda eos: write(eos, hold=0.5),
                 origin=Origin("sales", "load", f"run_{i}", -1),
-                wait_timeout=0.05 if i % 2 else 20).action
+                wait_timeout=0.05 if i % 2 else 20,
+            ).action
         except KeyInProgressError as exc:
             assert exc.retryable and "another live attempt" in str(exc)
             return "in_progress"
@@ -80,9 +83,12 @@ CHILD = textwrap.dedent("""
 
 
 def _child(db: str, hold: float, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CHILD, db, str(hold)],
-                            stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, db, str(hold)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_waiter_takes_over_when_the_owner_is_killed(db: str, writes):
@@ -92,8 +98,9 @@ def test_waiter_takes_over_when_the_owner_is_killed(db: str, writes):
 
     def waiter():
         with Ledger(db) as ledger:
-            result["out"] = ledger.run_outcome("k", write, origin=Origin("d", "t", "other", -1),
-                                               wait_timeout=30)
+            result["out"] = ledger.run_outcome(
+                "k", write, origin=Origin("d", "t", "other", -1), wait_timeout=30
+            )
 
     thread = threading.Thread(target=waiter)
     thread.start()
@@ -108,7 +115,8 @@ def test_waiter_takes_over_when_the_owner_is_killed(db: str, writes):
     assert writes.execute("SELECT run_id FROM writes").fetchall() == [("other",)]
     took_over = writes.execute(
         "SELECT detail->'took_over'->>'reason' FROM eos.ledger_events "
-        "WHERE event = 'claimed' AND seq = 2").fetchone()
+        "WHERE event = 'claimed' AND seq = 2"
+    ).fetchone()
     assert took_over == ("previous owner's session ended",)
 
 
@@ -178,12 +186,16 @@ class Scheduler:
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
-@settings(max_examples=int(os.environ.get("EOS_HYPOTHESIS_EXAMPLES", "30")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tries=st.lists(st.integers(1, 3), min_size=2, max_size=4),
-       schedule=st.lists(st.integers(0, 11), min_size=24, max_size=24))
-def test_random_interleavings_never_commit_twice_or_commit_fenced(db: str, writes, tries,
-                                                                  schedule):
+@settings(
+    max_examples=int(os.environ.get("EOS_HYPOTHESIS_EXAMPLES", "30")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    tries=st.lists(st.integers(1, 3), min_size=2, max_size=4),
+    schedule=st.lists(st.integers(0, 11), min_size=24, max_size=24),
+)
+def test_random_interleavings_never_commit_twice_or_commit_fenced(db: str, writes, tries, schedule):
     """Each step of each attempt (start, claim, run, commit) is released in an order drawn by
     hypothesis; tries 1-3 of one task instance, duplicates included. Every attempt's outcome
     is recorded (an exception other than a fence or a wait timeout fails the example, and so
@@ -199,8 +211,7 @@ def test_random_interleavings_never_commit_twice_or_commit_fenced(db: str, write
         sched.hold("start")
 
         def fn(eos):
-            eos.conn.execute("INSERT INTO writes VALUES (%s, %s, %s)",
-                             [key, eos.attempt, name])
+            eos.conn.execute("INSERT INTO writes VALUES (%s, %s, %s)", [key, eos.attempt, name])
             sched.hold("in_run")
             return {"by": name}
 
@@ -209,8 +220,10 @@ def test_random_interleavings_never_commit_twice_or_commit_fenced(db: str, write
         except BaseException as exc:  # every outcome is recorded and judged below
             outcomes[name] = exc
 
-    threads = [threading.Thread(target=attempt, args=(f"a{i}", t), name=f"a{i}")
-               for i, t in enumerate(tries)]
+    threads = [
+        threading.Thread(target=attempt, args=(f"a{i}", t), name=f"a{i}")
+        for i, t in enumerate(tries)
+    ]
     try:
         for thread in threads:
             thread.start()
@@ -238,20 +251,24 @@ def test_random_interleavings_never_commit_twice_or_commit_fenced(db: str, write
         print(tries, {n: getattr(o, "action", type(o).__name__) for n, o in outcomes.items()})
     assert not [t.name for t in threads if t.is_alive()], "attempts still running"
     assert sorted(outcomes) == sorted(t.name for t in threads), f"outcomes lost: {outcomes}"
-    unexpected = {n: o for n, o in outcomes.items() if isinstance(o, BaseException)
-                  and not isinstance(o, FencedError | KeyInProgressError)}
+    unexpected = {
+        n: o
+        for n, o in outcomes.items()
+        if isinstance(o, BaseException) and not isinstance(o, FencedError | KeyInProgressError)
+    }
     assert not unexpected, f"attempts failed unexpectedly: {unexpected!r}"
     key_events = writes.execute(
-        "SELECT event::text, attempt FROM eos.ledger_events WHERE key = %s ORDER BY seq",
-        [key]).fetchall()
+        "SELECT event::text, attempt FROM eos.ledger_events WHERE key = %s ORDER BY seq", [key]
+    ).fetchall()
     commits = [a for e, a in key_events if e == "committed"]
     rows = writes.execute("SELECT attempt, run_id FROM writes WHERE key = %s", [key]).fetchall()
-    assert len(commits) == 1, (f"{len(commits)} commits (progress needs exactly one): "
-                               f"{key_events}, outcomes {outcomes}")
+    assert len(commits) == 1, (
+        f"{len(commits)} commits (progress needs exactly one): {key_events}, outcomes {outcomes}"
+    )
     assert len(rows) == len(commits), (rows, key_events)
     if commits:
         # the committing attempt was the latest claimant when it committed
-        before = key_events[:[e for e, _ in key_events].index("committed")]
+        before = key_events[: [e for e, _ in key_events].index("committed")]
         last_claim = [a for e, a in before if e == "claimed"][-1]
         assert commits[0] == last_claim == rows[0][0]
         winner = rows[0][1]

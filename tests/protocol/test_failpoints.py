@@ -31,8 +31,9 @@ def test_unknown_hook_step_is_refused():
 def test_the_observer_sees_each_firing_before_its_action_and_nothing_else(monkeypatch):
     """The crash matrix counts a fault as fired only on this evidence."""
     seen: list[tuple[str, str, int | None]] = []
-    monkeypatch.setenv("EOS_FAILPOINTS", "after_claim@2=raise, before_commit=sleep:0, "
-                                         "after_chunk#2=raise")
+    monkeypatch.setenv(
+        "EOS_FAILPOINTS", "after_claim@2=raise, before_commit=sleep:0, after_chunk#2=raise"
+    )
     failpoints._hits.clear()  # earlier tests of this process may have counted hits
     failpoints.set_observer(lambda step, action, attempt: seen.append((step, action, attempt)))
     try:
@@ -47,7 +48,10 @@ def test_the_observer_sees_each_firing_before_its_action_and_nothing_else(monkey
             failpoints.check("after_chunk", attempt=1)
     finally:
         failpoints.set_observer(None)
-    assert seen == [("before_commit", "sleep:0", 1), ("after_claim", "raise", 2),
-                    ("after_chunk", "raise", 1)]
+    assert seen == [
+        ("before_commit", "sleep:0", 1),
+        ("after_claim", "raise", 2),
+        ("after_chunk", "raise", 1),
+    ]
     failpoints.check("before_commit", attempt=1)  # cleared: no more reports
     assert len(seen) == 3

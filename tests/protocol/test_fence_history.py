@@ -64,9 +64,11 @@ CHILD = textwrap.dedent("""
 
 
 def test_lower_try_after_another_origin_took_over_from_a_crashed_higher_try_is_fenced(
-        db: str, ledger: Ledger, sales):
-    child = subprocess.Popen([sys.executable, "-c", CHILD, db], stdout=subprocess.PIPE,
-                             text=True, env=os.environ.copy())
+    db: str, ledger: Ledger, sales
+):
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, db], stdout=subprocess.PIPE, text=True, env=os.environ.copy()
+    )
     assert child.stdout.readline().strip() == "in-run"  # try 2 owns the key
     child.send_signal(signal.SIGKILL)
     child.wait(10)
@@ -76,7 +78,9 @@ def test_lower_try_after_another_origin_took_over_from_a_crashed_higher_try_is_f
         ledger.run("k", insert, attempt=1, origin=TI)
     assert sales.execute("SELECT * FROM sales").fetchall() == []
     assert events(sales) == [("claimed", 2), ("claimed", 1), ("failed", 1), ("fenced", 1)]
-    fenced = sales.execute("SELECT detail->>'owner_attempt', detail->>'run_id' "
-                           "FROM eos.ledger_events WHERE event = 'fenced'").fetchone()
+    fenced = sales.execute(
+        "SELECT detail->>'owner_attempt', detail->>'run_id' "
+        "FROM eos.ledger_events WHERE event = 'fenced'"
+    ).fetchone()
     assert fenced == ("2", "manual__1")
     assert verify(sales).ok

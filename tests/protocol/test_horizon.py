@@ -36,8 +36,9 @@ def readings(conn: psycopg.Connection) -> psycopg.Connection:
             END IF;
             RETURN NEW;
         END $$""")
-    conn.execute("CREATE TRIGGER slow BEFORE INSERT ON readings FOR EACH ROW "
-                 "EXECUTE FUNCTION slow_writer()")
+    conn.execute(
+        "CREATE TRIGGER slow BEFORE INSERT ON readings FOR EACH ROW EXECUTE FUNCTION slow_writer()"
+    )
     return conn
 
 
@@ -129,8 +130,9 @@ def slow_writer(db: str, readings: psycopg.Connection) -> Iterator:
 
 
 @pytest.mark.parametrize("how", ["trigger", "prefetch"])
-def test_a_drawn_but_unwritten_value_holds_the_horizon_back(db: str, ledger: Ledger, readings,
-                                                            slow_writer, how):
+def test_a_drawn_but_unwritten_value_holds_the_horizon_back(
+    db: str, ledger: Ledger, readings, slow_writer, how
+):
     """ids 1-3 committed, 4 drawn by a slow writer (no xid yet), 5 committed: no run may
     store position 5 while 4 is unseen; once 4 commits the next run copies it."""
     add(readings, 3)
@@ -140,17 +142,22 @@ def test_a_drawn_but_unwritten_value_holds_the_horizon_back(db: str, ledger: Led
     assert source_ids(readings) == [1, 2, 3, 5]
 
     # a run while 4 is out: it waits for the writer, then gives up (retryable), storing nothing
-    with pytest.raises(HorizonTimeoutError, match=rf"readings_id_seq up to 5 are still open "
-                                                  rf"after 0.5 s: pid {writer.pid} \(.*Nothing "
-                                                  r"was copied") as caught:
+    with pytest.raises(
+        HorizonTimeoutError,
+        match=rf"readings_id_seq up to 5 are still open "
+        rf"after 0.5 s: pid {writer.pid} \(.*Nothing "
+        r"was copied",
+    ) as caught:
         ledger.run("run1", incr(db, horizon_timeout=0.5))
     assert caught.value.retryable
     assert position(readings) is None and copied_ids(readings) == []
 
     # a run that starts while 4 is out and sees the writer finish: waits, then copies 1-5
     done: dict = {}
-    run = threading.Thread(target=lambda: done.update(
-        out=ledger.run("run1", incr(db, horizon_timeout=30), attempt=2)), daemon=True)
+    run = threading.Thread(
+        target=lambda: done.update(out=ledger.run("run1", incr(db, horizon_timeout=30), attempt=2)),
+        daemon=True,
+    )
     run.start()
     time.sleep(0.5)
     assert run.is_alive() and position(readings) is None  # still waiting for the writer
@@ -209,16 +216,30 @@ def test_unsafe_sources_are_refused_unless_lag_is_given(db: str, ledger: Ledger,
     conn.execute("INSERT INTO by_time (at, v) VALUES (now() - interval '1 hour', 1), (now(), 2)")
 
     def run(key: str, table: str, column: str, **options):
-        return ledger.run(key, incr(db, source_table=table, column=column,
-                                    target_table=f"copy_{table[3:]}", offset_source=table,
-                                    **options))
+        return ledger.run(
+            key,
+            incr(
+                db,
+                source_table=table,
+                column=column,
+                target_table=f"copy_{table[3:]}",
+                offset_source=table,
+                **options,
+            ),
+        )
 
-    with pytest.raises(ConfigurationError, match=r"horizon='wait' cannot make the copy safe: "
-                       r"sequence cached behind by_cached\.id has CACHE 20.*ALTER SEQUENCE "
-                       r"cached CACHE 1.*Give lag="):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"horizon='wait' cannot make the copy safe: "
+        r"sequence cached behind by_cached\.id has CACHE 20.*ALTER SEQUENCE "
+        r"cached CACHE 1.*Give lag=",
+    ):
         run("cached", "by_cached", "id")
-    with pytest.raises(ConfigurationError, match=r"by_time\.at is not filled by a sequence"
-                                                 r".*Give lag="):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"by_time\.at is not filled by a sequence"
+        r".*Give lag=",
+    ):
         run("time", "by_time", "at")
     assert conn.execute("SELECT count(*) FROM copy_cached").fetchone() == (0,)
     assert conn.execute("SELECT count(*) FROM copy_time").fetchone() == (0,)
@@ -242,8 +263,9 @@ def test_xmin_is_a_deprecated_alias_of_wait(db: str, ledger: Ledger, readings, s
     writer = slow_writer("prefetch")
     writer.start()
     add(readings, 1)
-    with pytest.warns(DeprecationWarning, match="horizon='xmin' is deprecated and now means "
-                                                "horizon='wait'"):
+    with pytest.warns(
+        DeprecationWarning, match="horizon='xmin' is deprecated and now means horizon='wait'"
+    ):
         with pytest.raises(HorizonTimeoutError):
             ledger.run("run1", incr(db, horizon="xmin", horizon_timeout=0.3))
     assert position(readings) is None
@@ -251,38 +273,60 @@ def test_xmin_is_a_deprecated_alias_of_wait(db: str, ledger: Ledger, readings, s
     with pytest.warns(DeprecationWarning):
         assert ledger.run("run1", incr(db, horizon="xmin"), attempt=2)["to"] == 5
     assert copied_ids(readings) == [1, 2, 3, 4, 5]
-    with pytest.raises(ConfigurationError, match="horizon='later' is not valid; choose one of "
-                                                 "'wait', 'none'"):
+    with pytest.raises(
+        ConfigurationError, match="horizon='later' is not valid; choose one of 'wait', 'none'"
+    ):
         ledger.run("bad", incr(db, horizon="later"))
 
 
-def test_a_source_role_that_cannot_read_the_sequence_is_told_to_grant(db: str, ledger: Ledger,
-                                                                      readings):
+def test_a_source_role_that_cannot_read_the_sequence_is_told_to_grant(
+    db: str, ledger: Ledger, readings
+):
     add(readings, 2)
     role = f"hz_reader_{db[-10:]}"
     readings.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
     try:
         readings.execute(sql.SQL("GRANT SELECT ON readings TO {}").format(sql.Identifier(role)))
         as_reader = psycopg.conninfo.make_conninfo(db, user=role)
-        with pytest.raises(ConfigurationError, match=rf"role '{role}' cannot read sequence "
-                           rf"readings_id_seq .*GRANT SELECT ON SEQUENCE readings_id_seq TO "
-                           rf"{role}"):
-            ledger.run("k", lambda eos: incremental(
-                eos, lambda: psycopg.connect(as_reader), source_table="readings", column="id",
-                target_table="readings_copy", offset_source=SOURCE))
+        with pytest.raises(
+            ConfigurationError,
+            match=rf"role '{role}' cannot read sequence "
+            rf"readings_id_seq .*GRANT SELECT ON SEQUENCE readings_id_seq TO "
+            rf"{role}",
+        ):
+            ledger.run(
+                "k",
+                lambda eos: incremental(
+                    eos,
+                    lambda: psycopg.connect(as_reader),
+                    source_table="readings",
+                    column="id",
+                    target_table="readings_copy",
+                    offset_source=SOURCE,
+                ),
+            )
         assert position(readings) is None and copied_ids(readings) == []
     finally:
-        readings.execute(sql.SQL("DROP OWNED BY {}; DROP ROLE {}").format(
-            sql.Identifier(role), sql.Identifier(role)))
+        readings.execute(
+            sql.SQL("DROP OWNED BY {}; DROP ROLE {}").format(
+                sql.Identifier(role), sql.Identifier(role)
+            )
+        )
 
 
 def test_the_operator_maps_xmin_to_wait_and_checks_its_options():
     from eos_airflow import IncrementalTableOperator
 
     def make(**options):
-        return IncrementalTableOperator(task_id="t", source_conn_id="s", source_table="a",
-                                        column="id", target_conn_id="c", target_table="b",
-                                        **options)
+        return IncrementalTableOperator(
+            task_id="t",
+            source_conn_id="s",
+            source_table="a",
+            column="id",
+            target_conn_id="c",
+            target_table="b",
+            **options,
+        )
 
     assert make().horizon == "wait"
     with pytest.warns(DeprecationWarning, match="horizon='xmin' is deprecated"):

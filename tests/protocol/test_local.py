@@ -32,9 +32,9 @@ def sales(conn: psycopg.Connection) -> psycopg.Connection:
 
 def insert(amount: int = 10):
     def fn(eos):
-        eos.conn.execute("INSERT INTO sales VALUES ('2024-01-01', %s, %s)",
-                         [amount, eos.attempt])
+        eos.conn.execute("INSERT INTO sales VALUES ('2024-01-01', %s, %s)", [amount, eos.attempt])
         return {"rows": 1, "attempt": eos.attempt}
+
     return fn
 
 
@@ -50,7 +50,8 @@ def test_commits_once_and_skips_with_stored_result(ledger: Ledger, sales):
     assert rows(sales) == [("2024-01-01", 10, 1)]
     assert events(sales) == [("claimed", 1), ("committed", 1), ("skipped", 2)]
     state, attempt, version, result = sales.execute(
-        "SELECT state::text, attempt, version, result FROM eos.ledger").fetchone()
+        "SELECT state::text, attempt, version, result FROM eos.ledger"
+    ).fetchone()
     assert (state, attempt, version, result) == ("committed", 1, 1, {"rows": 1, "attempt": 1})
 
 
@@ -67,7 +68,8 @@ def test_exception_after_writes_leaves_nothing_and_next_try_writes_once(ledger: 
     assert rows(sales) == [("2024-01-01", 10, 2)]
     assert events(sales) == [("claimed", 1), ("failed", 1), ("claimed", 2), ("committed", 2)]
     detail = sales.execute(
-        "SELECT detail FROM eos.ledger_events WHERE event = 'failed'").fetchone()[0]
+        "SELECT detail FROM eos.ledger_events WHERE event = 'failed'"
+    ).fetchone()[0]
     assert detail == {"error": "RuntimeError", "message": "source went away"}
 
 
@@ -99,8 +101,13 @@ def test_replace_supersedes_atomically_with_version_increment(ledger: Ledger, sa
         eos.conn.execute("INSERT INTO sales VALUES ('2024-01-01', 20, %s)", [eos.attempt])
         return {"version_replaced": eos.previous.version}
 
-    out = ledger.run_outcome("day", reload, attempt=1, on_committed="replace",
-                             origin=Origin("sales", "load", "backfill__2", -1))
+    out = ledger.run_outcome(
+        "day",
+        reload,
+        attempt=1,
+        on_committed="replace",
+        origin=Origin("sales", "load", "backfill__2", -1),
+    )
     assert (out.action, out.version) == ("replaced", 2)
     assert seen["previous"].result == {"rows": 1, "attempt": 1}
     assert seen["previous"].version == 1
@@ -168,6 +175,7 @@ def test_lower_try_arriving_late_is_fenced_at_claim(ledger: Ledger, sales):
             started.set()
             hold.wait(10)
             return None
+
         ledger.run("k", fn, attempt=3, origin=TI)
 
     thread = threading.Thread(target=owner)
@@ -183,12 +191,15 @@ def test_lower_try_arriving_late_is_fenced_at_claim(ledger: Ledger, sales):
 
 
 def test_missing_schema_is_a_clear_error_and_writes_nothing(empty_db: str):
-    with Ledger(empty_db) as ledger, pytest.raises(LedgerSchemaError,
-                                                   match="eos-airflow db migrate"):
+    with (
+        Ledger(empty_db) as ledger,
+        pytest.raises(LedgerSchemaError, match="eos-airflow db migrate"),
+    ):
         ledger.run("k", lambda eos: None)
     with psycopg.connect(empty_db) as conn:
         assert conn.execute(
-            "SELECT count(*) FROM pg_namespace WHERE nspname = 'eos'").fetchone() == (0,)
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'eos'"
+        ).fetchone() == (0,)
 
 
 def test_non_json_result_rolls_back_before_commit(ledger: Ledger, sales):
@@ -203,8 +214,10 @@ def test_non_json_result_rolls_back_before_commit(ledger: Ledger, sales):
 
 
 def test_oversized_result_is_refused(db: str, sales):
-    with Ledger(db, max_result_bytes=100) as ledger, pytest.raises(ResultError,
-                                                                    match="limit is 100"):
+    with (
+        Ledger(db, max_result_bytes=100) as ledger,
+        pytest.raises(ResultError, match="limit is 100"),
+    ):
         ledger.run("k", lambda eos: "x" * 200)
 
 
@@ -215,10 +228,16 @@ def test_missing_target_table_names_the_fix(ledger: Ledger, conn):
     assert isinstance(info.value.__cause__, psycopg.errors.UndefinedTable)
 
 
-@pytest.mark.parametrize("key,message", [
-    ("", "empty"), ("   ", "empty"), ("a\nb", "control character"),
-    ("x" * 1001, "limit is 1000"), (42, "must be a string"),
-])
+@pytest.mark.parametrize(
+    "key,message",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("a\nb", "control character"),
+        ("x" * 1001, "limit is 1000"),
+        (42, "must be a string"),
+    ],
+)
 def test_bad_keys_are_refused_before_anything_is_written(ledger: Ledger, conn, key, message):
     with pytest.raises(BadKeyError, match=message):
         ledger.run(key, lambda eos: None)
@@ -254,15 +273,20 @@ def test_claim_commits_before_the_function_runs_in_its_own_transaction(ledger: L
         eos.conn.execute("INSERT INTO sales VALUES ('2024-01-01', 1, 1)")
         with psycopg.connect(sales.info.dsn, autocommit=True) as other:
             seen["ledger"] = other.execute(
-                "SELECT state::text, attempt, owner IS NOT NULL FROM eos.ledger").fetchone()
+                "SELECT state::text, attempt, owner IS NOT NULL FROM eos.ledger"
+            ).fetchone()
             seen["events"] = events(other)
             seen["sales"] = other.execute("SELECT count(*) FROM sales").fetchone()[0]
         seen["status"] = eos.conn.info.transaction_status
         return None
 
     ledger.run("k", fn, origin=TI)
-    assert seen == {"ledger": ("running", 1, True), "events": [("claimed", 1)], "sales": 0,
-                    "status": psycopg.pq.TransactionStatus.INTRANS}
+    assert seen == {
+        "ledger": ("running", 1, True),
+        "events": [("claimed", 1)],
+        "sales": 0,
+        "status": psycopg.pq.TransactionStatus.INTRANS,
+    }
     assert rows(sales) == [("2024-01-01", 1, 1)]
 
 
@@ -286,8 +310,12 @@ def test_every_claim_outcome_leaves_the_pooled_connection_idle(ledger: Ledger, s
 
 
 def _prepared(conn) -> list[str]:
-    return [name for (name,) in conn.execute(
-        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'eos\\_%' ORDER BY name")]
+    return [
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM pg_prepared_statements WHERE name LIKE 'eos\\_%' ORDER BY name"
+        )
+    ]
 
 
 def test_a_connection_prepares_the_ledger_calls_at_its_second_effect(ledger: Ledger, sales):
@@ -302,6 +330,7 @@ def test_a_connection_prepares_the_ledger_calls_at_its_second_effect(ledger: Led
     for i in range(4):
         ledger.run(f"k{i}", fn, origin=TI)
     from eos_airflow.ledger.queries import prepared_names
+
     assert seen[0] == []
     assert seen[1:] == [sorted(prepared_names("eos"))] * 3
     assert len(rows(sales)) == 4
@@ -322,6 +351,7 @@ def test_prepared_statements_dropped_between_effects_are_prepared_again(ledger: 
         conn.execute("DEALLOCATE ALL")
         from eos_airflow.ledger.queries import prepared_names
         from eos_airflow.protocol import local
+
         local._hot_paths[conn]["eos"] = local._PLAIN
         conn.execute(f"PREPARE {prepared_names('eos')[0]} AS SELECT 1")
     finally:
@@ -330,8 +360,7 @@ def test_prepared_statements_dropped_between_effects_are_prepared_again(ledger: 
     assert len(rows(sales)) == 4
 
 
-def test_a_function_that_drops_prepared_statements_fails_cleanly_then_works(ledger: Ledger,
-                                                                              sales):
+def test_a_function_that_drops_prepared_statements_fails_cleanly_then_works(ledger: Ledger, sales):
     for i in range(2):
         ledger.run(f"k{i}", insert(), origin=TI)
 
@@ -346,6 +375,7 @@ def test_a_function_that_drops_prepared_statements_fails_cleanly_then_works(ledg
     assert sales.execute("SELECT count(*) FROM sales WHERE day = '2024-01-02'").fetchone() == (0,)
     assert ledger.run("k2", discard, attempt=2, origin=TI) == {"ok": True}
     assert ledger.run("k3", discard, origin=TI) == {"ok": True}
-    assert sales.execute("SELECT attempt FROM sales WHERE day = '2024-01-02' "
-                         "ORDER BY attempt").fetchall() == [(1,), (2,)]
+    assert sales.execute(
+        "SELECT attempt FROM sales WHERE day = '2024-01-02' ORDER BY attempt"
+    ).fetchall() == [(1,), (2,)]
     assert [e for e, _ in events(sales, "k2")] == ["claimed", "failed", "claimed", "committed"]

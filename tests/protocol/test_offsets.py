@@ -22,24 +22,28 @@ def out(conn: psycopg.Connection) -> psycopg.Connection:
 def consume(batch: int, name: str = "w"):
     def fn(eos):
         start = eos.offsets.get("kafka:orders/0", -1) + 1
-        eos.conn.cursor().executemany("INSERT INTO out VALUES (%s, %s)",
-                             [(n, name) for n in range(start, start + batch)])
+        eos.conn.cursor().executemany(
+            "INSERT INTO out VALUES (%s, %s)", [(n, name) for n in range(start, start + batch)]
+        )
         eos.offsets["kafka:orders/0"] = start + batch - 1
         return {"from": start}
+
     return fn
 
 
 def test_offsets_commit_with_the_outputs_and_record_old_and_new(ledger: Ledger, out):
     assert ledger.run("k1", consume(3)) == {"from": 0}
     assert ledger.run("k2", consume(2)) == {"from": 3}
-    assert out.execute("SELECT array_agg(n ORDER BY n) FROM out").fetchone() == (
-        [0, 1, 2, 3, 4],)
+    assert out.execute("SELECT array_agg(n ORDER BY n) FROM out").fetchone() == ([0, 1, 2, 3, 4],)
     row = out.execute("SELECT source, position, key, attempt FROM eos.offsets").fetchall()
     assert row == [("kafka:orders/0", 4, "k2", 1)]
-    moves = out.execute("SELECT key, detail FROM eos.ledger_events WHERE event = 'offsets' "
-                        "ORDER BY id").fetchall()
-    assert moves == [("k1", {"offsets": {"kafka:orders/0": {"from": None, "to": 2}}}),
-                     ("k2", {"offsets": {"kafka:orders/0": {"from": 2, "to": 4}}})]
+    moves = out.execute(
+        "SELECT key, detail FROM eos.ledger_events WHERE event = 'offsets' ORDER BY id"
+    ).fetchall()
+    assert moves == [
+        ("k1", {"offsets": {"kafka:orders/0": {"from": None, "to": 2}}}),
+        ("k2", {"offsets": {"kafka:orders/0": {"from": 2, "to": 4}}}),
+    ]
     assert events(out, "k2") == [("claimed", 1), ("offsets", 1), ("committed", 1)]
 
 
@@ -51,16 +55,17 @@ def test_failure_rolls_back_outputs_and_offset_together(ledger: Ledger, out, mon
     assert out.execute("SELECT count(*) FROM out").fetchone() == (3,)
     assert out.execute("SELECT position FROM eos.offsets").fetchone() == (2,)
     # the retry reads the old position again: no gap, no duplicate
-    assert ledger.run("k2", consume(5), attempt=2, origin=Origin("d", "t", "r", -1)) == {
-        "from": 3}
+    assert ledger.run("k2", consume(5), attempt=2, origin=Origin("d", "t", "r", -1)) == {"from": 3}
     assert out.execute("SELECT count(*), count(DISTINCT n) FROM out").fetchone() == (8, 8)
 
 
 def test_get_set_and_mapping_forms(ledger: Ledger, out):
     def fn(eos):
-        seen = {"missing": eos.offsets.get("table:public.readings"),
-                "default": eos.offsets.get("table:public.readings", {"id": 0}),
-                "contains": "table:public.readings" in eos.offsets}
+        seen = {
+            "missing": eos.offsets.get("table:public.readings"),
+            "default": eos.offsets.get("table:public.readings", {"id": 0}),
+            "contains": "table:public.readings" in eos.offsets,
+        }
         eos.offsets.set("table:public.readings", {"id": 10, "ts": "2024-01-01T00:00:00"})
         seen["staged"] = eos.offsets["table:public.readings"]
         with pytest.raises(KeyError):
@@ -69,10 +74,16 @@ def test_get_set_and_mapping_forms(ledger: Ledger, out):
             eos.offsets.set("", 1)
         return seen
 
-    assert ledger.run("k", fn) == {"missing": None, "default": {"id": 0}, "contains": False,
-                                   "staged": {"id": 10, "ts": "2024-01-01T00:00:00"}}
+    assert ledger.run("k", fn) == {
+        "missing": None,
+        "default": {"id": 0},
+        "contains": False,
+        "staged": {"id": 10, "ts": "2024-01-01T00:00:00"},
+    }
     assert ledger.run("k2", lambda eos: eos.offsets["table:public.readings"]) == {
-        "id": 10, "ts": "2024-01-01T00:00:00"}
+        "id": 10,
+        "ts": "2024-01-01T00:00:00",
+    }
 
 
 def test_two_concurrent_effects_on_one_source_serialise(db: str, out):
@@ -85,15 +96,17 @@ def test_two_concurrent_effects_on_one_source_serialise(db: str, out):
         start = eos.offsets.get("s", -1) + 1
         first_read.set()
         failpoints_hold.wait(10)
-        eos.conn.cursor().executemany("INSERT INTO out VALUES (%s, 'slow')",
-                             [(n,) for n in range(start, start + 3)])
+        eos.conn.cursor().executemany(
+            "INSERT INTO out VALUES (%s, 'slow')", [(n,) for n in range(start, start + 3)]
+        )
         eos.offsets["s"] = start + 2
         return start
 
     def fast(eos):
         start = eos.offsets.get("s", -1) + 1
-        eos.conn.cursor().executemany("INSERT INTO out VALUES (%s, 'fast')",
-                             [(n,) for n in range(start, start + 3)])
+        eos.conn.cursor().executemany(
+            "INSERT INTO out VALUES (%s, 'fast')", [(n,) for n in range(start, start + 3)]
+        )
         eos.offsets["s"] = start + 2
         return start
 
@@ -111,7 +124,8 @@ def test_two_concurrent_effects_on_one_source_serialise(db: str, out):
         b.join(10)
     assert results == {"slow": 0, "fast": 3}
     assert out.execute("SELECT array_agg(n ORDER BY n) FROM out").fetchone() == (
-        [0, 1, 2, 3, 4, 5],)
+        [0, 1, 2, 3, 4, 5],
+    )
     assert out.execute("SELECT position FROM eos.offsets").fetchone() == (5,)
 
 
@@ -142,8 +156,10 @@ def test_fenced_attempt_advances_no_offset(db: str, out):
             # try 2 cannot read the position while try 1 holds the source: it would wait, so
             # let try 1 reach its fenced commit first by claiming only, then release it.
             conn = ledger.connection()
-            conn.execute("SELECT * FROM eos.claim('k', gen_random_uuid(), 2, 'd', 't', 'r', "
-                         "-1, 'h', 1, 'skip')")
+            conn.execute(
+                "SELECT * FROM eos.claim('k', gen_random_uuid(), 2, 'd', 't', 'r', "
+                "-1, 'h', 1, 'skip')"
+            )
             ledger.putconn(conn)
             go.set()
             t.join(10)

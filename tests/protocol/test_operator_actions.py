@@ -61,7 +61,8 @@ def reopen(conn: psycopg.Connection, key: str = KEY) -> None:
 
 @pytest.mark.parametrize("interrupted", ["failed", "crashed"])
 def test_a_reopened_key_keeps_its_previous_version_across_failed_and_crashed_attempts(
-        db: str, sales, monkeypatch, interrupted):
+    db: str, sales, monkeypatch, interrupted
+):
     """Reopen, then an attempt that fails (or dies) before its commit: the key is ``failed``
     (or ``running`` with a dead owner) but still holds version 1, so the next attempt must
     see it as ``eos.previous`` and replace it — not add version 2 beside it."""
@@ -74,23 +75,42 @@ def test_a_reopened_key_keeps_its_previous_version_across_failed_and_crashed_att
                 ledger.run(DAY, reload_day, origin=Origin("sales", "load", "run-2", -1))
             monkeypatch.delenv("EOS_TEST_FAIL_LOAD")
         else:
-            env = {**os.environ, "EOS_FAILPOINTS": "before_commit=exit",
-                   "PYTHONPATH": str(ROOT)}
-            done = subprocess.run([sys.executable, "-c", CRASHING_RUN, db, DAY], env=env,
-                                  capture_output=True, text=True, timeout=60, cwd=ROOT)
+            env = {**os.environ, "EOS_FAILPOINTS": "before_commit=exit", "PYTHONPATH": str(ROOT)}
+            done = subprocess.run(
+                [sys.executable, "-c", CRASHING_RUN, db, DAY],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+            )
             assert done.returncode == failpoints.EXIT_CODE, done.stdout + done.stderr
         assert sales.execute("SELECT state::text FROM eos.ledger").fetchone()[0] == (
-            "failed" if interrupted == "failed" else "running")
-        outcome = ledger.run_outcome(DAY, reload_day, attempt=2,
-                                     origin=Origin("sales", "load", "run-2", -1))
+            "failed" if interrupted == "failed" else "running"
+        )
+        outcome = ledger.run_outcome(
+            DAY, reload_day, attempt=2, origin=Origin("sales", "load", "run-2", -1)
+        )
     assert (outcome.action, outcome.version, outcome.result) == (
-        "committed", 2, {"previous_version": 1})
+        "committed",
+        2,
+        {"previous_version": 1},
+    )
     assert sales.execute("SELECT loaded_by_try FROM sales").fetchall() == [(2,)]
     assert sales.execute("SELECT version, seq FROM eos.outbox ORDER BY id").fetchall() == [
-        (1, 1), (2, 1)], "message numbering follows the version being written"
+        (1, 1),
+        (2, 1),
+    ], "message numbering follows the version being written"
     interruption = ["failed"] if interrupted == "failed" else []  # a crash records nothing
     assert [e for e, _ in events(sales, DAY)] == [
-        "claimed", "committed", "reopened", "claimed", *interruption, "claimed", "committed"]
+        "claimed",
+        "committed",
+        "reopened",
+        "claimed",
+        *interruption,
+        "claimed",
+        "committed",
+    ]
 
 
 # --- recover and a run that skips, next to live attempts ----------------------------------
@@ -113,12 +133,16 @@ except LostClaimError as exc:
 
 
 def _cli(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "eos_airflow.cli.main", *args, "--dsn", dsn],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "eos_airflow.cli.main", *args, "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
 
 
-def test_recover_never_expires_a_live_claim_but_an_abandoned_one_fails_retryably(
-        db: str, sales):
+def test_recover_never_expires_a_live_claim_but_an_abandoned_one_fails_retryably(db: str, sales):
     """recover expires only claims whose session is gone. An attempt whose function dropped
     the session's advisory locks looks gone: recover releases it, and the attempt fails with
     the retryable LostClaimError — not with FencedError, which Airflow would not retry."""
@@ -126,8 +150,14 @@ def test_recover_never_expires_a_live_claim_but_an_abandoned_one_fails_retryably
     for mode, expect_lost in (("keep-lock", False), ("drop-lock", True)):
         key = mode
         sales.execute("TRUNCATE sales")
-        child = subprocess.Popen([sys.executable, "-c", HOLD, db, mode], env=env, cwd=ROOT,
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", HOLD, db, mode],
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert child.stdout.readline().strip() == "in-run"
         report = _cli("recover", "--older-than", "0s", "--format", "json", dsn=db)
         assert report.returncode == 0, report.stderr
@@ -139,8 +169,7 @@ def test_recover_never_expires_a_live_claim_but_an_abandoned_one_fails_retryably
             assert sales.execute("SELECT count(*) FROM sales").fetchone() == (0,)
             assert [e for e, _ in events(sales, key)] == ["claimed", "failed", "fenced"]
             with Ledger(db) as ledger:  # Airflow's retry writes the effect
-                assert ledger.run(key, lambda eos: {"try": eos.attempt}, attempt=2) == {
-                    "try": 2}
+                assert ledger.run(key, lambda eos: {"try": eos.attempt}, attempt=2) == {"try": 2}
         else:
             assert rest.strip() == "{'try': 1}", rest
             assert sales.execute("SELECT loaded_by_try FROM sales").fetchall() == [(1,)]
@@ -148,6 +177,7 @@ def test_recover_never_expires_a_live_claim_but_an_abandoned_one_fails_retryably
 
 
 # --- several databases ----------------------------------------------------------------
+
 
 @pytest.fixture
 def banks(pg_admin_dsn: str, template_db: str) -> Iterator[Banks]:
@@ -239,9 +269,14 @@ def test_recover_counts_the_grace_period_from_prepare(banks):
     waits the grace period from its PREPARE, not from its claim — also when it finds the
     participants by the Airflow connection ids in the decision log (`recover --conn-id`)."""
     env = {**os.environ, "EOS_FAILPOINTS": "after_prepare=exit", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", SLOW_WORKER, banks.dsns["c"], banks.dsns["a"],
-                           banks.dsns["b"], "3"], env=env, capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", SLOW_WORKER, banks.dsns["c"], banks.dsns["a"], banks.dsns["b"], "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert done.returncode == failpoints.EXIT_CODE, done.stderr
     by_conn_id = {"bank_a": banks.dsns["a"], "bank_b": banks.dsns["b"]}
 
@@ -267,12 +302,18 @@ def test_a_run_that_skips_leaves_another_runs_live_replace_alone(banks):
     with banks.ledger() as ledger:
         ledger.run(KEY, move_once, origin=ORIGIN)
     with Stalled("after_prepare", 1) as stalled, banks.ledger() as ledger:
-        thread, done = in_thread(ledger.run_outcome, KEY, move_once, on_committed="replace",
-                                 origin=Origin("bank", "transfer", "run-2", -1))
+        thread, done = in_thread(
+            ledger.run_outcome,
+            KEY,
+            move_once,
+            on_committed="replace",
+            origin=Origin("bank", "transfer", "run-2", -1),
+        )
         assert stalled.reached.wait(30)
         with banks.ledger() as other:
-            skipped = other.run_outcome(KEY, move_once,
-                                        origin=Origin("bank", "transfer", "run-3", -1))
+            skipped = other.run_outcome(
+                KEY, move_once, origin=Origin("bank", "transfer", "run-3", -1)
+            )
         assert skipped.action == "skipped" and len(banks.prepared()) == 2
         stalled.go.set()
         thread.join(30)
@@ -287,12 +328,18 @@ def test_a_decided_transaction_finished_by_a_skipping_run_is_still_reported_comm
     with banks.ledger() as ledger:
         ledger.run(KEY, move_once, origin=ORIGIN)
     with Stalled("after_decision", 1) as stalled, banks.ledger() as ledger:
-        thread, done = in_thread(ledger.run_outcome, KEY, move_once, on_committed="replace",
-                                 origin=Origin("bank", "transfer", "run-2", -1))
+        thread, done = in_thread(
+            ledger.run_outcome,
+            KEY,
+            move_once,
+            on_committed="replace",
+            origin=Origin("bank", "transfer", "run-2", -1),
+        )
         assert stalled.reached.wait(30)
         with banks.ledger() as other:
-            skipped = other.run_outcome(KEY, move_once,
-                                        origin=Origin("bank", "transfer", "run-3", -1))
+            skipped = other.run_outcome(
+                KEY, move_once, origin=Origin("bank", "transfer", "run-3", -1)
+            )
         assert skipped.action == "skipped" and skipped.version == 2
         assert banks.prepared() == [], "the skipping run finished the decided transaction"
         stalled.go.set()
@@ -301,8 +348,7 @@ def test_a_decided_transaction_finished_by_a_skipping_run_is_still_reported_comm
     banks.assert_moved(1)
 
 
-def test_a_reopened_transfer_keeps_its_previous_version_after_a_failed_attempt(
-        banks, monkeypatch):
+def test_a_reopened_transfer_keeps_its_previous_version_after_a_failed_attempt(banks, monkeypatch):
     with banks.ledger() as ledger:
         ledger.run(KEY, move_once, origin=ORIGIN)
         with psycopg.connect(banks.dsns["c"], autocommit=True) as conn:
@@ -311,7 +357,8 @@ def test_a_reopened_transfer_keeps_its_previous_version_after_a_failed_attempt(
         with pytest.raises(RuntimeError, match="input is missing"):
             ledger.run(KEY, move_once, origin=Origin("bank", "transfer", "run-2", -1))
         monkeypatch.delenv("EOS_TEST_FAIL_LOAD")
-        again = ledger.run_outcome(KEY, move_once, attempt=2,
-                                   origin=Origin("bank", "transfer", "run-2", -1))
+        again = ledger.run_outcome(
+            KEY, move_once, attempt=2, origin=Origin("bank", "transfer", "run-2", -1)
+        )
     assert (again.action, again.version) == ("committed", 2)
     banks.assert_moved(1)

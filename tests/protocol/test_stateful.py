@@ -107,8 +107,9 @@ class LedgerMachine(RuleBasedStateMachine):
         self.admin.execute("TRUNCATE target")
         self.key = f"{KEY}/{uuid.uuid4().hex}"  # a fresh key per run: history is append-only
         self.model = Model()
-        self.attempts = {me: Attempt(me[0], me[1], psycopg.connect(self.dsn, autocommit=True))
-                         for me in ATTEMPTS}
+        self.attempts = {
+            me: Attempt(me[0], me[1], psycopg.connect(self.dsn, autocommit=True)) for me in ATTEMPTS
+        }
 
     def teardown(self) -> None:
         for attempt in self.attempts.values():
@@ -125,9 +126,20 @@ class LedgerMachine(RuleBasedStateMachine):
         if attempt.phase not in ("new", "waiting"):
             return
         dag, task, run, index = ORIGINS[me[0]]
-        row = self._call(attempt, "claim", key=self.key, owner=attempt.owner, attempt=me[1],
-                         dag_id=dag, task_id=task, run_id=run, map_index=index, host="h",
-                         pid=1, on_committed="skip")
+        row = self._call(
+            attempt,
+            "claim",
+            key=self.key,
+            owner=attempt.owner,
+            attempt=me[1],
+            dag_id=dag,
+            task_id=task,
+            run_id=run,
+            map_index=index,
+            host="h",
+            pid=1,
+            on_committed="skip",
+        )
         expected = self.model.claim(me)
         assert row["action"] == expected, (me, row, self.model)
         attempt.phase = {"run": "claimed", "wait": "waiting"}.get(expected, "done")
@@ -139,8 +151,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if attempt.phase != "claimed":
             return
         attempt.conn.execute("BEGIN")
-        attempt.conn.execute("INSERT INTO target VALUES (%s, %s, %s)",
-                             [self.key, me[0], me[1]])
+        attempt.conn.execute("INSERT INTO target VALUES (%s, %s, %s)", [self.key, me[0], me[1]])
         attempt.phase = "writing"
 
     @rule(me=st.sampled_from(ATTEMPTS))
@@ -158,8 +169,15 @@ class LedgerMachine(RuleBasedStateMachine):
         except psycopg.Error as exc:  # SQLSTATE EOS01: a newer attempt owns the key
             assert exc.sqlstate == "EOS01" and not expected, (me, exc)
             attempt.conn.execute("ROLLBACK")
-            self._call(attempt, "release", key=self.key, owner=attempt.owner, attempt=me[1],
-                       event="fenced", detail='{"step": "commit"}')
+            self._call(
+                attempt,
+                "release",
+                key=self.key,
+                owner=attempt.owner,
+                attempt=me[1],
+                event="fenced",
+                detail='{"step": "commit"}',
+            )
             self.model.release(me)
         attempt.phase = "done"
 
@@ -170,8 +188,15 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         if attempt.phase == "writing":
             attempt.conn.execute("ROLLBACK")
-        self._call(attempt, "release", key=self.key, owner=attempt.owner, attempt=me[1],
-                   event="failed", detail='{"error": "boom"}')
+        self._call(
+            attempt,
+            "release",
+            key=self.key,
+            owner=attempt.owner,
+            attempt=me[1],
+            event="failed",
+            detail='{"error": "boom"}',
+        )
         self.model.release(me)
         attempt.phase = "done"
 
@@ -188,15 +213,18 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @invariant()
     def ledger_agrees_with_the_model(self):
-        row = self.admin.execute("SELECT state::text, attempt, owner IS NOT NULL FROM eos.ledger "
-                                 "WHERE key = %s", [self.key]).fetchone()
+        row = self.admin.execute(
+            "SELECT state::text, attempt, owner IS NOT NULL FROM eos.ledger WHERE key = %s",
+            [self.key],
+        ).fetchone()
         model = self.model
         if model.state is None:
             assert row is None
             return
         assert row == (model.state, model.row_try, model.owner is not None), (row, model)
-        visible = self.admin.execute("SELECT origin, try FROM target WHERE key = %s",
-                                     [self.key]).fetchall()
+        visible = self.admin.execute(
+            "SELECT origin, try FROM target WHERE key = %s", [self.key]
+        ).fetchall()
         assert len(visible) <= 1, "two attempts' writes are visible"
         if model.committed_by is not None:
             assert visible == [model.committed_by]
@@ -214,8 +242,12 @@ def machine_db(db: str) -> str:
 def _run(db: str, examples: int) -> None:
     LedgerMachine.dsn = db
     test = LedgerMachine.TestCase
-    test.settings = settings(max_examples=examples, stateful_step_count=25, deadline=None,
-                             suppress_health_check=list(HealthCheck))
+    test.settings = settings(
+        max_examples=examples,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     test().runTest()
     with psycopg.connect(db) as conn:
         assert verify(conn).ok

@@ -115,6 +115,7 @@ def _hook(step: str):
         runner = _RUNNERS.get(threading.current_thread())
         if runner is not None:
             runner.hold(step)
+
     return hook
 
 
@@ -199,8 +200,9 @@ class OperationsMachine(RuleBasedStateMachine):
         self.key = f"ops/{uuid.uuid4().hex[:12]}"
         self.model = Model()
         self.runners: dict[tuple[str, int], Runner] = {}
-        self.admins = {name: psycopg.connect(dsn, autocommit=True)
-                       for name, dsn in self.dsns.items()}
+        self.admins = {
+            name: psycopg.connect(dsn, autocommit=True) for name, dsn in self.dsns.items()
+        }
         self.ledger = self.admins["a"]
 
     # --- driving attempts ------------------------------------------------------------
@@ -221,22 +223,32 @@ class OperationsMachine(RuleBasedStateMachine):
         origin = Origin("d", "load", f"run-{run}", -1)
 
         def connect(name: str):
-            return lambda: psycopg.connect(self.dsns[name], autocommit=True,
-                                           application_name=runner.app)
+            return lambda: psycopg.connect(
+                self.dsns[name], autocommit=True, application_name=runner.app
+            )
 
         def go() -> None:
             try:
                 if self.multi:
-                    with MultiLedger(connect("a"), {"a": connect("a"), "b": connect("b")},
-                                     wait_timeout=0.3) as ledger:
+                    with MultiLedger(
+                        connect("a"), {"a": connect("a"), "b": connect("b")}, wait_timeout=0.3
+                    ) as ledger:
                         runner.outcome = ledger.run_outcome(
-                            self.key, self._effect, attempt=try_number, origin=origin,
-                            on_committed=runner.on_committed)
+                            self.key,
+                            self._effect,
+                            attempt=try_number,
+                            origin=origin,
+                            on_committed=runner.on_committed,
+                        )
                 else:
                     with Ledger(connect=connect("a"), wait_timeout=0.3) as ledger:
                         runner.outcome = ledger.run_outcome(
-                            self.key, self._effect, attempt=try_number, origin=origin,
-                            on_committed=runner.on_committed)
+                            self.key,
+                            self._effect,
+                            attempt=try_number,
+                            origin=origin,
+                            on_committed=runner.on_committed,
+                        )
             except BaseException as exc:  # noqa: BLE001 - the machine judges it
                 runner.error = exc
             finally:
@@ -250,23 +262,31 @@ class OperationsMachine(RuleBasedStateMachine):
         try:
             runner.at = runner.reports.get(timeout=TIMEOUT)
         except queue.Empty:
-            raise AssertionError(f"{runner.me} neither reached a step nor ended in "
-                                 f"{TIMEOUT:g} s (held at {runner.at})") from None
+            raise AssertionError(
+                f"{runner.me} neither reached a step nor ended in "
+                f"{TIMEOUT:g} s (held at {runner.at})"
+            ) from None
         return runner.at
 
     def _prepared(self, prefix: str) -> dict[str, int]:
-        return {name: conn.execute("SELECT count(*) FROM pg_prepared_xacts WHERE database = "
-                                   "current_database() AND starts_with(gid, %s)",
-                                   [prefix]).fetchone()[0]
-                for name, conn in self.admins.items()}
+        return {
+            name: conn.execute(
+                "SELECT count(*) FROM pg_prepared_xacts WHERE database = "
+                "current_database() AND starts_with(gid, %s)",
+                [prefix],
+            ).fetchone()[0]
+            for name, conn in self.admins.items()
+        }
 
     def _error(self, runner: Runner, kind: type[BaseException]) -> None:
         assert runner.at == "done" and isinstance(runner.error, kind), (
             f"{runner.me}: expected {kind.__name__}, got {runner.error!r} / {runner.outcome}"
-            f" at {runner.at}; model {self.model}")
+            f" at {runner.at}; model {self.model}"
+        )
 
-    def _finish_key_txns(self, *, abort_live_older: tuple[str, int] | None = None,
-                         scan: bool = False) -> None:
+    def _finish_key_txns(
+        self, *, abort_live_older: tuple[str, int] | None = None, scan: bool = False
+    ) -> None:
         """What a run that claims (or skips) does to the key's other transactions: a decided
         one is committed, an abandoned one aborted; a claimant also aborts the transaction of
         the older try it took the key from, and (scanning the participants) what a zombie
@@ -274,8 +294,7 @@ class OperationsMachine(RuleBasedStateMachine):
         for who, status in list(self.model.txns.items()):
             if status == "aborted-prepared" and scan:
                 del self.model.txns[who]
-            elif (status == "aborted-live" and scan
-                  and self.runners[who].at == "after_prepare"):
+            elif status == "aborted-live" and scan and self.runners[who].at == "after_prepare":
                 self.model.txns[who] = "rolled-back"
             elif status == "decided":
                 self.model.show(who)
@@ -305,7 +324,10 @@ class OperationsMachine(RuleBasedStateMachine):
             assert at == "done" and runner.error is None, (me, runner.error, model)
             outcome = runner.outcome
             assert (outcome.action, outcome.version, outcome.result) == (
-                "skipped", model.version, model.result), (me, outcome, model)
+                "skipped",
+                model.version,
+                model.result,
+            ), (me, outcome, model)
             if self.multi:  # it finishes the key's decided and abandoned transactions
                 self._finish_key_txns()
                 self._resolve_aborted()
@@ -318,8 +340,11 @@ class OperationsMachine(RuleBasedStateMachine):
             runner.expected_previous = model.version or None
             runner.replacing = model.state == "committed"
             if self.multi:
-                older = previous_owner if (previous_owner is not None
-                                           and previous_owner in model.alive) else None
+                older = (
+                    previous_owner
+                    if (previous_owner is not None and previous_owner in model.alive)
+                    else None
+                )
                 self._finish_key_txns(abort_live_older=older, scan=True)
                 self._resolve_aborted()
                 if older is not None and model.txns.get(older) is None:
@@ -343,7 +368,9 @@ class OperationsMachine(RuleBasedStateMachine):
             # transaction that deleted them too (a zombie older try): it fails retryably
             conflict = runner.expected_previous is not None and any(
                 r.deleted_epoch == model.epoch and self._holds_locks(r)
-                for r in self.runners.values() if r is not runner)
+                for r in self.runners.values()
+                if r is not runner
+            )
         prefix = f"eos:2:{twophase.key_hash(self.key)}:{me[1]}:"
         before = sum(self._prepared(prefix).values()) if step == "before_commit" else 0
         runner.commands.put("go")
@@ -357,22 +384,26 @@ class OperationsMachine(RuleBasedStateMachine):
             if conflict:  # the lock timeout, raised as is or as the retryable cause
                 error = runner.error
                 assert at == "done" and isinstance(
-                    error if isinstance(error, psycopg.errors.LockNotAvailable)
+                    error
+                    if isinstance(error, psycopg.errors.LockNotAvailable)
                     else getattr(error, "__cause__", None),
-                    psycopg.errors.LockNotAvailable), (me, runner.error, model)
+                    psycopg.errors.LockNotAvailable,
+                ), (me, runner.error, model)
                 self._release(me)
                 return
             assert at == "before_commit", (me, at, runner.error, model)
             seen = runner.previous.version if runner.previous is not None else None
             assert seen == runner.expected_previous, (
                 f"{me} saw eos.previous={seen}, the key holds version "
-                f"{runner.expected_previous}: {model}")
+                f"{runner.expected_previous}: {model}"
+            )
             if runner.previous is not None:
                 runner.deleted_epoch = model.epoch
         elif step == "before_commit" and not self.multi or step == "after_prepare":
             if model.owner == me:
-                assert runner.error is None, (f"{me} owns the key and is alive, yet failed: "
-                                              f"{runner.error!r}; {model}")
+                assert runner.error is None, (
+                    f"{me} owns the key and is alive, yet failed: {runner.error!r}; {model}"
+                )
                 version = model.commit(me, {"by": "".join(map(str, me))})
                 if self.multi:
                     assert at == "after_decision", (me, at, model)
@@ -413,7 +444,10 @@ class OperationsMachine(RuleBasedStateMachine):
         assert runner.error is None, (runner.me, runner.error, self.model)
         action = "replaced" if runner.replacing else "committed"
         assert (runner.outcome.action, runner.outcome.version) == (action, version), (
-            runner.me, runner.outcome, self.model)
+            runner.me,
+            runner.outcome,
+            self.model,
+        )
 
     def _release(self, me: tuple[str, int]) -> None:
         self.model.release(me)
@@ -438,8 +472,11 @@ class OperationsMachine(RuleBasedStateMachine):
         runner = self.runners[me]
         step = runner.at
         STATS[f"crash at {step}"] += 1
-        self.ledger.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
-                            "WHERE application_name = %s", [runner.app])
+        self.ledger.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            [runner.app],
+        )
         runner.commands.put("crash")
         self._await(runner)
         assert runner.at == "done" and runner.error is not None, (me, runner.outcome)
@@ -466,8 +503,10 @@ class OperationsMachine(RuleBasedStateMachine):
         return code, out.getvalue()
 
     @precondition(lambda self: bool(self.runners))
-    @rule(action=st.sampled_from(["reopen", "reopen", "recover", "recover --older-than", "gc"]),
-          grace=st.sampled_from([0, 3600]))
+    @rule(
+        action=st.sampled_from(["reopen", "reopen", "recover", "recover --older-than", "gc"]),
+        grace=st.sampled_from([0, 3600]),
+    )
     def operate(self, action, grace):
         """One operator action (one rule for all, so that attempts get most of the steps)."""
         if action == "reopen":
@@ -497,8 +536,7 @@ class OperationsMachine(RuleBasedStateMachine):
         if older_than:
             args += ["--older-than", "0s"]
         if self.multi:
-            args += ["--participant", f"a={self.dsns['a']}", "--participant",
-                     f"b={self.dsns['b']}"]
+            args += ["--participant", f"a={self.dsns['a']}", "--participant", f"b={self.dsns['b']}"]
         time.sleep(0.01)  # every claim so far is older than "now - 0s"
         code, out = self._cli(*args)
         assert code == 0, out
@@ -529,8 +567,11 @@ class OperationsMachine(RuleBasedStateMachine):
             elif status == "open":  # a live attempt's, undecided
                 expected.append((who[1], "waiting"))
         # (the databases outlive one example: earlier examples' keys are recovered too)
-        got = sorted((int(t["txid"].split(":")[3]), t["outcome"])
-                     for t in report["transactions"] if t["key"] == self.key)
+        got = sorted(
+            (int(t["txid"].split(":")[3]), t["outcome"])
+            for t in report["transactions"]
+            if t["key"] == self.key
+        )
         assert got == sorted(expected), (got, expected, model)
         STATS["recover"] += 1
         STATS.update(f"recover: transaction {o}" for _, o in got)
@@ -541,7 +582,9 @@ class OperationsMachine(RuleBasedStateMachine):
         held = [r["key"] for r in report["held"] if r["key"] == self.key]
         assert expired == ([self.key] if gone else []), (report, model)
         assert held == ([self.key] if live and older_than else []), (report, model)
-        STATS.update(["recover: claim expired"] * len(expired) + ["recover: claim held"] * len(held))
+        STATS.update(
+            ["recover: claim expired"] * len(expired) + ["recover: claim held"] * len(held)
+        )
         if gone:
             model.release(model.owner)
 
@@ -560,20 +603,26 @@ class OperationsMachine(RuleBasedStateMachine):
         model = self.model
         row = self.ledger.execute(
             "SELECT state::text, version, attempt, owner IS NOT NULL FROM eos.ledger "
-            "WHERE key = %s", [self.key]).fetchone()
+            "WHERE key = %s",
+            [self.key],
+        ).fetchone()
         if model.state is None:
             assert row is None
         else:
-            assert row == (model.state, model.version, model.attempt,
-                           model.owner is not None), (row, model)
+            assert row == (model.state, model.version, model.attempt, model.owner is not None), (
+                row,
+                model,
+            )
         for name, conn in self.admins.items():
             if name == "a" or self.multi:
-                rows = conn.execute("SELECT run, try FROM out WHERE key = %s",
-                                    [self.key]).fetchall()
+                rows = conn.execute(
+                    "SELECT run, try FROM out WHERE key = %s", [self.key]
+                ).fetchall()
                 expected = [] if model.visible is None else [model.visible]
                 assert rows == expected, (
                     f"database {name}: the target shows {rows}, the latest committed "
-                    f"version is {model.visible}'s: {model}")
+                    f"version is {model.visible}'s: {model}"
+                )
 
     def teardown(self) -> None:
         STATS["examples"] += 1
@@ -599,8 +648,10 @@ def databases(admin: str, template: str, mode: str) -> Iterator[dict[str, str]]:
     try:
         for dsn in dsns.values():
             with psycopg.connect(dsn, autocommit=True) as conn:
-                if mode == "multi" and int(
-                        conn.execute("SHOW max_prepared_transactions").fetchone()[0]) == 0:
+                if (
+                    mode == "multi"
+                    and int(conn.execute("SHOW max_prepared_transactions").fetchone()[0]) == 0
+                ):
                     pytest.skip("two-phase commit needs max_prepared_transactions > 0")
                 conn.execute("CREATE TABLE out (key text, run text, try int)")
         for step in STEPS:
@@ -620,24 +671,38 @@ def target_dbs(pg_admin_dsn: str, template_db: str, request) -> Iterator[dict[st
         yield dsns
 
 
-def run_machine(dsns: dict[str, str], examples: int, *, shrink: bool = True,
-                steps: int = 20, derandomize: bool = False) -> None:
+def run_machine(
+    dsns: dict[str, str],
+    examples: int,
+    *,
+    shrink: bool = True,
+    steps: int = 20,
+    derandomize: bool = False,
+) -> None:
     OperationsMachine.dsns = dsns
     OperationsMachine.multi = "b" in dsns
     test = OperationsMachine.TestCase
     phases = [Phase.generate] + ([Phase.shrink] if shrink else [])
-    test.settings = settings(max_examples=examples, stateful_step_count=steps,
-                             deadline=None, phases=phases, database=None, report_multiple_bugs=False,
-                             derandomize=derandomize,
-                             suppress_health_check=list(HealthCheck))
+    test.settings = settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        phases=phases,
+        database=None,
+        report_multiple_bugs=False,
+        derandomize=derandomize,
+        suppress_health_check=list(HealthCheck),
+    )
     STATS.clear()
     started = time.monotonic()
     try:
         test().runTest()
     finally:
-        print(f"{'two databases' if 'b' in dsns else 'one database'}: "
-              f"{time.monotonic() - started:.0f} s; "
-              + ", ".join(f"{k}: {v}" for k, v in sorted(STATS.items())))
+        print(
+            f"{'two databases' if 'b' in dsns else 'one database'}: "
+            f"{time.monotonic() - started:.0f} s; "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(STATS.items()))
+        )
     with psycopg.connect(dsns["a"]) as conn:
         assert verify(conn).ok
 
@@ -655,8 +720,10 @@ def test_runs_and_operator_actions_keep_the_guarantee(target_dbs):
 # The long hunts (hundreds of examples, minutes each) run on request: EOS_FLAW_HUNT=1.
 # A 1,000-example run stopped once on a model gap (recover listed one transaction of a
 # crashed attempt fewer than the model expected, in a history where nothing skipped).
-HUNT = pytest.mark.skipif(not os.environ.get("EOS_FLAW_HUNT"),
-                          reason="long hunt: set EOS_FLAW_HUNT=1 (and EOS_SLOW=1) to run it")
+HUNT = pytest.mark.skipif(
+    not os.environ.get("EOS_FLAW_HUNT"),
+    reason="long hunt: set EOS_FLAW_HUNT=1 (and EOS_SLOW=1) to run it",
+)
 
 
 @pytest.mark.slow
@@ -667,6 +734,7 @@ def test_runs_and_operator_actions_keep_the_guarantee_300(target_dbs):
 
 
 # --- the old behaviour: each flaw must be found ---------------------------------------------
+
 
 def _old_previous(conn, schema, key, claim):
     """Before the fix: previous only when the claimed row was committed or reopened."""
@@ -713,9 +781,12 @@ FROM {schema}.twophase WHERE key = %(key)s AND outcome IS NULL ORDER BY created_
 
 def _old_commit_prepared_all(pool, conns, names, txid, attempt):
     """Before the fix: COMMIT PREPARED raised when another run had finished the gid."""
-    futures = [pool.submit(conns[n].execute,
-                           twophase._statement("COMMIT PREPARED", twophase.gid_of(txid, n)))
-               for n in names]
+    futures = [
+        pool.submit(
+            conns[n].execute, twophase._statement("COMMIT PREPARED", twophase.gid_of(txid, n))
+        )
+        for n in names
+    ]
     for future in futures:
         future.result()
 
@@ -727,36 +798,62 @@ def _old_query(name: str, text: str):
         if which != name:
             return real(which, schema)
         return sql.SQL(text).format(schema=sql.Identifier(schema)).as_bytes(None)
+
     return query
 
 
 FLAWS = {
     # reopen, then an attempt fails or crashes: the next one got no eos.previous
-    "previous-after-reopen": ("single", lambda mp: (
-        mp.setattr(local, "_previous", _old_previous),
-        mp.setattr(twophase, "_previous", _old_previous))),
+    "previous-after-reopen": (
+        "single",
+        lambda mp: (
+            mp.setattr(local, "_previous", _old_previous),
+            mp.setattr(twophase, "_previous", _old_previous),
+        ),
+    ),
     # recover --older-than expired (fenced) a live single-database owner
-    "recover-older-than-live-owner": ("single", lambda mp: mp.setattr(
-        queries, "query", _old_query("recover_claims", OLD_RECOVER_CLAIMS))),
+    "recover-older-than-live-owner": (
+        "single",
+        lambda mp: mp.setattr(queries, "query", _old_query("recover_claims", OLD_RECOVER_CLAIMS)),
+    ),
     # recover aborted a live multi-database attempt once the grace counted from its claim passed
-    "recover-live-prepared": ("multi", lambda mp: mp.setattr(
-        recovery, "_still_live", _old_still_live)),
+    "recover-live-prepared": (
+        "multi",
+        lambda mp: mp.setattr(recovery, "_still_live", _old_still_live),
+    ),
     # a run that skips aborted another run's live replace
-    "skip-aborts-live-replace": ("multi", lambda mp: mp.setattr(
-        local, "query", _old_query("twophase_unresolved_key", OLD_UNRESOLVED_KEY))),
+    "skip-aborts-live-replace": (
+        "multi",
+        lambda mp: mp.setattr(
+            local, "query", _old_query("twophase_unresolved_key", OLD_UNRESOLVED_KEY)
+        ),
+    ),
     # a decided transaction finished by a skipping run: its owner raised UndefinedObject
-    "decided-finished-by-another-run": ("multi", lambda mp: mp.setattr(
-        twophase, "_commit_prepared_all", _old_commit_prepared_all)),
+    "decided-finished-by-another-run": (
+        "multi",
+        lambda mp: mp.setattr(twophase, "_commit_prepared_all", _old_commit_prepared_all),
+    ),
 }
 
 
 @pytest.mark.slow  # minutes each: up to 300 examples until the flaw shows
 @HUNT
-@pytest.mark.parametrize("flaw", [
-    pytest.param(f, marks=pytest.mark.xfail(
-        reason="not reached yet: the history needs a commit, another run's live replace "
-               "and a third run that skips", strict=False))
-    if f == "skip-aborts-live-replace" else f for f in sorted(FLAWS)])
+@pytest.mark.parametrize(
+    "flaw",
+    [
+        pytest.param(
+            f,
+            marks=pytest.mark.xfail(
+                reason="not reached yet: the history needs a commit, another run's live replace "
+                "and a third run that skips",
+                strict=False,
+            ),
+        )
+        if f == "skip-aborts-live-replace"
+        else f
+        for f in sorted(FLAWS)
+    ],
+)
 def test_the_machine_finds_each_old_flaw(pg_admin_dsn, template_db, flaw, monkeypatch):
     """Each rule of docs/guarantees.md "Operator actions and other runs", put back to what
     it was before its fix, makes the machine fail (no shrinking: finding is what counts)."""
@@ -765,14 +862,23 @@ def test_the_machine_finds_each_old_flaw(pg_admin_dsn, template_db, flaw, monkey
     with databases(pg_admin_dsn, template_db, mode) as dsns:
         started = time.monotonic()
         with pytest.raises((AssertionError, Flaky)) as found:
-            run_machine(dsns, int(os.environ.get("EOS_STATEFUL_FLAW_EXAMPLES", "300")),
-                        shrink=False, steps=30)
-    print(f"{flaw}: found in {time.monotonic() - started:.1f} s: "
-          f"{str(found.value).splitlines()[0][:300]}")
+            run_machine(
+                dsns,
+                int(os.environ.get("EOS_STATEFUL_FLAW_EXAMPLES", "300")),
+                shrink=False,
+                steps=30,
+            )
+    print(
+        f"{flaw}: found in {time.monotonic() - started:.1f} s: "
+        f"{str(found.value).splitlines()[0][:300]}"
+    )
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: `ledger gc` prunes the `claimed` events "
-                   "that fencing reads when the ledger row names another run")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: `ledger gc` prunes the `claimed` events "
+    "that fencing reads when the ledger row names another run",
+)
 def test_gc_forgets_the_fencing_history(db: str):
     """Found by the machine: try 2 of run A commits, gc prunes the key's events, an operator
     reopens it and run B's attempt fails (the row now names run B). Try 1 of run A must be

@@ -24,8 +24,10 @@ TI = Origin("d", "copy", "r1", -1)
 @pytest.fixture
 def tables(conn: psycopg.Connection) -> psycopg.Connection:
     conn.execute("CREATE SCHEMA mart")
-    conn.execute("CREATE TABLE src AS SELECT g AS id, date '2024-01-01' + g % 3 AS day, "
-                 "md5(g::text) AS payload FROM generate_series(1, 3000) AS g")
+    conn.execute(
+        "CREATE TABLE src AS SELECT g AS id, date '2024-01-01' + g % 3 AS day, "
+        "md5(g::text) AS payload FROM generate_series(1, 3000) AS g"
+    )
     conn.execute("CREATE TABLE mart.daily (id int, day date, payload text)")
     return conn
 
@@ -37,19 +39,26 @@ def copy(db: str, **options):
 
 
 def target(conn: psycopg.Connection, where: str = "true") -> list[tuple]:
-    return conn.execute(f"SELECT id, day, payload FROM mart.daily WHERE {where} ORDER BY id"  # noqa: S608
-                        ).fetchall()
+    return conn.execute(
+        f"SELECT id, day, payload FROM mart.daily WHERE {where} ORDER BY id"  # noqa: S608
+    ).fetchall()
 
 
 def source(conn: psycopg.Connection, where: str = "true") -> list[tuple]:
-    return conn.execute(f"SELECT id, day, payload FROM src WHERE {where} ORDER BY id"  # noqa: S608
-                        ).fetchall()
+    return conn.execute(
+        f"SELECT id, day, payload FROM src WHERE {where} ORDER BY id"  # noqa: S608
+    ).fetchall()
 
 
 def test_append_copies_every_row_once_with_binary_copy(db: str, ledger: Ledger, tables):
     out = ledger.run("append", copy(db))
-    assert out == {"rows": 3000, "table": "mart.daily", "mode": "append", "chunks": 1,
-                   "format": "binary"}
+    assert out == {
+        "rows": 3000,
+        "table": "mart.daily",
+        "mode": "append",
+        "chunks": 1,
+        "format": "binary",
+    }
     assert ledger.run_outcome("append", copy(db)).action == "skipped"
     assert target(tables) == source(tables)
 
@@ -59,22 +68,32 @@ def test_text_copy_when_types_differ_and_named_columns(db: str, ledger: Ledger, 
     out = ledger.run("wide", copy(db, table="wide", columns=["id", "day", "payload"]))
     assert out["format"] == "text" and out["rows"] == 3000
     assert tables.execute("SELECT count(*), sum(id), count(note) FROM wide").fetchone() == (
-        3000, 4501500, 0)
+        3000,
+        4501500,
+        0,
+    )
 
 
 def test_replace_swaps_the_partition_in_one_transaction(db: str, ledger: Ledger, tables):
-    tables.execute("INSERT INTO mart.daily VALUES (-1, '2024-01-02', 'stale'), "
-                   "(-2, '2024-01-03', 'other day')")
-    replace = copy(db, mode="replace", replace_where="day = %(day)s",
-                   query="SELECT id, day, payload FROM src WHERE day = %(day)s ORDER BY id",
-                   parameters={"day": date(2024, 1, 2)})
+    tables.execute(
+        "INSERT INTO mart.daily VALUES (-1, '2024-01-02', 'stale'), (-2, '2024-01-03', 'other day')"
+    )
+    replace = copy(
+        db,
+        mode="replace",
+        replace_where="day = %(day)s",
+        query="SELECT id, day, payload FROM src WHERE day = %(day)s ORDER BY id",
+        parameters={"day": date(2024, 1, 2)},
+    )
     assert ledger.run("replace/2024-01-02", replace)["rows"] == 1000
     assert target(tables, "day = '2024-01-02'") == source(tables, "day = '2024-01-02'")
     assert target(tables, "day <> '2024-01-02'") == [(-2, date(2024, 1, 3), "other day")]
     # a backfill re-run supersedes the partition (on_committed="replace"): same rows again
     tables.execute("UPDATE src SET payload = 'v2' WHERE day = '2024-01-02'")
-    assert ledger.run_outcome("replace/2024-01-02", replace,
-                              on_committed="replace").action == "replaced"
+    assert (
+        ledger.run_outcome("replace/2024-01-02", replace, on_committed="replace").action
+        == "replaced"
+    )
     assert target(tables, "day = '2024-01-02'") == source(tables, "day = '2024-01-02'")
     assert len(target(tables)) == 1001
 
@@ -82,8 +101,13 @@ def test_replace_swaps_the_partition_in_one_transaction(db: str, ledger: Ledger,
 @pytest.mark.parametrize("visibility", ["chunks", "atomic"])
 def test_chunked_append(db: str, ledger: Ledger, tables, visibility):
     out = ledger.run("chunked", copy(db, chunk_rows=700, visibility=visibility))
-    assert out == {"rows": 3000, "table": "mart.daily", "mode": "append", "chunks": 5,
-                   "format": "binary"}
+    assert out == {
+        "rows": 3000,
+        "table": "mart.daily",
+        "mode": "append",
+        "chunks": 5,
+        "format": "binary",
+    }
     assert target(tables) == source(tables)
 
 
@@ -100,8 +124,14 @@ CHILD = textwrap.dedent("""
         print(ledger.run("k", load, attempt=attempt, origin=Origin("d", "copy", "r1", -1)))
 """)
 
-STEPS = [("after_claim", False), ("before_commit", False), ("after_commit", False),
-         ("before_chunk_commit", True), ("after_chunk", True), ("before_commit", True)]
+STEPS = [
+    ("after_claim", False),
+    ("before_commit", False),
+    ("after_commit", False),
+    ("before_chunk_commit", True),
+    ("after_chunk", True),
+    ("before_commit", True),
+]
 
 
 def _spec(step: str, chunked: bool, action: str) -> str:
@@ -119,7 +149,8 @@ def _check_exact(tables: psycopg.Connection, chunked: bool, step: str) -> None:
 
 @pytest.mark.parametrize(("step", "chunked"), STEPS)
 def test_exception_at_each_failpoint_then_retry_gives_the_source_exactly(
-        db: str, tables, monkeypatch, step, chunked):
+    db: str, tables, monkeypatch, step, chunked
+):
     tables.execute("INSERT INTO mart.daily VALUES (-1, '2024-01-01', 'replaced by the load')")
     load = copy(db, mode="replace", chunk_rows=1000 if chunked else None)
     monkeypatch.setenv("EOS_FAILPOINTS", _spec(step, chunked, "raise"))
@@ -132,17 +163,26 @@ def test_exception_at_each_failpoint_then_retry_gives_the_source_exactly(
 
 
 @pytest.mark.parametrize(("step", "chunked"), [s for s in STEPS if s[0] != "after_claim"])
-def test_exit_at_each_failpoint_then_retry_gives_the_source_exactly(db: str, tables, step,
-                                                                    chunked):
+def test_exit_at_each_failpoint_then_retry_gives_the_source_exactly(db: str, tables, step, chunked):
     tables.execute("INSERT INTO mart.daily VALUES (-1, '2024-01-01', 'replaced by the load')")
     env = {**os.environ, "EOS_FAILPOINTS": _spec(step, chunked, "exit")}
     chunk = "1000" if chunked else "-"
-    first = subprocess.run([sys.executable, "-c", CHILD, db, "1", chunk], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+    first = subprocess.run(
+        [sys.executable, "-c", CHILD, db, "1", chunk],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert first.returncode == failpoints.EXIT_CODE, first.stderr
     with Ledger(db) as ledger:  # the retry, in this process
-        ledger.run("k", copy(db, mode="replace", chunk_rows=int(chunk) if chunked else None),
-                   attempt=2, origin=TI)
+        ledger.run(
+            "k",
+            copy(db, mode="replace", chunk_rows=int(chunk) if chunked else None),
+            attempt=2,
+            origin=TI,
+        )
     _check_exact(tables, chunked, step)
 
 
@@ -150,7 +190,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(db: str, ledger: Ledger, tab
     cases = [
         (dict(table="mart.missing"), "target table mart.missing does not exist"),
         (dict(query="SELEC id FROM src"), "the source query failed .*42601.*fix sql="),
-        (dict(query="SELECT id, day, payload FROM nowhere"), "relation \"nowhere\" does not"),
+        (dict(query="SELECT id, day, payload FROM nowhere"), 'relation "nowhere" does not'),
         (dict(query="SELECT id FROM src"), "returns 1 columns and table mart.daily has 3"),
         (dict(table="a.b.c"), "is not a table name"),
         (dict(mode="upsert"), "mode='upsert' is not valid"),
@@ -165,6 +205,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(db: str, ledger: Ledger, tab
 
 
 # --- incremental copies -------------------------------------------------------------------
+
 
 @pytest.fixture
 def readings(conn: psycopg.Connection) -> psycopg.Connection:
@@ -186,13 +227,15 @@ def add(conn: psycopg.Connection, n: int) -> None:
 
 
 def copied(conn: psycopg.Connection) -> tuple:
-    return conn.execute("SELECT count(*), count(DISTINCT id), max(id) FROM readings_copy"
-                        ).fetchone()
+    return conn.execute(
+        "SELECT count(*), count(DISTINCT id), max(id) FROM readings_copy"
+    ).fetchone()
 
 
 def position(conn: psycopg.Connection) -> object:
-    row = conn.execute("SELECT position FROM eos.offsets WHERE source = 'table:public.readings'"
-                       ).fetchone()
+    row = conn.execute(
+        "SELECT position FROM eos.offsets WHERE source = 'table:public.readings'"
+    ).fetchone()
     return row and row[0]
 
 
@@ -207,8 +250,9 @@ def test_incremental_picks_up_new_rows_once(db: str, ledger: Ledger, readings):
     assert position(readings) == 150
 
 
-def test_incremental_crash_between_write_and_commit_no_gap_no_duplicate(db: str, ledger: Ledger,
-                                                                       readings, monkeypatch):
+def test_incremental_crash_between_write_and_commit_no_gap_no_duplicate(
+    db: str, ledger: Ledger, readings, monkeypatch
+):
     add(readings, 100)
     ledger.run("run1", incr(db))
     add(readings, 40)
@@ -221,8 +265,9 @@ def test_incremental_crash_between_write_and_commit_no_gap_no_duplicate(db: str,
     assert copied(readings) == (150, 150, 150) and position(readings) == 150
 
 
-def test_incremental_chunked_resumes_within_the_fixed_range(db: str, ledger: Ledger, readings,
-                                                            monkeypatch):
+def test_incremental_chunked_resumes_within_the_fixed_range(
+    db: str, ledger: Ledger, readings, monkeypatch
+):
     add(readings, 1000)
     monkeypatch.setenv("EOS_FAILPOINTS", "after_chunk@1#3=raise")
     failpoints._hits.clear()

@@ -49,11 +49,19 @@ from tests.conftest import (
 KEY = "transfer/2024-01-01"
 ORIGIN = Origin("bank", "transfer", "run-1", -1)
 #: Every failpoint of the protocol and the protocol it belongs to.
-STEPS = {"after_prepare": "2pc", "after_decision": "2pc",
-         "after_first_commit_prepared": "2pc", "after_precommit": "3pc"}
+STEPS = {
+    "after_prepare": "2pc",
+    "after_decision": "2pc",
+    "after_first_commit_prepared": "2pc",
+    "after_precommit": "3pc",
+}
 #: Does the effect stand after a crash at this step (the decision was taken)?
-DECIDED = {"after_prepare": False, "after_decision": True,
-           "after_first_commit_prepared": True, "after_precommit": True}
+DECIDED = {
+    "after_prepare": False,
+    "after_decision": True,
+    "after_first_commit_prepared": True,
+    "after_precommit": True,
+}
 #: Steps after the decision committed: an attempt interrupted there by an exception (not a
 #: crash) finishes its transaction itself before it fails, leaving nothing in doubt.
 ROLLED_FORWARD = {"after_decision", "after_first_commit_prepared"}
@@ -94,8 +102,9 @@ class Banks:
     dsns: dict[str, str]
 
     def ledger(self, protocol: str = "2pc") -> MultiLedger:
-        return MultiLedger(self.dsns["c"], {"a": self.dsns["a"], "b": self.dsns["b"]},
-                           protocol=protocol)
+        return MultiLedger(
+            self.dsns["c"], {"a": self.dsns["a"], "b": self.dsns["b"]}, protocol=protocol
+        )
 
     def balances(self) -> tuple[int, int]:
         found = []
@@ -106,9 +115,13 @@ class Banks:
 
     def prepared(self) -> list[str]:
         with psycopg.connect(self.admin) as conn:
-            return [gid for (gid,) in conn.execute(
-                "SELECT gid FROM pg_prepared_xacts WHERE database = ANY(%s)",
-                [list(self.names.values())])]
+            return [
+                gid
+                for (gid,) in conn.execute(
+                    "SELECT gid FROM pg_prepared_xacts WHERE database = ANY(%s)",
+                    [list(self.names.values())],
+                )
+            ]
 
     def assert_moved(self, times: int) -> None:
         a, b = self.balances()
@@ -118,8 +131,9 @@ class Banks:
 
     def state(self, key: str = KEY) -> str | None:
         with psycopg.connect(self.dsns["c"]) as conn:
-            row = conn.execute("SELECT state::text FROM eos.ledger WHERE key = %s",
-                               [key]).fetchone()
+            row = conn.execute(
+                "SELECT state::text FROM eos.ledger WHERE key = %s", [key]
+            ).fetchone()
         return row and row[0]
 
     def events(self, key: str = KEY) -> list[str]:
@@ -128,30 +142,53 @@ class Banks:
 
     def coordinator_down(self) -> None:
         with psycopg.connect(self.admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
-                sql.Identifier(self.names["c"])))
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE datname = %s", [self.names["c"]])
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
+                    sql.Identifier(self.names["c"])
+                )
+            )
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                [self.names["c"]],
+            )
 
     def coordinator_up(self) -> None:
         with psycopg.connect(self.admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
-                sql.Identifier(self.names["c"])))
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
+                    sql.Identifier(self.names["c"])
+                )
+            )
 
     def crash(self, protocol: str, failpoint: str, key: str = KEY) -> None:
         """Run attempt 1 in a process that dies at ``failpoint``."""
         env = {**os.environ, "EOS_FAILPOINTS": f"{failpoint}@1=exit", "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-c", WORKER, self.dsns["c"], self.dsns["a"],
-                               self.dsns["b"], protocol, key], env=env, capture_output=True,
-                              text=True, timeout=60, cwd=ROOT)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                self.dsns["c"],
+                self.dsns["a"],
+                self.dsns["b"],
+                protocol,
+                key,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
         assert done.returncode == failpoints.EXIT_CODE, done.stdout + done.stderr
         assert f"failpoint {failpoint.split('@')[0]} exits the process" in done.stderr
 
 
 def _banks(admin: str, template: str, *, separate_coordinator: bool) -> Iterator[Banks]:
     token = uuid.uuid4().hex[:8]
-    names = {n: f"eos_2pc_{n}_{token}" for n in (("c", "a", "b") if separate_coordinator
-                                                 else ("a", "b"))}
+    names = {
+        n: f"eos_2pc_{n}_{token}" for n in (("c", "a", "b") if separate_coordinator else ("a", "b"))
+    }
     dsns = {n: create_database(admin, db, template=template) for n, db in names.items()}
     dsns.setdefault("c", dsns["a"])  # else bank a's ledger coordinates, as in most set-ups
     try:
@@ -187,8 +224,10 @@ def finish_leftovers(admin: str, databases) -> None:
     """Roll back what a failed test left prepared: it would block DROP DATABASE and hold one
     of the server's max_prepared_transactions slots."""
     with psycopg.connect(admin) as conn:
-        rows = conn.execute("SELECT gid, database FROM pg_prepared_xacts "
-                            "WHERE database = ANY(%s)", [list(databases)]).fetchall()
+        rows = conn.execute(
+            "SELECT gid, database FROM pg_prepared_xacts WHERE database = ANY(%s)",
+            [list(databases)],
+        ).fetchall()
     for gid, database in rows:
         with psycopg.connect(dsn_for(admin, database), autocommit=True) as conn:
             conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
@@ -205,7 +244,8 @@ def test_transfer_commits_once_on_both_databases_and_logs_the_decision(banks, pr
     assert banks.events() == ["claimed", "prepared", "decided", "committed", "skipped"]
     with psycopg.connect(banks.dsns["c"]) as conn:
         txid, decision, outcome, participants = conn.execute(
-            "SELECT txid, decision, outcome, participants FROM eos.twophase").fetchone()
+            "SELECT txid, decision, outcome, participants FROM eos.twophase"
+        ).fetchone()
     assert (decision, outcome) == ("commit", "committed")
     assert txid.startswith(f"eos:{protocol[0]}:") and len(txid) + 2 < 200
     assert sorted(participants) == ["a", "b"]
@@ -220,24 +260,26 @@ def test_gids_stay_under_200_bytes_and_name_their_key_attempt_and_participant():
     gid = f"{txid}:{'p' * 40}"
     assert len(gid.encode()) < 200
     parsed = parse_gid(gid)
-    assert (parsed.protocol, parsed.attempt, parsed.participant) == ("3pc", 2_000_000_000,
-                                                                     "p" * 40)
+    assert (parsed.protocol, parsed.attempt, parsed.participant) == ("3pc", 2_000_000_000, "p" * 40)
     assert parse_gid("someone_elses_gid") is None
 
 
 def test_single_target_handle_is_refused_and_bad_targets_fail_before_anything(banks):
     with banks.ledger() as ledger, pytest.raises(ConfigurationError) as info:
         ledger.run(KEY, lambda eos: eos.conn.execute("SELECT 1"), origin=ORIGIN)
-    assert str(info.value) == ("this effect writes to several targets ('a', 'b'): use "
-                               "eos.conns[name], e.g. eos.conns['a'], instead of eos.conn")
+    assert str(info.value) == (
+        "this effect writes to several targets ('a', 'b'): use "
+        "eos.conns[name], e.g. eos.conns['a'], instead of eos.conn"
+    )
     assert banks.state() == "failed"
-    for bad, message in [({"a": banks.dsns["a"]}, "at least two names"),
-                         ({"a": banks.dsns["a"], "b-x": banks.dsns["b"]}, "letters, digits")]:
+    for bad, message in [
+        ({"a": banks.dsns["a"]}, "at least two names"),
+        ({"a": banks.dsns["a"], "b-x": banks.dsns["b"]}, "letters, digits"),
+    ]:
         with pytest.raises(ConfigurationError, match=message):
             MultiLedger(banks.dsns["c"], bad)
     with pytest.raises(ConfigurationError, match="choose '2pc' or '3pc'"):
-        MultiLedger(banks.dsns["c"], {"a": banks.dsns["a"], "b": banks.dsns["b"]},
-                    protocol="xa")
+        MultiLedger(banks.dsns["c"], {"a": banks.dsns["a"], "b": banks.dsns["b"]}, protocol="xa")
     banks.assert_moved(0)
 
 
@@ -251,8 +293,9 @@ def test_participant_refusing_to_prepare_commits_nothing_anywhere(banks, protoco
     with banks.ledger(protocol) as ledger, pytest.raises(ParticipantError) as info:
         ledger.run(KEY, bad_transfer, origin=ORIGIN)
     message = str(info.value)
-    assert message.startswith(f"effect {KEY!r} attempt 1: participant 'b' refused to prepare "
-                              "(23503: ")
+    assert message.startswith(
+        f"effect {KEY!r} attempt 1: participant 'b' refused to prepare (23503: "
+    )
     assert "nothing was committed on any database" in message
     assert info.value.retryable is False
     banks.assert_moved(0)
@@ -271,9 +314,11 @@ def test_a_caught_error_in_one_participant_is_not_prepared_as_if_it_worked(banks
 
     with banks.ledger() as ledger, pytest.raises(ParticipantError) as info:
         ledger.run(KEY, swallow, origin=ORIGIN)
-    assert str(info.value).startswith("a statement failed in participant 'b''s transaction "
-                                      "and the function went on (it caught the error); "
-                                      "nothing was committed.")
+    assert str(info.value).startswith(
+        "a statement failed in participant 'b''s transaction "
+        "and the function went on (it caught the error); "
+        "nothing was committed."
+    )
     banks.assert_moved(0)
     assert banks.state() == "failed"
 
@@ -283,8 +328,10 @@ def test_3pc_needs_the_ledger_schema_in_every_participant(banks):
         conn.execute("DROP SCHEMA eos CASCADE")
     with banks.ledger("3pc") as ledger, pytest.raises(LedgerSchemaError) as info:
         ledger.run(KEY, transfer, origin=ORIGIN)
-    assert f'the ledger schema "eos" is missing or incomplete in database ' \
-           f'"{banks.names["b"]}"' in str(info.value)
+    assert (
+        f'the ledger schema "eos" is missing or incomplete in database '
+        f'"{banks.names["b"]}"' in str(info.value)
+    )
     assert "eos-airflow db migrate" in str(info.value)
     banks.assert_moved(0)
     assert banks.state() == "failed"
@@ -315,32 +362,53 @@ def test_raise_at_each_failpoint_then_retry_moves_money_once(banks, step, monkey
         assert "aborted" in banks.events()
 
 
-@pytest.mark.parametrize("step,how", [("after_decision", "recover"),
-                                      ("after_first_commit_prepared", "retry")])
+@pytest.mark.parametrize(
+    "step,how", [("after_decision", "recover"), ("after_first_commit_prepared", "retry")]
+)
 def test_process_killed_at_each_failpoint_is_finished_by_retry_or_recover(banks, step, how):
     _crash_and_finish(banks, STEPS[step], step, how)
 
 
 #: Every step of each protocol (two-phase commit has no pre-commit step).
-PROTOCOL_STEPS = [(step, protocol) for protocol in ("2pc", "3pc") for step in STEPS
-                  if not (step == "after_precommit" and protocol == "2pc")]
+PROTOCOL_STEPS = [
+    (step, protocol)
+    for protocol in ("2pc", "3pc")
+    for step in STEPS
+    if not (step == "after_precommit" and protocol == "2pc")
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["retry", "recover"])
 @pytest.mark.parametrize("action", ["raise", "exit"])
-@pytest.mark.parametrize("step,protocol", PROTOCOL_STEPS,
-                         ids=[f"{step}-{protocol}" for step, protocol in PROTOCOL_STEPS])
+@pytest.mark.parametrize(
+    "step,protocol", PROTOCOL_STEPS, ids=[f"{step}-{protocol}" for step, protocol in PROTOCOL_STEPS]
+)
 def test_failpoint_matrix(banks, step, protocol, action, how, monkeypatch):
     """Every step × protocol × action × finisher, EOS_2PC_ROUNDS times (default 1)."""
     for round_ in range(int(os.environ.get("EOS_2PC_ROUNDS", "1"))):
-        _crash_and_finish(banks, protocol, step, how, key=f"{KEY}/{round_}", moved=round_,
-                          action=action, monkeypatch=monkeypatch)
+        _crash_and_finish(
+            banks,
+            protocol,
+            step,
+            how,
+            key=f"{KEY}/{round_}",
+            moved=round_,
+            action=action,
+            monkeypatch=monkeypatch,
+        )
 
 
-def _crash_and_finish(banks: Banks, protocol: str, step: str, how: str, key: str = KEY,
-                      moved: int = 0, action: str = "exit",
-                      monkeypatch: pytest.MonkeyPatch | None = None) -> None:
+def _crash_and_finish(
+    banks: Banks,
+    protocol: str,
+    step: str,
+    how: str,
+    key: str = KEY,
+    moved: int = 0,
+    action: str = "exit",
+    monkeypatch: pytest.MonkeyPatch | None = None,
+) -> None:
     decided = DECIDED[step]
     if action == "exit":
         banks.crash(protocol, step, key)
@@ -422,8 +490,9 @@ def test_zombie_cannot_decide_after_a_newer_try_claimed(banks):
     assert "a newer attempt claimed it while attempt 1 ran" in str(outcome["zombie"])
     banks.assert_moved(1)
     with psycopg.connect(banks.dsns["c"]) as conn:
-        rows = conn.execute("SELECT attempt, decision, outcome FROM eos.twophase "
-                            "ORDER BY attempt").fetchall()
+        rows = conn.execute(
+            "SELECT attempt, decision, outcome FROM eos.twophase ORDER BY attempt"
+        ).fetchall()
         log = [(e, a) for e, a in events(conn, KEY)]
     assert rows == [(1, "abort", "aborted"), (2, "commit", "committed")]
     assert ("aborted", 1) in log and ("fenced", 1) in log
@@ -439,17 +508,37 @@ def test_3pc_participants_finish_the_transfer_while_the_coordinator_is_down(spli
     try:
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(banks.dsns["c"]).close()
-        done = _cli("recover", "--terminate", "--grace", "0s", "--format", "json",
-                    "--participant", f"a={banks.dsns['a']}", "--participant",
-                    f"b={banks.dsns['b']}")
+        done = _cli(
+            "recover",
+            "--terminate",
+            "--grace",
+            "0s",
+            "--format",
+            "json",
+            "--participant",
+            f"a={banks.dsns['a']}",
+            "--participant",
+            f"b={banks.dsns['b']}",
+        )
         assert done.returncode == 0, done.stderr
         assert [r["outcome"] for r in json.loads(done.stdout)["transactions"]] == ["committed"]
         banks.assert_moved(1)
     finally:
         banks.coordinator_up()
     assert banks.state() == "running"  # the coordinator has not heard of it yet
-    done = _cli("recover", "--dsn", banks.dsns["c"], "--grace", "0s", "--format", "json",
-                "--participant", f"a={banks.dsns['a']}", "--participant", f"b={banks.dsns['b']}")
+    done = _cli(
+        "recover",
+        "--dsn",
+        banks.dsns["c"],
+        "--grace",
+        "0s",
+        "--format",
+        "json",
+        "--participant",
+        f"a={banks.dsns['a']}",
+        "--participant",
+        f"b={banks.dsns['b']}",
+    )
     assert done.returncode == 0, done.stderr
     assert banks.state() == "committed"
     assert banks.events()[-2:] == ["recovered", "committed"]
@@ -473,8 +562,17 @@ def test_2pc_blocks_while_the_coordinator_is_down_then_recover_finishes(split_ba
         assert sum(banks.balances()) == 200 and banks.balances() == (100, 100)
     finally:
         banks.coordinator_up()
-    done = _cli("recover", "--dsn", banks.dsns["c"], "--grace", "0s",
-                "--participant", f"a={banks.dsns['a']}", "--participant", f"b={banks.dsns['b']}")
+    done = _cli(
+        "recover",
+        "--dsn",
+        banks.dsns["c"],
+        "--grace",
+        "0s",
+        "--participant",
+        f"a={banks.dsns['a']}",
+        "--participant",
+        f"b={banks.dsns['b']}",
+    )
     assert done.returncode == 0, done.stderr
     decided = DECIDED[step]
     assert ("committed" if decided else "aborted") in done.stdout
@@ -492,6 +590,7 @@ def test_recover_leaves_young_undecided_transactions_alone(banks):
 
 def test_lost_coordinator_during_decision_is_in_doubt_not_aborted(split_banks, monkeypatch):
     banks = split_banks
+
     def down(attempt):
         banks.coordinator_down()
 
@@ -510,5 +609,11 @@ def test_lost_coordinator_during_decision_is_in_doubt_not_aborted(split_banks, m
 
 def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("EOS_LEDGER_DSN", "EOS_FAILPOINTS")}
-    return subprocess.run([sys.executable, "-m", "eos_airflow.cli.main", *argv], cwd=ROOT,
-                          env=env, text=True, capture_output=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "eos_airflow.cli.main", *argv],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )

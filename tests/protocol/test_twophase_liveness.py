@@ -101,14 +101,13 @@ def test_a_new_owner_leaves_a_newer_tries_live_transaction_alone(banks, hooks, m
     hook(hooks, "after_prepare", after_prepare)
     hook(hooks, "after_claim", after_claim)
     stall = ScanStall()
-    stalled = MultiLedger(banks.dsns["c"], {"a": stall.factory(banks.dsns["a"]),
-                                            "b": stall.factory(banks.dsns["b"])})
+    stalled = MultiLedger(
+        banks.dsns["c"], {"a": stall.factory(banks.dsns["a"]), "b": stall.factory(banks.dsns["b"])}
+    )
     with stalled, banks.ledger() as newer:
-        b_thread, b_done = in_thread(stalled.run_outcome, KEY, move_once, attempt=2,
-                                     origin=ORIGIN)
+        b_thread, b_done = in_thread(stalled.run_outcome, KEY, move_once, attempt=2, origin=ORIGIN)
         assert stall.reached.wait(30), "try 2 never looked for the key's prepared transactions"
-        c_thread, c_done = in_thread(newer.run_outcome, KEY, move_once, attempt=3,
-                                     origin=ORIGIN)
+        c_thread, c_done = in_thread(newer.run_outcome, KEY, move_once, attempt=3, origin=ORIGIN)
         assert c_prepared.wait(30), c_done
         assert len(banks.prepared()) == 2
         stall.go.set()
@@ -128,11 +127,15 @@ def _cut_coordinator(banks: Banks) -> None:
     """End every session of the coordinator database (the participants' stay) and wait until
     they are gone, so that the attempt's claim lock is free."""
     with psycopg.connect(banks.admin, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                     "WHERE datname = %s AND pid <> pg_backend_pid()", [banks.names["c"]])
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            [banks.names["c"]],
+        )
         for _ in range(100):
-            left = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                                [banks.names["c"]]).fetchone()[0]
+            left = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [banks.names["c"]]
+            ).fetchone()[0]
             if left == 0:
                 return
             time.sleep(0.05)
@@ -149,8 +152,7 @@ def _by_conn_id(banks: Banks):
     return lambda conn_id: lambda: psycopg.connect(by_conn_id[conn_id], autocommit=True)
 
 
-def test_an_attempt_that_lost_its_coordinator_session_rolls_back_what_it_prepared(
-        banks, hooks):
+def test_an_attempt_that_lost_its_coordinator_session_rolls_back_what_it_prepared(banks, hooks):
     """The attempt's coordinator session ends right before PREPARE; recovery sees its owner
     gone, aborts the transaction and closes it (nothing was prepared yet). The attempt then
     PREPAREs on its participants, which still answer: it used to leave both prepared (an
@@ -165,8 +167,11 @@ def test_an_attempt_that_lost_its_coordinator_session_rolls_back_what_it_prepare
             found.extend(_recover(banks, by_conn_id=_by_conn_id(banks)))
 
     hook(hooks, "before_commit", before_commit)
-    with MultiLedger(banks.dsns["c"], {"a": banks.dsns["a"], "b": banks.dsns["b"]},
-                     conn_ids={"a": "bank_a", "b": "bank_b"}) as ledger:
+    with MultiLedger(
+        banks.dsns["c"],
+        {"a": banks.dsns["a"], "b": banks.dsns["b"]},
+        conn_ids={"a": "bank_a", "b": "bank_b"},
+    ) as ledger:
         with pytest.raises(LostClaimError, match="lost the coordinator's session") as lost:
             ledger.run(KEY, move_once, attempt=1, origin=ORIGIN)
         assert [r.outcome for r in found] == ["aborted"], found
@@ -182,6 +187,7 @@ def test_an_attempt_whose_coordinator_session_ended_while_it_ran_prepares_nothin
     """The coordinator session ends while the function runs: the attempt checks its session
     right before PREPARE, so it prepares nothing (no window in which an orphan could hold the
     account's row lock), rolls both participants back and fails retryably."""
+
     def cut_then_move(eos):
         _cut_coordinator(banks)
         return move_once(eos)
@@ -219,10 +225,15 @@ def test_recover_finds_prepared_transactions_the_log_closed_on_the_logged_partic
     held the account's row lock and blocked every later try. recover now looks on the
     participants the log names by connection id and rolls them back (decided abort)."""
     env = {**os.environ, "EOS_FAILPOINTS": "after_prepare=exit", "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", ORPHANING_WORKER, banks.dsns["c"],
-                              banks.dsns["a"], banks.dsns["b"]], env=env, cwd=ROOT,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", ORPHANING_WORKER, banks.dsns["c"], banks.dsns["a"], banks.dsns["b"]],
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
         _cut_coordinator(banks)

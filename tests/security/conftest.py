@@ -41,9 +41,14 @@ def catalog(dsn: str, *, skip_schema: str | None = None) -> set[tuple[str, str, 
     """
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(query).fetchall()
-    return {(s, n, k) for s, n, k in rows
-            if s not in ("pg_catalog", "information_schema", "pg_toast") and s != skip_schema
-            and not s.startswith("pg_temp") and not s.startswith("pg_toast_temp")}
+    return {
+        (s, n, k)
+        for s, n, k in rows
+        if s not in ("pg_catalog", "information_schema", "pg_toast")
+        and s != skip_schema
+        and not s.startswith("pg_temp")
+        and not s.startswith("pg_toast_temp")
+    }
 
 
 @pytest.fixture
@@ -59,8 +64,9 @@ def granted(db: str, pg_admin_dsn: str) -> Iterator[tuple[str, str, str]]:
     with psycopg.connect(db, autocommit=True) as conn:
         for role in (writer, auditor):
             conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("GRANT SELECT, INSERT ON target, source TO {}").format(
-            sql.Identifier(writer)))
+        conn.execute(
+            sql.SQL("GRANT SELECT, INSERT ON target, source TO {}").format(sql.Identifier(writer))
+        )
     dbname = psycopg.conninfo.conninfo_to_dict(db)["dbname"]
     yield db, dsn_for(db, dbname) + f" user={writer}", dsn_for(db, dbname) + f" user={auditor}"
     with psycopg.connect(db, autocommit=True) as conn:

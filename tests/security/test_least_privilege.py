@@ -46,32 +46,49 @@ def test_a_writer_login_cannot_forge_an_event_or_move_a_chain_head(granted):
     with Ledger(writer) as ledger:
         ledger.run("sales/1", lambda eos: {"rows": 1}, origin=TI)
         with pytest.raises(RuntimeError):
-            ledger.run("sales/2", lambda eos: (_ for _ in ()).throw(RuntimeError("x")),
-                       origin=TI)
+            ledger.run("sales/2", lambda eos: (_ for _ in ()).throw(RuntimeError("x")), origin=TI)
     before = export(owner)
     with psycopg.connect(writer, autocommit=True) as conn:
-        seq, head = conn.execute("SELECT event_seq, last_hash FROM eos.ledger "
-                                 "WHERE key = 'sales/2'").fetchone()
+        seq, head = conn.execute(
+            "SELECT event_seq, last_hash FROM eos.ledger WHERE key = 'sales/2'"
+        ).fetchone()
         at = datetime(2024, 1, 1, tzinfo=timezone.utc)
         detail = {"version": 1, "run_id": "run_1"}
         detail_text = conn.execute("SELECT %s::jsonb::text", [json.dumps(detail)]).fetchone()[0]
-        forged = chain.event_hash(head, {"key": "sales/2", "seq": seq + 1, "event": "committed",
-                                         "attempt": 1, "at": at, "detail": detail_text})
+        forged = chain.event_hash(
+            head,
+            {
+                "key": "sales/2",
+                "seq": seq + 1,
+                "event": "committed",
+                "attempt": 1,
+                "at": at,
+                "detail": detail_text,
+            },
+        )
         refused = {
-            "a back-dated event with a correct hash":
-                ("INSERT INTO eos.ledger_events (key, seq, event, attempt, at, detail, "
-                 "prev_hash, hash) VALUES ('sales/2', %s, 'committed', 1, %s, %s, %s, %s)",
-                 [seq + 1, at, json.dumps(detail), head, forged]),
-            "the chain head moved": ("UPDATE eos.ledger SET event_seq = event_seq + 1, "
-                                     "last_hash = %s, state = 'committed' WHERE key = 'sales/2'",
-                                     [forged]),
-            "the event appender": ("SELECT eos.append_event('sales/2', %s, %s, 'committed', 1, "
-                                   "'{}')", [seq + 1, head]),
+            "a back-dated event with a correct hash": (
+                "INSERT INTO eos.ledger_events (key, seq, event, attempt, at, detail, "
+                "prev_hash, hash) VALUES ('sales/2', %s, 'committed', 1, %s, %s, %s, %s)",
+                [seq + 1, at, json.dumps(detail), head, forged],
+            ),
+            "the chain head moved": (
+                "UPDATE eos.ledger SET event_seq = event_seq + 1, "
+                "last_hash = %s, state = 'committed' WHERE key = 'sales/2'",
+                [forged],
+            ),
+            "the event appender": (
+                "SELECT eos.append_event('sales/2', %s, %s, 'committed', 1, '{}')",
+                [seq + 1, head],
+            ),
             "a reopen": ("SELECT * FROM eos.reopen('sales/1', 'x')", None),
             "a gc": ("SELECT * FROM eos.gc_prune(ARRAY['sales/1'], now())", None),
-            "an outbox row": ("INSERT INTO eos.outbox (effect_key, version, seq, message_id, "
-                              "destination, payload) VALUES ('sales/1', 1, 9, gen_random_uuid(),"
-                              " 'nats:x', '{}')", None),
+            "an outbox row": (
+                "INSERT INTO eos.outbox (effect_key, version, seq, message_id, "
+                "destination, payload) VALUES ('sales/1', 1, 9, gen_random_uuid(),"
+                " 'nats:x', '{}')",
+                None,
+            ),
             "an offset": ("UPDATE eos.offsets SET position = '0'", None),
             "a waiter": ("INSERT INTO eos.waiters VALUES ('k', false, 'me', now())", None),
         }
@@ -81,16 +98,16 @@ def test_a_writer_login_cannot_forge_an_event_or_move_a_chain_head(granted):
             assert what
         # the protocol's functions record what they do, nothing else
         with pytest.raises(psycopg.Error, match="records failed, fenced or skipped"):
-            conn.execute("SELECT eos.release('sales/2', gen_random_uuid(), 1, 'committed', "
-                         "'{}')")
+            conn.execute("SELECT eos.release('sales/2', gen_random_uuid(), 1, 'committed', '{}')")
         with pytest.raises(psycopg.Error, match="not owned by this attempt"):
-            conn.execute("SELECT eos.outbox_publish('sales/1', gen_random_uuid(), 2, 1, "
-                         "gen_random_uuid(), 'nats:x', NULL, '{}', '{}')")
+            conn.execute(
+                "SELECT eos.outbox_publish('sales/1', gen_random_uuid(), 2, 1, "
+                "gen_random_uuid(), 'nats:x', NULL, '{}', '{}')"
+            )
     assert export(owner) == before
     assert cli("ledger", "verify", "--dsn", owner).returncode == 0
     with Ledger(writer) as ledger:  # the key was not forged committed: the next try runs it
-        assert ledger.run("sales/2", lambda eos: {"rows": 2}, origin=TI, attempt=2) == {
-            "rows": 2}
+        assert ledger.run("sales/2", lambda eos: {"rows": 2}, origin=TI, attempt=2) == {"rows": 2}
 
 
 def test_the_writer_waits_for_commits_and_resolves_a_lost_commit(granted):
@@ -107,14 +124,25 @@ def test_the_writer_waits_for_commits_and_resolves_a_lost_commit(granted):
     assert asyncio.run(wait()) == "committed"
     owner_token = uuid.uuid4()
     with psycopg.connect(writer, autocommit=True) as conn:
-        conn.execute("SELECT * FROM eos.claim('lost/1', %s, 1, 'roles', 'load', 'run_1', -1, "
-                     "'h', 1, 'skip')", [owner_token])
+        conn.execute(
+            "SELECT * FROM eos.claim('lost/1', %s, 1, 'roles', 'load', 'run_1', -1, "
+            "'h', 1, 'skip')",
+            [owner_token],
+        )
     with pytest.raises(CommitNotDoneError):
-        commit_outcome(lambda: psycopg.connect(writer), "eos", "lost/1", owner_token, 1, 5,
-                       RuntimeError("connection lost"))
+        commit_outcome(
+            lambda: psycopg.connect(writer),
+            "eos",
+            "lost/1",
+            owner_token,
+            1,
+            5,
+            RuntimeError("connection lost"),
+        )
     with psycopg.connect(writer) as conn:
-        assert conn.execute("SELECT state::text FROM eos.ledger WHERE key = 'lost/1'"
-                            ).fetchone() == ("failed",)
+        assert conn.execute(
+            "SELECT state::text FROM eos.ledger WHERE key = 'lost/1'"
+        ).fetchone() == ("failed",)
 
 
 @pytest.fixture
@@ -129,14 +157,19 @@ def writer_banks(pg_admin_dsn: str, template_db: str) -> Iterator[tuple[Banks, d
             for name in ("a", "b"):
                 with psycopg.connect(banks.dsns[name], autocommit=True) as conn:
                     grant(conn, "eos", role, role + "_audit")
-                    conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON accounts, "
-                                         "transfer_log TO {}").format(sql.Identifier(role)))
+                    conn.execute(
+                        sql.SQL(
+                            "GRANT SELECT, INSERT, UPDATE ON accounts, transfer_log TO {}"
+                        ).format(sql.Identifier(role))
+                    )
                 dsns[name] = dsn_for(banks.dsns[name], banks.names[name]) + f" user={role}"
             yield banks, dsns
         finally:
             with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
-                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                             "WHERE usename = %s", [role])
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                    [role],
+                )
             for name in ("a", "b"):
                 with psycopg.connect(banks.dsns[name], autocommit=True) as conn:
                     for r in (role, role + "_audit"):
@@ -164,9 +197,14 @@ def test_the_writer_runs_multi_database_effects_and_their_recovery(writer_banks,
         again = ledger.run_outcome("transfer/1", transfer, attempt=2, origin=ORIGIN)
     assert (first.action, again.action) == ("committed", "skipped")
     env = {**os.environ, "EOS_FAILPOINTS": "after_decision=exit", "PYTHONPATH": str(ROOT)}
-    died = subprocess.run([sys.executable, "-c", CRASH, dsns["a"], dsns["b"], protocol,
-                           "transfer/2"], env=env, capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    died = subprocess.run(
+        [sys.executable, "-c", CRASH, dsns["a"], dsns["b"], protocol, "transfer/2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert died.returncode == failpoints.EXIT_CODE, died.stderr
     assert len(banks.prepared()) == 2
     with MultiLedger(dsns["a"], dsns, protocol=protocol) as ledger:
@@ -185,16 +223,18 @@ def test_a_migration_moves_the_old_grants_to_the_functions(empty_db: str, pg_adm
     with psycopg.connect(empty_db, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
         w = sql.Identifier(role)
-        for statement in ("GRANT USAGE ON SCHEMA eos TO {}",
-                          "GRANT SELECT ON ALL TABLES IN SCHEMA eos TO {}",
-                          "GRANT USAGE ON ALL SEQUENCES IN SCHEMA eos TO {}",
-                          "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA eos TO {}",
-                          "GRANT INSERT ON eos.ledger_events TO {}",
-                          "GRANT INSERT, UPDATE ON eos.ledger TO {}",
-                          "GRANT INSERT, UPDATE, DELETE ON eos.waiters, eos.outbox, eos.inbox, "
-                          "eos.offsets, eos.recovery_points, eos.twophase, eos.precommits TO {}",
-                          "CREATE TABLE public.target (key text)",
-                          "GRANT INSERT ON public.target TO {}"):
+        for statement in (
+            "GRANT USAGE ON SCHEMA eos TO {}",
+            "GRANT SELECT ON ALL TABLES IN SCHEMA eos TO {}",
+            "GRANT USAGE ON ALL SEQUENCES IN SCHEMA eos TO {}",
+            "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA eos TO {}",
+            "GRANT INSERT ON eos.ledger_events TO {}",
+            "GRANT INSERT, UPDATE ON eos.ledger TO {}",
+            "GRANT INSERT, UPDATE, DELETE ON eos.waiters, eos.outbox, eos.inbox, "
+            "eos.offsets, eos.recovery_points, eos.twophase, eos.precommits TO {}",
+            "CREATE TABLE public.target (key text)",
+            "GRANT INSERT ON public.target TO {}",
+        ):
             conn.execute(sql.SQL(statement).format(w))
         assert {d["role"] for d in direct_writers(conn, "eos")} == {role}
     try:
@@ -211,10 +251,14 @@ def test_a_migration_moves_the_old_grants_to_the_functions(empty_db: str, pg_adm
 
         with Ledger(as_writer) as ledger:
             assert ledger.run("moved/1", load, origin=TI) == 1
-        with psycopg.connect(as_writer) as conn, pytest.raises(
-                psycopg.errors.InsufficientPrivilege):
-            conn.execute("INSERT INTO eos.ledger_events (key, seq, event, attempt, at, detail, "
-                         "prev_hash, hash) VALUES ('x', 1, 'claimed', 1, now(), '{}', '', '')")
+        with (
+            psycopg.connect(as_writer) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            conn.execute(
+                "INSERT INTO eos.ledger_events (key, seq, event, attempt, at, detail, "
+                "prev_hash, hash) VALUES ('x', 1, 'claimed', 1, now(), '{}', '', '')"
+            )
     finally:
         with psycopg.connect(empty_db, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
@@ -236,10 +280,14 @@ def test_doctor_probes_the_roles_privileges_and_flags_direct_writes(granted):
     assert checks(auditor)["privileges"]["status"] == "warn"
     role = psycopg.conninfo.conninfo_to_dict(writer)["user"]
     with psycopg.connect(owner, autocommit=True) as conn:
-        conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION eos.commit(text, uuid, jsonb) FROM {}")
-                     .format(sql.Identifier(role)))
-        conn.execute(sql.SQL("GRANT INSERT ON eos.ledger_events TO {}").format(
-            sql.Identifier(role)))
+        conn.execute(
+            sql.SQL("REVOKE EXECUTE ON FUNCTION eos.commit(text, uuid, jsonb) FROM {}").format(
+                sql.Identifier(role)
+            )
+        )
+        conn.execute(
+            sql.SQL("GRANT INSERT ON eos.ledger_events TO {}").format(sql.Identifier(role))
+        )
     broken = checks(writer)
     assert broken["privileges"]["status"] == "fail"
     assert "permission denied for function commit" in broken["privileges"]["detail"]
@@ -247,5 +295,6 @@ def test_doctor_probes_the_roles_privileges_and_flags_direct_writes(granted):
     assert f"{role} (INSERT on ledger_events)" in broken["direct writes"]["detail"]
     assert cli("doctor", "--dsn", writer).returncode == 1
     with psycopg.connect(owner) as conn:  # the probes left nothing behind
-        assert conn.execute("SELECT count(*) FROM eos.ledger WHERE key LIKE 'eos-doctor/%'"
-                            ).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM eos.ledger WHERE key LIKE 'eos-doctor/%'"
+        ).fetchone() == (0,)

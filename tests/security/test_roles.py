@@ -30,8 +30,9 @@ def test_the_writer_runs_every_single_database_protocol(granted):
     def chunked(eos):
         chunks = eos.checkpoints(range(10), every=3)
         for chunk in chunks:
-            eos.conn.cursor().executemany("INSERT INTO target VALUES (%s, %s)",
-                                          [(eos.key, n) for n in chunk])
+            eos.conn.cursor().executemany(
+                "INSERT INTO target VALUES (%s, %s)", [(eos.key, n) for n in chunk]
+            )
         start = eos.offsets.get("table:source", 0)
         eos.offsets["table:source"] = start + 10
         eos.publish("nats:orders.new", {"rows": chunks.rows})
@@ -41,8 +42,10 @@ def test_the_writer_runs_every_single_database_protocol(granted):
         assert ledger.run("load/1", chunked, origin=TI) == {"rows": 10, "from": 0}
         assert ledger.run("load/2", chunked, origin=TI) == {"rows": 10, "from": 10}
         assert ledger.run("load/1", chunked, origin=TI, attempt=2) == {"rows": 10, "from": 0}
-        assert ledger.run("load/1", chunked, origin=TI, attempt=3,
-                          on_committed="replace")["from"] == 20
+        assert (
+            ledger.run("load/1", chunked, origin=TI, attempt=3, on_committed="replace")["from"]
+            == 20
+        )
     with psycopg.connect(writer, autocommit=True) as conn:
         from eos_airflow.outbox.store import mark_delivered, pending
 
@@ -57,13 +60,23 @@ def test_the_auditor_reads_and_exports_but_changes_nothing(granted):
     with Ledger(writer) as ledger:
         ledger.run("a", lambda eos: {"v": 1}, origin=TI)
         ledger.run("b", lambda eos: eos.publish("nats:x.y", {"v": 2}), origin=TI)
-    for argv in (("ledger", "list"), ("ledger", "show", "a"), ("ledger", "verify"),
-                 ("ledger", "export"), ("ledger", "stats"), ("doctor",)):
+    for argv in (
+        ("ledger", "list"),
+        ("ledger", "show", "a"),
+        ("ledger", "verify"),
+        ("ledger", "export"),
+        ("ledger", "stats"),
+        ("doctor",),
+    ):
         done = cli(*argv, "--dsn", auditor, "--format", "json")
         assert done.returncode == 0, (argv, done.stderr)
     exported = cli("ledger", "export", "--dsn", auditor, "--format", "json")
     assert [json.loads(line)["event"] for line in exported.stdout.splitlines()] == [
-        "claimed", "committed", "claimed", "committed"]
+        "claimed",
+        "committed",
+        "claimed",
+        "committed",
+    ]
 
     before = cli("ledger", "export", "--dsn", owner, "--format", "json").stdout
     refused = cli("ledger", "reopen", "a", "--reason", "audit", "--dsn", auditor)
@@ -75,9 +88,11 @@ def test_the_auditor_reads_and_exports_but_changes_nothing(granted):
     with Ledger(auditor) as ledger, pytest.raises((EosError, psycopg.Error)):
         ledger.run("c", lambda eos: 1, origin=TI)
     with psycopg.connect(auditor, autocommit=True) as conn:
-        for statement in ("UPDATE eos.outbox SET delivered_at = now()",
-                          "INSERT INTO eos.offsets (source, position) VALUES ('s', '1')",
-                          "DELETE FROM eos.recovery_points"):
+        for statement in (
+            "UPDATE eos.outbox SET delivered_at = now()",
+            "INSERT INTO eos.offsets (source, position) VALUES ('s', '1')",
+            "DELETE FROM eos.recovery_points",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
     assert cli("ledger", "export", "--dsn", owner, "--format", "json").stdout == before

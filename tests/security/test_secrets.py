@@ -31,16 +31,21 @@ USER = "eos_app"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LocalServer]:
-    own = LocalServer({"password_encryption": "'scram-sha-256'",
-                       "max_prepared_transactions": "8"}).init()
+    own = LocalServer(
+        {"password_encryption": "'scram-sha-256'", "max_prepared_transactions": "8"}
+    ).init()
     (own.pgdata / "pg_hba.conf").write_text(
         "local all all trust\n"
         "host all postgres 127.0.0.1/32 trust\n"
-        "host all all 127.0.0.1/32 scram-sha-256\n")
+        "host all all 127.0.0.1/32 scram-sha-256\n"
+    )
     own.start()
     with psycopg.connect(own.dsn(), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
-            sql.Identifier(USER), sql.Literal(PASSWORD)))
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
+                sql.Identifier(USER), sql.Literal(PASSWORD)
+            )
+        )
     try:
         yield own
     finally:
@@ -54,8 +59,7 @@ def dbs(server: LocalServer) -> dict[str, str]:
     out = {}
     for name in ("a", "b"):
         server.create_database(f"sec_{name}_{token}")
-        out[name] = (f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{server.port}/"
-                     f"sec_{name}_{token}")
+        out[name] = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{server.port}/sec_{name}_{token}"
         with Ledger(out[name]) as ledger:
             ledger.migrate()
     return out
@@ -78,8 +82,10 @@ def test_passwords_stay_out_of_errors_events_exports_and_logs(dbs, caplog):
     assert "password authentication failed" in str(raised.value)
     assert_hidden(raised.value, repr(raised.value), raised.value.__cause__)
 
-    for malformed in (dsn.replace(PASSWORD, PASSWORD + "%ZZ"),   # bad percent-encoding
-                      f"host=127.0.0.1 password={PASSWORD} {PASSWORD}x"):  # a stray word
+    for malformed in (
+        dsn.replace(PASSWORD, PASSWORD + "%ZZ"),  # bad percent-encoding
+        f"host=127.0.0.1 password={PASSWORD} {PASSWORD}x",
+    ):  # a stray word
         with pytest.raises(ConfigurationError, match="not a PostgreSQL connection string") as bad:
             Ledger(malformed)
         assert_hidden(bad.value)
@@ -93,15 +99,22 @@ def test_passwords_stay_out_of_errors_events_exports_and_logs(dbs, caplog):
             ledger.run("bad", fails)
         assert_hidden(failed.value)
         with pytest.raises(EosError) as refused:  # committed already, on_committed="fail"
-            ledger.run("ok", lambda eos: 2, origin=Origin("d", "t", "r", -1),
-                       on_committed="fail")
+            ledger.run("ok", lambda eos: 2, origin=Origin("d", "t", "r", -1), on_committed="fail")
         assert_hidden(refused.value)
 
     outputs = []
-    for argv in (("ledger", "list"), ("ledger", "show", "ok"), ("ledger", "show", "bad"),
-                 ("ledger", "export"), ("ledger", "export", "--format", "csv"),
-                 ("ledger", "verify"), ("ledger", "stats"), ("doctor",), ("recover",),
-                 ("doctor", "--format", "json")):
+    for argv in (
+        ("ledger", "list"),
+        ("ledger", "show", "ok"),
+        ("ledger", "show", "bad"),
+        ("ledger", "export"),
+        ("ledger", "export", "--format", "csv"),
+        ("ledger", "verify"),
+        ("ledger", "stats"),
+        ("doctor",),
+        ("recover",),
+        ("doctor", "--format", "json"),
+    ):
         done = cli(*argv, "--dsn", dsn)
         outputs.append(done)
         assert_hidden(done.stdout, done.stderr)
@@ -116,31 +129,49 @@ def test_passwords_stay_out_of_errors_events_exports_and_logs(dbs, caplog):
     assert_hidden(bad_uri.stderr)
 
     with psycopg.connect(dsn) as conn:
-        assert_hidden(conn.execute("SELECT json_agg(e)::text FROM eos.ledger_events e")
-                      .fetchone()[0],
-                      conn.execute("SELECT json_agg(l)::text FROM eos.ledger l").fetchone()[0])
+        assert_hidden(
+            conn.execute("SELECT json_agg(e)::text FROM eos.ledger_events e").fetchone()[0],
+            conn.execute("SELECT json_agg(l)::text FROM eos.ledger l").fetchone()[0],
+        )
     assert_hidden(caplog.text)
 
 
 def test_the_decision_log_and_recover_keep_only_connection_ids(dbs, caplog):
     caplog.set_level(logging.DEBUG)
-    with MultiLedger(dbs["a"], {"a": dbs["a"], "b": dbs["b"]},
-                     conn_ids={"a": "bank_a", "b": "bank_b"}) as banks:
+    with MultiLedger(
+        dbs["a"], {"a": dbs["a"], "b": dbs["b"]}, conn_ids={"a": "bank_a", "b": "bank_b"}
+    ) as banks:
         assert banks.run("move/1", lambda eos: {"moved": 1}) == {"moved": 1}
     with psycopg.connect(dbs["a"]) as conn:
-        tables = [t for (t,) in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'eos'")]
+        tables = [
+            t for (t,) in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'eos'")
+        ]
         for table in tables:
-            dump = conn.execute(sql.SQL("SELECT coalesce(json_agg(t)::text, '') FROM {} t")
-                                .format(sql.Identifier("eos", table))).fetchone()[0]
+            dump = conn.execute(
+                sql.SQL("SELECT coalesce(json_agg(t)::text, '') FROM {} t").format(
+                    sql.Identifier("eos", table)
+                )
+            ).fetchone()[0]
             assert_hidden(dump)
         log = conn.execute("SELECT json_agg(t)::text FROM eos.twophase t").fetchone()[0]
     assert "bank_a" in log and "bank_b" in log  # the ids are there; the secrets are not
     down = dbs["b"].replace(dbs["b"].split("@")[1].split("/")[0], "127.0.0.1:1")
-    for participant in (f"b={down}", f"b={dbs['b'].replace(PASSWORD, PASSWORD + '%ZZ')}",
-                        dbs["b"]):  # unreachable, malformed, not NAME=DSN
-        done = cli("recover", "--dsn", dbs["a"], "--grace", "0", "--participant",
-                   f"a={dbs['a']}", "--participant", participant)
+    for participant in (
+        f"b={down}",
+        f"b={dbs['b'].replace(PASSWORD, PASSWORD + '%ZZ')}",
+        dbs["b"],
+    ):  # unreachable, malformed, not NAME=DSN
+        done = cli(
+            "recover",
+            "--dsn",
+            dbs["a"],
+            "--grace",
+            "0",
+            "--participant",
+            f"a={dbs['a']}",
+            "--participant",
+            participant,
+        )
         assert_hidden(done.stdout, done.stderr)
     assert_hidden(caplog.text)
 
@@ -149,12 +180,22 @@ def test_an_airflow_connection_password_stays_hidden(dbs, monkeypatch):
     """Through ``--conn-id`` (the Postgres hook reads AIRFLOW_CONN_*), right and wrong
     passwords."""
     params = psycopg.conninfo.conninfo_to_dict(dbs["a"])
-    conn = {"conn_type": "postgres", "host": params["host"], "port": int(params["port"]),
-            "login": USER, "password": PASSWORD, "schema": params["dbname"]}
+    conn = {
+        "conn_type": "postgres",
+        "host": params["host"],
+        "port": int(params["port"]),
+        "login": USER,
+        "password": PASSWORD,
+        "schema": params["dbname"],
+    }
     monkeypatch.setenv("AIRFLOW_CONN_SEC_OK", json.dumps(conn))
     monkeypatch.setenv("AIRFLOW_CONN_SEC_BAD", json.dumps({**conn, "password": WRONG}))
-    for conn_id, argv in (("SEC_OK", ("ledger", "export")), ("SEC_OK", ("doctor",)),
-                          ("SEC_BAD", ("ledger", "list")), ("SEC_BAD", ("doctor",))):
+    for conn_id, argv in (
+        ("SEC_OK", ("ledger", "export")),
+        ("SEC_OK", ("doctor",)),
+        ("SEC_BAD", ("ledger", "list")),
+        ("SEC_BAD", ("doctor",)),
+    ):
         done = cli(*argv, "--conn-id", conn_id)
         assert_hidden(done.stdout, done.stderr)
         if conn_id == "SEC_BAD":

@@ -62,8 +62,10 @@ def browser_or_skip():
             sync_playwright = None
         if sync_playwright is not None:
             return sync_playwright
-    message = (f"no browser: needs {CHROMIUM} (apt-get install -y chromium) and the "
-               "playwright package (pip install -e '.[test]')")
+    message = (
+        f"no browser: needs {CHROMIUM} (apt-get install -y chromium) and the "
+        "playwright package (pip install -e '.[test]')"
+    )
     if os.environ.get("EOS_REQUIRE_BROWSER") == "1":
         pytest.fail(message + "; EOS_REQUIRE_BROWSER=1 makes this a failure")
     pytest.skip(message)
@@ -74,28 +76,46 @@ def test_audit_ui_in_the_api_server(airflow, db, tmp_path):
     base = f"http://127.0.0.1:{port}"
     passwords = tmp_path / "passwords.json"
     passwords.write_text(json.dumps(USERS))
-    env = {**airflow.env,
-           "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__BASE_URL": base,
-           "AIRFLOW__API_AUTH__JWT_SECRET": "eos-test-secret",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-           # load plugins from providers (eos-airflow registers its plugin as a provider)
-           "AIRFLOW__CORE__LAZY_DISCOVER_PROVIDERS": "False",
-           "AIRFLOW__EOS_AIRFLOW__LEDGER_CONN_ID": "warehouse"}
+    env = {
+        **airflow.env,
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": base,
+        "AIRFLOW__API_AUTH__JWT_SECRET": "eos-test-secret",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        # load plugins from providers (eos-airflow registers its plugin as a provider)
+        "AIRFLOW__CORE__LAZY_DISCOVER_PROVIDERS": "False",
+        "AIRFLOW__EOS_AIRFLOW__LEDGER_CONN_ID": "warehouse",
+    }
     log = (tmp_path / "api-server.log").open("w")
-    server = subprocess.Popen([AIRFLOW, "api-server", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [AIRFLOW, "api-server", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
-        run = subprocess.run([AIRFLOW, "dags", "test", "eos_load", "2024-01-01"], env=env,
-                             capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [AIRFLOW, "dags", "test", "eos_load", "2024-01-01"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-        with psycopg.connect(airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-                             .replace("+psycopg", "")) as conn:
-            (run_id,) = conn.execute("SELECT run_id FROM dag_run WHERE dag_id = 'eos_load'"
-                                     ).fetchone()
+        with psycopg.connect(
+            airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("+psycopg", "")
+        ) as conn:
+            (run_id,) = conn.execute(
+                "SELECT run_id FROM dag_run WHERE dag_id = 'eos_load'"
+            ).fetchone()
         with Ledger(db) as ledger:  # a later try of the same task instance: a skip
-            assert ledger.run("sales/2024-01-01", lambda eos: {"never": 1}, attempt=2,
-                              origin=Origin("eos_load", "load", run_id, -1))["rows"] == 1
+            assert (
+                ledger.run(
+                    "sales/2024-01-01",
+                    lambda eos: {"never": 1},
+                    attempt=2,
+                    origin=Origin("eos_load", "load", run_id, -1),
+                )["rows"]
+                == 1
+            )
         wait_until(lambda: up(base) or server.poll() is not None, 120, "the api-server")
         assert server.poll() is None, (tmp_path / "api-server.log").read_text()[-3000:]
         check_http(base, run_id)
@@ -111,32 +131,48 @@ def test_audit_ui_in_the_api_server(airflow, db, tmp_path):
 
 def check_http(base: str, run_id: str) -> None:
     ti = f"eos_load/{quote(run_id, safe='')}/load/-1"
-    routes = ["/eos/", f"/eos/ti/{ti}", "/eos/static/audit.js", "/eos/api/entries",
-              "/eos/api/entry?key=sales/2024-01-01", f"/eos/api/ti/{ti}", "/eos/api/activity",
-              "/eos/api/verify"]
+    routes = [
+        "/eos/",
+        f"/eos/ti/{ti}",
+        "/eos/static/audit.js",
+        "/eos/api/entries",
+        "/eos/api/entry?key=sales/2024-01-01",
+        f"/eos/api/ti/{ti}",
+        "/eos/api/activity",
+        "/eos/api/verify",
+    ]
     for route in routes:
         anonymous = requests.get(base + route, timeout=10)
         assert anonymous.status_code == 401, (route, anonymous.status_code, anonymous.text)
-        forged = requests.get(base + route, headers={"Authorization": "Bearer not.a.jwt"},
-                              timeout=10)
+        forged = requests.get(
+            base + route, headers={"Authorization": "Bearer not.a.jwt"}, timeout=10
+        )
         assert forged.status_code == 403, (route, forged.status_code)
-    token = requests.post(f"{base}/auth/token", json={"username": "viewer",
-                                                      "password": USERS["viewer"]}, timeout=10)
+    token = requests.post(
+        f"{base}/auth/token", json={"username": "viewer", "password": USERS["viewer"]}, timeout=10
+    )
     assert token.status_code in (200, 201), token.text
     auth = {"Authorization": f"Bearer {token.json()['access_token']}"}
     for route in routes:
         assert requests.get(base + route, headers=auth, timeout=30).status_code == 200, route
-    entries = requests.get(f"{base}/eos/api/entries", params={"dag_id": "eos_load"},
-                           headers=auth, timeout=30).json()["entries"]
+    entries = requests.get(
+        f"{base}/eos/api/entries", params={"dag_id": "eos_load"}, headers=auth, timeout=30
+    ).json()["entries"]
     assert {(e["key"], e["state"], e["version"]) for e in entries} == {
-        ("sales/2024-01-01", "committed", 1), ("sql_sales/2024-01-01", "committed", 1)}
+        ("sales/2024-01-01", "committed", 1),
+        ("sql_sales/2024-01-01", "committed", 1),
+    }
     verify = requests.get(f"{base}/eos/api/verify", headers=auth, timeout=30).json()
     assert verify["ok"] and verify["events"] == 5
     timeline = requests.get(f"{base}/eos/api/ti/{ti}", headers=auth, timeout=30).json()
     assert [e["event"] for e in timeline["entries"][0]["events"]] == [
-        "claimed", "committed", "skipped"]
-    bad = requests.get(f"{base}/eos/api/entries", params={"since": "soon"}, headers=auth,
-                       timeout=30)
+        "claimed",
+        "committed",
+        "skipped",
+    ]
+    bad = requests.get(
+        f"{base}/eos/api/entries", params={"since": "soon"}, headers=auth, timeout=30
+    )
     assert bad.status_code == 400 and "neither a duration" in bad.json()["detail"]
 
 
@@ -144,8 +180,11 @@ def check_browser(base: str, run_id: str) -> None:
     sync_playwright = browser_or_skip()
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-background-networking"],
+        )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{base}/eos/", wait_until="domcontentloaded")
@@ -170,12 +209,17 @@ def check_browser(base: str, run_id: str) -> None:
             timeline = page.locator(".timeline[data-key='sales/2024-01-01'] tr.event")
             timeline.last.wait_for(timeout=30_000)
             assert [t.split("\t")[1] for t in timeline.all_inner_texts()] == [
-                "claimed", "committed", "skipped"]
+                "claimed",
+                "committed",
+                "skipped",
+            ]
             page.screenshot(path=str(ARTIFACTS / "audit-page.png"), full_page=True)
 
             # the task-instance tab inside Airflow's own UI (an iframe of /eos/ti/...)
-            page.goto(f"{base}/dags/eos_load/runs/{quote(run_id, safe='')}/tasks/load/"
-                      "plugin/eos_ti", wait_until="domcontentloaded")
+            page.goto(
+                f"{base}/dags/eos_load/runs/{quote(run_id, safe='')}/tasks/load/plugin/eos_ti",
+                wait_until="domcontentloaded",
+            )
             frame = page.frame_locator("iframe[title='Exactly-once']")
             try:
                 frame.locator(".timeline[data-key='sales/2024-01-01']").wait_for(timeout=30_000)
@@ -189,9 +233,15 @@ def check_browser(base: str, run_id: str) -> None:
 
 def test_the_plugin_is_registered_through_the_provider():
     """Airflow's providers manager lists the plugin (provider info "plugins")."""
-    code = ("from airflow.providers_manager import ProvidersManager; "
-            "print([(p.name, p.plugin_class) for p in ProvidersManager().plugins])")
-    out = subprocess.run([str(Path(AIRFLOW).parent / "python"), "-c", code],
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS)})
+    code = (
+        "from airflow.providers_manager import ProvidersManager; "
+        "print([(p.name, p.plugin_class) for p in ProvidersManager().plugins])"
+    )
+    out = subprocess.run(
+        [str(Path(AIRFLOW).parent / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS)},
+    )
     assert "('eos_airflow', 'eos_airflow.plugin.EosAirflowPlugin')" in out.stdout, out.stderr

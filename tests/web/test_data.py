@@ -28,8 +28,11 @@ def ledger_conn(db: str):
         ledger.run("sales/2024-01-01", lambda eos: {"rows": 9}, origin=LATER)  # skipped
         with pytest.raises(Boom):
             ledger.run("sales/2024-01-02", boom, origin=TI)
-        ledger.run("stock/2024-01-01", lambda eos: {"rows": 2},
-                   origin=Origin("stock", "load", "manual__1", -1))
+        ledger.run(
+            "stock/2024-01-01",
+            lambda eos: {"rows": 2},
+            origin=Origin("stock", "load", "manual__1", -1),
+        )
         ledger.run("script/1", lambda eos: 1)  # written outside Airflow: no DAG
     with psycopg.connect(db, autocommit=True) as conn:
         yield conn
@@ -66,12 +69,24 @@ def test_activity_and_verification(ledger_conn):
     series = data.activity(ledger_conn, "eos", bucket="day")["series"]
     assert len(series) == 1
     assert {k: series[0][k] for k in ("commits", "skips", "fences", "failures")} == {
-        "commits": 3, "skips": 1, "fences": 0, "failures": 1}
+        "commits": 3,
+        "skips": 1,
+        "fences": 0,
+        "failures": 1,
+    }
     only_stock = data.activity(ledger_conn, "eos", dag_ids={"stock"})["series"]
     assert only_stock[0]["commits"] == 1
     assert data.verification(ledger_conn, "eos") | {"details": []} == {
-        "ok": True, "events": 9, "keys": 4, "problems": 0, "first_bad": None, "details": []}
+        "ok": True,
+        "events": 9,
+        "keys": 4,
+        "problems": 0,
+        "first_bad": None,
+        "details": [],
+    }
     with ledger_conn.transaction(force_rollback=True):
         ledger_conn.execute("UPDATE eos.ledger SET version = 7 WHERE key = 'script/1'")
         bad = data.verification(ledger_conn, "eos")
-    assert not bad["ok"] and bad["first_bad"].startswith("key 'script/1': ledger row says version 7")
+    assert not bad["ok"] and bad["first_bad"].startswith(
+        "key 'script/1': ledger row says version 7"
+    )

@@ -27,8 +27,14 @@ def eos_db_down():
 
 @dag(schedule=None, start_date=START, catchup=False, default_args=ARGS)
 def eos_sensor_db_down():
-    LedgerSensor(task_id="wait", conn_id="flaky_db", key="ready/{{ ds }}", mode="poke",
-                 poke_interval=1, timeout=60)
+    LedgerSensor(
+        task_id="wait",
+        conn_id="flaky_db",
+        key="ready/{{ ds }}",
+        mode="poke",
+        poke_interval=1,
+        timeout=60,
+    )
 
 
 @dag(schedule=None, start_date=START, catchup=False, default_args=ARGS)

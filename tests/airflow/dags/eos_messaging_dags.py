@@ -25,36 +25,63 @@ SUBJECT = os.environ.get("EOS_TEST_ALERTS_SUBJECT", "eostest.alerts")
 @dag(schedule=None, start_date=START, catchup=False, default_args=ARGS)
 def eos_messaging():
     load = KafkaToPostgresOperator(
-        task_id="load", kafka_conn_id="kafka", topics=READINGS, target_conn_id="warehouse",
-        table="readings", poll_timeout=3.0, key="readings/{{ ds }}")
+        task_id="load",
+        kafka_conn_id="kafka",
+        topics=READINGS,
+        target_conn_id="warehouse",
+        table="readings",
+        poll_timeout=3.0,
+        key="readings/{{ ds }}",
+    )
 
     @task.exactly_once(conn_id="warehouse", key="alerts/{{ ds }}")
     def alert(eos, ds=None):
-        hot = eos.conn.execute("SELECT device, seq, value FROM readings WHERE value > 10 "
-                               "ORDER BY seq").fetchall()
+        hot = eos.conn.execute(
+            "SELECT device, seq, value FROM readings WHERE value > 10 ORDER BY seq"
+        ).fetchall()
         for device, seq, value in hot:
             reading = {"device": device, "seq": seq, "value": value, "day": ds}
             eos.publish(f"nats:{SUBJECT}", reading, key=device)
             eos.publish(f"kafka:{ALERTS}", reading, key=device)
         return {"alerts": len(hot)}
 
-    relay = OutboxRelayOperator(task_id="relay", conn_id="warehouse", kafka_conn_id="kafka",
-                                nats_conn_id="nats", destinations=["nats:*", "kafka:*"])
+    relay = OutboxRelayOperator(
+        task_id="relay",
+        conn_id="warehouse",
+        kafka_conn_id="kafka",
+        nats_conn_id="nats",
+        destinations=["nats:*", "kafka:*"],
+    )
 
     load_alerts = KafkaToPostgresOperator(
-        task_id="load_alerts", kafka_conn_id="kafka", topics=[ALERTS],
-        target_conn_id="warehouse", table="alerts_received", poll_timeout=3.0)
+        task_id="load_alerts",
+        kafka_conn_id="kafka",
+        topics=[ALERTS],
+        target_conn_id="warehouse",
+        table="alerts_received",
+        poll_timeout=3.0,
+    )
 
     load >> alert() >> relay >> load_alerts
 
     # bad input: each fails at once (no retry) and writes nothing
-    KafkaToPostgresOperator(task_id="missing_topic", kafka_conn_id="kafka",
-                            topics="no-such-topic", target_conn_id="warehouse",
-                            table="readings")
-    KafkaToPostgresOperator(task_id="unknown_kafka_connection", kafka_conn_id="no_such_kafka",
-                            topics=READINGS, target_conn_id="warehouse", table="readings")
-    OutboxRelayOperator(task_id="unknown_nats_connection", conn_id="warehouse",
-                        nats_conn_id="no_such_nats")
+    KafkaToPostgresOperator(
+        task_id="missing_topic",
+        kafka_conn_id="kafka",
+        topics="no-such-topic",
+        target_conn_id="warehouse",
+        table="readings",
+    )
+    KafkaToPostgresOperator(
+        task_id="unknown_kafka_connection",
+        kafka_conn_id="no_such_kafka",
+        topics=READINGS,
+        target_conn_id="warehouse",
+        table="readings",
+    )
+    OutboxRelayOperator(
+        task_id="unknown_nats_connection", conn_id="warehouse", nats_conn_id="no_such_nats"
+    )
 
     @task.exactly_once(conn_id="warehouse")
     def non_json_payload(eos):

@@ -22,12 +22,21 @@ MODES = {
 
 
 def gated(mode: str):
-    @dag(dag_id=f"eos_wait_{mode}", schedule=None, start_date=START, catchup=False,
-         default_args={"retries": 2, "retry_delay": timedelta(seconds=1)})
+    @dag(
+        dag_id=f"eos_wait_{mode}",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=1)},
+    )
     def consumer():
-        wait = LedgerSensor(task_id="wait", conn_id="warehouse",
-                            key=["sales/{{ ds }}", "sql_sales/{{ ds }}"], timeout=120,
-                            **MODES[mode])
+        wait = LedgerSensor(
+            task_id="wait",
+            conn_id="warehouse",
+            key=["sales/{{ ds }}", "sql_sales/{{ ds }}"],
+            timeout=120,
+            **MODES[mode],
+        )
 
         @task
         def report(results):
@@ -39,26 +48,45 @@ def gated(mode: str):
 
 
 def never(mode: str):
-    @dag(dag_id=f"eos_never_{mode}", schedule=None, start_date=START, catchup=False,
-         default_args={"retries": 2, "retry_delay": timedelta(seconds=1)})
+    @dag(
+        dag_id=f"eos_never_{mode}",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=1)},
+    )
     def consumer():
-        LedgerSensor(task_id="times_out", conn_id="warehouse", key="never/{{ ds }}",
-                     timeout=3, **MODES[mode])
-        LedgerSensor(task_id="soft_fails", conn_id="warehouse", key="never/{{ ds }}",
-                     timeout=3, soft_fail=True, **MODES[mode])
+        LedgerSensor(
+            task_id="times_out", conn_id="warehouse", key="never/{{ ds }}", timeout=3, **MODES[mode]
+        )
+        LedgerSensor(
+            task_id="soft_fails",
+            conn_id="warehouse",
+            key="never/{{ ds }}",
+            timeout=3,
+            soft_fail=True,
+            **MODES[mode],
+        )
 
     return consumer()
 
 
 @dag(schedule=None, start_date=START, catchup=False, default_args={"retries": 2})
 def eos_wait_misc():
-    LedgerSensor(task_id="wait", conn_id="warehouse", key="broken/{{ ds }}", timeout=60,
-                 poke_interval=0.5)
+    LedgerSensor(
+        task_id="wait", conn_id="warehouse", key="broken/{{ ds }}", timeout=60, poke_interval=0.5
+    )
     LedgerSensor(task_id="no_connection", conn_id="no_such_connection", key="x", timeout=60)
     LedgerSensor(task_id="no_ledger", conn_id="no_ledger", key="x", timeout=60)
-    LedgerSensor(task_id="mapped", conn_id="warehouse",
-                 wait_for_task=("eos_mapped", "load"), wait_for_run_id="manual__x",
-                 min_count=3, timeout=60, deferrable=True)
+    LedgerSensor(
+        task_id="mapped",
+        conn_id="warehouse",
+        wait_for_task=("eos_mapped", "load"),
+        wait_for_run_id="manual__x",
+        min_count=3,
+        timeout=60,
+        deferrable=True,
+    )
 
 
 for _mode in MODES:

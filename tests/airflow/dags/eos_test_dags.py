@@ -26,9 +26,12 @@ def eos_load():
         print("REPORT received " + json.dumps(loaded, sort_keys=True))
 
     sql_load = ExactlyOnceSQLOperator(
-        task_id="sql_load", conn_id="warehouse",
+        task_id="sql_load",
+        conn_id="warehouse",
         sql=["INSERT INTO sql_sales VALUES (%(day)s, 1)", "UPDATE sql_sales SET n = n + 1"],
-        parameters={"day": "{{ ds }}"}, key="sql_sales/{{ ds }}")
+        parameters={"day": "{{ ds }}"},
+        key="sql_sales/{{ ds }}",
+    )
     report(load()) >> sql_load
 
 
@@ -78,8 +81,13 @@ def eos_bad():
     def missing_ledger_schema(eos):
         eos.conn.execute("SELECT 1")
 
-    [unknown_connection(), bad_key_template(), non_json_result(), missing_table(),
-     missing_ledger_schema()]
+    [
+        unknown_connection(),
+        bad_key_template(),
+        non_json_result(),
+        missing_table(),
+        missing_ledger_schema(),
+    ]
 
 
 @dag(schedule=None, start_date=START, catchup=False, default_args=ARGS)

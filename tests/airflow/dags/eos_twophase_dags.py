@@ -19,21 +19,33 @@ ARGS = {"retries": 2, "retry_delay": timedelta(seconds=1)}
 BANKS = {"a": "bank_a", "b": "bank_b"}
 
 
-@dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False,
-     default_args=ARGS)
+@dag(
+    schedule=None,
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    default_args=ARGS,
+)
 def eos_twophase():
-    @task.exactly_once(targets=BANKS, ledger_conn_id="bank_a", protocol="2pc",
-                       key="transfer/{{ ds }}")
+    @task.exactly_once(
+        targets=BANKS, ledger_conn_id="bank_a", protocol="2pc", key="transfer/{{ ds }}"
+    )
     def transfer(eos, ds=None):
         eos.conns["a"].execute("UPDATE accounts SET balance = balance - 10 WHERE id = 1")
         eos.conns["b"].execute("UPDATE accounts SET balance = balance + 10 WHERE id = 1")
         return {"day": ds, "amount": 10, "by_try": eos.attempt}
 
     sql_transfer = MultiTargetSQLOperator(
-        task_id="sql_transfer", targets=BANKS, ledger_conn_id="bank_a", protocol="3pc",
-        sql={"a": "UPDATE accounts SET balance = balance - %(amount)s WHERE id = 1",
-             "b": "UPDATE accounts SET balance = balance + %(amount)s WHERE id = 1"},
-        parameters={"amount": 5}, key="sql_transfer/{{ ds }}")
+        task_id="sql_transfer",
+        targets=BANKS,
+        ledger_conn_id="bank_a",
+        protocol="3pc",
+        sql={
+            "a": "UPDATE accounts SET balance = balance - %(amount)s WHERE id = 1",
+            "b": "UPDATE accounts SET balance = balance + %(amount)s WHERE id = 1",
+        },
+        parameters={"amount": 5},
+        key="sql_transfer/{{ ds }}",
+    )
 
     @task
     def report(moved):
