@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import uuid
 from typing import Any
 
@@ -13,7 +12,7 @@ from psycopg.rows import dict_row
 from eos_airflow.cli import output
 from eos_airflow.errors import LedgerSchemaError
 from eos_airflow.ledger.connection import Liveness, check_session
-from eos_airflow.ledger.migrate import check_revision, script_paths
+from eos_airflow.ledger.migrate import check_revision, checksum_state
 from eos_airflow.ledger.queries import query
 from eos_airflow.ledger.roles import direct_writers
 from eos_airflow.protocol.pooling import POOL_MODE_ENV, behind_pooler, declared_session_pooling
@@ -47,21 +46,7 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
     add("schema revision", OK, f'schema "{schema}" at revision {revision}')
 
     cur = conn.cursor(row_factory=dict_row)
-    shipped = {
-        rev: hashlib.sha256(path.read_bytes()).hexdigest() for rev, path in script_paths().items()
-    }
-    changed = [
-        m["revision"]
-        for m in cur.execute(query("applied_migrations", schema), {})
-        if shipped.get(m["revision"]) not in (None, m["checksum"])
-    ]
-    add(
-        "migration checksums",
-        WARN if changed else OK,
-        f"applied migrations differ from the shipped files: {', '.join(changed)}"
-        if changed
-        else "every applied migration matches its file",
-    )
+    add(*_checksums(cur.execute(query("applied_migrations", schema), {}).fetchall()))
 
     add(*_pooler(conn))
     facts = cur.execute(query("doctor_facts", schema), {"schema": schema}).fetchone()
@@ -130,6 +115,28 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
         "claim of each key takes it over",
     )
     return checks
+
+
+def _checksums(applied: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """Each applied revision's recorded checksum against this package's files of it: the
+    wrapper and the SQL it runs; the wrapper alone for revisions recorded before checksums
+    covered the SQL (ledger/migrate.py)."""
+    states = {m["revision"]: checksum_state(m["revision"], m["checksum"]) for m in applied}
+    changed = [r for r, state in states.items() if state == "changed"]
+    if changed:
+        return (
+            "migration checksums",
+            WARN,
+            f"applied migrations differ from the shipped files: {', '.join(changed)}",
+        )
+    detail = "every applied migration matches its files"
+    wrapper_only = [r for r, state in states.items() if state == "wrapper"]
+    if wrapper_only:
+        detail += (
+            f" ({', '.join(wrapper_only)} recorded by an earlier eos-airflow with the checksum "
+            "of the migration file only; it matches)"
+        )
+    return ("migration checksums", OK, detail)
 
 
 def _pooler(conn: psycopg.Connection[Any]) -> tuple[str, str, str]:

@@ -1,14 +1,21 @@
 """Create and upgrade the ledger schema with Alembic (``eos-airflow db migrate``).
 
 The Alembic version table lives inside the ledger schema, next to ``schema_migrations``,
-which records every revision applied with the checksum of its file. Two migrations started
-at once serialise on an advisory lock and the second finds nothing to do.
+which records every revision applied with the checksum of what it ran (:func:`checksum`: the
+revision's wrapper and the SQL files it executes). Two migrations started at once serialise on
+an advisory lock and the second finds nothing to do.
+
+Shipped revisions are frozen (tests/ledger/test_shipped_migrations.py holds each file to
+``migrations/SHIPPED.sha256``); ``sql/schema.sql`` is the readable reference of the schema they
+build, tested equal to it. Databases are created and upgraded only by the migrations.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
@@ -38,10 +45,80 @@ def _config(schema: str) -> Config:
     return config
 
 
+@functools.cache
+def _scripts() -> tuple[tuple[str, Path], ...]:
+    scripts = ScriptDirectory.from_config(_config("eos"))
+    return tuple((s.revision, Path(s.path).resolve()) for s in scripts.walk_revisions())
+
+
 def script_paths() -> dict[str, Path]:
     """Every shipped revision and its migration file."""
-    scripts = ScriptDirectory.from_config(_config("eos"))
-    return {s.revision: Path(s.path) for s in scripts.walk_revisions()}
+    return dict(_scripts())
+
+
+def _ledger_root() -> Path:
+    return Path(str(resources.files("eos_airflow.ledger"))).resolve()
+
+
+def revision_files(revision: str) -> list[Path]:
+    """What ``revision`` runs: its wrapper (``migrations/versions/*.py``), then every SQL file
+    of ``sql/`` the wrapper names (``execute_script(..., "0004_checkpoints.sql", ...)``), in
+    the order it names them."""
+    wrapper = script_paths()[revision]
+    sql_dir = _ledger_root() / "sql"
+    files = [wrapper]
+    for node in ast.walk(ast.parse(wrapper.read_bytes(), str(wrapper))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value.endswith(".sql"):
+                path = sql_dir / node.value
+                if not path.is_file():
+                    raise RuntimeError(f"migration {wrapper.name} names {node.value}, not in sql/")
+                if path not in files:
+                    files.append(path)
+    return files
+
+
+def checksum_of(files: Iterable[Path], root: Path) -> str:
+    """sha256 of the ``sha256sum`` listing of ``files`` (paths relative to ``root``): the same
+    as ``cd root && sha256sum FILE... | sha256sum``."""
+    listing = "".join(
+        f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(root).as_posix()}\n"
+        for path in files
+    )
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def checksum(revision: str) -> str:
+    """The checksum recorded for ``revision`` in ``schema_migrations``: over its wrapper and
+    the SQL it executes (:func:`revision_files`), relative to ``eos_airflow/ledger``."""
+    return checksum_of(revision_files(revision), _ledger_root())
+
+
+def wrapper_checksum(revision: str) -> str:
+    """The checksum eos-airflow recorded before it covered the SQL: the wrapper's sha256.
+    Revisions applied then keep it; :func:`checksum_state` accepts it for them."""
+    return hashlib.sha256(script_paths()[revision].read_bytes()).hexdigest()
+
+
+def checksum_state(revision: str, recorded: str) -> str:
+    """How ``recorded`` compares with this package's files of ``revision``: ``match``
+    (wrapper and SQL), ``wrapper`` (recorded by an earlier eos-airflow as the wrapper's
+    sha256, which matches; the SQL was not recorded), ``changed``, or ``unknown`` (a revision
+    this package does not ship)."""
+    if revision not in script_paths():
+        return "unknown"
+    if recorded == checksum(revision):
+        return "match"
+    if recorded == wrapper_checksum(revision):
+        return "wrapper"
+    return "changed"
+
+
+def down_revision(revision: str) -> str | None:
+    """The revision ``revision`` upgrades from (None for the first)."""
+    down = ScriptDirectory.from_config(_config("eos")).get_revision(revision).down_revision
+    assert down is None or isinstance(down, str), "the ledger's revisions form one line"
+    return down
 
 
 def head_revision() -> str:
@@ -126,9 +203,9 @@ def check_revision(conn: psycopg.Connection[Any], schema: str) -> str:
 
 
 def record_applied(*, ctx: Any, step: Any, heads: Any, run_args: Any) -> None:
-    """Alembic ``on_version_apply`` hook: record the revision and its file checksum."""
+    """Alembic ``on_version_apply`` hook: record the revision and the checksum of what it
+    ran (:func:`checksum`)."""
     revision = step.up_revision
-    path = Path(revision.path)
     config = ctx.config
     schema = config.attributes["schema"]
     table = sa.table(
@@ -143,7 +220,7 @@ def record_applied(*, ctx: Any, step: Any, heads: Any, run_args: Any) -> None:
         table.insert().values(
             revision=revision.revision,
             description=(revision.doc or "").strip(),
-            checksum=hashlib.sha256(path.read_bytes()).hexdigest(),
+            checksum=checksum(revision.revision),
             package_version=_package_version(),
         )
     )

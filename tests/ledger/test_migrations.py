@@ -23,6 +23,7 @@ from eos_airflow.ledger.tables import EFFECT_STATES, EVENT_KINDS, ledger_metadat
 from tests.conftest import ROOT
 
 VERSIONS = ROOT / "eos_airflow" / "ledger" / "migrations" / "versions"
+SQL = ROOT / "eos_airflow" / "ledger" / "sql"
 MIGRATION_FILES = {
     path.name[:4]: path for path in sorted(VERSIONS.glob("[0-9][0-9][0-9][0-9]_*.py"))
 }
@@ -91,8 +92,13 @@ def test_migrate_applies_every_revision_once_and_records_its_checksum(empty_db: 
     assert rows[0][1].startswith("Initial ledger")
     assert rows[1][1].startswith("Commit notifications")
     for revision, _, checksum, package_version, applied_at in rows:
-        path = MIGRATION_FILES[revision]
-        assert checksum == hashlib.sha256(path.read_bytes()).hexdigest()
+        # sha256 of the sha256sum listing of the wrapper and the revision's SQL file(s)
+        files = [MIGRATION_FILES[revision], *sorted(SQL.glob(f"{revision}_*.sql"))]
+        listing = "".join(
+            f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(SQL.parent).as_posix()}\n"
+            for p in files
+        )
+        assert checksum == hashlib.sha256(listing.encode()).hexdigest()
         assert package_version == metadata.version("eos-airflow")
         assert applied_at is not None
     assert version == [(HEAD,)]
