@@ -67,12 +67,17 @@ def revision_files(revision: str) -> list[Path]:
     wrapper = script_paths()[revision]
     sql_dir = _ledger_root() / "sql"
     files = [wrapper]
-    for node in ast.walk(ast.parse(wrapper.read_bytes(), str(wrapper))):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if node.value.endswith(".sql"):
-                path = sql_dir / node.value
+    calls = [
+        n
+        for n in ast.walk(ast.parse(wrapper.read_bytes(), str(wrapper)))
+        if isinstance(n, ast.Call)
+    ]
+    for call in sorted(calls, key=lambda n: (n.lineno, n.col_offset)):
+        for arg in call.args:
+            if isinstance(arg, ast.Constant) and str(arg.value).endswith(".sql"):
+                path = sql_dir / str(arg.value)
                 if not path.is_file():
-                    raise RuntimeError(f"migration {wrapper.name} names {node.value}, not in sql/")
+                    raise RuntimeError(f"migration {wrapper.name} runs {arg.value}, not in sql/")
                 if path not in files:
                     files.append(path)
     return files

@@ -59,8 +59,7 @@ TRANSFER = "transfer/2024-01-01"
 OLD = textwrap.dedent("""
     import json, sys
     import eos_airflow
-    from eos_airflow import Ledger, Origin
-    from eos_airflow.protocol.multiledger import MultiLedger
+    from eos_airflow import Ledger, MultiLedger, Origin
 
     assert eos_airflow.__file__.startswith(sys.argv[1]), eos_airflow.__file__
     mode, dsn = sys.argv[2], sys.argv[3]
@@ -245,11 +244,15 @@ def cli(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+def wait_holding(proc: subprocess.Popen[str], timeout: float) -> None:
+    """Wait until the holder's attempt runs (it printed "holding"), or fail with its stderr."""
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "the previous release's attempt did not start"
-    return proc.stdout.readline().strip()
+    line = proc.stdout.readline().strip() if ready else ""
+    if line != "holding":
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the previous release's attempt did not start ({line!r}): {err}")
 
 
 def balances(dsns: dict[str, str]) -> tuple[int, int]:
@@ -314,7 +317,7 @@ def test_a_live_ledger_upgrades_to_head_while_an_effect_runs(
         text=True,
     )
     try:
-        assert read_line(holder, 60) == "holding"
+        wait_holding(holder, 60)
 
         # --- this package migrates every ledger to head while that attempt runs ----------
         for target in (dsn, a, b):

@@ -5,7 +5,8 @@
 -- It is NOT an install path. Databases are created and upgraded only by the migrations
 -- (`eos-airflow db migrate`: migrations/versions/*.py running sql/00NN_*.sql), which also
 -- record what they applied (schema_migrations, alembic_version); nothing runs this file in
--- production. tests/ledger/test_schema_reference.py builds one database by migrating to head
+-- production. One path keeps every ledger, new or upgraded, on the same SQL and the same
+-- record of it; a second install path would be a second schema to keep equal. tests/ledger/test_schema_reference.py builds one database by migrating to head
 -- and another by executing this file, and fails on any difference between them (functions by
 -- pg_get_functiondef, tables, columns, defaults, constraints, indexes, sequences, triggers,
 -- comments, owners and privileges, and pg_dump --schema-only of both). A new revision that
