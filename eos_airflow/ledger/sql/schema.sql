@@ -329,8 +329,10 @@ $$;
 
 -- claim (0001, fencing by claim history since 0008): step one of every effect, in its own
 -- transaction, before the user's code runs. Inserts the key, or locks its row and decides:
---   run     this attempt owns the key now (prior_state: whether it replaces a committed
---           version, takes over from a dead owner or a lower try of the same task instance)
+--   run     this attempt owns the key now; prior_state is the key's state before (committed:
+--           it writes a new version, on_committed=replace). It may take the key over from a
+--           lower try of the same task instance or from an owner whose session ended; the
+--           `claimed` event's detail says whom it took over from.
 --   skip    the key is committed (result: the stored result); `refuse` if on_committed=fail
 --   fenced  a higher try of the same task instance ever claimed the key
 --   wait    another live attempt owns it (holder: its owner token)
