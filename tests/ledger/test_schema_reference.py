@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from eos_airflow.ledger.migrate import migrate
+from eos_airflow.ledger.migrate import head_revision, migrate
 from eos_airflow.ledger.queries import execute_script
-from tests.conftest import create_database, drop_database
+from tests.conftest import ROOT, create_database, drop_database
 from tests.ledger.schema_compare import differences, pg_dump_for, schema_dump, snapshot
 
 ODD_SCHEMA = "_eos_audit_2"
@@ -97,3 +97,8 @@ def test_the_comparison_sees_each_kind_of_difference(pair: tuple[str, str]):
         "-                   WHERE w.key = p_key AND NOT w.is_prefix AND w.expires_at > now())"
     )
     assert "    " + removed in found, "\n".join(found)
+
+
+def test_schema_sql_names_the_head_revision_it_shows():
+    first = (ROOT / "eos_airflow" / "ledger" / "sql" / "schema.sql").read_text().splitlines()[0]
+    assert f"at their head revision ({head_revision()})" in first, first

@@ -195,3 +195,12 @@ def test_doctor_warns_when_a_recorded_checksum_matches_neither_form(db: str):
         "warn",
         "applied migrations differ from the shipped files: 0004",
     )
+
+
+def test_the_changelog_records_every_schema_revision():
+    rows = {
+        line.split("|")[1].strip()
+        for line in (ROOT / "CHANGELOG.md").read_text().splitlines()
+        if line.startswith("| 0")
+    }
+    assert rows == set(script_paths()), "CHANGELOG.md: one row per schema revision"
