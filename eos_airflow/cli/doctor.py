@@ -12,7 +12,7 @@ from psycopg.rows import dict_row
 from eos_airflow.cli import output
 from eos_airflow.errors import LedgerSchemaError
 from eos_airflow.ledger.connection import Liveness, check_session
-from eos_airflow.ledger.migrate import check_revision, checksum_state
+from eos_airflow.ledger.migrate import ChecksumState, check_revision, checksum_state
 from eos_airflow.ledger.queries import query
 from eos_airflow.ledger.roles import direct_writers
 from eos_airflow.protocol.pooling import POOL_MODE_ENV, behind_pooler, declared_session_pooling
@@ -122,7 +122,7 @@ def _checksums(applied: list[dict[str, Any]]) -> tuple[str, str, str]:
     wrapper and the SQL it runs; the wrapper alone for revisions recorded before checksums
     covered the SQL (ledger/migrate.py)."""
     states = {m["revision"]: checksum_state(m["revision"], m["checksum"]) for m in applied}
-    changed = [r for r, state in states.items() if state == "changed"]
+    changed = [r for r, state in states.items() if state is ChecksumState.CHANGED]
     if changed:
         return (
             "migration checksums",
@@ -130,7 +130,7 @@ def _checksums(applied: list[dict[str, Any]]) -> tuple[str, str, str]:
             f"applied migrations differ from the shipped files: {', '.join(changed)}",
         )
     detail = "every applied migration matches its files"
-    wrapper_only = [r for r, state in states.items() if state == "wrapper"]
+    wrapper_only = [r for r, state in states.items() if state is ChecksumState.WRAPPER]
     if wrapper_only:
         detail += (
             f" ({', '.join(wrapper_only)} recorded by an earlier eos-airflow with the checksum "

@@ -16,6 +16,7 @@ import ast
 import functools
 import hashlib
 from collections.abc import Callable, Iterable
+from enum import StrEnum
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
@@ -105,18 +106,24 @@ def wrapper_checksum(revision: str) -> str:
     return hashlib.sha256(script_paths()[revision].read_bytes()).hexdigest()
 
 
-def checksum_state(revision: str, recorded: str) -> str:
-    """How ``recorded`` compares with this package's files of ``revision``: ``match``
-    (wrapper and SQL), ``wrapper`` (recorded by an earlier eos-airflow as the wrapper's
-    sha256, which matches; the SQL was not recorded), ``changed``, or ``unknown`` (a revision
-    this package does not ship)."""
+class ChecksumState(StrEnum):
+    """How a recorded checksum compares with this package's files of its revision."""
+
+    MATCH = "match"  # wrapper and SQL are the files that ran
+    WRAPPER = "wrapper"  # recorded by an earlier eos-airflow: the wrapper's sha256 matches
+    CHANGED = "changed"  # matches neither form: a file changed since the revision ran
+    UNKNOWN = "unknown"  # a revision this package does not ship (a newer eos-airflow's)
+
+
+def checksum_state(revision: str, recorded: str) -> ChecksumState:
+    """Compare the checksum ``recorded`` for ``revision`` with this package's files."""
     if revision not in script_paths():
-        return "unknown"
+        return ChecksumState.UNKNOWN
     if recorded == checksum(revision):
-        return "match"
+        return ChecksumState.MATCH
     if recorded == wrapper_checksum(revision):
-        return "wrapper"
-    return "changed"
+        return ChecksumState.WRAPPER
+    return ChecksumState.CHANGED
 
 
 def down_revision(revision: str) -> str | None:
