@@ -326,9 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--format",
-        choices=("table", "json", "csv"),
+        choices=("table", "plain", "tsv", "json", "csv"),
         default="table",
-        help="output format (default: table)",
+        help="output format (default: table: a rich table on a terminal, plain aligned text "
+        "with whole values when stdout is a pipe or a file)",
     )
     common.add_argument(
         "--tz", default=None, help="time zone for displayed timestamps (default: local)"
@@ -362,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--state", choices=("running", "committed", "failed", "reopened"))
     lst.add_argument("--prefix", help="only keys starting with this text")
     lst.add_argument("--limit", type=int, default=1000)
+    lst.add_argument(
+        "--wide",
+        action="store_true",
+        help="every column (default: key, state, attempt, version, committed_at)",
+    )
     lst.set_defaults(func=cmd_ledger_list)
     show = ledger.add_parser("show", parents=[common], help="one key with its events")
     show.add_argument("key")

@@ -1,4 +1,16 @@
-"""How the CLI prints: rich tables for people, JSON lines or CSV for programs."""
+"""How the CLI prints: rich tables for people, plain text, TSV, JSON lines or CSV for programs.
+
+``--format table`` (the default) draws a rich table when stdout is a terminal and plain
+aligned text when it is not (a pipe, a file): the title, a header, then one line per row,
+every value whole, so ``eos-airflow ledger list | grep acc/2026`` finds whole keys.
+``--format plain`` asks for that text on a terminal too; ``--format tsv`` prints
+tab-separated values with a header line. On a terminal narrower than the table, the
+identifying columns (``key``, ``txid``, ``check``, ``dag``, ``day``, ``destination``) are
+never broken: the other columns fold first, the least important are left out when that is
+not enough (``ledger list`` without ``--wide``), and the table is printed as plain text
+when nothing else fits. Rich decides what a terminal is: ``TTY_COMPATIBLE=1`` (or
+``FORCE_COLOR``) makes a pipe one, ``COLUMNS`` sets the width.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +29,7 @@ from rich.table import Table
 
 from eos_airflow.ledger.chain import Verification
 
+_LIST_DEFAULT_COLUMNS = ("key", "state", "attempt", "version", "committed_at")
 _LIST_COLUMNS = (
     "key",
     "state",
@@ -57,15 +70,85 @@ def _json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=_plain, sort_keys=True) + "\n")
 
 
-def table(
-    args: argparse.Namespace, title: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]
-) -> None:
+# columns that identify a row: never folded mid-word, never left out on a narrow terminal
+_IDENTIFYING = frozenset({"key", "txid", "check", "dag", "day", "destination"})
+
+
+def _tsv_cell(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def _plain_lines(columns: Sequence[str], cells: list[list[str]]) -> list[str]:
+    """Header and rows, aligned by two spaces, nothing cut: one line per row."""
+    cells = [[c.replace("\n", " ") for c in row] for row in cells]
+    widths = [
+        max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)
+    ]
+    return [
+        "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+        for row in [list(columns), *cells]
+    ]
+
+
+def _rich_table(
+    title: str, columns: Sequence[str], cells: list[list[str]], keep: frozenset[str]
+) -> Table:
     table = Table(title=title, show_lines=False)
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(_shown(args, row.get(c)) for c in columns))
-    Console().print(table)
+    for i, column in enumerate(columns):
+        if column in keep:
+            longest = max([len(column), *(len(row[i]) for row in cells)])
+            table.add_column(column, no_wrap=True, min_width=longest)
+        else:
+            table.add_column(column, overflow="fold")
+    for row in cells:
+        table.add_row(*row)
+    return table
+
+
+def table(
+    args: argparse.Namespace,
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    *,
+    droppable: bool = False,
+) -> None:
+    """Print rows as ``--format`` says (table, plain or tsv; json and csv are the callers').
+
+    ``droppable``: on a terminal too narrow for every column, leave out columns from the
+    right (the caller orders them by importance) rather than fold the identifying ones.
+    """
+    columns = list(columns)
+    cells = [[_shown(args, row.get(c)) for c in columns] for row in rows]
+    fmt = getattr(args, "format", "table")
+    if fmt == "tsv":
+        for line in [columns, *cells]:
+            sys.stdout.write("\t".join(_tsv_cell(v) for v in line) + "\n")
+        return
+    console = Console()
+    if fmt == "plain" or not console.is_terminal:
+        sys.stdout.write("\n".join([title, *_plain_lines(columns, cells)]) + "\n")
+        return
+    keep = frozenset(c for c in columns if c in _IDENTIFYING)
+    shown = list(range(len(columns)))
+    while True:
+        names = [columns[i] for i in shown]
+        grid = [[row[i] for i in shown] for row in cells]
+        rendered = _rich_table(title, names, grid, keep)
+        fits = rendered.__rich_measure__(console, console.options).minimum <= console.width
+        if fits or not droppable:
+            break
+        dropped = [i for i in shown if columns[i] not in keep]
+        if not dropped:
+            break
+        shown.remove(dropped[-1])
+    if not fits:  # even the identifying columns alone are wider than the terminal
+        sys.stdout.write("\n".join([title, *_plain_lines(names, grid)]) + "\n")
+        return
+    if len(shown) < len(columns):
+        left_out = ", ".join(c for i, c in enumerate(columns) if i not in shown)
+        rendered.caption = f"left out for the terminal's width: {left_out}"
+    console.print(rendered)
 
 
 def write_csv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
@@ -96,7 +179,9 @@ def entries(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     elif args.format == "csv":
         write_csv(_LIST_COLUMNS, rows)
     else:
-        table(args, f"{len(rows)} ledger entries", _LIST_COLUMNS, rows)
+        columns = _LIST_COLUMNS if getattr(args, "wide", False) else _LIST_DEFAULT_COLUMNS
+        wide = getattr(args, "wide", False)
+        table(args, f"{len(rows)} ledger entries", columns, rows, droppable=not wide)
 
 
 def entry(
@@ -116,6 +201,7 @@ def entry(
             args,
             f"ledger entry {row['key']}",
             (
+                "key",
                 "state",
                 "attempt",
                 "version",
