@@ -215,4 +215,6 @@ def run(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:
         output.write_csv(("check", "status", "detail"), checks)
     else:
         output.table(args, "eos-airflow doctor", ("check", "status", "detail"), checks)
+    if any(c["check"] == "schema revision" and c["status"] == FAIL for c in checks):
+        return 3  # like every other command: the schema is missing or at another revision
     return 1 if any(c["status"] == FAIL for c in checks) else 0

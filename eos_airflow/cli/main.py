@@ -1,8 +1,11 @@
 """``eos-airflow``: migrate, inspect and verify the ledger; run the demo.
 
 The database comes from ``--dsn``, ``--conn-id`` (an Airflow connection) or ``EOS_LEDGER_DSN``.
-Every command takes ``--format json``. Exit codes: 0 fine, 1 verification failed,
-2 bad usage or input, 3 database unreachable or schema missing.
+Every command takes ``--format json``. Exit codes (the same with ``--dsn``, ``--conn-id`` and
+``EOS_LEDGER_DSN``; docs/usage.md has the table): 0 fine, 1 a check failed (``ledger verify``,
+``doctor``), 2 bad usage or input (also an unknown connection id), 3 the database cannot be
+reached or refuses the connection, the ledger schema is missing or at another revision, or the
+role lacks a privilege.
 """
 
 from __future__ import annotations
@@ -485,4 +488,8 @@ class PermissionDenied(EosError):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main, not this __main__ copy: the subcommand modules import
+    # eos_airflow.cli.main, and its exception classes must be the ones main() catches
+    from eos_airflow.cli.main import main as _main
+
+    sys.exit(_main())

@@ -64,10 +64,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def cmd_outbox_status(args: argparse.Namespace) -> int:
-    from eos_airflow.cli.main import _open
+    from eos_airflow.cli.main import _checked
     from eos_airflow.outbox.store import backlog
 
-    with _open(args) as conn:
+    with _checked(args) as conn:
         rows = backlog(conn, args.schema)
     if args.format == "json":
         output.emit(args, {"pending": rows}, lambda d: "")
@@ -112,14 +112,14 @@ def _sinks(args: argparse.Namespace, relay_id: str) -> dict[str, Any]:
 
 
 def cmd_outbox_relay(args: argparse.Namespace) -> int:
-    from eos_airflow.cli.main import _connect_factory, _open
+    from eos_airflow.cli.main import _checked, _connect_factory
     from eos_airflow.outbox.relay import Relay, relay_forever
 
     relay_id = args.relay_id or f"eos-airflow-relay@{socket.gethostname()}"
     sinks = _sinks(args, relay_id)
     try:
         if args.once:
-            with _open(args) as conn:
+            with _checked(args) as conn:
                 stats = Relay(
                     conn,
                     sinks,

@@ -44,6 +44,28 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     up.set_defaults(func=cmd_stack_up)
 
 
+def ledger_dsn(args: argparse.Namespace) -> str | None:
+    """The ledger database that becomes the stack's ``eos_warehouse`` connection: ``--dsn``,
+    ``--conn-id`` (read here through Airflow's connection lookup: ``AIRFLOW_CONN_*``, a
+    secrets backend or this environment's metadata database) or ``EOS_LEDGER_DSN``."""
+    if args.dsn:
+        return str(args.dsn)
+    if args.conn_id:
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        from eos_airflow.hooks.ledger import conninfo
+
+        try:
+            return conninfo(PostgresHook.get_connection(args.conn_id))
+        except AirflowNotFoundException:
+            raise ConfigurationError(
+                f"Airflow connection {args.conn_id!r} is not defined; create it or set "
+                f"AIRFLOW_CONN_{args.conn_id.upper()}, or pass --dsn"
+            ) from None
+    return os.environ.get("EOS_LEDGER_DSN")
+
+
 def cmd_stack_up(args: argparse.Namespace) -> int:
     if not args.metadata_url:
         raise ConfigurationError(
@@ -54,7 +76,7 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise ConfigurationError(f"DAGs folder {str(folder)!r} does not exist; pass --dags-folder")
     env = {}
-    dsn = args.dsn or os.environ.get("EOS_LEDGER_DSN")
+    dsn = ledger_dsn(args)
     if dsn:
         env["AIRFLOW_CONN_EOS_WAREHOUSE"] = airflow_conn_json(dsn)
     stack = AirflowStack(
