@@ -136,7 +136,7 @@ def test_doctor_passes_on_a_fresh_ledger_and_fails_when_history_is_editable(db: 
 
 def test_doctor_reports_a_missing_schema(empty_db: str):
     out = cli("doctor", "--format", "json", dsn=empty_db)
-    assert out.returncode == 1
+    assert out.returncode == 3  # schema missing: the exit code of every command (usage.md)
     (schema,) = [c for c in json.loads(out.stdout)["checks"] if c["check"] == "schema revision"]
     assert schema["status"] == "fail" and "eos-airflow db migrate" in schema["detail"]
 
