@@ -151,3 +151,42 @@ def test_every_table_command_keeps_keys_whole(accounts: str, width: int | None):
     if width is None:
         assert not BOX.search(show + stats + outbox)
         assert all(len(lines_with(show, k)) == 0 for k in KEYS[1:])
+
+
+HOLD = """
+import sys
+from eos_airflow import Ledger
+
+def hold(eos):
+    print("in-run", flush=True)
+    sys.stdin.readline()
+
+with Ledger(sys.argv[1]) as ledger:
+    ledger.run(sys.argv[2], hold)
+"""
+
+
+def test_recover_listing_keeps_keys_whole(db: str):
+    key = "acc/2026-01-01/region-emea-held-claim-01"
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD, db, key],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "in-run"
+        piped = cli("recover", "--older-than", "0s", "--dsn", db).stdout
+        narrow = cli("recover", "--older-than", "0s", "--dsn", db, terminal_width=60).stdout
+    finally:
+        child.communicate("go\n", timeout=60)
+    assert "claims older than --older-than" in piped
+    assert not BOX.search(piped)
+    (row,) = lines_with(piped, key)
+    assert row.split()[:2] == [key, "1"], piped
+    # key, attempt, run_id, host, pid, claimed_at do not fit 60 columns with the key whole:
+    # the listing falls back to plain text rather than fold the key
+    assert len(lines_with(narrow, key)) == 1, narrow
+    assert not BOX.search(narrow), narrow
