@@ -138,3 +138,25 @@ def test_repeated_gc_merges_the_history_per_task_instance(db: str):
         assert ledger.run("k", lambda eos: 5, attempt=3, origin=RUN_A) == 5
         result = verify(conn)
         assert result.ok, result.problems
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "UPDATE eos.pruned_claims SET attempt = 1",
+        "DELETE FROM eos.pruned_claims",
+        "INSERT INTO eos.pruned_claims VALUES ('k', 'd', 'load', 'run-B', -1, 1, now())",
+    ],
+)
+def test_verify_detects_an_edited_fencing_history(db: str, tamper: str):
+    """What gc kept for fencing must be what the hash-chained `pruned` event lists: lowering,
+    removing or adding a try in pruned_claims (which would unfence a late try, or fence an
+    innocent one) fails `ledger verify`."""
+    with Ledger(db) as ledger, psycopg.connect(db, autocommit=True) as conn:
+        ledger.run("k", lambda eos: 1, attempt=2, origin=RUN_A)
+        gc(db)
+        assert verify(conn).ok
+        conn.execute(tamper)
+        result = verify(conn)
+        assert not result.ok
+        assert "pruned_claims" in result.first_problem.reason, result.problems
