@@ -14,7 +14,8 @@ key's events are appended under its row lock), so an edited id is found too.
 
 ``ledger gc`` removes a committed key's oldest events: ``pruned_chains`` says where the
 remaining chain starts, and the chain's newest ``pruned`` event (hash-chained like every
-event) must say the same. A checkpoint file (:mod:`eos_airflow.ledger.checkpoint`) adds what
+event) must say the same; so must ``pruned_claims``, the removed claims' highest tries that
+fencing reads, and the event's ``claims``. A checkpoint file (:mod:`eos_airflow.ledger.checkpoint`) adds what
 the database alone cannot show: that no key's tail or whole history vanished since.
 """
 
@@ -120,6 +121,9 @@ class Start:
     through_seq: int
     through_hash: bytes
     versions: int
+    #: what gc kept of the removed claims for fencing (``pruned_claims``), sorted:
+    #: (dag_id, task_id, run_id, map_index, attempt)
+    claims: tuple[tuple[Any, ...], ...] = ()
 
 
 @dataclass
@@ -227,6 +231,22 @@ def _start_problems(walk: _Walk, start: Start | None) -> Iterator[Problem]:
             f"newest `pruned` event says {recorded.get('through_seq')} "
             "(table edited, or events removed)",
         )
+    claims = _sorted_claims(
+        (c.get("dag_id"), c.get("task_id"), c.get("run_id"), c.get("map_index"), c.get("attempt"))
+        for c in recorded.get("claims", [])
+    )
+    if claims != start.claims:
+        yield Problem(
+            walk.key,
+            start.through_seq,
+            None,
+            "pruned_claims (what gc kept of the removed claims for fencing) differs from "
+            "the newest `pruned` event's claims (table edited)",
+        )
+
+
+def _sorted_claims(claims: Iterable[tuple[Any, ...]]) -> tuple[tuple[Any, ...], ...]:
+    return tuple(sorted(claims, key=lambda c: tuple((v is None, v) for v in c)))
 
 
 def check_events(
@@ -370,8 +390,8 @@ def load_entries(conn: psycopg.Connection[Any], schema: str) -> dict[str, Entry]
 def load_starts(conn: psycopg.Connection[Any], schema: str) -> dict[str, Start]:
     with conn.cursor() as cur:
         return {
-            k: Start(through, bytes(h), versions)
-            for k, through, h, versions in cur.execute(query("chain_starts", schema), {})
+            k: Start(through, bytes(h), versions, _sorted_claims(tuple(c) for c in claims))
+            for k, through, h, versions, claims in cur.execute(query("chain_starts", schema), {})
         }
 
 

@@ -5,7 +5,11 @@ touched, and of them only the events older than the cutoff (a prefix of the chai
 database function ``gc_prune`` (SECURITY DEFINER, schema revision 0006) is the one path
 past the append-only trigger: per key it deletes the prefix, records where the remaining
 chain starts in ``pruned_chains``, and appends a hash-chained ``pruned`` event saying the
-same, all in one transaction. ``ledger verify`` then starts the key's chain there.
+same, all in one transaction. ``ledger verify`` then starts the key's chain there. Since
+revision 0012 it first keeps, in ``pruned_claims``, the highest try of each task instance
+among the ``claimed`` events it removes (the ``pruned`` event lists them as ``claims``):
+``claim()`` fences with them and the remaining events, so fencing does not depend on what gc
+removed.
 
 Keys are pruned in batches, one transaction each, so a big run holds few locks at a time
 and a crash loses at most one batch's work (which the next run redoes).

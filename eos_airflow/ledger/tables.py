@@ -153,6 +153,25 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         sa.Column("pruned_at", sa.TIMESTAMP(timezone=True), nullable=False),
     )
     sa.Table(
+        "pruned_claims",
+        metadata,
+        sa.Column("key", _KEY, nullable=False),
+        sa.Column("dag_id", sa.Text, nullable=False),
+        sa.Column("task_id", sa.Text, nullable=False),
+        sa.Column("run_id", sa.Text, nullable=False),
+        sa.Column("map_index", sa.Integer),
+        sa.Column(
+            "attempt",
+            sa.Integer,
+            nullable=False,
+            comment="the highest try of this task instance among the removed claimed events",
+        ),
+        sa.Column("pruned_at", sa.TIMESTAMP(timezone=True), nullable=False),
+        sa.Index("pruned_claims_key_idx", "key"),
+        comment="per key and task instance, the highest try whose claimed event gc removed: "
+        "fencing reads it with the remaining events",
+    )
+    sa.Table(
         "twophase",
         metadata,
         sa.Column("txid", _KEY, primary_key=True),

@@ -136,11 +136,6 @@ class Model:
     # two-phase transactions that are logged and unresolved, by attempt: "open" (live,
     # undecided), "orphan" (its attempt is gone, undecided), "decided"
     txns: dict = field(default_factory=dict)
-    # the claim history that `ledger gc` has not pruned (max try per run), the run the row
-    # names, and how often gc made the ledger forget a fencing try (a known gap, see below)
-    history: dict = field(default_factory=dict)
-    row_run: str | None = None
-    forgotten_fences: int = 0
 
     def claim(self, me: tuple[str, int], on_committed: str) -> str:
         """The claim rules of docs/guarantees.md ("The protocol", "Fencing scope")."""
@@ -149,16 +144,9 @@ class Model:
             return "run"
         if self.state == "committed" and on_committed == "skip":
             return "skip"
-        # fenced by the highest try of its task instance that ever claimed the key
+        # fenced by the highest try of its task instance that ever claimed the key, whatever
+        # `ledger gc` pruned since
         fence = self.max_claimed.get(run, 0)
-        # Known gap: `ledger gc` prunes the `claimed` events that fencing reads when the row
-        # names another run, so a lower try whose higher try's claim was pruned is not
-        # fenced (test_gc_forgets_the_fencing_history, strict xfail). Follow the ledger here
-        # and count it, so that the rest of the machine keeps checking.
-        remembered = self.attempt if self.row_run == run else self.history.get(run, 0)
-        if fence > try_number >= remembered:
-            self.forgotten_fences += 1
-            fence = remembered
         if fence > try_number:
             return "fenced"
         if self.owner is not None:
@@ -169,9 +157,8 @@ class Model:
 
     def take(self, me: tuple[str, int]) -> None:
         self.state = "committed" if self.state == "committed" else "running"
-        self.owner, self.attempt, self.row_run = me, me[1], me[0]
+        self.owner, self.attempt = me, me[1]
         self.max_claimed[me[0]] = max(self.max_claimed.get(me[0], 0), me[1])
-        self.history[me[0]] = max(self.history.get(me[0], 0), me[1])
         self.alive.add(me)
 
     def release(self, me: tuple[str, int]) -> None:
@@ -593,8 +580,6 @@ class OperationsMachine(RuleBasedStateMachine):
         code, out = self._cli("ledger", "gc", "--older-than", "0s", "--format", "json")
         assert code == 0, out
         STATS["gc"] += 1
-        if self.model.state == "committed" and self.model.owner is None:
-            self.model.history = {}  # it pruned the key's events, its claims among them
 
     # --- what must hold after every step ----------------------------------------------
 
@@ -626,7 +611,6 @@ class OperationsMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         STATS["examples"] += 1
-        STATS["gc forgot a fencing try (known gap)"] += self.model.forgotten_fences
         for runner in self.runners.values():
             if runner.at in STEPS:
                 runner.commands.put("fail")
@@ -874,15 +858,11 @@ def test_the_machine_finds_each_old_flaw(pg_admin_dsn, template_db, flaw, monkey
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: `ledger gc` prunes the `claimed` events "
-    "that fencing reads when the ledger row names another run",
-)
-def test_gc_forgets_the_fencing_history(db: str):
+def test_gc_keeps_the_fencing_history(db: str):
     """Found by the machine: try 2 of run A commits, gc prunes the key's events, an operator
     reopens it and run B's attempt fails (the row now names run B). Try 1 of run A must be
-    fenced (docs/guarantees.md, "Fencing scope"); the ledger no longer knows try 2 claimed."""
+    fenced (docs/guarantees.md, "Fencing scope"): gc kept that try 2 claimed (pruned_claims,
+    schema revision 0012), although it removed the `claimed` event."""
     run_a, run_b = Origin("d", "load", "run-A", -1), Origin("d", "load", "run-B", -1)
 
     def boom(eos):

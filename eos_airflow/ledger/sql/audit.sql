@@ -89,8 +89,13 @@ SELECT key, event_seq, last_hash, state::text AS state, attempt, version,
 FROM {schema}.ledger ORDER BY key;
 
 -- name: chain_starts
--- Keys whose oldest events ledger gc removed: their remaining chain starts after through_seq.
-SELECT key, through_seq, through_hash, versions FROM {schema}.pruned_chains;
+-- Keys whose oldest events ledger gc removed: their remaining chain starts after through_seq;
+-- claims is what gc kept of the removed claims for fencing (pruned_claims).
+SELECT c.key, c.through_seq, c.through_hash, c.versions,
+       (SELECT coalesce(jsonb_agg(jsonb_build_array(p.dag_id, p.task_id, p.run_id,
+                                                    p.map_index, p.attempt)), '[]'::jsonb)
+        FROM {schema}.pruned_claims AS p WHERE p.key = c.key) AS claims
+FROM {schema}.pruned_chains AS c;
 
 -- name: checkpoint_last_event
 SELECT id, key, seq, hash FROM {schema}.ledger_events ORDER BY id DESC LIMIT 1;
