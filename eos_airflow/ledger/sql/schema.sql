@@ -1,4 +1,4 @@
--- The ledger schema as the migrations leave it at their head revision (0011), in one place.
+-- The ledger schema as the migrations leave it at their head revision (0012), in one place.
 --
 -- This file is the readable reference of the current schema and protocol: the types, tables,
 -- indexes, constraints, identity sequences, every function, the trigger and the privileges.
@@ -177,6 +177,21 @@ COMMENT ON COLUMN {schema}.pruned_chains.through_seq IS 'events 1..through_seq w
 COMMENT ON COLUMN {schema}.pruned_chains.through_hash IS 'hash of event through_seq: the prev_hash of the first remaining event';
 COMMENT ON COLUMN {schema}.pruned_chains.versions IS 'committed and replaced events among the removed ones';
 
+-- Per key and task instance, the highest try whose `claimed` event `ledger gc` removed (0012):
+-- claim() fences with the remaining events and this table together. Nothing deletes from it.
+CREATE TABLE {schema}.pruned_claims (
+    key text COLLATE "C" NOT NULL,
+    dag_id text NOT NULL,
+    task_id text NOT NULL,
+    run_id text NOT NULL,
+    map_index integer,
+    attempt integer NOT NULL,
+    pruned_at timestamptz NOT NULL
+);
+CREATE INDEX pruned_claims_key_idx ON {schema}.pruned_claims (key);
+COMMENT ON TABLE {schema}.pruned_claims IS 'per key and task instance, the highest try whose claimed event gc removed: fencing reads it with the remaining events';
+COMMENT ON COLUMN {schema}.pruned_claims.attempt IS 'the highest try of this task instance among the removed claimed events';
+
 -- The coordinator's decision log of multi-database effects (0005): one row per global
 -- transaction, written before anything is prepared and decided in the same transaction as
 -- the key's commit. Presumed abort: a txid without a `commit` decision never commits.
@@ -327,14 +342,15 @@ $$;
 -- 4. One-database protocol: claim, run, commit or release
 -- ==========================================================================================
 
--- claim (0001, fencing by claim history since 0008): step one of every effect, in its own
+-- claim (0001, fencing by claim history since 0008, history kept through gc since 0012): step one of every effect, in its own
 -- transaction, before the user's code runs. Inserts the key, or locks its row and decides:
 --   run     this attempt owns the key now; prior_state is the key's state before (committed:
 --           it writes a new version, on_committed=replace). It may take the key over from a
 --           lower try of the same task instance or from an owner whose session ended; the
 --           `claimed` event's detail says whom it took over from.
 --   skip    the key is committed (result: the stored result); `refuse` if on_committed=fail
---   fenced  a higher try of the same task instance ever claimed the key
+--   fenced  a higher try of the same task instance ever claimed the key (the row, the key's
+--           `claimed` events and pruned_claims together know every try that claimed)
 --   wait    another live attempt owns it (holder: its owner token)
 -- On `run` the attempt takes its session lock lock_id(key, owner). Asynchronous commit:
 -- losing a claim in a server crash is harmless, the crash also ends the attempt's session.
@@ -400,15 +416,22 @@ BEGIN
         AND r.run_id IS NOT DISTINCT FROM p_run_id
         AND r.map_index IS NOT DISTINCT FROM p_map_index;
     -- Fencing: the highest try of this task instance that ever claimed the key. The row names
-    -- the last claimant only; when another origin claimed since, the claim history tells.
+    -- the last claimant only; when another origin claimed since, the claim history tells: the
+    -- `claimed` events still in the chain, and the highest try among those gc removed.
     IF v_same_ti THEN
         v_fence_try := r.attempt;
     ELSIF p_dag_id IS NOT NULL THEN
-        SELECT max(e.attempt) INTO v_fence_try FROM {schema}.ledger_events AS e
-        WHERE e.key = p_key AND e.event = 'claimed'
-            AND e.detail->>'dag_id' = p_dag_id AND e.detail->>'task_id' = p_task_id
-            AND e.detail->>'run_id' = p_run_id
-            AND (e.detail->>'map_index')::integer IS NOT DISTINCT FROM p_map_index;
+        SELECT max(h.attempt) INTO v_fence_try FROM (
+            SELECT e.attempt FROM {schema}.ledger_events AS e
+            WHERE e.key = p_key AND e.event = 'claimed'
+                AND e.detail->>'dag_id' = p_dag_id AND e.detail->>'task_id' = p_task_id
+                AND e.detail->>'run_id' = p_run_id
+                AND (e.detail->>'map_index')::integer IS NOT DISTINCT FROM p_map_index
+            UNION ALL
+            SELECT p.attempt FROM {schema}.pruned_claims AS p
+            WHERE p.key = p_key AND p.dag_id = p_dag_id AND p.task_id = p_task_id
+                AND p.run_id = p_run_id AND p.map_index IS NOT DISTINCT FROM p_map_index
+        ) AS h;
     END IF;
     IF p_attempt < v_fence_try AND r.owner IS DISTINCT FROM p_owner THEN
         PERFORM set_config('synchronous_commit', 'on', true);
@@ -1150,11 +1173,12 @@ BEGIN
 END
 $$;
 
--- gc_prune (0006; actor from session_user since 0011): `eos-airflow ledger gc`: remove the
--- old events of committed, idle keys, record where each remaining chain starts
--- (pruned_chains) and append a hash-chained `pruned` event. The only path that deletes events.
+-- gc_prune (0006; actor from session_user since 0011; fencing history since 0012): `eos-airflow
+-- ledger gc`: remove the old events of committed, idle keys, record where each remaining chain
+-- starts (pruned_chains) and the highest try per task instance of the removed `claimed` events
+-- (pruned_claims, also listed as `claims` in the key's hash-chained `pruned` event). The only path that deletes events.
 CREATE FUNCTION {schema}.gc_prune(p_keys text[], p_cutoff timestamptz,
-                                  p_on_behalf_of text DEFAULT NULL)
+                                             p_on_behalf_of text DEFAULT NULL)
 RETURNS TABLE (pruned_key text, pruned_events bigint, pruned_through bigint)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -1169,6 +1193,7 @@ DECLARE
     v_versions integer;
     v_new bytea;
     v_removed bigint;
+    v_claims jsonb;
 BEGIN
     FOREACH k IN ARRAY p_keys LOOP
         SELECT * INTO r FROM {schema}.ledger AS l WHERE l.key = k FOR UPDATE;
@@ -1186,6 +1211,37 @@ BEGIN
         v_removed := v_events;
         SELECT e.hash INTO v_hash FROM {schema}.ledger_events AS e
         WHERE e.key = k AND e.seq = v_through;
+
+        -- the fencing history first: the highest try per task instance of what stays counted
+        -- (earlier gc) and of the `claimed` events about to be removed
+        WITH earlier AS (
+            DELETE FROM {schema}.pruned_claims AS p WHERE p.key = k
+            RETURNING p.dag_id, p.task_id, p.run_id, p.map_index, p.attempt
+        ), claims AS (
+            SELECT c.dag_id, c.task_id, c.run_id, c.map_index, max(c.attempt) AS attempt
+            FROM (
+                SELECT o.dag_id, o.task_id, o.run_id, o.map_index, o.attempt FROM earlier AS o
+                UNION ALL
+                SELECT e.detail->>'dag_id', e.detail->>'task_id', e.detail->>'run_id',
+                       (e.detail->>'map_index')::integer, e.attempt
+                FROM {schema}.ledger_events AS e
+                WHERE e.key = k AND e.seq <= v_through AND e.event::text = 'claimed'
+                  AND e.detail->>'dag_id' IS NOT NULL AND e.detail->>'task_id' IS NOT NULL
+                  AND e.detail->>'run_id' IS NOT NULL
+            ) AS c
+            GROUP BY c.dag_id, c.task_id, c.run_id, c.map_index
+        ), written AS (
+            INSERT INTO {schema}.pruned_claims AS p
+                (key, dag_id, task_id, run_id, map_index, attempt, pruned_at)
+            SELECT k, c.dag_id, c.task_id, c.run_id, c.map_index, c.attempt, clock_timestamp()
+            FROM claims AS c
+            RETURNING p.dag_id, p.task_id, p.run_id, p.map_index, p.attempt
+        )
+        SELECT jsonb_agg(jsonb_build_object('dag_id', w.dag_id, 'task_id', w.task_id,
+                                            'run_id', w.run_id, 'map_index', w.map_index,
+                                            'attempt', w.attempt)
+                         ORDER BY w.dag_id, w.task_id, w.run_id, w.map_index)
+        INTO v_claims FROM written AS w;
 
         PERFORM set_config('eos.gc_prune', 'on', true);
         DELETE FROM {schema}.ledger_events AS e WHERE e.key = k AND e.seq <= v_through;
@@ -1206,7 +1262,8 @@ BEGIN
             jsonb_strip_nulls(jsonb_build_object(
                 'through_seq', v_through, 'through_hash', encode(v_hash, 'hex'),
                 'events', v_events, 'versions', v_versions, 'older_than', p_cutoff,
-                'by', session_user::text, 'on_behalf_of', p_on_behalf_of)));
+                'by', session_user::text, 'on_behalf_of', p_on_behalf_of,
+                'claims', v_claims)));
         UPDATE {schema}.ledger AS l SET event_seq = r.event_seq + 1, last_hash = v_new,
             updated_at = clock_timestamp()
         WHERE l.key = k;
