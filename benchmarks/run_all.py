@@ -24,7 +24,7 @@ P5  claim + commit latency (an empty effect) in a database whose ledger holds 10
     events/s against a binary COPY of the same events (benchmarks/bench_audit.py's generator).
 P6  1,000 deferred ``LedgerSensor`` triggers in one event loop (benchmarks/bench_sensors.py):
     database connections (goal <= 2) and wake-up delay p95 (goal <= 1 s). Absolute goals.
-P7  a 100-task DAG (mapped) under the real scheduler (``eos_airflow.stack.AirflowStack``,
+P7  a 100-task DAG (mapped) under the real scheduler (``eos_airflow.devtools.stack.AirflowStack``,
     LocalExecutor): wall time from trigger to run success with ``@task.exactly_once`` / the
     same DAG with plain ``@task`` writing the same rows (benchmarks/dags/). Runs alternate
     (exactly-once, plain, plain, exactly-once, ...). Goal <= 1.05.
@@ -686,8 +686,8 @@ def part_p6(scratch: Scratch, size: dict[str, Any], results: dict[str, Any]) -> 
 
 
 def part_p7(scratch: Scratch, size: dict[str, Any], results: dict[str, Any]) -> list[Figure]:
+    from eos_airflow.devtools.stack import AirflowStack
     from eos_airflow.hooks.ledger import airflow_conn_json, sqlalchemy_url
-    from eos_airflow.stack import AirflowStack
 
     tasks = size["p7_tasks"]
     warehouse = scratch.create("p7wh")

@@ -44,7 +44,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "exactly_once": "eos_airflow.decorators.exactly_once",
     "ExactlyOnceSQLOperator": "eos_airflow.operators.sql",
-    "ExactlyOnceOperator": "eos_airflow.operators.base",
     "ExactlyOnceTransferOperator": "eos_airflow.operators.transfer",
     "IncrementalTableOperator": "eos_airflow.operators.incremental",
     "KafkaToPostgresOperator": "eos_airflow.operators.kafka",

@@ -25,6 +25,9 @@ def get_provider_info() -> dict[str, Any]:
                 "integration-name": "eos-airflow",
                 "python-modules": [
                     "eos_airflow.operators.sql",
+                    "eos_airflow.operators.transfer",
+                    "eos_airflow.operators.incremental",
+                    "eos_airflow.operators.multi",
                     "eos_airflow.operators.kafka",
                     "eos_airflow.operators.outbox",
                 ],

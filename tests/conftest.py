@@ -34,7 +34,7 @@ def pg_admin_dsn() -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    from eos_airflow.embedded import start_embedded
+    from eos_airflow.devtools.embedded import start_embedded
 
     server = start_embedded(Path(tempfile.gettempdir()) / f"eos-test-pg-{os.getuid()}")
     yield server.dsn

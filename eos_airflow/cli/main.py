@@ -19,7 +19,8 @@ from typing import Any
 
 import psycopg
 
-from eos_airflow.cli import outbox, output, stack
+from eos_airflow.cli import outbox, output
+from eos_airflow.devtools import stack_cli as stack
 from eos_airflow.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
@@ -292,7 +293,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from eos_airflow.cli.demo import run_demo
+    from eos_airflow.devtools.demo import run_demo
 
     return run_demo(args)
 

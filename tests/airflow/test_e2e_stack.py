@@ -1,7 +1,7 @@
 """End to end under the real scheduler: workers SIGKILLed mid-task, a scheduler restart, and a
 frozen (SIGSTOP) zombie, with the LocalExecutor and the CeleryExecutor.
 
-The stack is :class:`eos_airflow.stack.AirflowStack` — the docker-compose topology as local
+The stack is :class:`eos_airflow.devtools.stack.AirflowStack` — the docker-compose topology as local
 processes. Heartbeat-timeout detection is configured short so that Airflow notices killed and
 frozen tries within seconds and starts the next try, as it would after 5 minutes in production.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from eos_airflow.devtools.stack import AirflowStack
 from eos_airflow.ledger.chain import verify
-from eos_airflow.stack import AirflowStack
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 

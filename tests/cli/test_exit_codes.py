@@ -103,7 +103,7 @@ def test_unknown_connection_id_exits_2():
 
 def test_stack_up_takes_the_ledger_from_conn_id(monkeypatch: pytest.MonkeyPatch):
     from eos_airflow.cli.main import build_parser
-    from eos_airflow.cli.stack import ledger_dsn
+    from eos_airflow.devtools.stack_cli import ledger_dsn
     from eos_airflow.errors import ConfigurationError
 
     monkeypatch.delenv("EOS_LEDGER_DSN", raising=False)

@@ -2,7 +2,7 @@
 
 Runs ``dags/eos_sales_daily.py`` and its plain twin ``dags/plain_sales_daily.py`` with
 ``airflow dags test`` under the same failures, then prints what the ledger prevented. Then
-the three example uses, each under its own failure (see :mod:`eos_airflow.cli.demo_examples`):
+the three example uses, each under its own failure (see :mod:`eos_airflow.devtools.demo_examples`):
 ``eos_analytics_daily`` (a chunked load that crashes mid-load and resumes, then a re-run of
 the day that replaces it), ``eos_iot_readings`` (Kafka ingest and outbox alerts, crashing
 during the ingest) and ``eos_bank_transfer`` (two-phase commit killed after its decision,
@@ -77,11 +77,11 @@ console = Console()
 
 
 def _dags_folder() -> Path:
-    folder = Path(__file__).resolve().parents[2] / "dags"
+    folder = Path(__file__).resolve().parent / "dags"
     if not (folder / "eos_sales_daily.py").exists():
         raise ConfigurationError(
-            "the demo runs the example DAGs of a source checkout: run it from the repository "
-            "(see README), where dags/eos_sales_daily.py exists"
+            f"the example DAGs are missing from the installed package ({folder}): "
+            "reinstall eos-airflow"
         )
     return folder
 
@@ -90,7 +90,7 @@ def _server(args: argparse.Namespace, workdir: Path) -> tuple[str, Any]:
     dsn = args.dsn or os.environ.get("EOS_LEDGER_DSN")
     if dsn:
         return dsn, None
-    from eos_airflow.embedded import start_embedded
+    from eos_airflow.devtools.embedded import start_embedded
 
     console.print("[dim]no database configured: starting an embedded PostgreSQL…[/dim]")
     server = start_embedded(workdir / "pgdata")
@@ -238,10 +238,10 @@ def run_demo(args: argparse.Namespace) -> int:
 def _start_examples(
     admin_dsn: str, env: dict[str, str], workdir: Path
 ) -> tuple[str, Callable[..., bool]]:
-    """Start the example uses (:mod:`eos_airflow.cli.demo_examples`) in a thread, with their
+    """Start the example uses (:mod:`eos_airflow.devtools.demo_examples`) in a thread, with their
     own warehouse, Airflow metadata database (a copy of the migrated one) and log; return
     the warehouse DSN and ``finish()``, which waits for them and prints their report (once)."""
-    from eos_airflow.cli import demo_examples
+    from eos_airflow.devtools import demo_examples
     from eos_airflow.hooks.ledger import airflow_conn_json, sqlalchemy_url
 
     warehouse = _fresh_database(admin_dsn, EXAMPLES_DB)

@@ -13,9 +13,9 @@ import signal
 import time
 from pathlib import Path
 
+from eos_airflow.devtools.stack import EXECUTORS, AirflowStack
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.hooks.ledger import airflow_conn_json
-from eos_airflow.stack import EXECUTORS, AirflowStack
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -45,7 +45,7 @@ from eos_airflow.failpoints import EXIT_CODE
 from eos_airflow.ledger.migrate import migrate
 
 console = Console()
-DAGS = Path(__file__).resolve().parents[2] / "dags"
+DAGS = Path(__file__).resolve().parent / "dags"
 SOURCE_DB, BANK_DBS = "eos_demo_source", {"a": "eos_demo_bank_a", "b": "eos_demo_bank_b"}
 #: Example data sizes: the events load commits every 50,000 rows (``chunk_rows``).
 ORDERS, EVENTS, LATE_ORDERS, READINGS = 2_000, 120_000, 25, 600
