@@ -712,6 +712,8 @@ HUNT = pytest.mark.skipif(
 
 @pytest.mark.slow
 @HUNT
+# a hunt's length is its example count (EOS_STATEFUL_OPS_EXAMPLES), not the suite's per-test limit
+@pytest.mark.timeout(7200)
 @pytest.mark.parametrize("target_dbs", ["single", "multi"], indirect=True)
 def test_runs_and_operator_actions_keep_the_guarantee_300(target_dbs):
     run_machine(target_dbs, int(os.environ.get("EOS_STATEFUL_OPS_EXAMPLES", "300")))
@@ -822,6 +824,7 @@ FLAWS = {
 
 @pytest.mark.slow  # minutes each: up to 300 examples until the flaw shows
 @HUNT
+@pytest.mark.timeout(7200)
 @pytest.mark.parametrize(
     "flaw",
     [
