@@ -85,3 +85,14 @@ class DatabaseUnavailableError(EosError):
     """The database cannot be reached (down, wrong address, refused credentials)."""
 
     retryable = True
+
+
+#: SQLSTATE classes no retry can fix: bad data (22), constraint violations (23), syntax or
+#: access rules (42), unsupported features (0A), authorization (28), unknown catalog or
+#: schema (3D, 3F).
+PERMANENT_SQLSTATE_CLASSES = frozenset({"22", "23", "42", "0A", "28", "3D", "3F"})
+
+
+def sqlstate_retryable(sqlstate: str | None) -> bool:
+    """Whether another try can succeed after a database error with this SQLSTATE."""
+    return (sqlstate or "")[:2] not in PERMANENT_SQLSTATE_CLASSES

@@ -61,7 +61,7 @@ def _unreachable_is_exit_3(
             return connect()
         except ConfigurationError as exc:
             if isinstance(exc.__cause__, psycopg.Error):
-                raise DatabaseUnavailable(str(exc)) from exc
+                raise DatabaseUnavailableError(str(exc)) from exc
             raise
 
     return opened
@@ -72,13 +72,11 @@ def _open(args: argparse.Namespace) -> psycopg.Connection[Any]:
     try:
         conn = connect()
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to the ledger database: {exc}".strip()) from exc
+        raise DatabaseUnavailableError(
+            f"cannot connect to the ledger database: {exc}".strip()
+        ) from exc
     conn.autocommit = True
     return conn
-
-
-class DatabaseUnavailable(EosError):
-    """The ledger database cannot be reached."""
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
@@ -87,7 +85,7 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
     try:
         applied = migrate(_connect_factory(args), args.schema)
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to the ledger database: {exc}") from exc
+        raise DatabaseUnavailableError(f"cannot connect to the ledger database: {exc}") from exc
     output.emit(
         args,
         {"schema": args.schema, "applied": applied, "revision": head_revision()},
@@ -466,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LedgerSchemaError as exc:
         output.error(args, exc)
         return EXIT_DATABASE
-    except (DatabaseUnavailable, DatabaseUnavailableError) as exc:
+    except DatabaseUnavailableError as exc:
         output.error(args, exc)
         return EXIT_DATABASE
     except EosError as exc:

@@ -43,6 +43,7 @@ from eos_airflow.errors import (
     LostClaimError,
     ResultError,
     UserCodeError,
+    sqlstate_retryable,
 )
 from eos_airflow.ledger.queries import prepared_names, query
 from eos_airflow.protocol.checkpoints import RecoveryPoint
@@ -70,9 +71,6 @@ FENCED_SQLSTATE = "EOS01"
 #: that Airflow's own retry, rather than a blocked worker slot, absorbs a long one.
 DEFAULT_WAIT_TIMEOUT = 30.0
 
-#: SQLSTATE classes that another try cannot fix: bad data (22), constraints (23), bad SQL or
-#: missing objects and privileges (42), unsupported features (0A), invalid auth/catalog (28, 3D, 3F).
-_PERMANENT_SQLSTATE_CLASSES = frozenset({"22", "23", "42", "0A", "28", "3D", "3F"})
 
 _HOST = socket.gethostname()
 
@@ -171,7 +169,7 @@ def run_effect(
                 f"effect {key!r} attempt {attempt}: the database refused a statement "
                 f"({exc.sqlstate}: {exc}); nothing was written. {_hint(exc)}"
             )
-            error.retryable = (exc.sqlstate or "")[:2] not in _PERMANENT_SQLSTATE_CLASSES
+            error.retryable = sqlstate_retryable(exc.sqlstate)
             raise error from exc
         raise
     failpoints.check("after_commit", attempt=attempt)

@@ -47,6 +47,7 @@ from eos_airflow.errors import (
     FencedError,
     LostClaimError,
     UserCodeError,
+    sqlstate_retryable,
 )
 from eos_airflow.protocol.effect import (
     MAX_RESULT_BYTES,
@@ -56,7 +57,6 @@ from eos_airflow.protocol.effect import (
     encode_result,
 )
 from eos_airflow.protocol.local import (
-    _PERMANENT_SQLSTATE_CLASSES,
     DEFAULT_WAIT_TIMEOUT,
     FENCED_SQLSTATE,
     Outcome,
@@ -681,7 +681,7 @@ def _fail(
             f"effect {key!r} attempt {attempt}: {where} {action} ({exc.sqlstate}: "
             f"{str(exc).strip()}); nothing was committed on any database. {_hint(exc)}"
         )
-        error.retryable = (exc.sqlstate or "")[:2] not in _PERMANENT_SQLSTATE_CLASSES
+        error.retryable = sqlstate_retryable(exc.sqlstate)
         raise error from exc
     raise exc
 

@@ -121,3 +121,24 @@ def test_stack_up_takes_the_ledger_from_conn_id(monkeypatch: pytest.MonkeyPatch)
         ledger_dsn(unknown)
     monkeypatch.setenv("EOS_LEDGER_DSN", "postgresql:///from_env")
     assert ledger_dsn(build_parser().parse_args(["stack", "up"])) == "postgresql:///from_env"
+
+
+@pytest.mark.parametrize("argv", [("ledger", "list"), ("db", "migrate")])
+@pytest.mark.parametrize("where", ["unreachable", "unknown_database"])
+def test_database_problems_report_the_public_exception_name(
+    argv: tuple[str, ...], where: str, pg_admin_dsn: str
+):
+    """One exception for "database unreachable" in the whole package: the CLI's JSON error
+    names the public ``DatabaseUnavailableError``, also for a server that refuses the
+    database name (a problem another try cannot fix, still exit 3)."""
+    import json
+
+    if where == "unreachable":
+        dsn = UNREACHABLE
+    else:
+        params = psycopg.conninfo.conninfo_to_dict(pg_admin_dsn)
+        params["dbname"] = f"eos_missing_{uuid.uuid4().hex[:8]}"
+        dsn = psycopg.conninfo.make_conninfo(**params)
+    out = run((*argv, "--format", "json"), dsn, "dsn")
+    assert out.returncode == 3, out.stderr
+    assert json.loads(out.stderr.strip().splitlines()[-1])["error"] == "DatabaseUnavailableError"
