@@ -337,7 +337,12 @@ class OperationsMachine(RuleBasedStateMachine):
                 self._finish_key_txns(abort_live_older=older, scan=True)
                 self._resolve_aborted()
                 if older is not None and model.txns.get(older) is None:
-                    model.txns[older] = "aborted-live"  # its decision will be refused
+                    # its decision will be refused; what it had already prepared, the claim
+                    # rolled back (the claim finishes the transactions of the try it took
+                    # the key from, on the participants too): recover finds nothing of it
+                    # unless it prepares again later
+                    prepared = self.runners[older].at == "after_prepare"
+                    model.txns[older] = "rolled-back" if prepared else "aborted-live"
                 model.txns[me] = "open"
             model.take(me)
 
@@ -715,8 +720,10 @@ def test_runs_and_operator_actions_keep_the_guarantee_new_histories(target_dbs):
 
 
 # The long hunts (hundreds of examples, minutes each) run on request: EOS_FLAW_HUNT=1.
-# A 1,000-example run stopped once on a model gap (recover listed one transaction of a
-# crashed attempt fewer than the model expected, in a history where nothing skipped).
+# A 1,000-example run stopped once on a model gap, found again and shrunk on 2026-12-04: a
+# try that takes the key from a live older try which had already PREPAREd rolls that
+# older try's prepared transactions back in its claim, so recover then lists nothing of it;
+# the model expected recover to abort it (docs/results/stateful-hunts.txt).
 HUNT = pytest.mark.skipif(
     not os.environ.get("EOS_FLAW_HUNT"),
     reason="long hunt: set EOS_FLAW_HUNT=1 (and EOS_SLOW=1) to run it",
