@@ -40,9 +40,9 @@ from psycopg import conninfo, sql  # noqa: E402
 
 from eos_airflow.api import Ledger  # noqa: E402
 from eos_airflow.ledger.migrate import migrate  # noqa: E402
-from eos_airflow.outbox.ingest import consumer_config, ingest_batch, table_writer  # noqa: E402
-from eos_airflow.outbox.relay import Relay  # noqa: E402
-from eos_airflow.outbox.sinks import NatsSink  # noqa: E402
+from eos_airflow.protocol.ingest import consumer_config, ingest_batch, table_writer  # noqa: E402
+from eos_airflow.relay.loop import Relay  # noqa: E402
+from eos_airflow.relay.sinks import NatsSink  # noqa: E402
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1/postgres"
 PARTITIONS = 4

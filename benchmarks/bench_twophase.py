@@ -39,7 +39,7 @@ from psycopg import conninfo, sql  # noqa: E402
 
 from eos_airflow.api import Ledger  # noqa: E402
 from eos_airflow.ledger.migrate import migrate  # noqa: E402
-from eos_airflow.protocol.multiledger import MultiLedger  # noqa: E402
+from eos_airflow.multiledger import MultiLedger  # noqa: E402
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1/postgres"
 T1_GOAL = 2.5

@@ -29,13 +29,13 @@ from eos_airflow.protocol.effect import Effect, Origin, Previous
 
 if TYPE_CHECKING:
     from eos_airflow.decorators.exactly_once import exactly_once
+    from eos_airflow.multiledger import MultiLedger
     from eos_airflow.operators.incremental import IncrementalTableOperator
     from eos_airflow.operators.kafka import KafkaToPostgresOperator
     from eos_airflow.operators.multi import MultiTargetSQLOperator
     from eos_airflow.operators.outbox import OutboxRelayOperator
     from eos_airflow.operators.sql import ExactlyOnceSQLOperator
     from eos_airflow.operators.transfer import ExactlyOnceTransferOperator
-    from eos_airflow.protocol.multiledger import MultiLedger
     from eos_airflow.sensors.ledger import LedgerSensor
     from eos_airflow.triggers.ledger import LedgerTrigger
 
@@ -51,7 +51,7 @@ _LAZY = {
     "LedgerSensor": "eos_airflow.sensors.ledger",
     "LedgerTrigger": "eos_airflow.triggers.ledger",
     "MultiTargetSQLOperator": "eos_airflow.operators.multi",
-    "MultiLedger": "eos_airflow.protocol.multiledger",
+    "MultiLedger": "eos_airflow.multiledger",
 }
 
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import sys
-from datetime import datetime
 from typing import Any, TextIO
 
-import pendulum
 import psycopg
 from psycopg.rows import dict_row
 from rich.progress import Progress
 
 from eos_airflow.cli import output
-from eos_airflow.errors import ConfigurationError
+from eos_airflow.ledger.filters import like_prefix, parse_since
 from eos_airflow.ledger.queries import query
 from eos_airflow.ledger.tables import EVENT_KINDS
 
@@ -24,30 +21,6 @@ EXPORT_COLUMNS = ("id", "key", "seq", "event", "attempt", "at", "detail", "prev_
 STAT_EVENTS = EVENT_KINDS
 #: Rows fetched per round trip while exporting.
 EXPORT_BATCH = 5000
-_DURATION = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_since(value: str | None) -> datetime | None:
-    """``30d``, ``12h``, ``15m`` ago, or an ISO 8601 timestamp."""
-    if value is None:
-        return None
-    match = _DURATION.match(value.strip())
-    if match:
-        return pendulum.now("UTC") - pendulum.duration(**{_UNITS[match[2]]: int(match[1])})
-    try:
-        return pendulum.parse(value)  # type: ignore[return-value]
-    except (ValueError, pendulum.parsing.exceptions.ParserError):
-        raise ConfigurationError(
-            f"--since {value!r} is neither a duration (30d, 12h, 15m, 90s, 2w) nor an ISO "
-            "timestamp (2024-01-31T00:00:00Z)"
-        ) from None
-
-
-def like_prefix(prefix: str | None) -> str | None:
-    if prefix is None:
-        return None
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def export(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:

@@ -11,10 +11,10 @@ import psycopg
 from rich.progress import Progress
 
 from eos_airflow.cli import output
-from eos_airflow.cli.audit import like_prefix, parse_since
 from eos_airflow.errors import ConfigurationError
-from eos_airflow.ledger import checkpoint as checkpoints
+from eos_airflow.ledger import heads as checkpoints
 from eos_airflow.ledger.chain import Verification, verify
+from eos_airflow.ledger.filters import like_prefix, parse_since
 
 
 def verify_with_checkpoint(conn: psycopg.Connection[Any], args: argparse.Namespace) -> Verification:

@@ -14,12 +14,12 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import psycopg
 
 from eos_airflow.cli import outbox, output
+from eos_airflow.cli.session import checked, connect_factory, open_connection
 from eos_airflow.devtools import stack_cli as stack
 from eos_airflow.errors import (
     ConfigurationError,
@@ -32,58 +32,11 @@ from eos_airflow.ledger.queries import check_schema
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 
 
-def _connect_factory(args: argparse.Namespace) -> Callable[[], psycopg.Connection[Any]]:
-    dsn = args.dsn or (None if args.conn_id else os.environ.get("EOS_LEDGER_DSN"))
-    if dsn:
-        from eos_airflow.api import check_dsn
-        from eos_airflow.ledger.connection import connect
-
-        check_dsn(dsn)
-        return _unreachable_is_exit_3(lambda: connect(dsn, application_name="eos-airflow cli"))
-    if args.conn_id:
-        from eos_airflow.hooks.ledger import connect_factory
-
-        return _unreachable_is_exit_3(connect_factory(args.conn_id))
-    raise ConfigurationError(
-        "no ledger database given: pass --dsn postgresql://..., --conn-id AIRFLOW_CONN_ID, "
-        "or set EOS_LEDGER_DSN"
-    )
-
-
-def _unreachable_is_exit_3(
-    connect: Callable[[], psycopg.Connection[Any]],
-) -> Callable[[], psycopg.Connection[Any]]:
-    """Any failed connection attempt exits 3 ("database unreachable"), also those another
-    try cannot fix (wrong password, unknown database): their message says what to fix."""
-
-    def opened() -> psycopg.Connection[Any]:
-        try:
-            return connect()
-        except ConfigurationError as exc:
-            if isinstance(exc.__cause__, psycopg.Error):
-                raise DatabaseUnavailableError(str(exc)) from exc
-            raise
-
-    return opened
-
-
-def _open(args: argparse.Namespace) -> psycopg.Connection[Any]:
-    connect = _connect_factory(args)
-    try:
-        conn = connect()
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailableError(
-            f"cannot connect to the ledger database: {exc}".strip()
-        ) from exc
-    conn.autocommit = True
-    return conn
-
-
 def cmd_db_migrate(args: argparse.Namespace) -> int:
     from eos_airflow.ledger.migrate import head_revision, migrate
 
     try:
-        applied = migrate(_connect_factory(args), args.schema)
+        applied = migrate(connect_factory(args), args.schema)
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailableError(f"cannot connect to the ledger database: {exc}") from exc
     output.emit(
@@ -103,7 +56,7 @@ def cmd_ledger_list(args: argparse.Namespace) -> int:
     prefix = None
     if args.prefix is not None:
         prefix = args.prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    with _checked(args) as conn:
+    with checked(args) as conn:
         rows = (
             conn.cursor(row_factory=psycopg.rows.dict_row)
             .execute(
@@ -119,7 +72,7 @@ def cmd_ledger_list(args: argparse.Namespace) -> int:
 def cmd_ledger_show(args: argparse.Namespace) -> int:
     from eos_airflow.ledger.queries import query
 
-    with _checked(args) as conn:
+    with checked(args) as conn:
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)
         entry = cur.execute(query("get_entry", args.schema), {"key": args.key}).fetchone()
         if entry is None:
@@ -136,7 +89,7 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     from eos_airflow.cli.integrity import verify_with_checkpoint
 
-    with _checked(args) as conn:
+    with checked(args) as conn:
         result = verify_with_checkpoint(conn, args)
     output.verification(args, result)
     return EXIT_OK if result.ok else EXIT_VERIFY_FAILED
@@ -145,7 +98,7 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
 def cmd_ledger_checkpoint(args: argparse.Namespace) -> int:
     from eos_airflow.cli.integrity import write_checkpoint
 
-    with _checked(args) as conn:
+    with checked(args) as conn:
         write_checkpoint(conn, args)
     return EXIT_OK
 
@@ -154,7 +107,7 @@ def cmd_ledger_gc(args: argparse.Namespace) -> int:
     from eos_airflow.cli.integrity import older_than, run_gc
 
     older_than(args.older_than)  # bad input: refused before connecting
-    with _checked(args) as conn:
+    with checked(args) as conn:
         run_gc(conn, args)
     return EXIT_OK
 
@@ -162,7 +115,7 @@ def cmd_ledger_gc(args: argparse.Namespace) -> int:
 def cmd_db_grant(args: argparse.Namespace) -> int:
     from eos_airflow.cli.integrity import grant_roles
 
-    with _checked(args) as conn:
+    with checked(args) as conn:
         grant_roles(conn, args)
     return EXIT_OK
 
@@ -175,7 +128,7 @@ def cmd_ledger_reopen(args: argparse.Namespace) -> int:
     if not args.reason.strip():
         raise ConfigurationError("--reason must say why the key is reprocessed (it is audited)")
     on_behalf_of = f"{getpass.getuser()}@{os.uname().nodename}"
-    with _checked(args) as conn:
+    with checked(args) as conn:
         role = conn.info.user
         try:
             row = conn.execute(
@@ -215,7 +168,7 @@ def cmd_ledger_reopen(args: argparse.Namespace) -> int:
 def cmd_ledger_export(args: argparse.Namespace) -> int:
     from eos_airflow.cli import audit
 
-    with _checked(args) as conn:
+    with checked(args) as conn:
         audit.export(conn, args)
     return EXIT_OK
 
@@ -223,7 +176,7 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
 def cmd_ledger_stats(args: argparse.Namespace) -> int:
     from eos_airflow.cli import audit
 
-    with _checked(args) as conn:
+    with checked(args) as conn:
         data = audit.stats(conn, args)
     audit.print_stats(args, data)
     return EXIT_OK
@@ -231,7 +184,7 @@ def cmd_ledger_stats(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from eos_airflow.cli import twophase
-    from eos_airflow.cli.audit import parse_since
+    from eos_airflow.ledger.filters import parse_since
     from eos_airflow.ledger.queries import query
 
     older_than = parse_since(args.older_than) if args.older_than else None
@@ -242,7 +195,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         else:
             twophase.show(args, transactions)
         return EXIT_OK
-    with _checked(args) as conn:
+    with checked(args) as conn:
         transactions = twophase.run(args, conn)  # in-doubt work first: it may release claims
         cur = conn.cursor(row_factory=psycopg.rows.dict_row)
         rows = cur.execute(
@@ -283,7 +236,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from eos_airflow.cli import doctor
 
-    conn = _open(args)
+    conn = open_connection(args)
     try:
         return doctor.run(conn, args)
     finally:
@@ -294,27 +247,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from eos_airflow.devtools.demo import run_demo
 
     return run_demo(args)
-
-
-class _checked:
-    """Open the ledger database and check that the schema is this package's revision."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-
-    def __enter__(self) -> psycopg.Connection[Any]:
-        from eos_airflow.ledger.migrate import check_revision
-
-        self.conn = _open(self.args)
-        try:
-            check_revision(self.conn, self.args.schema)
-        except BaseException:
-            self.conn.close()
-            raise
-        return self.conn
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

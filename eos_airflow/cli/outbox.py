@@ -1,6 +1,6 @@
 """``eos-airflow outbox status | relay``: the transactional outbox from the command line.
 
-``relay`` runs :func:`eos_airflow.outbox.relay.relay_forever` as a service (until SIGTERM or
+``relay`` runs :func:`eos_airflow.relay.loop.relay_forever` as a service (until SIGTERM or
 Ctrl-C), or drains the outbox once with ``--once``; ``status`` shows the backlog.
 """
 
@@ -64,10 +64,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def cmd_outbox_status(args: argparse.Namespace) -> int:
-    from eos_airflow.cli.main import _checked
-    from eos_airflow.outbox.store import backlog
+    from eos_airflow.cli.session import checked
+    from eos_airflow.protocol.outbox import backlog
 
-    with _checked(args) as conn:
+    with checked(args) as conn:
         rows = backlog(conn, args.schema)
     if args.format == "json":
         output.emit(args, {"pending": rows}, lambda d: "")
@@ -79,7 +79,7 @@ def cmd_outbox_status(args: argparse.Namespace) -> int:
 
 
 def _sinks(args: argparse.Namespace, relay_id: str) -> dict[str, Any]:
-    from eos_airflow.outbox.sinks import KafkaSink, NatsSink
+    from eos_airflow.relay.sinks import KafkaSink, NatsSink
 
     sinks: dict[str, Any] = {}
     if args.kafka_config and args.kafka_conn_id:
@@ -112,14 +112,14 @@ def _sinks(args: argparse.Namespace, relay_id: str) -> dict[str, Any]:
 
 
 def cmd_outbox_relay(args: argparse.Namespace) -> int:
-    from eos_airflow.cli.main import _checked, _connect_factory
-    from eos_airflow.outbox.relay import Relay, relay_forever
+    from eos_airflow.cli.session import checked, connect_factory
+    from eos_airflow.relay.loop import Relay, relay_forever
 
     relay_id = args.relay_id or f"eos-airflow-relay@{socket.gethostname()}"
     sinks = _sinks(args, relay_id)
     try:
         if args.once:
-            with _checked(args) as conn:
+            with checked(args) as conn:
                 stats = Relay(
                     conn,
                     sinks,
@@ -133,7 +133,7 @@ def cmd_outbox_relay(args: argparse.Namespace) -> int:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: stop.set())
             stats = relay_forever(
-                _connect_factory(args),
+                connect_factory(args),
                 sinks,
                 schema=args.schema,
                 destinations=args.destination or None,

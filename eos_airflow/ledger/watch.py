@@ -36,8 +36,8 @@ from psycopg.rows import dict_row
 
 from eos_airflow.errors import ConfigurationError, LedgerSchemaError
 from eos_airflow.ledger import connection
+from eos_airflow.ledger.keys import check_key
 from eos_airflow.ledger.queries import query
-from eos_airflow.protocol.effect import check_key
 
 log = logging.getLogger(__name__)
 

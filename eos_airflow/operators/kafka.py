@@ -1,6 +1,6 @@
 """``KafkaToPostgresOperator``: Kafka partitions into PostgreSQL exactly once, offsets in the ledger.
 
-The work is :func:`eos_airflow.outbox.ingest.ingest_batch` inside one effect; this module
+The work is :func:`eos_airflow.protocol.ingest.ingest_batch` inside one effect; this module
 resolves the Airflow connection and maps errors. The Kafka connection is Airflow's ``kafka``
 type (apache-airflow-providers-apache-kafka) or any connection whose extra JSON holds the
 librdkafka client config, e.g. ``{"bootstrap.servers": "broker:9092"}``; a host/port on the
@@ -17,14 +17,14 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.operators.base import ExactlyOnceMixin
-from eos_airflow.outbox.ingest import (
+from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
+from eos_airflow.protocol.ingest import (
     DEFAULT_MAX_MESSAGES,
     DEFAULT_POLL_TIMEOUT,
     KafkaMessage,
     ingest_batch,
     table_writer,
 )
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT
 
 

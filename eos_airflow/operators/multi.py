@@ -1,7 +1,7 @@
 """``MultiTargetSQLOperator``, and what every several-database Airflow adapter shares.
 
 ``@task.exactly_once(targets=..., ledger_conn_id=..., protocol="2pc")`` and this operator run
-their effect with :class:`~eos_airflow.protocol.multiledger.MultiLedger`: one open transaction
+their effect with :class:`~eos_airflow.multiledger.MultiLedger`: one open transaction
 per target, committed atomically by two-phase (or three-phase) commit, with the decision
 logged in the ledger of ``ledger_conn_id`` (docs/twophase.md).
 """
@@ -69,7 +69,7 @@ def run_multi(
     op: ExactlyOnceMixin, key: str, fn: Callable[[Effect], Any], *, attempt: int, origin: Origin
 ) -> Outcome:
     """Run ``fn`` as ``op``'s effect across its targets (Airflow connections)."""
-    from eos_airflow.protocol.multiledger import MultiLedger
+    from eos_airflow.multiledger import MultiLedger
 
     targets: dict[str, str] = op.targets  # type: ignore[attr-defined]
     ledger_conn_id: str = op.ledger_conn_id  # type: ignore[attr-defined]

@@ -1,10 +1,10 @@
 """``OutboxRelayOperator``: deliver the transactional outbox to NATS JetStream and Kafka.
 
-A thin layer over :class:`eos_airflow.outbox.relay.Relay`: it opens the sinks from Airflow
+A thin layer over :class:`eos_airflow.relay.loop.Relay`: it opens the sinks from Airflow
 connections, drains the outbox of ``conn_id``'s ledger and reports what it delivered. It is
 not itself an effect: delivering is idempotent by message id, so every try simply sends
 what is still undelivered. For continuous delivery run ``eos-airflow outbox relay`` (or
-:func:`~eos_airflow.outbox.relay.relay_forever`) as a service instead.
+:func:`~eos_airflow.relay.loop.relay_forever`) as a service instead.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from eos_airflow.errors import ConfigurationError, EosError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.queries import check_schema
 from eos_airflow.operators.kafka import kafka_config
-from eos_airflow.outbox.relay import DEFAULT_BATCH_SIZE, Relay
-from eos_airflow.outbox.sinks import (
+from eos_airflow.protocol.outbox import split_destinations
+from eos_airflow.relay.loop import DEFAULT_BATCH_SIZE, Relay
+from eos_airflow.relay.sinks import (
     DEFAULT_SEND_TIMEOUT,
     KafkaSink,
     NatsCredentials,
     NatsSink,
     Sink,
 )
-from eos_airflow.outbox.store import split_destinations
 
 
 def nats_servers(conn_id: str) -> list[str]:

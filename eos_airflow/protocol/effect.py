@@ -12,21 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from eos_airflow.errors import BadKeyError, ResultError
+from eos_airflow.errors import ResultError
 
 if TYPE_CHECKING:
     from eos_airflow.protocol.checkpoints import Checkpoints
     from eos_airflow.protocol.offsets import Offsets
 
-#: Longest key accepted. Keys are primary-key values: PostgreSQL's btree entries stop near
-#: 2,700 bytes, and 1,000 characters leaves room for multi-byte text.
-MAX_KEY_CHARS = 1000
 #: Default bound on a stored result. Results travel as XCom and live in the ledger row: large
 #: outputs belong in a table, with a reference returned.
 MAX_RESULT_BYTES = 1024 * 1024
 ON_COMMITTED = ("skip", "replace", "fail")
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: ``\u0000`` in JSON text, unless its backslash is itself escaped (the text ``\\u0000``).
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -67,7 +63,7 @@ class Effect:
     #: The protocol's handle for chunk commits (protocol/checkpoints.py); set by the protocol.
     session: Any = field(default=None, repr=False, compare=False)
     _offsets: Any = field(default=None, init=False, repr=False, compare=False)
-    #: Sequence number of the last message this effect published (eos_airflow/outbox).
+    #: Sequence number of the last message this effect published (eos_airflow/relay).
     _outbox_seq: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -99,8 +95,8 @@ class Effect:
         """Queue a message (``"nats:SUBJECT"`` or ``"kafka:TOPIC"``, JSON payload) in the
         transactional outbox: it is written in this effect's transaction, so it exists once
         the effect commits, and a relay delivers it under a deterministic message id
-        (eos_airflow/outbox). Returns the message id."""
-        from eos_airflow.outbox.store import publish
+        (eos_airflow/relay). Returns the message id."""
+        from eos_airflow.protocol.outbox import publish
 
         return publish(self, destination, payload, key=key, headers=headers)
 
@@ -119,28 +115,6 @@ class Effect:
 
     def __repr__(self) -> str:
         return f"<Effect key={self.key!r} attempt={self.attempt}>"
-
-
-def check_key(key: object) -> str:
-    """Return ``key`` if it is usable as an effect key, else raise :class:`BadKeyError`."""
-    if not isinstance(key, str):
-        raise BadKeyError(f"effect key must be a string, got {type(key).__name__}: {key!r}")
-    if not key.strip():
-        raise BadKeyError(
-            "effect key is empty; pass key= a non-empty string such as 'sales/{{ ds }}'"
-        )
-    if len(key) > MAX_KEY_CHARS:
-        raise BadKeyError(
-            f"effect key is {len(key)} characters, the limit is {MAX_KEY_CHARS}; "
-            "use a shorter key (e.g. a hash of the long part)"
-        )
-    bad = _CONTROL.search(key)
-    if bad:
-        raise BadKeyError(
-            f"effect key {key!r} contains control character {bad.group()!r}; "
-            "keys are printable text"
-        )
-    return key
 
 
 def encode_result(result: Any, *, limit: int = MAX_RESULT_BYTES) -> str:

@@ -45,6 +45,7 @@ from eos_airflow.errors import (
     UserCodeError,
     sqlstate_retryable,
 )
+from eos_airflow.ledger.keys import check_key
 from eos_airflow.ledger.queries import prepared_names, query
 from eos_airflow.protocol.checkpoints import RecoveryPoint
 from eos_airflow.protocol.effect import (
@@ -52,7 +53,6 @@ from eos_airflow.protocol.effect import (
     Effect,
     Origin,
     Previous,
-    check_key,
     encode_result,
 )
 from eos_airflow.protocol.pooling import check_session

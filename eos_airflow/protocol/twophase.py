@@ -49,11 +49,11 @@ from eos_airflow.errors import (
     UserCodeError,
     sqlstate_retryable,
 )
+from eos_airflow.ledger.keys import check_key
 from eos_airflow.protocol.effect import (
     MAX_RESULT_BYTES,
     Effect,
     Origin,
-    check_key,
     encode_result,
 )
 from eos_airflow.protocol.local import (

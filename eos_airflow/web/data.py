@@ -12,8 +12,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from eos_airflow.cli.audit import like_prefix, parse_since
 from eos_airflow.ledger.chain import verify as verify_chain
+from eos_airflow.ledger.filters import like_prefix, parse_since
 from eos_airflow.ledger.queries import query
 
 #: Most entries one page of the audit view lists.

@@ -13,7 +13,7 @@ import uuid
 import psycopg
 import pytest
 
-from eos_airflow.outbox.message import NATS_MSG_ID_HEADER
+from eos_airflow.protocol.messages import NATS_MSG_ID_HEADER
 from tests.conftest import events
 from tests.messaging import conftest as brokers
 

@@ -34,8 +34,8 @@ import psycopg
 from eos_airflow import EosError, Ledger, Origin
 from eos_airflow import failpoints as eos_failpoints
 from eos_airflow.ledger.chain import verify
-from eos_airflow.outbox.message import KAFKA_MSG_ID_HEADER, NATS_MSG_ID_HEADER
-from eos_airflow.protocol.multiledger import MultiLedger
+from eos_airflow.multiledger import MultiLedger
+from eos_airflow.protocol.messages import KAFKA_MSG_ID_HEADER, NATS_MSG_ID_HEADER
 from eos_airflow.protocol.transfer import transfer
 
 Report = Callable[[dict[str, Any]], None]
@@ -526,7 +526,7 @@ class Incremental(Scenario):
             conn.execute("INSERT INTO src (v) SELECT g FROM generate_series(1, %s) g", [job.size])
 
     def one(self, job: Job, attempt: int, origin: Origin, wait_timeout: float) -> Any:
-        from eos_airflow.operators.incremental import incremental
+        from eos_airflow.protocol.incremental import incremental
 
         if attempt == 1 and origin.run_id.startswith("run-") and not job.extra.get("added"):
             self.add_source_rows(job)  # new source rows per key, just before its first try
@@ -846,7 +846,7 @@ class Outbox(Scenario):
 
     def relay(self, attempt: int | None = None) -> Callable[[Report], None]:
         def body(report: Report) -> None:
-            from eos_airflow.outbox import Relay
+            from eos_airflow.relay import Relay
 
             sink = self.make_sink()
             try:

@@ -35,7 +35,7 @@ from tests.protocol.test_twophase import SETUP, finish_leftovers
 RUN = """
 import sys
 from eos_airflow import Origin
-from eos_airflow.protocol.multiledger import MultiLedger
+from eos_airflow.multiledger import MultiLedger
 from tests.protocol.test_twophase import transfer
 with MultiLedger(sys.argv[1], {"a": sys.argv[2], "b": sys.argv[3]}) as banks:
     print(banks.run_outcome("transfer/2024-01-01", transfer, attempt=int(sys.argv[4]),

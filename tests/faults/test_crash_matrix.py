@@ -137,7 +137,7 @@ def scenario(
             cleanup.append(lambda: nats_stream(stream, prefix, delete=True))
 
             def nats_sink():
-                from eos_airflow.outbox import NatsSink
+                from eos_airflow.relay import NatsSink
 
                 return NatsSink(NATS_URL, timeout=10)
 
@@ -303,7 +303,7 @@ def test_a_failed_chunked_incremental_run_resumes_after_a_newer_runs_position(db
     (nor move the position back)."""
     from eos_airflow import Ledger, Origin
     from eos_airflow.errors import FailpointError
-    from eos_airflow.operators.incremental import incremental
+    from eos_airflow.protocol.incremental import incremental
 
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute(

@@ -36,8 +36,8 @@ import psycopg
 import pytest
 
 from eos_airflow import ConfigurationError, Ledger, Origin, PoolingError
+from eos_airflow.multiledger import MultiLedger
 from eos_airflow.protocol.local import run_effect
-from eos_airflow.protocol.multiledger import MultiLedger
 from eos_airflow.protocol.pooling import POOL_MODE_ENV
 from tests.conftest import create_database, drop_database
 from tests.faults import crash

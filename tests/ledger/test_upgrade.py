@@ -43,7 +43,7 @@ from eos_airflow.ledger.migrate import (
     migrate,
     script_paths,
 )
-from eos_airflow.outbox import Relay
+from eos_airflow.relay import Relay
 from tests.conftest import (
     ROOT,
     create_database,

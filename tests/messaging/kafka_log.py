@@ -8,7 +8,7 @@ equal to the high watermark, so its ``read_committed`` consumers return aborted 
 A test that counted those as delivered would pass a relay that never commits.
 
 So the producer side keeps the outcome: :class:`JournaledKafkaSink` is the product's
-:class:`~eos_airflow.outbox.KafkaSink` whose producer is wrapped to append, each time
+:class:`~eos_airflow.relay.KafkaSink` whose producer is wrapped to append, each time
 ``commit_transaction`` returns, the (partition, offset) of every record of that transaction
 to a journal file (one JSON line per transaction; a producer killed before that line is
 written committed nothing that counts). :func:`committed_messages` reads the topic with
@@ -23,7 +23,7 @@ import os
 import time
 from typing import Any
 
-from eos_airflow.outbox import KafkaSink
+from eos_airflow.relay import KafkaSink
 
 
 class _JournaledProducer:

@@ -14,8 +14,8 @@ import pytest
 from eos_airflow import Ledger
 from eos_airflow.errors import ConfigurationError, FailpointError
 from eos_airflow.failpoints import EXIT_CODE
-from eos_airflow.outbox import KafkaSink, MessageError, Relay
-from eos_airflow.outbox.ingest import KafkaError, ingest_batch, table_writer
+from eos_airflow.protocol.ingest import KafkaError, ingest_batch, table_writer
+from eos_airflow.relay import KafkaSink, MessageError, Relay
 from tests.conftest import ROOT, events
 from tests.messaging.conftest import produce_json
 
@@ -100,7 +100,7 @@ def test_batches_continue_from_the_ledger_offsets(ledger, target, kafka_bootstra
 CHILD = """
 import json, os
 from eos_airflow import Ledger
-from eos_airflow.outbox.ingest import KafkaError, ingest_batch, table_writer
+from eos_airflow.protocol.ingest import KafkaError, ingest_batch, table_writer
 spec = json.loads(os.environ["INGEST_SPEC"])
 with Ledger(spec["dsn"]) as ledger:
     ledger.run(spec["key"], lambda eos: ingest_batch(

@@ -15,7 +15,7 @@ import pytest
 
 from eos_airflow import Ledger
 from eos_airflow.failpoints import EXIT_CODE
-from eos_airflow.outbox.message import NATS_MSG_ID_HEADER
+from eos_airflow.protocol.messages import NATS_MSG_ID_HEADER
 from tests.conftest import ROOT
 from tests.messaging.conftest import NATS_URL, nats_received, produce_json
 
@@ -27,7 +27,7 @@ SEED = int(os.environ.get("EOS_SLOW_SEED", "7"))
 INGEST = """
 import json, os
 from eos_airflow import Ledger
-from eos_airflow.outbox.ingest import ingest_batch, table_writer
+from eos_airflow.protocol.ingest import ingest_batch, table_writer
 s = json.loads(os.environ["SPEC"])
 with Ledger(s["dsn"]) as ledger:
     print(json.dumps(ledger.run(s["key"], lambda eos: ingest_batch(
@@ -37,7 +37,7 @@ with Ledger(s["dsn"]) as ledger:
 
 RELAY = """
 import json, os, psycopg
-from eos_airflow.outbox import NatsSink, Relay
+from eos_airflow.relay import NatsSink, Relay
 s = json.loads(os.environ["SPEC"])
 sink = NatsSink(s["nats"])
 with psycopg.connect(s["dsn"], autocommit=True) as conn:

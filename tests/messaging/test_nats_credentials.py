@@ -13,8 +13,8 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 import pytest
 
-from eos_airflow.outbox import NatsSink, Relay
-from eos_airflow.outbox.sinks import DeliveryError, NatsCredentials, _redact, split_url
+from eos_airflow.relay import NatsSink, Relay
+from eos_airflow.relay.sinks import DeliveryError, NatsCredentials, _redact, split_url
 from tests.messaging.conftest import NATS_URL, nats_received
 
 #: A password and a token made of the characters that end a URL's user info when unescaped.

@@ -16,7 +16,8 @@ import pytest
 from eos_airflow import Ledger
 from eos_airflow.errors import ConfigurationError, FailpointError, LedgerSchemaError
 from eos_airflow.failpoints import EXIT_CODE
-from eos_airflow.outbox import (
+from eos_airflow.protocol.messages import KAFKA_MSG_ID_HEADER, NATS_MSG_ID_HEADER
+from eos_airflow.relay import (
     DeliveryError,
     KafkaSink,
     MessageError,
@@ -24,7 +25,6 @@ from eos_airflow.outbox import (
     Relay,
     relay_forever,
 )
-from eos_airflow.outbox.message import KAFKA_MSG_ID_HEADER, NATS_MSG_ID_HEADER
 from tests.conftest import ROOT, events
 from tests.messaging.conftest import NATS_URL, consume_all, nats_received
 
@@ -188,7 +188,7 @@ RELAY_STEPS = ("after_send", "before_commit", "after_commit")
 
 CHILD = """
 import json, os, psycopg
-from eos_airflow.outbox import KafkaSink, NatsSink, Relay
+from eos_airflow.relay import KafkaSink, NatsSink, Relay
 spec = json.loads(os.environ["RELAY_SPEC"])
 sink = (NatsSink(spec["nats"]) if spec["scheme"] == "nats"
         else KafkaSink({"bootstrap.servers": spec["kafka"]}, transactional_id="eos-outbox-t"))

@@ -13,7 +13,7 @@ import pytest
 from psycopg import sql
 
 from eos_airflow import ConfigurationError, HorizonTimeoutError, Ledger
-from eos_airflow.operators.incremental import incremental
+from eos_airflow.protocol.incremental import incremental
 from tests.conftest import prepared_transactions_or_skip
 
 #: Advisory lock key the slow writer's BEFORE trigger waits on (held by the test).

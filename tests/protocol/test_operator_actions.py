@@ -253,7 +253,7 @@ def test_recover_leaves_a_live_prepared_attempt_alone(banks):
 SLOW_WORKER = """
 import sys, time
 from eos_airflow import Origin
-from eos_airflow.protocol.multiledger import MultiLedger
+from eos_airflow.multiledger import MultiLedger
 from tests.protocol.test_operator_actions import move_once
 def slow(eos):
     time.sleep(float(sys.argv[4]))

@@ -58,9 +58,9 @@ from eos_airflow.cli.main import main as cli
 from eos_airflow.errors import FencedError
 from eos_airflow.ledger import queries
 from eos_airflow.ledger.chain import verify
+from eos_airflow.multiledger import MultiLedger
 from eos_airflow.protocol import local, recovery, twophase
 from eos_airflow.protocol.effect import Previous
-from eos_airflow.protocol.multiledger import MultiLedger
 from tests.conftest import create_database, drop_database
 from tests.protocol.test_twophase import finish_leftovers
 

@@ -14,7 +14,7 @@ import pytest
 
 from eos_airflow import ConfigurationError, Ledger, Origin, failpoints
 from eos_airflow.errors import FailpointError, HorizonTimeoutError
-from eos_airflow.operators.incremental import incremental
+from eos_airflow.protocol.incremental import incremental
 from eos_airflow.protocol.transfer import transfer
 from tests.conftest import ROOT, events
 

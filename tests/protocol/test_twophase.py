@@ -30,7 +30,7 @@ from eos_airflow import (
     failpoints,
 )
 from eos_airflow.errors import DatabaseUnavailableError, FailpointError
-from eos_airflow.protocol.multiledger import MultiLedger
+from eos_airflow.multiledger import MultiLedger
 from eos_airflow.protocol.twophase import (
     InDoubtError,
     ParticipantError,
@@ -76,7 +76,7 @@ CREATE TABLE transfer_log (account int REFERENCES accounts DEFERRABLE INITIALLY 
 WORKER = """
 import sys
 from eos_airflow import Origin
-from eos_airflow.protocol.multiledger import MultiLedger
+from eos_airflow.multiledger import MultiLedger
 from tests.protocol.test_twophase import transfer
 coordinator, a, b, protocol = sys.argv[1:5]
 with MultiLedger(coordinator, {"a": a, "b": b}, protocol=protocol) as banks:

@@ -26,7 +26,7 @@ import psycopg
 import pytest
 
 from eos_airflow import DatabaseUnavailableError, FencedError, LostClaimError, failpoints
-from eos_airflow.protocol.multiledger import MultiLedger
+from eos_airflow.multiledger import MultiLedger
 from eos_airflow.protocol.recovery import recover
 from tests.conftest import ROOT
 from tests.protocol.test_operator_actions import KEY, in_thread, move_once
@@ -205,7 +205,7 @@ def test_an_attempt_whose_coordinator_session_ended_while_it_ran_prepares_nothin
 ORPHANING_WORKER = """
 import sys, time
 from eos_airflow import Origin, failpoints
-from eos_airflow.protocol.multiledger import MultiLedger
+from eos_airflow.multiledger import MultiLedger
 from tests.protocol.test_operator_actions import move_once
 def before_commit(attempt):
     print("ready", flush=True)

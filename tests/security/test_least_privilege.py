@@ -28,7 +28,7 @@ from eos_airflow.ledger import chain
 from eos_airflow.ledger.migrate import head_revision, migrate
 from eos_airflow.ledger.roles import direct_writers, grant
 from eos_airflow.ledger.watch import WaitSpec, Watcher
-from eos_airflow.protocol.multiledger import MultiLedger
+from eos_airflow.multiledger import MultiLedger
 from eos_airflow.protocol.resolve import CommitNotDoneError, commit_outcome
 from tests.conftest import ROOT, dsn_for
 from tests.protocol.test_twophase import ORIGIN, Banks, _banks, transfer
@@ -182,7 +182,7 @@ def writer_banks(pg_admin_dsn: str, template_db: str) -> Iterator[tuple[Banks, d
 CRASH = """
 import sys
 from eos_airflow import Origin
-from eos_airflow.protocol.multiledger import MultiLedger
+from eos_airflow.multiledger import MultiLedger
 from tests.protocol.test_twophase import transfer
 with MultiLedger(sys.argv[1], {"a": sys.argv[1], "b": sys.argv[2]}, protocol=sys.argv[3]) as m:
     m.run(sys.argv[4], transfer, origin=Origin("bank", "transfer", "run-1", -1))

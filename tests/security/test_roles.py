@@ -47,7 +47,7 @@ def test_the_writer_runs_every_single_database_protocol(granted):
             == 20
         )
     with psycopg.connect(writer, autocommit=True) as conn:
-        from eos_airflow.outbox.store import mark_delivered, pending
+        from eos_airflow.protocol.outbox import mark_delivered, pending
 
         with conn.transaction():
             messages = pending(conn, "eos", [], ["nats"], 10)

@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 
 from eos_airflow import ConfigurationError, EosError, Ledger, Origin
-from eos_airflow.protocol.multiledger import MultiLedger
+from eos_airflow.multiledger import MultiLedger
 from tests.faults.server import LocalServer
 from tests.security.conftest import cli
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 from eos_airflow.errors import ConfigurationError, EosError
-from eos_airflow.outbox.message import KAFKA_MSG_ID_HEADER, NATS_MSG_ID_HEADER, OutboxMessage
+from eos_airflow.protocol.messages import KAFKA_MSG_ID_HEADER, NATS_MSG_ID_HEADER, OutboxMessage
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from psycopg import errors as pgerrors
 
 from eos_airflow import failpoints
 from eos_airflow.errors import ConfigurationError, LedgerSchemaError
-from eos_airflow.outbox.message import OutboxMessage
-from eos_airflow.outbox.sinks import Sink
-from eos_airflow.outbox.store import mark_delivered, pending, split_destinations
+from eos_airflow.protocol.messages import OutboxMessage
+from eos_airflow.protocol.outbox import mark_delivered, pending, split_destinations
+from eos_airflow.relay.sinks import Sink
 
 log = logging.getLogger(__name__)
 

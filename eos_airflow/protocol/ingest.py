@@ -33,8 +33,8 @@ from psycopg import sql
 from eos_airflow import failpoints
 from eos_airflow.errors import ConfigurationError, EosError
 from eos_airflow.ledger.queries import query
-from eos_airflow.outbox.message import KAFKA_MSG_ID_HEADER, MessageError
 from eos_airflow.protocol.effect import Effect
+from eos_airflow.protocol.messages import KAFKA_MSG_ID_HEADER, MessageError
 
 #: Seconds a poll may wait for the next message before the batch ends.
 DEFAULT_POLL_TIMEOUT = 5.0

@@ -1,7 +1,7 @@
 """Writing to the outbox inside an effect, and the relay's reads and marks.
 
 :func:`publish` is what ``eos.publish(...)`` calls: it validates the message first (a bad
-payload or destination raises :class:`~eos_airflow.outbox.message.MessageError` before any
+payload or destination raises :class:`~eos_airflow.protocol.messages.MessageError` before any
 statement runs), then inserts one row on ``eos.conn``, inside the effect's transaction.
 """
 
@@ -15,7 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from eos_airflow.ledger.queries import query
-from eos_airflow.outbox.message import (
+from eos_airflow.protocol.messages import (
     Destination,
     MessageError,
     OutboxMessage,
