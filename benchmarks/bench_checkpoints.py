@@ -42,13 +42,13 @@ CHILD = textwrap.dedent("""
     from eos_airflow import Ledger
     from eos_airflow.protocol import transfer as t
     dsn, key, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    rows = t._Stream.rows
+    rows = t.Stream.rows
     def counted(self, skip=0):
         for n, row in enumerate(rows(self, skip), start=skip + 1):
             if n % 1000 == 0:
                 print(n, flush=True)
             yield row
-    t._Stream.rows = counted
+    t.Stream.rows = counted
     with Ledger(dsn) as ledger:
         ledger.run(key, lambda eos: t.transfer(eos, lambda: psycopg.connect(dsn),
                    query="SELECT id, payload, amount FROM src ORDER BY id", table="dst",

@@ -15,7 +15,7 @@ import psycopg.conninfo
 
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.ledger import connection
-from eos_airflow.ledger.queries import check_schema
+from eos_airflow.ledger.keys import check_schema
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, ON_COMMITTED, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome, run_effect
 

@@ -1,11 +1,20 @@
-"""Errors raised by eos-airflow.
+"""Errors tier: every error eos-airflow raises, and the ledger's SQLSTATEs.
 
 Every error derives from :class:`EosError` and says what happened and what to do next.
 ``retryable`` tells the Airflow adapters whether another try can succeed: permanent errors
-are raised to Airflow as ``AirflowFailException`` so it does not retry them.
+are raised to Airflow as ``AirflowFailException`` so it does not retry them. Retryability is
+a property of the class (for errors from the database, of the SQLSTATE): nothing sets it on
+an instance.
+
+The ledger's functions raise their own SQLSTATEs (``EOS01``...); :data:`LEDGER_SQLSTATES`
+registers each to the error class it becomes and what it means, and
+:func:`ledger_error_class` reads it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 
 class EosError(Exception):
@@ -59,7 +68,44 @@ class AlreadyCommittedError(EosError):
 
 
 class UserCodeError(EosError):
-    """The effect's SQL or function failed; its writes were rolled back."""
+    """The effect's SQL or function failed; its writes were rolled back.
+
+    With ``sqlstate`` (the database refused a statement) another try can succeed unless the
+    SQLSTATE's class is permanent (:func:`sqlstate_retryable`); without it, the class's
+    ``default_retryable`` decides."""
+
+    #: whether another try can succeed when no SQLSTATE tells
+    default_retryable = True
+
+    def __init__(self, message: str = "", *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+    @property  # type: ignore[override]
+    def retryable(self) -> bool:
+        if self.sqlstate is not None:
+            return sqlstate_retryable(self.sqlstate)
+        return self.default_retryable
+
+
+class MisuseError(UserCodeError):
+    """The function used the effect's transaction in a way the protocol forbids (it called
+    ``commit()``/``rollback()`` on ``eos.conn`` or ended the transaction with SQL); its
+    writes were rolled back. Another try fails the same way: fix the code."""
+
+    default_retryable = False
+
+
+class ParticipantError(UserCodeError):
+    """A participant of a multi-database effect refused a statement or PREPARE; nothing was
+    committed anywhere."""
+
+    default_retryable = False  # the same function fails the same way
+
+
+class InDoubtError(EosError):
+    """The commit decision's fate is unknown (the coordinator became unreachable); the next
+    attempt or ``eos-airflow recover`` finishes the prepared transactions."""
 
     retryable = True
 
@@ -96,3 +142,72 @@ PERMANENT_SQLSTATE_CLASSES = frozenset({"22", "23", "42", "0A", "28", "3D", "3F"
 def sqlstate_retryable(sqlstate: str | None) -> bool:
     """Whether another try can succeed after a database error with this SQLSTATE."""
     return (sqlstate or "")[:2] not in PERMANENT_SQLSTATE_CLASSES
+
+
+class LedgerCode(NamedTuple):
+    """One of the ledger's own SQLSTATEs: the error it becomes and what it means."""
+
+    error: type[EosError]
+    meaning: str
+
+
+#: SQLSTATE of the ledger's fenced steps (commit, checkpoint, resume, outbox, offsets, decide).
+FENCED = "EOS01"
+#: The hash-chained events refused an UPDATE, DELETE or TRUNCATE.
+APPEND_ONLY = "EOS02"
+#: reopen(): no ledger entry for the key.
+NO_SUCH_KEY = "EOS04"
+#: reopen(): the key is not committed, or an attempt holds it.
+NOT_REOPENABLE = "EOS05"
+#: twophase_decide(): recovery decided (or forgot) the transaction before the attempt.
+DECIDED_ALREADY = "EOS07"
+#: twophase_resolved(): the outcome contradicts the decision.
+OUTCOME_CONTRADICTS = "EOS08"
+#: release(): the event is not one of failed, fenced, skipped.
+BAD_RELEASE_EVENT = "EOS09"
+#: A pooler that cannot keep the owner's session (raised by the protocol, not by SQL).
+POOLED_SESSION = "EOS10"
+
+#: Every SQLSTATE of eos-airflow (``sql/schema.sql`` raises all but ``EOS10``), registered
+#: once to the error class it becomes.
+LEDGER_SQLSTATES: Mapping[str, LedgerCode] = {
+    FENCED: LedgerCode(FencedError, "a newer attempt (or recovery) took the key: fenced"),
+    APPEND_ONLY: LedgerCode(LedgerIntegrityError, "ledger events are append-only"),
+    NO_SUCH_KEY: LedgerCode(ConfigurationError, "no ledger entry for the key"),
+    NOT_REOPENABLE: LedgerCode(
+        ConfigurationError, "only a committed key with no running attempt can be reopened"
+    ),
+    DECIDED_ALREADY: LedgerCode(InDoubtError, "recovery decided the transaction first"),
+    OUTCOME_CONTRADICTS: LedgerCode(
+        LedgerIntegrityError, "a transaction's outcome contradicts its decision"
+    ),
+    BAD_RELEASE_EVENT: LedgerCode(
+        ConfigurationError, "release() records failed, fenced or skipped only"
+    ),
+    POOLED_SESSION: LedgerCode(PoolingError, "the pooler cannot keep the owner's session"),
+}
+
+
+def ledger_sqlstate(exc: BaseException) -> str | None:
+    """The ledger SQLSTATE carried by ``exc`` (a database error), or None."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    return sqlstate if sqlstate in LEDGER_SQLSTATES else None
+
+
+def ledger_error_class(exc: BaseException) -> type[EosError] | None:
+    """The error class :data:`LEDGER_SQLSTATES` registers for ``exc``'s SQLSTATE, or None."""
+    code = ledger_sqlstate(exc)
+    return None if code is None else LEDGER_SQLSTATES[code].error
+
+
+def sql_hint(exc: Any) -> str:
+    """What to do about a statement of the user's that the database refused."""
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if sqlstate == "42P01":  # undefined_table
+        return "Create the table (or fix its name) before running the task."
+    if sqlstate == "42601":  # syntax_error
+        return "Fix the SQL."
+    diag = getattr(exc, "diag", None)
+    return (diag.message_hint if diag is not None else None) or (
+        "Fix the statement or the data it reads."
+    )

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
+from datetime import datetime
 from typing import Any, TextIO
 
 import psycopg
-from psycopg.rows import dict_row
 from rich.progress import Progress
 
 from eos_airflow.cli import output
-from eos_airflow.ledger.filters import like_prefix, parse_since
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.filters import parse_since
+from eos_airflow.ledger.store import LedgerStore
 from eos_airflow.ledger.tables import EVENT_KINDS
 
 EXPORT_COLUMNS = ("id", "key", "seq", "event", "attempt", "at", "detail", "prev_hash", "hash")
@@ -24,12 +25,13 @@ EXPORT_BATCH = 5000
 
 
 def export(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:
-    params = {"since": parse_since(args.since), "prefix": like_prefix(args.prefix)}
+    store = LedgerStore(conn, args.schema)
+    since = parse_since(args.since)
     out: TextIO = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     try:
-        total = conn.execute(query("count_events", args.schema), params).fetchone()[0]
+        total = store.count_events(since=since, prefix=args.prefix)
         show_progress = bool(args.output) and sys.stderr.isatty()
-        written = _write(conn, args, params, out, total, show_progress)
+        written = _write(store, args, since, out, total, show_progress)
     finally:
         if args.output:
             out.close()
@@ -39,9 +41,9 @@ def export(conn: psycopg.Connection[Any], args: argparse.Namespace) -> int:
 
 
 def _write(
-    conn: psycopg.Connection[Any],
+    store: LedgerStore,
     args: argparse.Namespace,
-    params: dict[str, Any],
+    since: datetime | None,
     out: TextIO,
     total: int,
     show_progress: bool,
@@ -50,44 +52,35 @@ def _write(
     if writer:
         writer.writerow(EXPORT_COLUMNS)
     written = 0
-    with (
-        Progress(disable=not show_progress, transient=True) as progress,
-        conn.transaction(),
-        conn.cursor("eos_export", row_factory=dict_row) as cur,
-    ):
+    with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("exporting events", total=total)
-        cur.itersize = EXPORT_BATCH
-        cur.execute(query("export_events", args.schema), params)
-        for row in cur:
-            row["at"] = row["at"].isoformat()
-            if writer:
-                writer.writerow(
-                    [
-                        json.dumps(row[c], sort_keys=True) if c == "detail" else row[c]
-                        for c in EXPORT_COLUMNS
-                    ]
-                )
-            else:
-                out.write(json.dumps(row, sort_keys=True) + "\n")
-            written += 1
-            if written % EXPORT_BATCH == 0:
-                progress.update(task, completed=written)
+        for rows in store.export_events(since=since, prefix=args.prefix, batch=EXPORT_BATCH):
+            for row in rows:
+                row["at"] = row["at"].isoformat()
+                if writer:
+                    writer.writerow(
+                        [
+                            json.dumps(row[c], sort_keys=True) if c == "detail" else row[c]
+                            for c in EXPORT_COLUMNS
+                        ]
+                    )
+                else:
+                    out.write(json.dumps(row, sort_keys=True) + "\n")
+            written += len(rows)
+            progress.update(task, completed=written)
     return written
 
 
 def stats(conn: psycopg.Connection[Any], args: argparse.Namespace) -> dict[str, Any]:
     since = parse_since(args.since)
-    cur = conn.cursor(row_factory=dict_row)
-    rows = cur.execute(
-        query("stats_by_group", args.schema), {"since": since, "by": args.by}
-    ).fetchall()
+    store = LedgerStore(conn, args.schema)
     totals = dict.fromkeys(STAT_EVENTS, 0)
     groups: dict[str, dict[str, int]] = {}
-    for row in rows:
-        totals[row["event"]] = totals.get(row["event"], 0) + row["n"]
-        groups.setdefault(row["grp"], dict.fromkeys(STAT_EVENTS, 0))[row["event"]] = row["n"]
-    latency = cur.execute(query("commit_latency", args.schema), {"since": since}).fetchone()
-    states = {r["state"]: r["n"] for r in cur.execute(query("entry_states", args.schema), {})}
+    for row in store.event_counts(since=since, by=args.by):
+        totals[row.event] = totals.get(row.event, 0) + row.n
+        groups.setdefault(row.grp, dict.fromkeys(STAT_EVENTS, 0))[row.event] = row.n
+    latency = dataclasses.asdict(store.commit_latency(since=since))
+    states = store.state_counts()
     return {
         **totals,
         "duplicates_prevented": totals["skipped"] + totals["fenced"],

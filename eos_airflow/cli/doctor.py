@@ -7,14 +7,13 @@ import uuid
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from eos_airflow.cli import output
 from eos_airflow.errors import LedgerSchemaError
 from eos_airflow.ledger.connection import Liveness, check_session
 from eos_airflow.ledger.migrate import ChecksumState, check_revision, checksum_state
-from eos_airflow.ledger.queries import query
 from eos_airflow.ledger.roles import direct_writers
+from eos_airflow.ledger.store import AppliedMigration, LedgerStore
 from eos_airflow.protocol.pooling import POOL_MODE_ENV, behind_pooler, declared_session_pooling
 
 MIN_SERVER_VERSION = 140000
@@ -45,12 +44,12 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
         return checks
     add("schema revision", OK, f'schema "{schema}" at revision {revision}')
 
-    cur = conn.cursor(row_factory=dict_row)
-    add(*_checksums(cur.execute(query("applied_migrations", schema), {}).fetchall()))
+    store = LedgerStore(conn, schema)
+    add(*_checksums(store.applied_migrations()))
 
     add(*_pooler(conn))
-    facts = cur.execute(query("doctor_facts", schema), {"schema": schema}).fetchone()
-    add(*_effect_probe(conn, schema, facts["role"], facts["can_claim"]))
+    facts = store.server_facts()
+    add(*_effect_probe(conn, schema, facts.role, facts.can_claim))
     writers = direct_writers(conn, schema)
     add(
         "direct writes",
@@ -64,25 +63,23 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
     )
     add(
         "append-only events",
-        OK if facts["append_only"] else FAIL,
+        OK if facts.append_only else FAIL,
         "trigger ledger_events_append_only is enabled"
-        if facts["append_only"]
+        if facts.append_only
         else "trigger ledger_events_append_only is disabled: history can be edited; "
         f"ALTER TABLE {schema}.ledger_events ENABLE TRIGGER ledger_events_append_only",
     )
     add(
         "synchronous_commit",
-        OK
-        if facts["synchronous_commit"] in ("on", "remote_apply", "remote_write", "local")
-        else WARN,
-        f"synchronous_commit = {facts['synchronous_commit']}"
+        OK if facts.synchronous_commit in ("on", "remote_apply", "remote_write", "local") else WARN,
+        f"synchronous_commit = {facts.synchronous_commit}"
         + (
             ""
-            if facts["synchronous_commit"] != "off"
+            if facts.synchronous_commit != "off"
             else "; a server crash can lose the last commits: set it to on for the target database"
         ),
     )
-    prepared = facts["max_prepared_transactions"]
+    prepared = facts.max_prepared_transactions
     add(
         "max_prepared_transactions",
         OK if prepared > 0 else WARN,
@@ -96,7 +93,7 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
             "PostgreSQL"
         ),
     )
-    in_doubt = cur.execute(query("doctor_in_doubt", schema), {}).fetchone()["count"]
+    in_doubt = store.in_doubt_count()
     add(
         "in-doubt transactions",
         OK if in_doubt == 0 else WARN,
@@ -105,7 +102,7 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
         else f"{in_doubt} prepared transactions of multi-database effects are older than a minute "
         "(they hold their row locks): run `eos-airflow recover` against their coordinator",
     )
-    orphaned = cur.execute(query("orphaned_claims", schema), {}).fetchone()["count"]
+    orphaned = store.orphaned_claims()
     add(
         "claims of dead owners",
         OK if orphaned == 0 else WARN,
@@ -117,11 +114,11 @@ def diagnose(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, str]]
     return checks
 
 
-def _checksums(applied: list[dict[str, Any]]) -> tuple[str, str, str]:
+def _checksums(applied: list[AppliedMigration]) -> tuple[str, str, str]:
     """Each applied revision's recorded checksum against this package's files of it: the
     wrapper and the SQL it runs; the wrapper alone for revisions recorded before checksums
     covered the SQL (ledger/migrate.py)."""
-    states = {m["revision"]: checksum_state(m["revision"], m["checksum"]) for m in applied}
+    states = {m.revision: checksum_state(m.revision, m.checksum) for m in applied}
     changed = [r for r, state in states.items() if state is ChecksumState.CHANGED]
     if changed:
         return (
@@ -179,8 +176,8 @@ def _effect_probe(
     owner = uuid.uuid4()
     try:
         with conn.transaction(force_rollback=True):
-            conn.execute(
-                query("claim", schema),
+            store = LedgerStore(conn, schema)
+            store.claim(
                 {
                     "key": key,
                     "owner": owner,
@@ -194,7 +191,7 @@ def _effect_probe(
                     "on_committed": "skip",
                 },
             )
-            conn.execute(query("commit", schema), {"key": key, "owner": owner, "result": "null"})
+            store.commit_in_transaction(key, owner, "null")
     except psycopg.errors.InsufficientPrivilege as exc:
         return (
             "privileges",

@@ -11,6 +11,7 @@ role lacks a privilege.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -22,12 +23,15 @@ from eos_airflow.cli import outbox, output
 from eos_airflow.cli.session import checked, connect_factory, open_connection
 from eos_airflow.devtools import stack_cli as stack
 from eos_airflow.errors import (
+    NO_SUCH_KEY,
+    NOT_REOPENABLE,
     ConfigurationError,
     DatabaseUnavailableError,
     EosError,
     LedgerSchemaError,
 )
-from eos_airflow.ledger.queries import check_schema
+from eos_airflow.ledger.keys import check_schema
+from eos_airflow.ledger.store import LedgerStore
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 
@@ -51,38 +55,31 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_list(args: argparse.Namespace) -> int:
-    from eos_airflow.ledger.queries import query
-
-    prefix = None
-    if args.prefix is not None:
-        prefix = args.prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     with checked(args) as conn:
-        rows = (
-            conn.cursor(row_factory=psycopg.rows.dict_row)
-            .execute(
-                query("list_entries", args.schema),
-                {"dag_id": args.dag_id, "state": args.state, "prefix": prefix, "limit": args.limit},
-            )
-            .fetchall()
+        rows = LedgerStore(conn, args.schema).entries(
+            dag_id=args.dag_id, state=args.state, prefix=args.prefix, limit=args.limit
         )
-    output.entries(args, rows)
+    output.entries(args, output.records(rows))
     return EXIT_OK
 
 
 def cmd_ledger_show(args: argparse.Namespace) -> int:
-    from eos_airflow.ledger.queries import query
-
     with checked(args) as conn:
-        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-        entry = cur.execute(query("get_entry", args.schema), {"key": args.key}).fetchone()
+        store = LedgerStore(conn, args.schema)
+        entry = store.entry(args.key)
         if entry is None:
             raise ConfigurationError(
                 f"no ledger entry for key {args.key!r}; list keys with "
                 "`eos-airflow ledger list --prefix ...`"
             )
-        events = cur.execute(query("entry_events", args.schema), {"key": args.key}).fetchall()
-        points = cur.execute(query("recovery_points", args.schema), {"key": args.key}).fetchall()
-    output.entry(args, entry, events, recovery_points=points)
+        events = store.events(args.key)
+        points = store.recovery_points(args.key)
+    output.entry(
+        args,
+        dataclasses.asdict(entry),
+        output.records(events),
+        recovery_points=output.records(points),
+    )
     return EXIT_OK
 
 
@@ -123,25 +120,20 @@ def cmd_db_grant(args: argparse.Namespace) -> int:
 def cmd_ledger_reopen(args: argparse.Namespace) -> int:
     import getpass
 
-    from eos_airflow.ledger.queries import query
-
     if not args.reason.strip():
         raise ConfigurationError("--reason must say why the key is reprocessed (it is audited)")
     on_behalf_of = f"{getpass.getuser()}@{os.uname().nodename}"
     with checked(args) as conn:
         role = conn.info.user
         try:
-            row = conn.execute(
-                query("reopen", args.schema),
-                {"key": args.key, "reason": args.reason, "on_behalf_of": on_behalf_of},
-            ).fetchone()
+            reopened = LedgerStore(conn, args.schema).reopen(args.key, args.reason, on_behalf_of)
         except psycopg.Error as exc:
-            if exc.sqlstate == "EOS04":
+            if exc.sqlstate == NO_SUCH_KEY:
                 raise ConfigurationError(
                     f"no ledger entry for key {args.key!r}; list keys with "
                     "`eos-airflow ledger list --prefix ...`"
                 ) from exc
-            if exc.sqlstate == "EOS05":
+            if exc.sqlstate == NOT_REOPENABLE:
                 raise ConfigurationError(
                     f"{exc.diag.message_primary}: only a committed key with no running "
                     "attempt can be reopened"
@@ -152,7 +144,7 @@ def cmd_ledger_reopen(args: argparse.Namespace) -> int:
         {
             "key": args.key,
             "state": "reopened",
-            "version": row[0],
+            "version": reopened.version,
             "by": role,
             "on_behalf_of": on_behalf_of,
             "reason": args.reason,
@@ -185,7 +177,6 @@ def cmd_ledger_stats(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     from eos_airflow.cli import twophase
     from eos_airflow.ledger.filters import parse_since
-    from eos_airflow.ledger.queries import query
 
     older_than = parse_since(args.older_than) if args.older_than else None
     if args.terminate:  # the coordinator is down: the participants decide (3PC)
@@ -197,17 +188,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
         return EXIT_OK
     with checked(args) as conn:
         transactions = twophase.run(args, conn)  # in-doubt work first: it may release claims
-        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-        rows = cur.execute(
-            query("recover_claims", args.schema), {"older_than": older_than}
-        ).fetchall()
-        held = (
-            []
-            if older_than is None
-            else cur.execute(
-                query("live_claims", args.schema), {"older_than": older_than}
-            ).fetchall()
-        )
+        store = LedgerStore(conn, args.schema)
+        rows = output.records(store.expire_claims(older_than))
+        held = [] if older_than is None else output.records(store.live_claims(older_than))
     if args.format == "json":
         output.emit(args, {"expired": rows, "held": held, "transactions": transactions}, str)
         return EXIT_OK

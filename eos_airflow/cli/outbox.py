@@ -68,7 +68,7 @@ def cmd_outbox_status(args: argparse.Namespace) -> int:
     from eos_airflow.protocol.outbox import backlog
 
     with checked(args) as conn:
-        rows = backlog(conn, args.schema)
+        rows = output.records(backlog(conn, args.schema))
     if args.format == "json":
         output.emit(args, {"pending": rows}, lambda d: "")
     else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import uuid
@@ -43,6 +44,11 @@ _LIST_COLUMNS = (
     "committed_at",
 )
 _EVENT_COLUMNS = ("seq", "event", "attempt", "at", "detail")
+
+
+def records(items: Sequence[Any]) -> list[dict[str, Any]]:
+    """The ledger's frozen records (dataclasses) as dictionaries, for tables and JSON."""
+    return [dataclasses.asdict(item) for item in items]
 
 
 def _plain(value: Any) -> Any:

@@ -29,9 +29,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.store import LedgerStore
 
 GENESIS = bytes(32)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -371,28 +370,23 @@ def check_events(
 
 
 def _stream(conn: psycopg.Connection[Any], schema: str) -> Iterator[dict[str, Any]]:
-    with conn.transaction(), conn.cursor("eos_verify", row_factory=dict_row) as cur:
-        cur.itersize = 5000
-        cur.execute(query("chain_events", schema), {})
-        yield from cur
+    yield from LedgerStore(conn, schema).chain_events()
 
 
 def load_entries(conn: psycopg.Connection[Any], schema: str) -> dict[str, Entry]:
-    with conn.cursor() as cur:
-        return {
-            k: Entry(seq, bytes(h), state, attempt, version, has_result)
-            for k, seq, h, state, attempt, version, has_result in cur.execute(
-                query("chain_entries", schema), {}
-            )
-        }
+    return {
+        k: Entry(seq, bytes(h), state, attempt, version, has_result)
+        for k, seq, h, state, attempt, version, has_result in LedgerStore(
+            conn, schema
+        ).chain_entries()
+    }
 
 
 def load_starts(conn: psycopg.Connection[Any], schema: str) -> dict[str, Start]:
-    with conn.cursor() as cur:
-        return {
-            k: Start(through, bytes(h), versions, _sorted_claims(tuple(c) for c in claims))
-            for k, through, h, versions, claims in cur.execute(query("chain_starts", schema), {})
-        }
+    return {
+        k: Start(through, bytes(h), versions, _sorted_claims(tuple(c) for c in claims))
+        for k, through, h, versions, claims in LedgerStore(conn, schema).chain_starts()
+    }
 
 
 def verify(conn: psycopg.Connection[Any], schema: str = "eos") -> Verification:

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 
 from eos_airflow.errors import ConfigurationError
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.store import LedgerStore
 
 #: Keys per gc_prune call (one transaction): bounds the locks held and the work a crash loses.
 BATCH_KEYS = 500
@@ -58,12 +58,7 @@ def actor() -> str:
 def candidates(
     conn: psycopg.Connection[Any], schema: str, cutoff: datetime, prefix: str | None = None
 ) -> list[str]:
-    return [
-        k
-        for (k,) in conn.execute(
-            query("gc_candidates", schema), {"cutoff": cutoff, "prefix": prefix}
-        )
-    ]
+    return LedgerStore(conn, schema).gc_candidates(cutoff, prefix)
 
 
 def gc(
@@ -83,19 +78,14 @@ def gc(
     for start in range(0, len(keys), BATCH_KEYS):
         batch = keys[start : start + BATCH_KEYS]
         if dry_run:
-            (n,) = conn.execute(
-                query("gc_preview", schema), {"keys": batch, "cutoff": cutoff}
-            ).fetchone()
+            n = LedgerStore(conn, schema).gc_preview(batch, cutoff)
             report.keys += len(batch)
             report.events += n
             report.pruned.extend({"key": k} for k in batch[: 100 - len(report.pruned)])
         else:
             try:
                 with conn.transaction():
-                    rows = conn.execute(
-                        query("gc_prune", schema),
-                        {"keys": batch, "cutoff": cutoff, "on_behalf_of": on_behalf_of},
-                    ).fetchall()
+                    rows = LedgerStore(conn, schema).gc_prune(batch, cutoff, on_behalf_of)
             except psycopg.errors.InsufficientPrivilege as exc:
                 raise ConfigurationError(
                     f"this database role may not run gc ({exc.diag.message_primary}); run "

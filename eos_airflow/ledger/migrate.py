@@ -29,7 +29,8 @@ from alembic.script import ScriptDirectory
 from psycopg import errors as pgerrors
 
 from eos_airflow.errors import LedgerSchemaError
-from eos_airflow.ledger.queries import check_schema, query
+from eos_airflow.ledger.keys import check_schema
+from eos_airflow.ledger.store import LedgerStore
 
 #: Advisory lock key taken by every migration run ("eos-mig" in ASCII).
 MIGRATION_LOCK = 0x656F732D6D6967
@@ -185,10 +186,9 @@ def current_revision(conn: psycopg.Connection[Any], schema: str) -> str | None:
     """The schema revision stored in the database, or None if the ledger was never migrated."""
     try:
         with conn.transaction():
-            row = conn.execute(query("schema_revision", schema), {}).fetchone()
-    except (pgerrors.UndefinedTable, pgerrors.InvalidSchemaName):
+            return LedgerStore(conn, schema).revision()
+    except (pgerrors.UndefinedTable, pgerrors.InvalidSchemaName, LedgerSchemaError):
         return None
-    return None if row is None else row[0]
 
 
 def check_revision(conn: psycopg.Connection[Any], schema: str) -> str:

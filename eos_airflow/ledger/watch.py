@@ -26,18 +26,17 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
-from psycopg.rows import dict_row
 
 from eos_airflow.errors import ConfigurationError, LedgerSchemaError
 from eos_airflow.ledger import connection
 from eos_airflow.ledger.keys import check_key
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.store import AsyncLedgerStore, key_states
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +144,7 @@ def evaluate(spec: WaitSpec, states: dict[str, tuple[str, Any]]) -> Verdict:
 def _fetch(
     conn: psycopg.Connection[Any], schema: str, spec: WaitSpec
 ) -> dict[str, tuple[str, Any]]:
-    cur = conn.cursor(row_factory=dict_row)
-    rows = list(cur.execute(query("watch_keys", schema), {"keys": list(spec.keys)}))
-    if spec.prefix is not None:
-        rows += cur.execute(query("watch_prefix", schema), {"prefix": spec.prefix}).fetchall()
-    return {row["key"]: (row["state"], row["result"]) for row in rows}
+    return key_states(conn, schema, list(spec.keys), spec.prefix)
 
 
 def check(conn: psycopg.Connection[Any], schema: str, spec: WaitSpec) -> Verdict:
@@ -293,7 +288,7 @@ class Watcher:
         self.connection = conn
         self.listener = listener = f"{self._token}:{next(self._sessions)}"
         try:
-            await conn.execute(query("listen", self.schema), {})
+            await AsyncLedgerStore(conn, self.schema).listen()
             # Rows may have expired while disconnected: register everything again and check
             # every wait under lock (commits during the outage sent no notification to us).
             self._registered.clear()
@@ -320,51 +315,40 @@ class Watcher:
         finally:
             with contextlib.suppress(psycopg.Error):
                 if not conn.closed:
-                    await conn.execute(query("drop_listener", self.schema), {"listener": listener})
+                    await AsyncLedgerStore(conn, self.schema).drop_listener(listener)
             self.connection = None
             await conn.close()
 
     async def _sync_rows(self, conn: psycopg.AsyncConnection[Any]) -> None:
         wanted = {row for wait in self._waits for row in wait.spec.waiter_rows()}
         new, gone = wanted - self._registered, self._registered - wanted
+        store = AsyncLedgerStore(conn, self.schema)
         if new:
-            await conn.execute(query("register_waiters", self.schema), self._rows(new))
+            keys, is_prefix = zip(*new, strict=True)
+            await store.register_waiters(self.listener, keys, is_prefix, self._ttl())
         if gone:
-            await conn.execute(query("unregister_waiters", self.schema), self._rows(gone))
+            keys, is_prefix = zip(*gone, strict=True)
+            await store.unregister_waiters(self.listener, keys, is_prefix)
         self._registered = wanted
-
-    def _rows(self, rows: Iterable[tuple[str, bool]]) -> dict[str, Any]:
-        keys, is_prefix = zip(*rows, strict=True)
-        return {
-            "keys": list(keys),
-            "is_prefix": list(is_prefix),
-            "listener": self.listener,
-            "ttl": self._ttl(),
-        }
 
     def _ttl(self) -> float:
         return max(WAITER_TTL, 4 * self.poll_interval)
 
     async def _refresh(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute(
-            query("refresh_waiters", self.schema), {"listener": self.listener, "ttl": self._ttl()}
-        )
+        await AsyncLedgerStore(conn, self.schema).refresh_waiters(self.listener, self._ttl())
 
     async def _check(
         self, conn: psycopg.AsyncConnection[Any], waits: Sequence[_Wait], *, locked: bool
     ) -> None:
         """Re-read every key and prefix of ``waits`` (one query, plus one per prefix)."""
-        suffix = "_locked" if locked else ""
         keys = sorted({k for w in waits for k in w.spec.keys})
         prefixes = sorted({w.spec.prefix for w in waits if w.spec.prefix is not None})
-        cur = conn.cursor(row_factory=dict_row)
+        store = AsyncLedgerStore(conn, self.schema)
         states: dict[str, tuple[str, Any]] = {}
         if keys:
-            await cur.execute(query("watch_keys" + suffix, self.schema), {"keys": keys})
-            states.update((r["key"], (r["state"], r["result"])) for r in await cur.fetchall())
+            states.update(await store.key_states(keys, locked=locked))
         for prefix in prefixes:
-            await cur.execute(query("watch_prefix" + suffix, self.schema), {"prefix": prefix})
-            states.update((r["key"], (r["state"], r["result"])) for r in await cur.fetchall())
+            states.update(await store.prefix_states(prefix, locked=locked))
         for wait in waits:
             wait.states = {k: v for k, v in states.items() if wait.spec.concerns(k)}
             wait.fresh = False
@@ -396,9 +380,7 @@ class Watcher:
         waits = [w for w in self._waits if any(w.spec.concerns(k) for k in keys)]
         if not waits:
             return
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(query("watch_keys", self.schema), {"keys": sorted(keys)})
-        rows = {r["key"]: (r["state"], r["result"]) for r in await cur.fetchall()}
+        rows = await AsyncLedgerStore(conn, self.schema).key_states(sorted(keys))
         for wait in waits:
             wait.states.update((k, v) for k, v in rows.items() if wait.spec.concerns(k))
             wait.decide(evaluate(wait.spec, wait.states))

@@ -11,7 +11,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from eos_airflow.api import Ledger
 from eos_airflow.errors import BadKeyError, EosError
 from eos_airflow.hooks.ledger import connect_factory
-from eos_airflow.ledger.queries import check_schema
+from eos_airflow.ledger.keys import check_schema
 from eos_airflow.protocol.effect import ON_COMMITTED, Effect, Origin
 
 #: Default effect key: retries and clears of one task instance are one effect.

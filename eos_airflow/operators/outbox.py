@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from eos_airflow.errors import ConfigurationError, EosError
 from eos_airflow.hooks.ledger import connect_factory
-from eos_airflow.ledger.queries import check_schema
+from eos_airflow.ledger.keys import check_schema
 from eos_airflow.operators.kafka import kafka_config
 from eos_airflow.protocol.outbox import split_destinations
 from eos_airflow.relay.loop import DEFAULT_BATCH_SIZE, Relay

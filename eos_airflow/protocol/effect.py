@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
@@ -75,6 +75,21 @@ class Effect:
             owner = getattr(self.session, "owner", None)
             self._offsets = Offsets(self.conn, key=self.key, schema=self.schema, owner=owner)
         return self._offsets
+
+    @property
+    def offsets_in_use(self) -> Offsets | None:
+        """The offsets handle, if this effect used ``eos.offsets``: the protocol writes its
+        staged positions just before each commit point."""
+        return self._offsets
+
+    def next_message_seq(self, last_committed: Callable[[], int]) -> int:
+        """The sequence number of this effect's next outbox message; ``last_committed``
+        reads the number reached by committed chunks of the version being written (asked
+        once per effect)."""
+        if self._outbox_seq is None:
+            self._outbox_seq = last_committed()
+        self._outbox_seq += 1
+        return self._outbox_seq
 
     def checkpoints(
         self, source: Any, *, every: int | None = None, seconds: float | None = None, **options: Any

@@ -46,7 +46,7 @@ import psycopg
 from psycopg import sql
 
 from eos_airflow.errors import ConfigurationError
-from eos_airflow.ledger.queries import render
+from eos_airflow.ledger.store import LedgerStore
 from eos_airflow.protocol.effect import Effect
 from eos_airflow.protocol.horizon import (
     DEFAULT_HORIZON_TIMEOUT,
@@ -55,7 +55,7 @@ from eos_airflow.protocol.horizon import (
 )
 from eos_airflow.protocol.transfer import (
     Connect,
-    _Stream,
+    Stream,
     table_identifier,
     target_columns,
     transfer,
@@ -101,15 +101,12 @@ def incremental(
                 f"with chunk_rows, the copied columns must include {column!r} (the position)"
             )
         # one run of this source at a time for the whole chunked run (ends with the session)
-        eos.conn.execute(
-            render("SELECT pg_advisory_lock({schema}.offset_lock_id(%s))", eos.schema),
-            [offset_source],
-        )
+        LedgerStore(eos.conn, eos.schema).lock_offset(offset_source)
     try:
         chunks = None
         seek: Any = None  # a resumed run continues after this committed position
         if chunk_rows is not None:
-            stream: list[_Stream] = []
+            stream: list[Stream] = []
             chunks = eos.checkpoints(
                 lambda done: stream[0].rows(skip=0 if seek is not None else done), every=chunk_rows
             )
@@ -168,7 +165,7 @@ def incremental(
                 copied = transfer(eos, source, query=query, table=target_table, columns=names)
                 result.update(rows=copied["rows"], format=copied["format"])
             else:
-                stream.append(_Stream(conn, query, binary=False))
+                stream.append(Stream(conn, query, binary=False))
                 chunks.state = {"from": after, "to": to, "visible": visible}
                 result.update(
                     _chunked(eos, chunks, target, names, names.index(column), offset_source)
@@ -212,10 +209,7 @@ def _unlock(eos: Effect, offset_source: str) -> None:
     try:
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             conn.execute("ROLLBACK")
-        conn.execute(
-            render("SELECT pg_advisory_unlock({schema}.offset_lock_id(%s))", eos.schema),
-            [offset_source],
-        )
+        LedgerStore(conn, eos.schema).unlock_offset(offset_source)
     except psycopg.Error:
         log.warning(
             "could not unlock source %s; closing the connection frees it",

@@ -32,7 +32,7 @@ from psycopg import sql
 
 from eos_airflow import failpoints
 from eos_airflow.errors import ConfigurationError, EosError
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.store import LedgerStore
 from eos_airflow.protocol.effect import Effect
 from eos_airflow.protocol.messages import KAFKA_MSG_ID_HEADER, MessageError
 
@@ -237,15 +237,9 @@ def _dedup(eos: Effect, messages: list[KafkaMessage], consumer: str) -> list[Kaf
             first[m.message_id] = m
     new: set[str] = set()
     if first:
-        rows = eos.conn.execute(
-            query("inbox_accept", eos.schema),
-            {
-                "consumer": consumer,
-                "ids": list(first),
-                "sources": [f"{m.source}@{m.offset}" for m in first.values()],
-            },
-        ).fetchall()
-        new = {row[0] for row in rows}
+        new = LedgerStore(eos.conn, eos.schema).inbox_accept(
+            consumer, list(first), [f"{m.source}@{m.offset}" for m in first.values()]
+        )
     return [
         m
         for m in messages

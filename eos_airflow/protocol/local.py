@@ -24,7 +24,6 @@ import os
 import socket
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,22 +31,21 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
-from psycopg import sql
 
 from eos_airflow import failpoints
 from eos_airflow.errors import (
     AlreadyCommittedError,
     FencedError,
     KeyInProgressError,
-    LedgerSchemaError,
     LostClaimError,
+    MisuseError,
     ResultError,
     UserCodeError,
-    sqlstate_retryable,
+    ledger_error_class,
+    sql_hint,
 )
 from eos_airflow.ledger.keys import check_key
-from eos_airflow.ledger.queries import prepared_names, query
-from eos_airflow.protocol.checkpoints import RecoveryPoint
+from eos_airflow.ledger.store import Claim, ClaimAction, Committed, LedgerStore, RecoveryPoint
 from eos_airflow.protocol.effect import (
     MAX_RESULT_BYTES,
     Effect,
@@ -64,8 +62,6 @@ from eos_airflow.protocol.resolve import (
 
 log = logging.getLogger(__name__)
 
-#: SQLSTATE raised by the ledger's commit function when a newer attempt owns the key.
-FENCED_SQLSTATE = "EOS01"
 #: How long a claimant waits for another live attempt of the key before giving up with the
 #: retryable KeyInProgressError. Long enough to ride out a typical short load; short enough
 #: that Airflow's own retry, rather than a blocked worker slot, absorbs a long one.
@@ -110,27 +106,27 @@ def run_effect(
     origin = origin or Origin()
     owner = uuid.uuid4()
     # The claim, its COMMIT and the effect's BEGIN travel in one round trip.
-    claim = _claim(
+    claim = claim_key(
         conn, schema, key, owner, attempt, origin, on_committed, wait_timeout, begin=True
     )
-    if claim["action"] == "skip":
-        log.info("effect %s is committed (version %s): skipped", key, claim["version"])
+    if claim.action == ClaimAction.SKIP:
+        log.info("effect %s is committed (version %s): skipped", key, claim.version)
         return Outcome(
-            key, "skipped", claim["result"], claim["version"], attempt, claim["committed_at"]
+            key, "skipped", claim.result, claim.version or 0, attempt, claim.committed_at
         )
 
     event, detail = "failed", {}
     session = Session(conn, schema, key, owner, attempt)
     try:
-        previous = _previous(conn, schema, key, claim)
+        previous = previous_version(conn, schema, key, claim)
         failpoints.check("after_claim", attempt=attempt)
         eos = Effect(key, attempt, conn, previous, origin, schema=schema, session=session)
         with _own_transaction(conn, key):
             result = fn(eos)
         payload = encode_result(result, limit=max_result_bytes)
         failpoints.check("before_commit", attempt=attempt)
-        if eos._offsets is not None:
-            eos._offsets.flush()
+        if eos.offsets_in_use is not None:
+            eos.offsets_in_use.flush()
         try:
             committed = session.commit(payload)
         except psycopg.OperationalError as exc:  # did COMMIT happen? the ledger knows
@@ -140,18 +136,18 @@ def run_effect(
             version, committed_at = commit_outcome(
                 reconnect, schema, key, owner, attempt, wait_timeout, exc
             )
-            committed = {"version": version, "committed_at": committed_at}
+            committed = Committed(version, committed_at)
     except (CommitNotDoneError, CommitOutcomeUnknownError):
         raise  # resolved (and released) through a new connection
     except BaseException as exc:
         session.rollback()
         holder = None
-        if isinstance(exc, pgerrors.Error) and exc.sqlstate == FENCED_SQLSTATE:
+        if ledger_error_class(exc) is FencedError:
             event, detail = "fenced", {"step": session.step}
             holder = lost_to(conn, schema, key, owner, attempt)
         else:
             detail = {"error": type(exc).__name__, "message": str(exc)[:500]}
-        _release(conn, schema, key, owner, attempt, event, detail)
+        release_key(conn, schema, key, owner, attempt, event, detail)
         if event == "fenced" and holder is None:  # released, not taken by another attempt
             raise LostClaimError(
                 f"effect {key!r} attempt {attempt}: `eos-airflow recover` released the key "
@@ -165,18 +161,17 @@ def run_effect(
                 "newer attempt writes the effect (do not retry this one)"
             ) from exc
         if isinstance(exc, pgerrors.Error) and not isinstance(exc, pgerrors.OperationalError):
-            error = UserCodeError(
+            raise UserCodeError(
                 f"effect {key!r} attempt {attempt}: the database refused a statement "
-                f"({exc.sqlstate}: {exc}); nothing was written. {_hint(exc)}"
-            )
-            error.retryable = sqlstate_retryable(exc.sqlstate)
-            raise error from exc
+                f"({exc.sqlstate}: {exc}); nothing was written. {sql_hint(exc)}",
+                sqlstate=exc.sqlstate,
+            ) from exc
         raise
     failpoints.check("after_commit", attempt=attempt)
-    action = "replaced" if claim["prior_state"] == "committed" else "committed"
-    log.info("effect %s %s (version %s)", key, action, committed["version"])
+    action = "replaced" if claim.prior_state == "committed" else "committed"
+    log.info("effect %s %s (version %s)", key, action, committed.version)
     return Outcome(
-        key, action, json.loads(payload), committed["version"], attempt, committed["committed_at"]
+        key, action, json.loads(payload), committed.version, attempt, committed.committed_at
     )
 
 
@@ -192,29 +187,25 @@ def lost_to(
     when recovery released it (or the ledger cannot say) — then nobody writes the effect
     unless the attempt is retried."""
     try:
-        row = _execute(
-            conn,
-            "fence_cause",
-            schema,
-            {"key": key, "owner": str(owner), "attempt": attempt, "txid": txid},
-        ).fetchone()
+        cause = LedgerStore(conn, schema).fence_cause(key, owner, attempt, txid)
     except psycopg.Error:
         return None
-    return None if row is None or row["released"] else row["attempt"]
+    return None if cause is None or cause.released else cause.attempt
 
 
-def _previous(
-    conn: psycopg.Connection[Any], schema: str, key: str, claim: dict[str, Any]
+def previous_version(
+    conn: psycopg.Connection[Any], schema: str, key: str, claim: Claim
 ) -> Previous | None:
     """The committed version this attempt supersedes, if the row holds one: under "replace",
     and whenever an operator reopened the key — also after attempts that failed or crashed
     since the reopen, which left the row ``failed`` or ``running`` with that version."""
-    if claim["prior_state"] == "committed":
-        return Previous(claim["result"], claim["version"], claim["committed_at"])
-    if not claim["version"]:
+    if claim.prior_state == "committed":
+        return Previous(claim.result, claim.version or 0, claim.committed_at)
+    if not claim.version:
         return None
-    entry = _execute(conn, "get_entry", schema, {"key": key}).fetchone()
-    return Previous(entry["result"], entry["version"], entry["committed_at"])
+    entry = LedgerStore(conn, schema).entry(key)
+    assert entry is not None, "a claimed key has a ledger row"
+    return Previous(entry.result, entry.version, entry.committed_at)
 
 
 def _server_refused(conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:
@@ -244,6 +235,7 @@ class Session:
         self.owner = owner
         self.attempt = attempt
         self.step = "commit"  # the fenced step in progress (for the `fenced` event)
+        self.store = LedgerStore(conn, schema)
 
     def __repr__(self) -> str:
         return f"<Session key={self.key!r} attempt={self.attempt} step={self.step}>"
@@ -251,28 +243,19 @@ class Session:
     def begin(self) -> None:
         self.conn.execute("BEGIN")
 
-    def commit(self, payload: str) -> dict[str, Any]:
+    def commit(self, payload: str) -> Committed:
         """The effect's last step: the ledger's commit() (fenced) and COMMIT in one round
         trip. If commit() raises, COMMIT does not run and the transaction stays aborted (the
         caller rolls it back)."""
-        conn, schema = self.conn, self.schema
-        prepared = _hot_paths.get(conn, {}).get(schema) == _PREPARED
-        message = query("commit_prepared_then_end" if prepared else "commit_then_end", schema)
         try:
-            row = _script(
-                conn, message, schema, {"key": self.key, "owner": self.owner, "result": payload}
-            )
+            return self.store.commit(self.key, self.owner, payload)
         except pgerrors.InvalidSqlStatementName as exc:
-            _hot_paths[conn][schema] = _NEVER  # this session's code drops prepared statements
-            error = UserCodeError(
+            # this session's code drops prepared statements: the store stops using them
+            raise UserCodeError(
                 f"effect {self.key!r}: the function dropped this session's prepared statements "
                 "(DEALLOCATE ALL or DISCARD ALL), the ledger's among them; nothing was written. "
                 "The next try on this connection does without them; better, remove the statement"
-            )
-            error.retryable = True
-            raise error from exc
-        assert row is not None
-        return row
+            ) from exc
 
     def end(self) -> None:
         self.conn.execute("COMMIT")
@@ -294,17 +277,14 @@ class Session:
         """The newest recovery point of the version being written, recorded as `resumed`
         and committed at once (with what the function wrote before its loop, and offsets it
         staged); or None."""
-        found = _execute(self.conn, "has_recovery_point", self.schema, {"key": self.key}).fetchone()
-        if not found["found"]:
+        if not self.store.has_recovery_point(self.key):
             return None
         self.step = "resume"
-        row = _execute(
-            self.conn, "resume", self.schema, {"key": self.key, "owner": self.owner}
-        ).fetchone()
-        if row is None:
+        point = self.store.resume(self.key, self.owner)
+        if point is None:
             self.step = "commit"
             return None
-        offsets = eos._offsets if eos is not None else None
+        offsets = eos.offsets_in_use if eos is not None else None
         if offsets is not None:
             offsets.flush()
         self.end()
@@ -312,7 +292,7 @@ class Session:
         if offsets is not None:
             offsets.transaction_ended()
         self.begin()
-        return RecoveryPoint(row["seq"], row["rows"], row["position"], row["state"], row["attempt"])
+        return point
 
     def checkpoint(
         self,
@@ -327,31 +307,26 @@ class Session:
         """Record a recovery point in the chunk's transaction (fenced), then COMMIT it and
         BEGIN the next chunk — unless this is the final chunk, which commits with the effect."""
         self.step = "checkpoint"
-        if eos._offsets is not None:
-            eos._offsets.flush()
-        row = _execute(
-            self.conn,
-            "checkpoint",
-            self.schema,
-            {
-                "key": self.key,
-                "owner": self.owner,
-                "rows": rows,
-                "position": _json(position, "position"),
-                "state": _json(state, "state"),
-                "detail": json.dumps(detail),
-            },
-        ).fetchone()
+        if eos.offsets_in_use is not None:
+            eos.offsets_in_use.flush()
+        seq = self.store.checkpoint(
+            self.key,
+            self.owner,
+            rows=rows,
+            position=_json(position, "position"),
+            state=_json(state, "state"),
+            detail=detail,
+        )
         self.step = "commit"
         if final:
-            return row["seq"]
+            return seq
         failpoints.check("before_chunk_commit", attempt=self.attempt)
         self.end()
         failpoints.check("after_chunk", attempt=self.attempt)
-        if eos._offsets is not None:
-            eos._offsets.transaction_ended()
+        if eos.offsets_in_use is not None:
+            eos.offsets_in_use.transaction_ended()
         self.begin()
-        return row["seq"]
+        return seq
 
 
 def _json(value: Any, what: str) -> str | None:
@@ -371,13 +346,11 @@ def _own_transaction(conn: psycopg.Connection[Any], key: str) -> Iterator[None]:
     and rollback() on ``eos.conn`` are refused, and ending it with SQL is detected."""
 
     def refuse() -> None:
-        error = UserCodeError(
+        raise MisuseError(
             f"effect {key!r}: eos.conn is inside the effect's transaction: do not call "
             "commit() or rollback() (the ledger commits your writes with the effect; raise "
             "an exception to roll them back)"
         )
-        error.retryable = False  # the code is wrong: another try fails the same way
-        raise error
 
     conn.commit = refuse  # type: ignore[method-assign]
     conn.rollback = refuse  # type: ignore[method-assign]
@@ -386,16 +359,14 @@ def _own_transaction(conn: psycopg.Connection[Any], key: str) -> Iterator[None]:
     finally:
         del conn.commit, conn.rollback
     if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
-        error = UserCodeError(
+        raise MisuseError(
             f"effect {key!r}: the function ended the effect's transaction itself (a COMMIT or "
             "ROLLBACK statement); writes it committed that way escaped the ledger. Remove the "
             "statement: the ledger commits your writes with the effect"
         )
-        error.retryable = False
-        raise error
 
 
-def _claim(
+def claim_key(
     conn: psycopg.Connection[Any],
     schema: str,
     key: str,
@@ -405,14 +376,15 @@ def _claim(
     on_committed: str,
     wait_timeout: float,
     *,
-    query_name: str = "claim",
-    extra: dict[str, Any] | None = None,
+    twophase: dict[str, str] | None = None,
     begin: bool = False,
-) -> dict[str, Any]:
-    """The claim step; ``query_name``/``extra`` select a variant that does more in the same
-    round trip (the two-phase protocol logs its transaction id with the claim). With
-    ``begin``, a claim that returns ``run`` leaves the effect's transaction open (BEGIN sent
-    in the same round trip); any other outcome leaves the connection idle."""
+) -> Claim:
+    """The claim step: returns a claim whose action is ``run`` or ``skip``, or raises.
+
+    ``twophase`` (txid, protocol, participants) also logs the two-phase transaction in the
+    same round trip. With ``begin``, a claim that returns ``run`` leaves the effect's
+    transaction open (BEGIN sent in the same round trip); any other outcome leaves the
+    connection idle."""
     params = {
         "key": key,
         "owner": owner,
@@ -424,70 +396,63 @@ def _claim(
         "host": _HOST,
         "pid": os.getpid(),
         "on_committed": on_committed,
-        **(extra or {}),
     }
     check_session(conn)  # a pooler must keep the owner's session (protocol/pooling.py)
+    store = LedgerStore(conn, schema)
     deadline = time.monotonic() + wait_timeout
     while True:
-        if begin:
-            row = _claim_then_begin(conn, schema, params)
+        if twophase is not None:
+            claim = store.twophase_claim(params, **twophase)
         else:
-            row = _execute(conn, query_name, schema, params).fetchone()
-        assert row is not None
-        action = row["action"]
-        if action == "run":
-            return row
+            claim = store.claim(params, begin=begin)
+        if claim.action == ClaimAction.RUN:
+            return claim
         if begin:  # the effect will not run: close the transaction opened for it
             conn.execute("ROLLBACK")
-        if action == "skip":
-            return row
-        if action == "refuse":
+        if claim.action == ClaimAction.SKIP:
+            return claim
+        if claim.action == ClaimAction.REFUSE:
             raise AlreadyCommittedError(
-                f"effect {key!r} is already committed (version {row['version']}, "
-                f"at {row['committed_at']}) and on_committed='fail'; use "
+                f"effect {key!r} is already committed (version {claim.version}, "
+                f"at {claim.committed_at}) and on_committed='fail'; use "
                 "on_committed='skip' to reuse its result or 'replace' to write it again"
             )
-        if action == "fenced":
+        if claim.action == ClaimAction.FENCED:
             # fenced by the try that holds the key, or by one that claimed it and is gone
-            whose = "owns it" if row["holder"] is not None else "claimed it before"
+            whose = "owns it" if claim.holder is not None else "claimed it before"
             raise FencedError(
-                f"effect {key!r}: try {row['attempt']} of this task instance {whose}, so try "
+                f"effect {key!r}: try {claim.attempt} of this task instance {whose}, so try "
                 f"{attempt} stops without writing (do not retry this one)"
             )
-        _wait_for_owner(conn, schema, key, row, deadline, wait_timeout)
+        _wait_for_owner(store, key, claim, deadline, wait_timeout)
 
 
 def _wait_for_owner(
-    conn: psycopg.Connection[Any],
-    schema: str,
-    key: str,
-    row: dict[str, Any],
-    deadline: float,
-    wait_timeout: float,
+    store: LedgerStore, key: str, claim: Claim, deadline: float, wait_timeout: float
 ) -> None:
     """Sleep on the owner's session lock until it ends or the deadline passes."""
     remaining = deadline - time.monotonic()
-    holder = row["result"] or {}
+    holder = claim.result or {}
     if remaining > 0:
         try:
-            with conn.transaction():
-                conn.execute(
+            with store.conn.transaction():
+                store.conn.execute(
                     "SELECT set_config('lock_timeout', %s, true)",
                     [f"{max(1, int(remaining * 1000))}ms"],
                 )
-                _execute(conn, "wait_for_owner", schema, {"key": key, "holder": row["holder"]})
+                store.wait_for_owner(key, claim.holder)
             return
         except pgerrors.LockNotAvailable:
             pass
     raise KeyInProgressError(
         f"effect {key!r} is being written by another live attempt (run "
-        f"{holder.get('run_id')!r}, try {row['attempt']}, host {holder.get('host')!r}, "
+        f"{holder.get('run_id')!r}, try {claim.attempt}, host {holder.get('host')!r}, "
         f"pid {holder.get('pid')}, claimed {holder.get('claimed_at')}); waited "
         f"{wait_timeout:g} s. Retry later (Airflow retries this), or raise wait_timeout"
     )
 
 
-def _release(
+def release_key(
     conn: psycopg.Connection[Any],
     schema: str,
     key: str,
@@ -498,18 +463,7 @@ def _release(
 ) -> None:
     """Record the failure; never let a failed release hide the original error."""
     try:
-        _execute(
-            conn,
-            "release",
-            schema,
-            {
-                "key": key,
-                "owner": owner,
-                "attempt": attempt,
-                "event": event,
-                "detail": json.dumps(detail),
-            },
-        )
+        LedgerStore(conn, schema).release(key, owner, attempt, event, detail)
     except Exception:  # the original exception is re-raised by the caller
         log.warning(
             "could not record %s for effect %s; the next claim takes the key over",
@@ -522,118 +476,13 @@ def _release(
         conn.close()
 
 
-def _script(
-    conn: psycopg.Connection[Any], message: bytes, schema: str, params: dict[str, Any]
-) -> dict[str, Any] | None:
-    """Send several statements in one round trip: bound on the client, one simple-protocol
-    message (the server stops at the first error). Return the first row of the first
-    statement that returns rows."""
-    cur = psycopg.ClientCursor(conn, row_factory=psycopg.rows.dict_row)
-    with _schema_errors(conn, schema):
-        cur.execute(message, params)
-    while cur.description is None and cur.nextset():
-        pass
-    return cur.fetchone()
-
-
-#: Per connection and ledger schema, the state of the hot path's prepared statements: absent
-#: before the connection's first effect, then one of these.
-_PLAIN, _PREPARED, _NEVER = 0, 1, 2  # not prepared yet; prepared; the session drops them
-_hot_paths: weakref.WeakKeyDictionary[psycopg.Connection[Any], dict[str, int]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _claim_then_begin(
-    conn: psycopg.Connection[Any], schema: str, params: dict[str, Any]
-) -> dict[str, Any]:
-    """The claim in its own transaction, then BEGIN, in one round trip. A connection's first
-    effect sends the claim as a plain statement (an Airflow task runs one effect per
-    connection: preparing would not pay); the second also prepares the claim and the commit
-    call, which later effects execute without parsing or planning them again."""
-    states = _hot_paths.setdefault(conn, {})
-    for again in (True, True, False):
-        state = states.get(schema)
-        preparing = state == _PLAIN
-        if state is None or state == _NEVER:
-            message = query("claim_then_begin", schema)
-            states.setdefault(schema, _PLAIN)
-        elif state == _PREPARED:
-            message = query("claim_prepared_then_begin", schema)
-        else:
-            message = (
-                query("prepare_hot_path", schema)
-                + b"\n"
-                + query("claim_prepared_then_begin", schema)
-            )
-        try:
-            row = _script(conn, message, schema, params)
-        except pgerrors.InvalidSqlStatementName:
-            if state != _PREPARED or not again:
-                raise
-            states[schema] = _PLAIN  # the session lost them (DEALLOCATE, DISCARD): again
-            continue
-        except pgerrors.DuplicatePreparedStatement:
-            _drop_prepared(conn, schema)  # left over from a failed message: drop, again
-            if not again:
-                raise
-            continue
-        except BaseException:
-            if preparing:
-                _drop_prepared(conn, schema)
-            raise
-        if preparing:
-            states[schema] = _PREPARED
-        assert row is not None
-        return row
-    raise AssertionError("unreachable")
-
-
-def _drop_prepared(conn: psycopg.Connection[Any], schema: str) -> None:
-    """After a failed message that prepared the hot path: drop what it prepared, if
-    anything, so that the next effect can prepare again."""
-    if conn.broken or conn.closed:
-        return
-    try:
-        names = prepared_names(schema)
-        found = _execute(conn, "prepared_hot_path", schema, {"names": list(names)}).fetchall()
-        for row in found:
-            conn.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(row["name"])))
-    except psycopg.Error:
-        log.warning(
-            "could not drop the prepared statements of the ledger on this connection", exc_info=True
-        )
-
-
-@contextlib.contextmanager
-def _schema_errors(conn: psycopg.Connection[Any], schema: str) -> Iterator[None]:
-    """A ledger statement that finds no ledger function, schema or table: say how to create it."""
-    try:
-        yield
-    except (pgerrors.UndefinedFunction, pgerrors.InvalidSchemaName, pgerrors.UndefinedTable) as exc:
-        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-            raise  # the user's own statement referenced something missing
-        raise LedgerSchemaError(
-            f'the ledger schema "{schema}" is missing or incomplete in database '
-            f'"{conn.info.dbname}" ({exc.diag.message_primary}); create it with '
-            "`eos-airflow db migrate` (same --dsn or --conn-id)"
-        ) from exc
-
-
-def _execute(
-    conn: psycopg.Connection[Any], name: str, schema: str, params: dict[str, Any]
-) -> psycopg.Cursor[Any]:
-    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-    with _schema_errors(conn, schema):
-        return cur.execute(query(name, schema), params)
-
-
-def _hint(exc: psycopg.Error) -> str:
-    if isinstance(exc, pgerrors.UndefinedTable):
-        return "Create the table (or fix its name) before running the task."
-    if isinstance(exc, pgerrors.SyntaxError):
-        return "Fix the SQL."
-    return exc.diag.message_hint or "Fix the statement or the data it reads."
-
-
-__all__ = ["Outcome", "Session", "run_effect"]
+__all__ = [
+    "DEFAULT_WAIT_TIMEOUT",
+    "Outcome",
+    "Session",
+    "claim_key",
+    "lost_to",
+    "previous_version",
+    "release_key",
+    "run_effect",
+]

@@ -32,10 +32,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from eos_airflow.errors import ConfigurationError, ResultError
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.store import LedgerStore
 
 _MISSING = object()
 
@@ -69,9 +68,8 @@ class Offsets:
     # -- reading -------------------------------------------------------------------------
     def _committed(self, source: str) -> Any:
         if source not in self._locked:
-            cur = self._conn.cursor(row_factory=dict_row)
-            row = cur.execute(query("get_offset", self._schema), {"source": source}).fetchone()
-            self._locked[source] = _MISSING if row is None else row["position"]
+            found, position = LedgerStore(self._conn, self._schema).offset(source)
+            self._locked[source] = position if found else _MISSING
         return self._locked[source]
 
     def get(self, source: str, default: Any = None) -> Any:
@@ -125,18 +123,11 @@ class Offsets:
         before its commit point); return ``{source: {"from": old, "to": new}}``."""
         if not self._staged:
             return {}
-        cur = self._conn.cursor(row_factory=dict_row)
-        row = cur.execute(
-            query("advance_offsets", self._schema),
-            {
-                "key": self._key,
-                "owner": self._owner,
-                "positions": json.dumps(self._staged, allow_nan=False),
-            },
-        ).fetchone()
-        assert row is not None
+        moves = LedgerStore(self._conn, self._schema).advance_offsets(
+            self._key, self._owner, json.dumps(self._staged, allow_nan=False)
+        )
         self._staged.clear()
-        return row["moves"]
+        return moves
 
     def transaction_ended(self) -> None:
         """Forget the positions read: the next read locks the source again."""

@@ -12,9 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg.rows import dict_row
 
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.store import Backlog, LedgerStore
 from eos_airflow.protocol.messages import (
     Destination,
     MessageError,
@@ -45,16 +44,10 @@ def publish(
         )
     header_json = json.dumps(check_headers(headers, destination))
     version = eos.previous.version + 1 if eos.previous is not None else 1
-    cur = eos.conn.cursor(row_factory=dict_row)
-    if eos._outbox_seq is None:
-        row = cur.execute(
-            query("outbox_last_seq", eos.schema), {"key": eos.key, "version": version}
-        ).fetchone()
-        eos._outbox_seq = row["seq"] if row else 0
-    seq = eos._outbox_seq + 1
+    store = LedgerStore(eos.conn, eos.schema)
+    seq = eos.next_message_seq(lambda: store.outbox_last_seq(eos.key, version))
     mid = message_id(eos.conn.info.dbname, eos.schema, eos.key, version, seq)
-    cur.execute(
-        query("outbox_insert", eos.schema),
+    store.outbox_insert(
         {
             "key": eos.key,
             "owner": getattr(eos.session, "owner", None),
@@ -65,9 +58,8 @@ def publish(
             "message_key": key,
             "payload": body,
             "headers": header_json,
-        },
+        }
     )
-    eos._outbox_seq = seq
     return str(mid)
 
 
@@ -89,33 +81,26 @@ def pending(
     conn: psycopg.Connection[Any], schema: str, exact: list[str], schemes: list[str], limit: int
 ) -> list[OutboxMessage]:
     """Lock and return the oldest undelivered messages (inside the caller's transaction)."""
-    cur = conn.cursor(row_factory=dict_row)
-    rows = cur.execute(
-        query("outbox_pending", schema), {"exact": exact, "schemes": schemes, "limit": limit}
-    ).fetchall()
     return [
         OutboxMessage(
-            r["id"],
-            r["message_id"],
-            Destination(*r["destination"].split(":", 1)),
-            r["message_key"],
-            r["payload"],
-            r["headers"] or {},
+            r.id,
+            r.message_id,
+            Destination(*r.destination.split(":", 1)),
+            r.message_key,
+            r.payload,
+            r.headers or {},
         )
-        for r in rows
+        for r in LedgerStore(conn, schema).outbox_pending(exact, schemes, limit)
     ]
 
 
 def mark_delivered(conn: psycopg.Connection[Any], schema: str, ids: list[int], relay: str) -> int:
-    row = conn.execute(
-        query("outbox_mark_delivered", schema), {"ids": ids, "relay": relay}
-    ).fetchone()
-    return row[0] if row else 0
+    return LedgerStore(conn, schema).outbox_mark_delivered(ids, relay)
 
 
-def backlog(conn: psycopg.Connection[Any], schema: str = "eos") -> list[dict[str, Any]]:
-    """Undelivered messages per destination: ``[{destination, pending, oldest}]``."""
-    return conn.cursor(row_factory=dict_row).execute(query("outbox_backlog", schema), {}).fetchall()
+def backlog(conn: psycopg.Connection[Any], schema: str = "eos") -> list[Backlog]:
+    """Undelivered messages per destination (destination, pending, oldest)."""
+    return LedgerStore(conn, schema).outbox_backlog()
 
 
 __all__ = ["backlog", "mark_delivered", "pending", "publish", "split_destinations"]

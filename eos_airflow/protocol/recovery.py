@@ -26,23 +26,22 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
-from psycopg import errors as pgerrors
 
 from eos_airflow.errors import EosError
-from eos_airflow.protocol.local import _execute
+from eos_airflow.ledger.store import GlobalTransaction, LedgerStore, Vote
 from eos_airflow.protocol.pooling import behind_pooler
-from eos_airflow.protocol.twophase import (
-    GID_PREFIX,
-    _statement,
+from eos_airflow.protocol.prepared import (
+    finish_prepared,
     gid_of,
     key_hash,
     parse_gid,
+    prepared_on,
 )
 
 log = logging.getLogger(__name__)
@@ -67,33 +66,15 @@ class Resolution:
     detail: str = ""
 
 
-def rollback_open(conn: psycopg.Connection[Any]) -> None:
-    """Roll back an open (not prepared) transaction; close the connection if that fails."""
-    if conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-        return
-    try:
-        conn.execute("ROLLBACK")
-    except psycopg.Error:
-        conn.close()
-
-
-def finish_prepared(conn: psycopg.Connection[Any], gid: str, *, commit: bool) -> bool:
-    """COMMIT or ROLLBACK PREPARED ``gid``; False when it is not (or no longer) prepared."""
-    try:
-        conn.execute(_statement("COMMIT PREPARED" if commit else "ROLLBACK PREPARED", gid))
-    except pgerrors.UndefinedObject:  # finished already (by another recovery or the attempt)
-        return False
-    return True
-
-
-def prepared_on(conn: psycopg.Connection[Any], prefix: str = GID_PREFIX) -> dict[str, datetime]:
-    """This database's prepared transactions whose gid starts with ``prefix``."""
-    rows = conn.execute(
-        "SELECT gid, prepared FROM pg_prepared_xacts "
-        "WHERE database = current_database() AND starts_with(gid, %s)",
-        [prefix],
-    ).fetchall()
-    return {gid: prepared for gid, prepared in rows}
+def logged(row: Mapping[str, Any]) -> GlobalTransaction:
+    """A transaction of the decision log as the ledger's claim lists it (JSON)."""
+    return GlobalTransaction(
+        txid=row["txid"],
+        protocol=row["protocol"],
+        attempt=row["attempt"],
+        participants=row.get("participants") or {},
+        decision=row.get("decision"),
+    )
 
 
 def vote(
@@ -105,29 +86,20 @@ def vote(
     state: str,
     names: list[str],
     result: str | None,
-) -> dict[str, Any]:
+) -> Vote:
     """Write a 3PC vote at a participant unless one exists; return the vote in force."""
-    params = {
-        "txid": txid,
-        "key": key,
-        "attempt": attempt,
-        "state": state,
-        "participants": json.dumps(names),
-        "result": result,
-    }
+    store = LedgerStore(conn, schema)
     for _ in range(5):
-        row = _execute(conn, "precommit_vote", schema, params).fetchone()
-        if row is not None:
-            return row
+        found = store.precommit_vote(txid, key, attempt, state, json.dumps(names), result)
+        if found is not None:
+            return found
     raise RuntimeError(f"the vote of {txid} could not be read back")  # pragma: no cover
 
 
-def _votes(
-    conns: Mapping[str, psycopg.Connection[Any]], schema: str, txid: str
-) -> dict[str, dict[str, Any]]:
+def _votes(conns: Mapping[str, psycopg.Connection[Any]], schema: str, txid: str) -> dict[str, Vote]:
     found = {}
     for name, conn in conns.items():
-        row = _execute(conn, "precommit_get", schema, {"txids": [txid]}).fetchone()
+        row = LedgerStore(conn, schema).precommit_get(txid)
         if row is not None:
             found[name] = row
     return found
@@ -155,15 +127,13 @@ def resolve(
     result = None
     if protocol == "3pc":
         votes = _votes(conns, schema, txid)
-        states = {v["state"] for v in votes.values()}
+        states = {v.state for v in votes.values()}
         if key is None:
-            key = next((v["key"] for v in votes.values() if v["key"]), None)
+            key = next((v.key for v in votes.values() if v.key), None)
             done.key = key
         if decision == "commit" or "precommitted" in states:
             commit = True
-            result = next(
-                (v["result"] for v in votes.values() if v["state"] == "precommitted"), None
-            )
+            result = next((v.result for v in votes.values() if v.state == "precommitted"), None)
         elif decision == "abort" or "aborted" in states:
             commit = False
         elif not force:
@@ -172,9 +142,9 @@ def resolve(
         else:
             commit = False
             for name in names:  # the first participant's vote decides a race
-                row = vote(conns[name], schema, txid, key, attempt, "aborted", names, None)
-                if row["state"] == "precommitted":
-                    commit, result = True, row["result"]
+                held = vote(conns[name], schema, txid, key, attempt, "aborted", names, None)
+                if held.state == "precommitted":
+                    commit, result = True, held.result
                     break
     else:
         if decision is None:
@@ -203,16 +173,8 @@ def resolve(
     if coordinator is not None:
         if not commit and decision != "abort":
             _abort(coordinator, schema, txid, attempt, by, "participants aborted (3PC)")
-        _execute(
-            coordinator,
-            "twophase_resolved",
-            schema,
-            {
-                "txid": txid,
-                "outcome": done.outcome,
-                "by": by,
-                "result": None if result is None else json.dumps(result),
-            },
+        LedgerStore(coordinator, schema).twophase_resolved(
+            txid, done.outcome, by, None if result is None else json.dumps(result)
         )
     log.info("transaction %s (%s) %s: %s", txid, key, done.outcome, done.detail)
     return done
@@ -221,18 +183,13 @@ def resolve(
 def _abort(
     coordinator: psycopg.Connection[Any], schema: str, txid: str, attempt: int, by: str, reason: str
 ) -> str:
-    return _execute(
-        coordinator,
-        "twophase_abort",
-        schema,
-        {"txid": txid, "attempt": attempt, "by": by, "reason": reason},
-    ).fetchone()["decision"]
+    return LedgerStore(coordinator, schema).twophase_abort(txid, attempt, by, reason)
 
 
 def finish_for_key(
     coordinator: psycopg.Connection[Any],
     conns: Mapping[str, psycopg.Connection[Any]],
-    rows: list[dict[str, Any]],
+    rows: Sequence[GlobalTransaction],
     key: str,
     *,
     schema: str,
@@ -248,7 +205,8 @@ def finish_for_key(
     key. The transaction of a live attempt that owns the key -- a newer try that claimed it
     after the caller did, another run's replace -- is left alone: it decides or aborts its own.
     The check runs per transaction right before it is finished, not on the claim's snapshot."""
-    txids = {row["txid"]: row for row in rows}
+    store = LedgerStore(coordinator, schema)
+    txids = {row.txid: row for row in rows}
     if scan:
         hashed = key_hash(key)
         for conn in conns.values():
@@ -261,28 +219,19 @@ def finish_for_key(
                     or parsed.txid in txids
                 ):
                     continue
-                row = _execute(
-                    coordinator, "twophase_get", schema, {"txid": parsed.txid}
-                ).fetchone()
-                txids[parsed.txid] = row or {
-                    "txid": parsed.txid,
-                    "protocol": parsed.protocol,
-                    "decision": None,
-                    "attempt": parsed.attempt,
-                    "participants": {},
-                }
+                txids[parsed.txid] = store.twophase_get(parsed.txid) or GlobalTransaction(
+                    parsed.txid, parsed.protocol, parsed.attempt
+                )
     done = []
     for txid, row in txids.items():
-        members = {
-            n: c for n, c in conns.items() if not row["participants"] or n in row["participants"]
-        }
-        check = _execute(coordinator, "twophase_abandoned", schema, {"txid": txid}).fetchone()
-        if not check["abandoned"]:
+        members = {n: c for n, c in conns.items() if not row.participants or n in row.participants}
+        check = store.twophase_abandoned(txid)
+        if not check.abandoned:
             done.append(
                 Resolution(
                     txid,
                     key,
-                    row["protocol"],
+                    row.protocol,
                     "waiting",
                     sorted(members),
                     "its attempt is alive and owns the key: it decides or "
@@ -294,13 +243,13 @@ def finish_for_key(
         done.append(
             resolve(
                 txid,
-                protocol=row["protocol"],
+                protocol=row.protocol,
                 conns=members,
                 coordinator=coordinator,
                 schema=schema,
-                decision=check["decision"] or row["decision"],
+                decision=check.decision or row.decision,
                 key=key,
-                attempt=row["attempt"],
+                attempt=row.attempt,
                 force=True,
                 by=by,
             )
@@ -355,7 +304,8 @@ def recover(
     Participants are found by the Airflow connection ids in the decision log
     (``by_conn_id``), or given by name in ``participants`` (which are also scanned for
     prepared transactions the log has no row for)."""
-    rows = {r["txid"]: r for r in _execute(coordinator, "twophase_unresolved", schema, {})}
+    store = LedgerStore(coordinator, schema)
+    rows = {r.txid: r for r in store.twophase_unresolved()}
     pool = _Participants(participants or {}, by_conn_id)
     now = datetime.now(timezone.utc)
     prepared_at: dict[str, datetime] = {}
@@ -368,31 +318,26 @@ def recover(
                     continue
                 prepared_at[parsed.txid] = min(at, prepared_at.get(parsed.txid, at))
                 if parsed.txid not in rows:
-                    row = _execute(
-                        coordinator, "twophase_get", schema, {"txid": parsed.txid}
-                    ).fetchone()
-                    rows[parsed.txid] = row or {
-                        "txid": parsed.txid,
-                        "key": None,
-                        "attempt": parsed.attempt,
-                        "protocol": parsed.protocol,
-                        "decision": None,
-                        "created_at": at,
-                        "participants": {n: {"conn_id": None} for n in participants or {}},
-                    }
+                    rows[parsed.txid] = store.twophase_get(parsed.txid) or GlobalTransaction(
+                        parsed.txid,
+                        parsed.protocol,
+                        parsed.attempt,
+                        participants={n: {"conn_id": None} for n in participants or {}},
+                        created_at=at,
+                    )
         _scan_logged_participants(
             coordinator, schema, pool, rows, prepared_at, skip=set(participants or {})
         )
         for txid, row in rows.items():
-            members = row["participants"] or {n: {"conn_id": None} for n in participants or {}}
+            members = row.participants or {n: {"conn_id": None} for n in participants or {}}
             try:
                 conns = {n: pool.get(n, (info or {}).get("conn_id")) for n, info in members.items()}
             except (LookupError, psycopg.OperationalError, EosError) as exc:
                 done.append(
                     Resolution(
                         txid,
-                        row["key"],
-                        row["protocol"],
+                        row.key,
+                        row.protocol,
                         "unreachable",
                         sorted(members),
                         str(exc).strip(),
@@ -400,20 +345,20 @@ def recover(
                 )
                 continue
             waiting = None
-            if row["decision"] is None:
+            if row.decision is None:
                 waiting = _still_live(
                     coordinator, schema, row, conns, now, grace, prepared_at.get(txid)
                 )
             done.append(
                 resolve(
                     txid,
-                    protocol=row["protocol"],
+                    protocol=row.protocol,
                     conns=conns,
                     coordinator=coordinator,
                     schema=schema,
-                    decision=row["decision"],
-                    key=row["key"],
-                    attempt=row["attempt"],
+                    decision=row.decision,
+                    key=row.key,
+                    attempt=row.attempt,
                     force=waiting is None,
                     by=by,
                     waiting=waiting or "",
@@ -428,7 +373,7 @@ def _scan_logged_participants(
     coordinator: psycopg.Connection[Any],
     schema: str,
     pool: _Participants,
-    rows: dict[str, dict[str, Any]],
+    rows: dict[str, GlobalTransaction],
     prepared_at: dict[str, datetime],
     skip: set[str],
 ) -> None:
@@ -439,9 +384,9 @@ def _scan_logged_participants(
     without a log row waits out the grace period like any other."""
     if pool.by_conn_id is None:
         return
-    known = _execute(coordinator, "twophase_known_participants", schema, {}).fetchall()
+    store = LedgerStore(coordinator, schema)
     partial: set[str] = set()
-    for name, conn_id in ((r["name"], r["conn_id"]) for r in known):
+    for name, conn_id in ((r.name, r.conn_id) for r in store.twophase_known_participants()):
         if name in skip:
             continue
         try:
@@ -461,30 +406,23 @@ def _scan_logged_participants(
             prepared_at[parsed.txid] = min(at, prepared_at.get(parsed.txid, at))
             if parsed.txid in rows and parsed.txid not in partial:
                 continue
-            row = (
-                rows.get(parsed.txid)
-                or _execute(coordinator, "twophase_get", schema, {"txid": parsed.txid}).fetchone()
-            )
-            if row is not None and row["participants"] and parsed.txid not in partial:
+            row = rows.get(parsed.txid) or store.twophase_get(parsed.txid)
+            if row is not None and row.participants and parsed.txid not in partial:
                 rows[parsed.txid] = row
                 continue
             partial.add(parsed.txid)  # the log does not say where it lives: collect that
-            rows[parsed.txid] = row = row or {
-                "txid": parsed.txid,
-                "key": None,
-                "attempt": parsed.attempt,
-                "protocol": parsed.protocol,
-                "decision": None,
-                "created_at": at,
-                "participants": {},
-            }
-            row["participants"] = {**row["participants"], name: {"conn_id": conn_id}}
+            row = row or GlobalTransaction(
+                parsed.txid, parsed.protocol, parsed.attempt, created_at=at
+            )
+            rows[parsed.txid] = replace(
+                row, participants={**(row.participants or {}), name: {"conn_id": conn_id}}
+            )
 
 
 def _still_live(
     coordinator: psycopg.Connection[Any],
     schema: str,
-    row: dict[str, Any],
+    row: GlobalTransaction,
     conns: Mapping[str, psycopg.Connection[Any]],
     now: datetime,
     grace: float,
@@ -497,19 +435,17 @@ def _still_live(
     session is gone it can never decide. The grace period, counted from the earliest
     PREPARE on its participants (from the log entry when nothing is prepared), covers what
     the lock cannot tell: a transaction found on a participant alone names no owner."""
-    if row.get("owner") is not None and row.get("key") is not None:
-        alive = _execute(
-            coordinator, "owner_alive", schema, {"key": row["key"], "owner": row["owner"]}
-        ).fetchone()["alive"]
-        if alive:
+    if row.owner is not None and row.key is not None:
+        if LedgerStore(coordinator, schema).owner_alive(row.key, row.owner):
             return (
                 "its attempt is alive (its session holds the claim): it decides or aborts "
                 "the transaction itself"
             )
     for name, conn in conns.items():
-        for at in prepared_on(conn, gid_of(row["txid"], name)).values():
+        for at in prepared_on(conn, gid_of(row.txid, name)).values():
             prepared_at = at if prepared_at is None else min(prepared_at, at)
-    born = prepared_at or row["created_at"]
+    born = prepared_at or row.created_at
+    assert born is not None, "a logged transaction has a creation time"
     age = (now - born).total_seconds()
     if age < grace:
         return f"prepared {age:.0f} s ago, within the grace period of {grace:g} s"

@@ -18,7 +18,6 @@ the entry itself, then looks for that event:
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from eos_airflow.errors import EosError
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.store import LedgerStore
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def commit_outcome(
         ) from cause
     try:
         conn.autocommit = True
-        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        store = LedgerStore(conn, schema)
         detail = {
             "error": type(cause).__name__,
             "message": str(cause)[:500],
@@ -76,14 +75,11 @@ def commit_outcome(
         }
         try:
             with conn.transaction():
-                cur.execute(
+                conn.execute(
                     "SELECT set_config('lock_timeout', %s, true)",
                     [f"{max(1, int(wait_timeout * 1000))}ms"],
                 )
-                found = cur.execute(
-                    query("commit_outcome", schema),
-                    {"key": key, "owner": owner, "attempt": attempt, "detail": json.dumps(detail)},
-                ).fetchone()
+                found = store.commit_outcome(key, owner, attempt, detail)
         except pgerrors.LockNotAvailable:
             raise CommitOutcomeUnknownError(
                 f"effect {key!r} attempt {attempt}: the connection broke during COMMIT "
@@ -96,9 +92,9 @@ def commit_outcome(
                 "effect %s: the connection broke during COMMIT; the ledger shows the "
                 "commit happened (version %s)",
                 key,
-                found["version"],
+                found.version,
             )
-            return found["version"], found["committed_at"]
+            return found.version, found.committed_at
     finally:
         conn.close()
     raise CommitNotDoneError(

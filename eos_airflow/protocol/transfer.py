@@ -116,7 +116,7 @@ def describe(conn: psycopg.Connection[Any], query: str) -> list[int]:
     return [column.type_code for column in cur.description or ()]
 
 
-class _Stream:
+class Stream:
     """One source COPY TO STDOUT, split into rows (the server sends one message per row)."""
 
     def __init__(self, conn: psycopg.Connection[Any], query: str, binary: bool) -> None:
@@ -308,7 +308,7 @@ def _copy_chunks(
     parameters: Any,
     table: str,
 ) -> tuple[int, int]:
-    stream = _Stream(src, query, binary)
+    stream = Stream(src, query, binary)
     chunks = eos.checkpoints(lambda done: stream.rows(skip=done), every=chunk_rows)
     dest: sql.Composable = target
     parts = table_parts(table)

@@ -25,19 +25,16 @@ A failure before the decision rolls every participant back and releases the key;
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
-from psycopg import sql
 
 from eos_airflow import failpoints
 from eos_airflow.errors import (
@@ -45,11 +42,15 @@ from eos_airflow.errors import (
     DatabaseUnavailableError,
     EosError,
     FencedError,
+    InDoubtError,
     LostClaimError,
-    UserCodeError,
-    sqlstate_retryable,
+    ParticipantError,
+    ledger_error_class,
+    sql_hint,
 )
 from eos_airflow.ledger.keys import check_key
+from eos_airflow.ledger.store import ClaimAction, Committed, LedgerStore
+from eos_airflow.protocol import recovery
 from eos_airflow.protocol.effect import (
     MAX_RESULT_BYTES,
     Effect,
@@ -58,74 +59,28 @@ from eos_airflow.protocol.effect import (
 )
 from eos_airflow.protocol.local import (
     DEFAULT_WAIT_TIMEOUT,
-    FENCED_SQLSTATE,
     Outcome,
-    _claim,
-    _execute,
-    _hint,
-    _previous,
-    _release,
+    claim_key,
     lost_to,
+    previous_version,
+    release_key,
 )
 from eos_airflow.protocol.pooling import behind_pooler
+from eos_airflow.protocol.prepared import (
+    Gid,
+    finish_prepared,
+    gid_of,
+    key_hash,
+    make_txid,
+    parse_gid,
+    rollback_open,
+    statement,
+)
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("2pc", "3pc")
-#: Every global transaction id starts with this, so recovery recognises its own.
-GID_PREFIX = "eos:"
-#: PostgreSQL limits a prepared transaction's gid to 200 bytes (GIDSIZE).
-MAX_GID_BYTES = 200
-#: SQLSTATE of twophase_decide() when recovery decided the txid already.
-ABORTED_SQLSTATE = "EOS07"
 _NAME = re.compile(r"^[A-Za-z0-9_]{1,40}$")
-_GID = re.compile(r"^eos:([23]):([0-9a-f]{16}):(\d+):([0-9a-f]{8}):([A-Za-z0-9_]{1,40})$")
-
-
-class InDoubtError(EosError):
-    """The commit decision's fate is unknown (the coordinator became unreachable); the next
-    attempt or ``eos-airflow recover`` finishes the prepared transactions."""
-
-    retryable = True
-
-
-class ParticipantError(UserCodeError):
-    """A participant refused a statement or PREPARE; nothing was committed anywhere."""
-
-    retryable = False  # the same function fails the same way; SQL errors set it per SQLSTATE
-
-
-@dataclass(frozen=True)
-class Gid:
-    """A parsed global transaction id: ``eos:<2|3>:<key hash>:<attempt>:<token>:<name>``."""
-
-    txid: str
-    participant: str
-    protocol: str
-    key_hash: str
-    attempt: int
-
-
-def key_hash(key: str) -> str:
-    """16 hex digits of SHA-256 of the key: keys may be 1,000 characters, gids only 200 bytes."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-
-
-def make_txid(protocol: str, key: str, attempt: int, owner: uuid.UUID) -> str:
-    return f"{GID_PREFIX}{protocol[0]}:{key_hash(key)}:{attempt}:{owner.hex[:8]}"
-
-
-def gid_of(txid: str, participant: str) -> str:
-    return f"{txid}:{participant}"
-
-
-def parse_gid(gid: str) -> Gid | None:
-    """The parts of one of our gids, or None for someone else's prepared transaction."""
-    match = _GID.match(gid)
-    if match is None:
-        return None
-    protocol, hashed, attempt, _, name = match.groups()
-    return Gid(gid.rsplit(":", 1)[0], name, f"{protocol}pc", hashed, int(attempt))
 
 
 def check_targets(targets: Mapping[str, Any], protocol: str) -> None:
@@ -187,8 +142,6 @@ def run_two_phase(
 ) -> Outcome:
     """Run ``fn`` as effect ``key`` exactly once across ``conns`` (autocommit connections by
     participant name), coordinated through the ledger on ``coordinator``."""
-    from eos_airflow.protocol import recovery
-
     check_key(key)
     check_targets(conns, protocol)
     for conn in conns.values():  # a pooled participant: no automatic prepared statements
@@ -199,7 +152,8 @@ def run_two_phase(
     names = sorted(conns)  # participant order: 3PC votes are written in this order
     participants = {n: {"gid": gid_of(txid, n), "conn_id": (conn_ids or {}).get(n)} for n in names}
     # claim, and (when this attempt runs) log the txid and its participants: one round trip
-    claim = _claim(
+    store = LedgerStore(coordinator, schema)
+    claim = claim_key(
         coordinator,
         schema,
         key,
@@ -208,28 +162,30 @@ def run_two_phase(
         origin,
         on_committed,
         wait_timeout,
-        query_name="twophase_claim",
-        extra={"txid": txid, "protocol": protocol, "participants": json.dumps(participants)},
+        twophase={"txid": txid, "protocol": protocol, "participants": json.dumps(participants)},
     )
     by = f"attempt {attempt}"
-    if claim["action"] == "skip":
-        rows = _execute(coordinator, "twophase_unresolved_key", schema, {"key": key}).fetchall()
-        recovery.finish_for_key(coordinator, conns, rows, key, schema=schema, by=by, scan=False)
-        log.info("effect %s is committed (version %s): skipped", key, claim["version"])
+    if claim.action == ClaimAction.SKIP:
+        unfinished = store.twophase_unresolved_key(key)
+        recovery.finish_for_key(
+            coordinator, conns, unfinished, key, schema=schema, by=by, scan=False
+        )
+        log.info("effect %s is committed (version %s): skipped", key, claim.version)
         return Outcome(
-            key, "skipped", claim["result"], claim["version"], attempt, claim["committed_at"]
+            key, "skipped", claim.result, claim.version or 0, attempt, claim.committed_at
         )
     try:
-        others = claim["others"] or []
-        if others or claim["prior_state"] is not None:
+        others = [recovery.logged(row) for row in claim.others or []]
+        if others or claim.prior_state is not None:
             recovery.finish_for_key(
                 coordinator, conns, others, key, schema=schema, by=by, scan=True, exclude=txid
             )
-            entry = _execute(coordinator, "twophase_key_entry", schema, {"key": key}).fetchone()
-            if entry["state"] == "committed" and claim["prior_state"] != "committed":
+            entry = store.key_outcome(key)
+            assert entry is not None, "a claimed key has a ledger row"
+            if entry.state == "committed" and claim.prior_state != "committed":
                 # an earlier attempt's three-phase transaction committed on the participants
-                _execute(coordinator, "twophase_forget", schema, {"txid": txid, "owner": owner})
-                _release(
+                store.twophase_forget(txid, owner)
+                release_key(
                     coordinator,
                     schema,
                     key,
@@ -239,15 +195,10 @@ def run_two_phase(
                     {"reason": "an earlier attempt's transaction committed", "by": by},
                 )
                 return Outcome(
-                    key,
-                    "recovered",
-                    entry["result"],
-                    entry["version"],
-                    attempt,
-                    entry["committed_at"],
+                    key, "recovered", entry.result, entry.version, attempt, entry.committed_at
                 )
     except BaseException as exc:
-        _release(
+        release_key(
             coordinator,
             schema,
             key,
@@ -257,7 +208,7 @@ def run_two_phase(
             {"error": type(exc).__name__, "message": str(exc)[:500], "step": "begin"},
         )
         raise
-    previous = _previous(coordinator, schema, key, claim)
+    previous = previous_version(coordinator, schema, key, claim)
     step = Step()
     step.redial = _redial(coordinator)
     pool = executor or ThreadPoolExecutor(max_workers=len(names))
@@ -266,7 +217,7 @@ def run_two_phase(
         for name in names:
             step.participant = name
             if protocol == "3pc":  # its votes need the ledger schema in every participant
-                _execute(conns[name], "precommit_check", schema, {})
+                LedgerStore(conns[name], schema).precommit_check()
             conns[name].execute("BEGIN")
             step.open.add(name)
         step.participant = None
@@ -295,7 +246,7 @@ def run_two_phase(
                     vote = recovery.vote(
                         conns[name], schema, txid, key, attempt, "precommitted", names, payload
                     )
-                    if vote["state"] != "precommitted":
+                    if vote.state != "precommitted":
                         raise InDoubtError(
                             f"effect {key!r}: recovery aborted transaction {txid} at "
                             f"participant {name!r} before it pre-committed; nothing was "
@@ -311,12 +262,7 @@ def run_two_phase(
         failpoints.check("after_decision", attempt=attempt)
         step.name = "commit prepared"
         _commit_prepared_all(pool, conns, names, txid, attempt)
-        _execute(
-            coordinator,
-            "twophase_resolved",
-            schema,
-            {"txid": txid, "outcome": "committed", "by": None, "result": None},
-        )
+        store.twophase_resolved(txid, "committed")
     except BaseException as exc:
         _fail(exc, coordinator, conns, schema, key, txid, owner, attempt, step)
         raise  # _fail raises the mapped error; this keeps type checkers informed
@@ -324,17 +270,17 @@ def run_two_phase(
         if executor is None:
             pool.shutdown(wait=False)
     failpoints.check("after_commit", attempt=attempt)
-    action = "replaced" if claim["prior_state"] == "committed" else "committed"
+    action = "replaced" if claim.prior_state == "committed" else "committed"
     log.info(
         "effect %s %s across %s (version %s, %s)",
         key,
         action,
         ", ".join(names),
-        committed["version"],
+        committed.version,
         protocol,
     )
     return Outcome(
-        key, action, json.loads(payload), committed["version"], attempt, committed["committed_at"]
+        key, action, json.loads(payload), committed.version, attempt, committed.committed_at
     )
 
 
@@ -353,35 +299,16 @@ def _settle(
     decision in force is returned) and finish this attempt's prepared work accordingly, so
     that nothing it prepared outlives it. Returns when that was impossible (the
     coordinator is unreachable): the transaction then stays in doubt as before."""
-    from eos_airflow.protocol import recovery
-
     try:
         with redial() as coordinator:
-            decision = _execute(
-                coordinator,
-                "twophase_abort",
-                schema,
-                {
-                    "txid": txid,
-                    "attempt": attempt,
-                    "by": f"attempt {attempt}",
-                    "reason": "the attempt lost its coordinator session",
-                },
-            ).fetchone()["decision"]
+            store = LedgerStore(coordinator, schema)
+            decision = store.twophase_abort(
+                txid, attempt, f"attempt {attempt}", "the attempt lost its coordinator session"
+            )
             commit = decision == "commit"
             for name in sorted(step.prepared):
-                recovery.finish_prepared(conns[name], gid_of(txid, name), commit=commit)
-            _execute(
-                coordinator,
-                "twophase_resolved",
-                schema,
-                {
-                    "txid": txid,
-                    "outcome": "committed" if commit else "aborted",
-                    "by": None,
-                    "result": None,
-                },
-            )
+                finish_prepared(conns[name], gid_of(txid, name), commit=commit)
+            store.twophase_resolved(txid, "committed" if commit else "aborted")
     except psycopg.Error:
         log.warning(
             "effect %s: could not reach the coordinator again to settle %s",
@@ -452,17 +379,8 @@ def _decide(
     key: str,
     owner: uuid.UUID,
     payload: str,
-) -> dict[str, Any]:
-    return _execute(
-        coordinator,
-        "twophase_decide",
-        schema,
-        {"txid": txid, "key": key, "owner": owner, "result": payload},
-    ).fetchone()
-
-
-def _statement(verb: str, gid: str) -> sql.Composed:
-    return sql.SQL(verb + " {}").format(sql.Literal(gid))
+) -> Committed:
+    return LedgerStore(coordinator, schema).twophase_decide(txid, key, owner, payload)
 
 
 def _prepare_all(
@@ -490,7 +408,7 @@ def _prepare_all(
                 "rollback), so it cannot be prepared; what it committed there stays. Do not "
                 "call commit() or rollback() on eos.conns[...]: eos-airflow commits them"
             )
-        done = conn.execute(_statement("PREPARE TRANSACTION", gid_of(txid, name)))
+        done = conn.execute(statement("PREPARE TRANSACTION", gid_of(txid, name)))
         if done.statusmessage != "PREPARE TRANSACTION":  # PostgreSQL rolled it back instead
             raise ParticipantError(
                 f"participant {name!r} did not prepare "
@@ -529,8 +447,6 @@ def _commit_prepared_all(
     txid: str,
     attempt: int,
 ) -> None:
-    from eos_airflow.protocol.recovery import finish_prepared
-
     # Once the decision is durable, another run that skips the key, or `recover`, may finish
     # a participant first: a gid that is no longer prepared was committed by them.
     futures = [pool.submit(finish_prepared, conns[n], gid_of(txid, n), commit=True) for n in names]
@@ -559,10 +475,9 @@ def _fail(
     step: Step,
 ) -> None:
     """Undo what can be undone, record why, and raise the error the caller should see."""
-    from eos_airflow.protocol import recovery
-
+    store = LedgerStore(coordinator, schema)
     for name in step.open:
-        recovery.rollback_open(conns[name])
+        rollback_open(conns[name])
     in_doubt = (
         step.decided
         or step.precommitted
@@ -573,13 +488,8 @@ def _fail(
         # leave prepared transactions holding their locks until the next attempt or recover.
         try:
             for name in sorted(step.prepared):
-                recovery.finish_prepared(conns[name], gid_of(txid, name), commit=True)
-            _execute(
-                coordinator,
-                "twophase_resolved",
-                schema,
-                {"txid": txid, "outcome": "committed", "by": None, "result": None},
-            )
+                finish_prepared(conns[name], gid_of(txid, name), commit=True)
+            store.twophase_resolved(txid, "committed")
             in_doubt = False
         except psycopg.Error:
             log.warning(
@@ -611,19 +521,14 @@ def _fail(
                 "coordinator is back: the next attempt or `eos-airflow recover` finishes it"
             ) from exc
         raise exc
-    fenced = isinstance(exc, pgerrors.Error) and exc.sqlstate == FENCED_SQLSTATE
+    fenced = ledger_error_class(exc) is FencedError
     holder = lost_to(coordinator, schema, key, owner, attempt, txid) if fenced else None
     try:  # log the abort first: nobody can decide the txid afterwards
-        _execute(
-            coordinator,
-            "twophase_abort",
-            schema,
-            {
-                "txid": txid,
-                "attempt": attempt,
-                "by": f"attempt {attempt}",
-                "reason": "fenced" if fenced else f"{type(exc).__name__} at {step.name}",
-            },
+        store.twophase_abort(
+            txid,
+            attempt,
+            f"attempt {attempt}",
+            "fenced" if fenced else f"{type(exc).__name__} at {step.name}",
         )
     except psycopg.Error:
         log.warning(
@@ -632,14 +537,9 @@ def _fail(
             exc_info=True,
         )
     for name in sorted(step.prepared):
-        recovery.finish_prepared(conns[name], gid_of(txid, name), commit=False)
+        finish_prepared(conns[name], gid_of(txid, name), commit=False)
     try:
-        _execute(
-            coordinator,
-            "twophase_resolved",
-            schema,
-            {"txid": txid, "outcome": "aborted", "by": None, "result": None},
-        )
+        store.twophase_resolved(txid, "aborted")
     except psycopg.Error:
         log.warning("could not mark %s resolved; `eos-airflow recover` does", txid, exc_info=True)
     detail: dict[str, Any] = {"step": step.name, "txid": txid}
@@ -647,7 +547,7 @@ def _fail(
         detail.update(error=type(exc).__name__, message=str(exc)[:500])
         if step.participant:
             detail["participant"] = step.participant
-    _release(coordinator, schema, key, owner, attempt, "fenced" if fenced else "failed", detail)
+    release_key(coordinator, schema, key, owner, attempt, "fenced" if fenced else "failed", detail)
     if fenced and holder is None:  # released by recovery, not taken by another attempt
         raise LostClaimError(
             f"effect {key!r} attempt {attempt}: recovery aborted its transaction {txid} "
@@ -662,7 +562,7 @@ def _fail(
             "participant. Nothing to do: the newer attempt writes the effect (do not retry "
             "this one)"
         ) from exc
-    if isinstance(exc, pgerrors.Error) and exc.sqlstate == ABORTED_SQLSTATE:
+    if ledger_error_class(exc) is InDoubtError:
         error: EosError = InDoubtError(
             f"effect {key!r}: recovery aborted transaction {txid} before attempt {attempt} "
             "decided it; nothing was committed. Retry (Airflow retries this)"
@@ -677,12 +577,11 @@ def _fail(
                 "(ALTER SYSTEM SET max_prepared_transactions = 64, then restart PostgreSQL)"
             ) from exc
         action = "refused to prepare" if step.name == "prepare" else "refused a statement"
-        error = ParticipantError(
+        raise ParticipantError(
             f"effect {key!r} attempt {attempt}: {where} {action} ({exc.sqlstate}: "
-            f"{str(exc).strip()}); nothing was committed on any database. {_hint(exc)}"
-        )
-        error.retryable = sqlstate_retryable(exc.sqlstate)
-        raise error from exc
+            f"{str(exc).strip()}); nothing was committed on any database. {sql_hint(exc)}",
+            sqlstate=exc.sqlstate,
+        ) from exc
     raise exc
 
 

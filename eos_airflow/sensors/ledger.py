@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
 from eos_airflow.errors import EosError
 from eos_airflow.hooks.ledger import connect_factory
-from eos_airflow.ledger.queries import check_schema
+from eos_airflow.ledger.keys import check_schema
 from eos_airflow.ledger.watch import DEFAULT_POLL_INTERVAL, Verdict, WaitSpec, check
 from eos_airflow.triggers.ledger import LedgerTrigger
 

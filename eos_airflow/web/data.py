@@ -6,34 +6,30 @@ JSON-ready data. ``dag_ids`` restricts the rows to DAGs the user may read (``Non
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from eos_airflow.ledger.chain import verify as verify_chain
-from eos_airflow.ledger.filters import like_prefix, parse_since
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.filters import parse_since
+from eos_airflow.ledger.store import LedgerStore
 
 #: Most entries one page of the audit view lists.
 MAX_ENTRIES = 1000
 STATES = ("running", "committed", "failed", "reopened")
 
 
-def _plain(row: dict[str, Any]) -> dict[str, Any]:
+def _plain(record: Any) -> dict[str, Any]:
     out = {}
-    for name, value in row.items():
+    for name, value in dataclasses.asdict(record).items():
         if isinstance(value, datetime):
             value = value.isoformat()
         elif isinstance(value, bytes | memoryview):
             value = bytes(value).hex()
         out[name] = value
     return out
-
-
-def _scope(dag_ids: set[str] | None) -> dict[str, Any]:
-    return {"all_dags": dag_ids is None, "dag_ids": sorted(dag_ids or ())}
 
 
 def entries(
@@ -48,27 +44,27 @@ def entries(
     dag_ids: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Ledger entries, newest change first, filtered like ``ledger list``."""
-    params = {
-        "state": state,
-        "dag_id": dag_id,
-        "prefix": like_prefix(prefix),
-        "since": parse_since(since),
-        "limit": max(1, min(limit, MAX_ENTRIES)),
-        **_scope(dag_ids),
-    }
-    with conn.cursor(row_factory=dict_row) as cur:
-        return [_plain(r) for r in cur.execute(query("web_entries", schema), params)]
+    rows = LedgerStore(conn, schema).recent_entries(
+        dag_id=dag_id,
+        state=state,
+        prefix=prefix,
+        since=parse_since(since),
+        dag_ids=None if dag_ids is None else sorted(dag_ids),
+        limit=max(1, min(limit, MAX_ENTRIES)),
+    )
+    return [_plain(r) for r in rows]
 
 
 def entry(conn: psycopg.Connection[Any], schema: str, key: str) -> dict[str, Any] | None:
     """One entry with its event timeline, or None."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(query("get_entry", schema), {"key": key}).fetchone()
-        if row is None:
-            return None
-        events = cur.execute(query("entry_events", schema), {"key": key}).fetchall()
-    row.pop("owner", None)
-    return {"entry": _plain(row), "events": [_plain(e) for e in events]}
+    store = LedgerStore(conn, schema)
+    row = store.entry(key)
+    if row is None:
+        return None
+    events = store.events(key)
+    shown = _plain(row)
+    shown.pop("owner", None)
+    return {"entry": shown, "events": [_plain(e) for e in events]}
 
 
 def ti_entries(
@@ -80,13 +76,7 @@ def ti_entries(
     map_index: int,
 ) -> list[dict[str, Any]]:
     """The entries (with timelines) of the keys one task instance touched."""
-    keys = [
-        k
-        for (k,) in conn.execute(
-            query("web_ti_keys", schema),
-            {"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index},
-        )
-    ]
+    keys = LedgerStore(conn, schema).task_instance_keys(dag_id, task_id, run_id, map_index)
     found = (entry(conn, schema, k) for k in keys)
     return [e for e in found if e is not None]
 
@@ -101,10 +91,9 @@ def activity(
 ) -> dict[str, Any]:
     """Commits, skips, fences and failures per hour or day."""
     start = parse_since(since) or datetime.now(timezone.utc) - timedelta(days=7)
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            query("web_activity", schema), {"since": start, "bucket": bucket, **_scope(dag_ids)}
-        ).fetchall()
+    rows = LedgerStore(conn, schema).activity(
+        since=start, bucket=bucket, dag_ids=None if dag_ids is None else sorted(dag_ids)
+    )
     return {"since": start.isoformat(), "bucket": bucket, "series": [_plain(r) for r in rows]}
 
 

@@ -349,10 +349,11 @@ def test_prepared_statements_dropped_between_effects_are_prepared_again(ledger: 
         assert len(_prepared(conn)) == 2
         # a leftover of the same name (e.g. from a failed message) does not block either
         conn.execute("DEALLOCATE ALL")
+        from eos_airflow.ledger import store
         from eos_airflow.ledger.queries import prepared_names
-        from eos_airflow.protocol import local
 
-        local._hot_paths[conn]["eos"] = local._PLAIN
+        # the store believes its statements are still to be prepared, and one name is taken
+        store._hot_paths[conn]["eos"] = store.HotPath.PLAIN
         conn.execute(f"PREPARE {prepared_names('eos')[0]} AS SELECT 1")
     finally:
         ledger.putconn(conn)

@@ -56,10 +56,11 @@ from psycopg import sql
 from eos_airflow import KeyInProgressError, Ledger, Origin, failpoints
 from eos_airflow.cli.main import main as cli
 from eos_airflow.errors import FencedError
-from eos_airflow.ledger import queries
+from eos_airflow.ledger import queries, store
 from eos_airflow.ledger.chain import verify
+from eos_airflow.ledger.store import LedgerStore
 from eos_airflow.multiledger import MultiLedger
-from eos_airflow.protocol import local, recovery, twophase
+from eos_airflow.protocol import local, prepared, recovery, twophase
 from eos_airflow.protocol.effect import Previous
 from tests.conftest import create_database, drop_database
 from tests.protocol.test_twophase import finish_leftovers
@@ -744,17 +745,17 @@ def test_runs_and_operator_actions_keep_the_guarantee_300(target_dbs):
 
 def _old_previous(conn, schema, key, claim):
     """Before the fix: previous only when the claimed row was committed or reopened."""
-    if claim["prior_state"] == "committed":
-        return Previous(claim["result"], claim["version"], claim["committed_at"])
-    if claim["prior_state"] == "reopened":
-        entry = local._execute(conn, "get_entry", schema, {"key": key}).fetchone()
-        return Previous(entry["result"], entry["version"], entry["committed_at"])
+    if claim.prior_state == "committed":
+        return Previous(claim.result, claim.version, claim.committed_at)
+    if claim.prior_state == "reopened":
+        entry = LedgerStore(conn, schema).entry(key)
+        return Previous(entry.result, entry.version, entry.committed_at)
     return None
 
 
 def _old_still_live(coordinator, schema, row, conns, now, grace, prepared_at):
     """Before the fix: no liveness test, and the grace period counted from the claim."""
-    born = prepared_at or row["created_at"]
+    born = prepared_at or row.created_at
     if (now - born).total_seconds() < grace:
         return "within the grace period"
     return None
@@ -789,7 +790,7 @@ def _old_commit_prepared_all(pool, conns, names, txid, attempt):
     """Before the fix: COMMIT PREPARED raised when another run had finished the gid."""
     futures = [
         pool.submit(
-            conns[n].execute, twophase._statement("COMMIT PREPARED", twophase.gid_of(txid, n))
+            conns[n].execute, prepared.statement("COMMIT PREPARED", prepared.gid_of(txid, n))
         )
         for n in names
     ]
@@ -813,14 +814,14 @@ FLAWS = {
     "previous-after-reopen": (
         "single",
         lambda mp: (
-            mp.setattr(local, "_previous", _old_previous),
-            mp.setattr(twophase, "_previous", _old_previous),
+            mp.setattr(local, "previous_version", _old_previous),
+            mp.setattr(twophase, "previous_version", _old_previous),
         ),
     ),
     # recover --older-than expired (fenced) a live single-database owner
     "recover-older-than-live-owner": (
         "single",
-        lambda mp: mp.setattr(queries, "query", _old_query("recover_claims", OLD_RECOVER_CLAIMS)),
+        lambda mp: mp.setattr(store, "query", _old_query("recover_claims", OLD_RECOVER_CLAIMS)),
     ),
     # recover aborted a live multi-database attempt once the grace counted from its claim passed
     "recover-live-prepared": (
@@ -831,7 +832,7 @@ FLAWS = {
     "skip-aborts-live-replace": (
         "multi",
         lambda mp: mp.setattr(
-            local, "query", _old_query("twophase_unresolved_key", OLD_UNRESOLVED_KEY)
+            store, "query", _old_query("twophase_unresolved_key", OLD_UNRESOLVED_KEY)
         ),
     ),
     # a decided transaction finished by a skipping run: its owner raised UndefinedObject
