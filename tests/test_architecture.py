@@ -227,7 +227,9 @@ def test_the_readme_layout_table_matches_the_tree():
     for path, name in rows:
         dotted = "eos_airflow." + path.strip("/").removesuffix(".py").replace("/", ".")
         assert dotted in MODULES, f"README lists eos_airflow/{path}, which does not exist"
-        assert tier(dotted)[1] == name, f"README says {path} is {name}, the code says {tier(dotted)}"
+        assert tier(dotted)[1] == name, (
+            f"README says {path} is {name}, the code says {tier(dotted)}"
+        )
         listed[dotted] = name
     top = {m for m in MODULES if m.count(".") == 1}
     missing = sorted(top - set(listed))
