@@ -1,4 +1,4 @@
-"""eos-airflow: exactly-once effects for Apache Airflow 3.
+"""Package tier: eos-airflow: exactly-once effects for Apache Airflow 3.
 
 ``Ledger`` and the errors import without Airflow; the Airflow adapters (``exactly_once``,
 ``ExactlyOnceSQLOperator``, ``LedgerSensor``, ``LedgerTrigger``) are imported on first use, so scripts and the CLI stay light.

@@ -1,4 +1,5 @@
-"""Programmatic use without Airflow: :class:`Ledger` (scripts, other orchestrators, tests).
+"""API tier: programmatic use without Airflow: :class:`Ledger` (scripts, other orchestrators,
+tests).
 
 The Airflow decorator and operators are thin layers over :meth:`Ledger.run`.
 """

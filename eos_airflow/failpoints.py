@@ -1,4 +1,4 @@
-"""Fault injection at named protocol steps, off unless ``EOS_FAILPOINTS`` is set.
+"""Errors tier: fault injection at named protocol steps, off unless ``EOS_FAILPOINTS`` is set.
 
 ``EOS_FAILPOINTS="after_commit=exit,before_commit=raise,after_claim=sleep:2.5"``:
 

@@ -1,4 +1,5 @@
-"""Programmatic use of effects across several databases, without Airflow: :class:`MultiLedger`.
+"""API tier: programmatic use of effects across several databases, without Airflow:
+:class:`MultiLedger`.
 
 The Airflow decorator (``targets=``) and ``MultiTargetSQLOperator`` are thin layers over
 :meth:`MultiLedger.run_outcome`.

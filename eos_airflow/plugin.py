@@ -1,4 +1,4 @@
-"""The Airflow plugin: the ledger's audit page in the Airflow UI.
+"""Faces tier: the Airflow plugin: the ledger's audit page in the Airflow UI.
 
 Registered through the provider entry point (``get_provider_info()["plugins"]``), so an
 installed eos-airflow needs no file in ``$AIRFLOW_HOME/plugins``. It adds:

@@ -1,4 +1,5 @@
-"""Provider metadata read by Airflow through the ``apache_airflow_provider`` entry point.
+"""Adapters tier: provider metadata read by Airflow through the ``apache_airflow_provider`` entry
+point.
 
 Kept import-light: Airflow calls this for every command, so it must not import Airflow.
 """

@@ -1,0 +1,1 @@
+"""Faces tier: the ``eos-airflow`` command."""

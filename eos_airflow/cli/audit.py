@@ -1,4 +1,4 @@
-"""``eos-airflow ledger export`` and ``ledger stats``: the audit trail, read-only."""
+"""Faces tier: ``eos-airflow ledger export`` and ``ledger stats``: the audit trail, read-only."""
 
 from __future__ import annotations
 

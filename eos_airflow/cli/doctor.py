@@ -1,4 +1,4 @@
-"""``eos-airflow doctor``: check the database settings, schema, privileges and claims."""
+"""Faces tier: ``eos-airflow doctor``: check the database settings, schema, privileges and claims."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``eos-airflow``: migrate, inspect and verify the ledger; run the demo.
+"""Faces tier: ``eos-airflow``: migrate, inspect and verify the ledger; run the demo.
 
 The database comes from ``--dsn``, ``--conn-id`` (an Airflow connection) or ``EOS_LEDGER_DSN``.
 Every command takes ``--format json``. Exit codes (the same with ``--dsn``, ``--conn-id`` and

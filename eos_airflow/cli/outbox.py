@@ -1,4 +1,5 @@
-"""``eos-airflow outbox status | relay``: the transactional outbox from the command line.
+"""Faces tier: ``eos-airflow outbox status | relay``: the transactional outbox from the command
+line.
 
 ``relay`` runs :func:`eos_airflow.relay.loop.relay_forever` as a service (until SIGTERM or
 Ctrl-C), or drains the outbox once with ``--once``; ``status`` shows the backlog.

@@ -1,4 +1,5 @@
-"""How the CLI prints: rich tables for people, plain text, TSV, JSON lines or CSV for programs.
+"""Faces tier: how the CLI prints: rich tables for people, plain text, TSV, JSON lines or CSV for
+programs.
 
 ``--format table`` (the default) draws a rich table when stdout is a terminal and plain
 aligned text when it is not (a pipe, a file): the title, a header, then one line per row,

@@ -1,4 +1,4 @@
-"""``eos-airflow recover`` for transactions across several databases (docs/twophase.md).
+"""Faces tier: ``eos-airflow recover`` for transactions across several databases (docs/twophase.md).
 
 Participants come from the decision log (their Airflow connection ids, resolved through
 Airflow) or from ``--participant NAME=DSN``; ``--terminate`` runs the three-phase-commit

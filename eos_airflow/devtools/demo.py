@@ -1,4 +1,4 @@
-"""``eos-airflow demo``: the example DAGs through real Airflow, with injected crashes.
+"""Faces tier: ``eos-airflow demo``: the example DAGs through real Airflow, with injected crashes.
 
 Runs ``dags/eos_sales_daily.py`` and its plain twin ``dags/plain_sales_daily.py`` with
 ``airflow dags test`` under the same failures, then prints what the ledger prevented. Then

@@ -1,4 +1,5 @@
-"""The three example uses of ``eos-airflow demo``, each through real Airflow under a failure.
+"""Faces tier: the three example uses of ``eos-airflow demo``, each through real Airflow under a
+failure.
 
 - analytics (``dags/eos_analytics_daily.py``): a source database with one day of orders and
   120,000 order events; the chunked, staged ``events_history`` load fails after its second

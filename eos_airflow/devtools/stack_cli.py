@@ -1,4 +1,5 @@
-"""``eos-airflow stack up``: Airflow's compose topology as local processes, in the foreground.
+"""Faces tier: ``eos-airflow stack up``: Airflow's compose topology as local processes, in the
+foreground.
 
 Starts api-server, scheduler, dag-processor and triggerer (and Celery workers with
 ``--executor celery``) from the installed packages, with this package's DAGs folder and the

@@ -1,0 +1,1 @@
+"""Adapters tier: Airflow connections to the ledger database."""

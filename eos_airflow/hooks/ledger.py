@@ -1,4 +1,4 @@
-"""Connections to a ledger database through Airflow's Postgres connection type."""
+"""Adapters tier: connections to a ledger database through Airflow's Postgres connection type."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The events' hash chain: recompute it independently of the database and check it.
+"""Ledger tier: the events' hash chain: recompute it independently of the database and check it.
 
 Each key's events form a chain: event ``seq`` stores ``prev_hash`` (the hash of event
 ``seq - 1``, or 32 zero bytes for the first) and ``hash = SHA-256(prev_hash || canonical)``,

@@ -1,4 +1,5 @@
-"""Opening ledger connections: server-side liveness, and connect errors that say what to do.
+"""Ledger tier: opening ledger connections: server-side liveness, and connect errors that say what
+to do.
 
 Every connection to a ledger database goes through here: :class:`eos_airflow.Ledger` with a
 DSN, the Airflow hook (operators, decorators, sensors in poke mode), the watcher behind

@@ -1,4 +1,5 @@
-"""``eos-airflow ledger gc``: remove old history of committed effects, keep it verifiable.
+"""Ledger tier: ``eos-airflow ledger gc``: remove old history of committed effects, keep it
+verifiable.
 
 Only committed keys with no running attempt whose last commit is older than the cutoff are
 touched, and of them only the events older than the cutoff (a prefix of the chain). The

@@ -1,4 +1,4 @@
-"""Create and upgrade the ledger schema with Alembic (``eos-airflow db migrate``).
+"""Ledger tier: create and upgrade the ledger schema with Alembic (``eos-airflow db migrate``).
 
 The Alembic version table lives inside the ledger schema, next to ``schema_migrations``,
 which records every revision applied with the checksum of what it ran (:func:`checksum`: the

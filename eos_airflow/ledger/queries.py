@@ -1,4 +1,4 @@
-"""Loads the ledger's SQL (``sql/*.sql``) and renders the schema name as an identifier.
+"""Ledger tier: loads the ledger's SQL (``sql/*.sql``) and renders the schema name as an identifier.
 
 This module is the only reader of the SQL files: the protocol and the CLI ask it for a query
 by name. Identifiers go through :mod:`psycopg.sql`; values are always bound parameters.

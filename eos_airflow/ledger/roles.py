@@ -1,4 +1,4 @@
-"""``eos-airflow db grant``: least privilege for the role tasks connect as.
+"""Ledger tier: ``eos-airflow db grant``: least privilege for the role tasks connect as.
 
 Every function that changes the ledger runs as the ledger's owner (SECURITY DEFINER, schema
 revision 0011) and records only what it does. So:

@@ -1,4 +1,4 @@
-"""The ledger tables, declared once as SQLAlchemy Core metadata.
+"""Ledger tier: the ledger tables, declared once as SQLAlchemy Core metadata.
 
 Migrations (``eos_airflow/ledger/migrations``) create exactly this; a test checks that
 "all migrations applied" has no difference from this metadata. The hot path never uses

@@ -1,4 +1,5 @@
-"""Waiting until effects are committed: the engine under ``LedgerSensor`` and ``LedgerTrigger``.
+"""Ledger tier: waiting until effects are committed: the engine under ``LedgerSensor`` and
+``LedgerTrigger``.
 
 A wait names keys (all must be committed) and/or a key prefix (at least ``min_count``
 committed keys under it). :func:`check` answers once, synchronously (the sensor's poke).

@@ -1,1 +1,1 @@
-"""Commit protocols. Free of Airflow imports: testable and usable on their own."""
+"""Protocol tier: commit protocols. Free of Airflow imports: testable and usable on their own."""

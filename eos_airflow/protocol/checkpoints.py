@@ -1,4 +1,4 @@
-"""Chunked effects: long loads committed chunk by chunk, with recovery points
+"""Protocol tier: chunked effects: long loads committed chunk by chunk, with recovery points
 (docs/guarantees.md, "Chunked effects").
 
 One transaction per effect means a crash after 59 minutes of a 60-minute load loses 59
@@ -50,13 +50,13 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from eos_airflow.errors import ConfigurationError
+from eos_airflow.ledger.store import RecoveryPoint
 
 if TYPE_CHECKING:
     from eos_airflow.protocol.effect import Effect
@@ -67,17 +67,6 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 10.0
 
 _END = object()
-
-
-@dataclass(frozen=True)
-class RecoveryPoint:
-    """Where a chunked effect's last committed chunk ended."""
-
-    seq: int  # chunks committed for the version being written
-    rows: int  # source items consumed
-    position: Any  # the last item's position (position= function), else None
-    state: Any  # the function's own JSON state at that point
-    attempt: int  # the attempt that committed it
 
 
 class Checkpoints:

@@ -1,4 +1,4 @@
-"""The effect handle given to user code, and the small values around it."""
+"""Protocol tier: the effect handle given to user code, and the small values around it."""
 
 from __future__ import annotations
 

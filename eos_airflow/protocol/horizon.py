@@ -1,5 +1,5 @@
-"""The safe horizon of an incremental copy: the largest value of the order column below which
-no row can still appear.
+"""Protocol tier: the safe horizon of an incremental copy: the largest value of the order column
+below which no row can still appear.
 
 A sequence hands out values when ``nextval`` runs, not when the row commits, and ``nextval``
 is not transactional: a writer can hold value 4 while a later writer commits 5. A reader that

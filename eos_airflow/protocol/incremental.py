@@ -1,4 +1,4 @@
-"""Incremental copy (protocol tier): a table's new rows exactly once, by a monotonic column.
+"""Protocol tier: incremental copy: a table's new rows exactly once, by a monotonic column.
 
 The engine of ``IncrementalTableOperator`` (eos_airflow/operators/incremental.py).
 

@@ -1,4 +1,4 @@
-"""Kafka → PostgreSQL exactly once: the core of ``KafkaToPostgresOperator``.
+"""Protocol tier: Kafka → PostgreSQL exactly once: the core of ``KafkaToPostgresOperator``.
 
 The consumer group plays no part. Inside one effect (one transaction on the target
 database) :func:`ingest_batch`:

@@ -1,4 +1,5 @@
-"""The single-database protocol: claim → run → commit (docs/guarantees.md, "Protocol").
+"""Protocol tier: the single-database protocol: claim → run → commit (docs/guarantees.md,
+"Protocol").
 
 1. **claim** (own short transaction): take the key, or learn that it is committed (skip,
    refuse), owned by a newer try (fenced) or by another live attempt (wait, then claim again).

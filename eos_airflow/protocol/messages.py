@@ -1,4 +1,4 @@
-"""Outbox messages: destinations, deterministic message ids, and payload checks.
+"""Protocol tier: outbox messages: destinations, deterministic message ids, and payload checks.
 
 A destination is ``scheme:name``: ``nats:SUBJECT`` (a JetStream subject) or ``kafka:TOPIC``.
 A message id is a UUID derived (UUIDv5) from the ledger's database and schema, the effect key,

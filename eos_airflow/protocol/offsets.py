@@ -1,4 +1,5 @@
-"""Source offsets committed with the outputs: ``eos.offsets`` (docs/guarantees.md, "Offsets").
+"""Protocol tier: source offsets committed with the outputs: ``eos.offsets`` (docs/guarantees.md,
+"Offsets").
 
 A consumer that reads a source (a Kafka partition, a table past a monotonic column, files in
 order) must remember how far it got. Kept anywhere else, the position and the outputs can

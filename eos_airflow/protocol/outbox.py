@@ -1,4 +1,4 @@
-"""Writing to the outbox inside an effect, and the relay's reads and marks.
+"""Protocol tier: writing to the outbox inside an effect, and the relay's reads and marks.
 
 :func:`publish` is what ``eos.publish(...)`` calls: it validates the message first (a bad
 payload or destination raises :class:`~eos_airflow.protocol.messages.MessageError` before any

@@ -1,4 +1,4 @@
-"""Connection poolers in front of the ledger (docs/deploy.md, "Behind PgBouncer").
+"""Protocol tier: connection poolers in front of the ledger (docs/deploy.md, "Behind PgBouncer").
 
 The owner of a key holds a session-level advisory lock from its claim until it commits or
 releases (protocol/local.py): other runs take the key over only once that lock is free, which

@@ -1,4 +1,5 @@
-"""Finishing in-doubt transactions across several databases (docs/twophase.md, "Recovery").
+"""Protocol tier: finishing in-doubt transactions across several databases (docs/twophase.md,
+"Recovery").
 
 A transaction is in doubt while a participant holds it prepared. Three callers finish it,
 all through :func:`resolve`:

@@ -1,4 +1,5 @@
-"""When the connection breaks during COMMIT: learn from the ledger whether the commit happened.
+"""Protocol tier: when the connection breaks during COMMIT: learn from the ledger whether the commit
+happened.
 
 A client whose connection breaks after it sent COMMIT cannot know whether the server committed.
 Its writes and its ledger commit share one transaction, so the ledger knows: commit() names

@@ -1,5 +1,6 @@
-"""Copy a query's rows into a table inside an effect, with COPY (``ExactlyOnceTransferOperator``,
-``IncrementalTableOperator``; usable without Airflow through ``Ledger.run``).
+"""Protocol tier: copy a query's rows into a table inside an effect, with COPY
+(``ExactlyOnceTransferOperator``, ``IncrementalTableOperator``; usable without Airflow through
+``Ledger.run``).
 
 The source query streams out of the source database with ``COPY (query) TO STDOUT`` and into
 the target table with ``COPY table FROM STDIN`` on the effect's connection, **inside the

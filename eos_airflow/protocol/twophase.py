@@ -1,4 +1,5 @@
-"""Effects across several databases: two-phase commit through the ledger (docs/twophase.md).
+"""Protocol tier: effects across several databases: two-phase commit through the ledger
+(docs/twophase.md).
 
 The coordinator is the ledger of one database (``ledger_conn_id``); the participants are the
 target databases. Presumed abort: nothing but the decision makes a transaction commit.

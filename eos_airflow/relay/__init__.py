@@ -1,4 +1,4 @@
-"""Relay tier: delivers the outbox to brokers, after the effect that wrote it has committed.
+"""API tier: delivers the outbox to brokers, after the effect that wrote it has committed.
 
 - ``eos.publish(destination, payload, key=None, headers=None)`` writes a message to
   ``{schema}.outbox`` in the effect's transaction (:mod:`eos_airflow.protocol.outbox`), under

@@ -1,4 +1,5 @@
-"""The outbox relay: undelivered rows → broker → marked delivered (docs/usage.md, "Outbox").
+"""API tier: the outbox relay: undelivered rows → broker → marked delivered (docs/usage.md,
+"Outbox").
 
 One batch is one transaction on the ledger's database:
 

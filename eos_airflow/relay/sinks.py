@@ -1,4 +1,4 @@
-"""Where a relay sends messages: NATS JetStream and Kafka.
+"""API tier: where a relay sends messages: NATS JetStream and Kafka.
 
 A sink's :meth:`Sink.send` returns only when the broker acknowledged every message of the
 batch (or raises), so the relay marks rows delivered only after they are durable:

@@ -1,4 +1,5 @@
-"""``LedgerSensor``: gate downstream work on committed effects (poke, reschedule, deferrable)."""
+"""Adapters tier: ``LedgerSensor``: gate downstream work on committed effects (poke, reschedule,
+deferrable)."""
 
 from __future__ import annotations
 

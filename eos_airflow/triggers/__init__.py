@@ -1,0 +1,1 @@
+"""Adapters tier: ``LedgerTrigger``."""

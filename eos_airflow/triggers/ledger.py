@@ -1,4 +1,4 @@
-"""``LedgerTrigger``: waits in the triggerer until effects are committed.
+"""Adapters tier: ``LedgerTrigger``: waits in the triggerer until effects are committed.
 
 A thin adapter over :mod:`eos_airflow.ledger.watch`: every LedgerTrigger of a triggerer
 process on the same database and schema shares one listening connection and one poll.

@@ -1,4 +1,4 @@
-"""The FastAPI app Airflow mounts at ``/eos``: the audit page, the task-instance tab and
+"""Faces tier: the FastAPI app Airflow mounts at ``/eos``: the audit page, the task-instance tab and
 their JSON API.
 
 Airflow 3 mounts plugin apps *without* authentication, so every route here depends on

@@ -1,4 +1,4 @@
-"""What the audit page shows, read from the ledger with the named audit queries.
+"""Faces tier: what the audit page shows, read from the ledger through :class:`LedgerStore`.
 
 Every function takes an open psycopg connection and the ledger schema, and returns plain
 JSON-ready data. ``dag_ids`` restricts the rows to DAGs the user may read (``None``: all).

@@ -1,4 +1,5 @@
-"""Alembic environment for the ledger schema (run by eos_airflow.ledger.migrate, not by hand)."""
+"""Ledger tier: Alembic environment for the ledger schema (run by eos_airflow.ledger.migrate, not by
+hand)."""
 
 from __future__ import annotations
 
