@@ -127,6 +127,45 @@ class HorizonTimeoutError(EosError):
     retryable = True
 
 
+class CommitOutcomeUnknownError(EosError):
+    """The connection broke during COMMIT and the ledger could not be asked in time."""
+
+    retryable = True
+
+
+class CommitNotDoneError(EosError):
+    """The connection broke during COMMIT, and the ledger shows that nothing committed."""
+
+    retryable = True
+
+
+class MessageError(EosError):
+    """A message cannot go into the outbox or be loaded: payload not JSON, bad destination."""
+
+
+class KafkaError(EosError):
+    """Kafka reported an error while consuming; nothing was written, a retry reads again."""
+
+    retryable = True
+
+
+class KafkaDataLostError(KafkaError):
+    """Messages after the stored offset are gone from the broker (retention): nothing was
+    written; a retry cannot bring them back."""
+
+    retryable = False
+
+
+class DeliveryError(EosError):
+    """A broker did not accept a batch; the messages stay in the outbox and are re-sent."""
+
+    retryable = True
+
+
+class PermissionDenied(EosError):
+    """The connected role may not do what the command asked."""
+
+
 class DatabaseUnavailableError(EosError):
     """The database cannot be reached (down, wrong address, refused credentials)."""
 

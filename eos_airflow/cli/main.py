@@ -29,6 +29,7 @@ from eos_airflow.errors import (
     DatabaseUnavailableError,
     EosError,
     LedgerSchemaError,
+    PermissionDenied,
 )
 from eos_airflow.ledger.keys import check_schema
 from eos_airflow.ledger.store import LedgerStore
@@ -395,10 +396,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
         return EXIT_DATABASE
-
-
-class PermissionDenied(EosError):
-    """The connected role may not do what the command asked."""
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 from psycopg import sql
 
 from eos_airflow import failpoints
-from eos_airflow.errors import ConfigurationError, EosError
+from eos_airflow.errors import ConfigurationError, KafkaDataLostError, KafkaError
 from eos_airflow.ledger.store import LedgerStore
 from eos_airflow.protocol.effect import Effect
 from eos_airflow.protocol.messages import KAFKA_MSG_ID_HEADER, MessageError
@@ -49,12 +49,6 @@ FORCED_CONSUMER_CONFIG = {
 }
 #: Seconds to wait for topic metadata.
 METADATA_TIMEOUT = 10.0
-
-
-class KafkaError(EosError):
-    """Kafka reported an error while consuming; nothing was written, a retry reads again."""
-
-    retryable = True
 
 
 @dataclass(frozen=True)
@@ -162,15 +156,13 @@ def ingest_batch(
                         ends.add((m.topic(), m.partition()))
                         continue
                     if error.code() == CKError._AUTO_OFFSET_RESET:
-                        lost = KafkaError(
+                        raise KafkaDataLostError(
                             f"kafka:{m.topic()}/{m.partition()}: the offset after the one "
                             f"stored in the ledger is gone from the broker ({error.str()}), "
                             "so messages were deleted before they were loaded; nothing was "
                             "written. Raise the topic's retention, then set the position "
                             "deliberately (UPDATE eos.offsets) to accept the gap"
                         )
-                        lost.retryable = False
-                        raise lost
                     raise KafkaError(
                         f"Kafka error on {m.topic()}/{m.partition()}: "
                         f"{error.str()}; nothing was written, retry"

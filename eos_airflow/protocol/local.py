@@ -36,6 +36,8 @@ from psycopg import errors as pgerrors
 from eos_airflow import failpoints
 from eos_airflow.errors import (
     AlreadyCommittedError,
+    CommitNotDoneError,
+    CommitOutcomeUnknownError,
     FencedError,
     KeyInProgressError,
     LostClaimError,
@@ -55,11 +57,7 @@ from eos_airflow.protocol.effect import (
     encode_result,
 )
 from eos_airflow.protocol.pooling import check_session
-from eos_airflow.protocol.resolve import (
-    CommitNotDoneError,
-    CommitOutcomeUnknownError,
-    commit_outcome,
-)
+from eos_airflow.protocol.resolve import commit_outcome
 
 log = logging.getLogger(__name__)
 

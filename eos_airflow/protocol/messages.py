@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from eos_airflow.errors import EosError
+from eos_airflow.errors import MessageError
 
 #: Destination schemes a relay can deliver to.
 SCHEMES = ("nats", "kafka")
@@ -30,10 +30,6 @@ MESSAGE_NAMESPACE = uuid.UUID("7d0c3f4e-5c2a-5e49-9a57-3e0b5f0c6a11")
 
 _KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _NATS_TOKEN = re.compile(r"^[^\s.*>]+$")
-
-
-class MessageError(EosError):
-    """A message cannot go into the outbox or be loaded: payload not JSON, bad destination."""
 
 
 @dataclass(frozen=True)

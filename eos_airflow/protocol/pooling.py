@@ -32,12 +32,12 @@ from typing import Any
 
 import psycopg
 
-from eos_airflow.errors import PoolingError
+from eos_airflow.errors import POOLED_SESSION, PoolingError
 
 #: Environment variable that declares the pooler in front of the ledger pools sessions.
 POOL_MODE_ENV = "EOS_POOL_MODE"
 #: The code that starts every PoolingError message.
-POOLING_CODE = "EOS10"
+POOLING_CODE = POOLED_SESSION
 
 #: Per connection seen: the server session's process id at first sight, and whether a pooler
 #: answered the login (the id the connection was given then differs).

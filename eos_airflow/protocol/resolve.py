@@ -28,22 +28,10 @@ from typing import Any
 import psycopg
 from psycopg import errors as pgerrors
 
-from eos_airflow.errors import EosError
+from eos_airflow.errors import CommitNotDoneError, CommitOutcomeUnknownError, EosError
 from eos_airflow.ledger.store import LedgerStore
 
 log = logging.getLogger(__name__)
-
-
-class CommitOutcomeUnknownError(EosError):
-    """The connection broke during COMMIT and the ledger could not be asked in time."""
-
-    retryable = True
-
-
-class CommitNotDoneError(EosError):
-    """The connection broke during COMMIT, and the ledger shows that nothing committed."""
-
-    retryable = True
 
 
 def commit_outcome(

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
-from eos_airflow.errors import ConfigurationError, EosError
+from eos_airflow.errors import ConfigurationError, DeliveryError
 from eos_airflow.protocol.messages import KAFKA_MSG_ID_HEADER, NATS_MSG_ID_HEADER, OutboxMessage
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,6 @@ log = logging.getLogger(__name__)
 #: Seconds to wait for a broker to acknowledge a batch before the relay gives up (the rows
 #: stay undelivered and the next run sends them again under the same ids).
 DEFAULT_SEND_TIMEOUT = 30.0
-
-
-class DeliveryError(EosError):
-    """A broker did not accept a batch; the messages stay in the outbox and are re-sent."""
-
-    retryable = True
 
 
 class Sink(Protocol):
