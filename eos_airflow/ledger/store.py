@@ -28,7 +28,7 @@ import json
 import logging
 import uuid
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -338,6 +338,11 @@ class ServerFacts:
 # The gateway
 # ---------------------------------------------------------------------------------------------
 
+#: Statements that find no ledger schema, function or table.
+_SCHEMA_ERRORS = (pgerrors.UndefinedFunction, pgerrors.InvalidSchemaName, pgerrors.UndefinedTable)
+#: Schema names checked already (a store is made per use: the hot path skips the check).
+_CHECKED: set[str] = set()
+
 _hot_paths: weakref.WeakKeyDictionary[psycopg.Connection[Any], dict[str, HotPath]] = (
     weakref.WeakKeyDictionary()
 )
@@ -350,7 +355,9 @@ class LedgerStore:
 
     def __init__(self, conn: psycopg.Connection[Any], schema: str = "eos") -> None:
         self.conn = conn
-        self.schema = check_schema(schema)
+        if type(schema) is not str or schema not in _CHECKED:
+            _CHECKED.add(check_schema(schema))
+        self.schema = schema
 
     def __repr__(self) -> str:
         return f"<LedgerStore schema={self.schema!r} db={self.conn.info.dbname!r}>"
@@ -363,18 +370,20 @@ class LedgerStore:
         create it (unless the user's own statement had failed the transaction before)."""
         try:
             yield
-        except (
-            pgerrors.UndefinedFunction,
-            pgerrors.InvalidSchemaName,
-            pgerrors.UndefinedTable,
-        ) as exc:
-            if self.conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        except _SCHEMA_ERRORS as exc:
+            error = self._schema_error(exc)
+            if error is None:
                 raise
-            raise LedgerSchemaError(
-                f'the ledger schema "{self.schema}" is missing or incomplete in database '
-                f'"{self.conn.info.dbname}" ({exc.diag.message_primary}); create it with '
-                "`eos-airflow db migrate` (same --dsn or --conn-id)"
-            ) from exc
+            raise error from exc
+
+    def _schema_error(self, exc: psycopg.Error) -> LedgerSchemaError | None:
+        if self.conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            return None  # the user's own statement referenced something missing
+        return LedgerSchemaError(
+            f'the ledger schema "{self.schema}" is missing or incomplete in database '
+            f'"{self.conn.info.dbname}" ({exc.diag.message_primary}); create it with '
+            "`eos-airflow db migrate` (same --dsn or --conn-id)"
+        )
 
     def _rows(self, name: str, params: Mapping[str, Any], kind: type[T]) -> list[T]:
         cur = self.conn.cursor(row_factory=class_row(kind))
@@ -393,18 +402,23 @@ class LedgerStore:
             row = cur.execute(query(name, self.schema), params).fetchone()
         return None if row is None else row[0]
 
-    def _script(self, message: bytes, params: Mapping[str, Any], kind: type[T]) -> T:
+    def _script(self, message: bytes, params: Mapping[str, Any], kind: Callable[..., T]) -> T:
         """Several statements in one round trip: bound on the client, one simple-protocol
         message (the server stops at the first error). The first row of the first statement
-        that returns rows."""
-        cur = psycopg.ClientCursor(self.conn, row_factory=class_row(kind))
-        with self._schema_errors():
+        that returns rows, as ``kind(*row)`` (the hot path: no per-call row factory)."""
+        cur = psycopg.ClientCursor(self.conn)
+        try:
             cur.execute(message, params)
+        except _SCHEMA_ERRORS as exc:
+            error = self._schema_error(exc)
+            if error is None:
+                raise
+            raise error from exc
         while cur.description is None and cur.nextset():
             pass
         row = cur.fetchone()
         assert row is not None, "the ledger function returned no row"
-        return row
+        return kind(*row)
 
     # -- the single-database protocol -----------------------------------------------------
 
