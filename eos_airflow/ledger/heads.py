@@ -26,7 +26,7 @@ import psycopg
 
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.ledger.chain import Problem, load_starts
-from eos_airflow.ledger.queries import query
+from eos_airflow.ledger.store import LedgerStore
 
 FORMAT = "eos-airflow-checkpoint"
 FORMAT_VERSION = 1
@@ -47,12 +47,10 @@ def take(conn: psycopg.Connection[Any], schema: str) -> dict[str, Any]:
     with conn.transaction():
         if outermost:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        heads = {
-            key: [seq, bytes(h).hex()]
-            for key, seq, h in conn.execute(query("chain_heads", schema), {})
-        }
-        last = conn.execute(query("checkpoint_last_event", schema), {}).fetchone()
-        events, pruned = conn.execute(query("checkpoint_counts", schema), {}).fetchone()
+        store = LedgerStore(conn, schema)
+        heads = {key: [seq, bytes(h).hex()] for key, seq, h in store.chain_heads()}
+        last = store.newest_event()
+        events, pruned = store.event_totals()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -120,7 +118,8 @@ def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]
         )
     problems: list[Problem] = []
     starts = load_starts(conn, schema)
-    rows = {key: seq for key, seq, _ in conn.execute(query("chain_heads", schema), {})}
+    store = LedgerStore(conn, schema)
+    rows = {key: seq for key, seq, _ in store.chain_heads()}
     for key, (seq, head) in sorted(checkpoint["heads"].items(), key=lambda kv: kv[0].encode()):
         if key not in rows:
             problems.append(
@@ -174,7 +173,7 @@ def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]
             )
     last = checkpoint.get("last_event")
     if last is not None:
-        newest = conn.execute(query("checkpoint_last_event", schema), {}).fetchone()
+        newest = store.newest_event()
         newest_id = newest[0] if newest else 0
         if newest_id < last["id"]:
             problems.append(
@@ -191,5 +190,4 @@ def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]
 
 
 def _event_hash(conn: psycopg.Connection[Any], schema: str, key: str, seq: int) -> bytes | None:
-    row = conn.execute(query("event_hash_at", schema), {"key": key, "seq": seq}).fetchone()
-    return None if row is None else bytes(row[0])
+    return LedgerStore(conn, schema).event_hash(key, seq)

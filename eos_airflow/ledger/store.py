@@ -891,6 +891,28 @@ class LedgerStore:
         with self.conn.cursor() as cur, self._schema_errors():
             return cur.execute(query("gc_prune", self.schema), params).fetchall()
 
+    def chain_heads(self) -> list[tuple[str, int, bytes]]:
+        """Every key's chain head: (key, event_seq, last_hash), in key order."""
+        with self.conn.cursor() as cur, self._schema_errors():
+            return cur.execute(query("chain_heads", self.schema), {}).fetchall()
+
+    def newest_event(self) -> tuple[int, str, int, bytes] | None:
+        """The newest event: (id, key, seq, hash)."""
+        with self.conn.cursor() as cur, self._schema_errors():
+            return cur.execute(query("newest_event", self.schema), {}).fetchone()
+
+    def event_totals(self) -> tuple[int, int]:
+        """(events in the table, events gc removed)."""
+        with self.conn.cursor() as cur, self._schema_errors():
+            row = cur.execute(query("event_totals", self.schema), {}).fetchone()
+        assert row is not None
+        return row[0], row[1]
+
+    def event_hash(self, key: str, seq: int) -> bytes | None:
+        """The hash of ``key``'s event ``seq``, if it is still there."""
+        value = self._value("event_hash_at", {"key": key, "seq": seq})
+        return None if value is None else bytes(value)
+
     def revision(self) -> str | None:
         """The schema revision stored in the database (raises if the schema is missing)."""
         return self._value("schema_revision", {})

@@ -97,10 +97,10 @@ SELECT c.key, c.through_seq, c.through_hash, c.versions,
         FROM {schema}.pruned_claims AS p WHERE p.key = c.key) AS claims
 FROM {schema}.pruned_chains AS c;
 
--- name: checkpoint_last_event
+-- name: newest_event
 SELECT id, key, seq, hash FROM {schema}.ledger_events ORDER BY id DESC LIMIT 1;
 
--- name: checkpoint_counts
+-- name: event_totals
 SELECT (SELECT count(*) FROM {schema}.ledger_events),
        (SELECT coalesce(sum(events), 0)::bigint FROM {schema}.pruned_chains);
 
