@@ -234,3 +234,19 @@ def test_the_readme_layout_table_matches_the_tree():
     top = {m for m in MODULES if m.count(".") == 1}
     missing = sorted(top - set(listed))
     assert not missing, f"README's layout table lacks: {missing}"
+
+
+def test_every_named_query_is_run_by_the_gateway():
+    """No dead SQL: each ``-- name:`` block of ledger/sql is named in ledger/store.py (or, for
+    the schema revision, ledger/migrate.py)."""
+    from eos_airflow.ledger.queries import QUERY_FILES
+
+    sql_dir = PACKAGE / "ledger" / "sql"
+    names = {
+        name
+        for filename in QUERY_FILES
+        for name in re.findall(r"^-- name: (\w+)", (sql_dir / filename).read_text("utf-8"), re.M)
+    }
+    code = "".join(MODULES[m].read_text("utf-8") for m in QUERY_OWNERS)
+    unused = sorted(n for n in names if f'"{n}"' not in code)
+    assert not unused, f"named queries nobody runs: {unused}"

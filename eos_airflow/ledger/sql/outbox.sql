@@ -1,4 +1,4 @@
--- Named queries of the transactional outbox (eos_airflow/outbox) and the consumers' inbox.
+-- Named queries of the transactional outbox (protocol/outbox.py, protocol/ingest.py) and the consumers' inbox.
 -- {schema} is the quoted ledger schema; values are parameters.
 
 -- name: outbox_last_seq

@@ -1,5 +1,6 @@
--- Named queries of the ledger. eos_airflow/ledger/queries.py is their only loader; each block
--- starts with "-- name: NAME". {schema} is the quoted ledger schema; values are parameters.
+-- Named queries of the ledger. eos_airflow/ledger/queries.py loads them, LedgerStore
+-- (ledger/store.py) alone runs them; each block starts with "-- name: NAME". {schema} is the
+-- quoted ledger schema; values are parameters.
 
 -- name: claim
 SELECT action, prior_state::text AS prior_state, attempt, version, result, holder, committed_at

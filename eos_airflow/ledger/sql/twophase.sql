@@ -1,16 +1,12 @@
--- Named queries of effects across several databases (eos_airflow/protocol/twophase.py and
--- recovery.py). {schema} is the quoted ledger schema; values are parameters.
+-- Named queries of effects across several databases (run by LedgerStore, ledger/store.py,
+-- for protocol/twophase.py and recovery.py). {schema} is the quoted ledger schema; values are
+-- parameters.
 
 -- name: twophase_claim
 SELECT action, prior_state, attempt, version, result, holder, committed_at, others
 FROM {schema}.twophase_claim(%(key)s, %(owner)s, %(attempt)s, %(dag_id)s, %(task_id)s,
                              %(run_id)s, %(map_index)s, %(host)s, %(pid)s, %(on_committed)s,
                              %(txid)s, %(protocol)s, %(participants)s);
-
--- name: twophase_begin
-SELECT txid, protocol, decision, participants, attempt
-FROM {schema}.twophase_begin(%(txid)s, %(key)s, %(attempt)s, %(owner)s, %(protocol)s,
-                             %(participants)s);
 
 -- name: twophase_decide
 SELECT version, committed_at FROM {schema}.twophase_decide(%(txid)s, %(key)s, %(owner)s,
@@ -37,12 +33,6 @@ SELECT {schema}.owner_alive(%(key)s, %(owner)s) AS alive;
 -- name: twophase_key_entry
 SELECT state::text AS state, result, version, committed_at FROM {schema}.ledger
 WHERE key = %(key)s;
-
--- name: prepared_xacts
--- This database's prepared transactions written by eos-airflow (gids start with "eos:").
-SELECT gid, prepared FROM pg_prepared_xacts
-WHERE database = current_database() AND starts_with(gid, %(prefix)s)
-ORDER BY gid;
 
 -- name: precommit_vote
 -- Write a three-phase vote unless one exists; return the vote in force. (When another
