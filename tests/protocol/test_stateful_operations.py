@@ -786,6 +786,36 @@ FROM {schema}.twophase WHERE key = %(key)s AND outcome IS NULL ORDER BY created_
 """
 
 
+def _old_finish_for_key(real):
+    """Before the fix: a run that skips the key finished every unresolved transaction of the
+    key as it found it (no look at whether its attempt still lives and owns the key)."""
+
+    def finish(coordinator, conns, rows, key, *, schema, by, scan, exclude=None):
+        if scan:  # a claim's clean-up: unchanged
+            return real(
+                coordinator, conns, rows, key, schema=schema, by=by, scan=scan, exclude=exclude
+            )
+        return [
+            recovery.resolve(
+                row.txid,
+                protocol=row.protocol,
+                conns={
+                    n: c for n, c in conns.items() if not row.participants or n in row.participants
+                },
+                coordinator=coordinator,
+                schema=schema,
+                decision=row.decision,
+                key=key,
+                attempt=row.attempt,
+                force=True,
+                by=by,
+            )
+            for row in rows
+        ]
+
+    return finish
+
+
 def _old_commit_prepared_all(pool, conns, names, txid, attempt):
     """Before the fix: COMMIT PREPARED raised when another run had finished the gid."""
     futures = [
@@ -831,8 +861,9 @@ FLAWS = {
     # a run that skips aborted another run's live replace
     "skip-aborts-live-replace": (
         "multi",
-        lambda mp: mp.setattr(
-            store, "query", _old_query("twophase_unresolved_key", OLD_UNRESOLVED_KEY)
+        lambda mp: (
+            mp.setattr(store, "query", _old_query("twophase_unresolved_key", OLD_UNRESOLVED_KEY)),
+            mp.setattr(recovery, "finish_for_key", _old_finish_for_key(recovery.finish_for_key)),
         ),
     ),
     # a decided transaction finished by a skipping run: its owner raised UndefinedObject
