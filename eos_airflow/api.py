@@ -17,8 +17,9 @@ import psycopg.conninfo
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.ledger import connection
 from eos_airflow.ledger.keys import check_schema
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, ON_COMMITTED, Effect, Origin
+from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome, run_effect
+from eos_airflow.states import check_on_committed
 
 Connect = Callable[[], "psycopg.Connection[Any]"]
 
@@ -151,10 +152,7 @@ class Ledger:
         wait_timeout: float | None = None,
     ) -> Outcome:
         """Like :meth:`run`, but say what happened (committed, replaced or skipped)."""
-        if on_committed not in ON_COMMITTED:
-            raise ConfigurationError(
-                f"on_committed={on_committed!r} is not one of {', '.join(ON_COMMITTED)}"
-            )
+        on_committed = check_on_committed(on_committed)
         if not isinstance(attempt, int) or attempt < 1:
             raise ConfigurationError(f"attempt must be an integer >= 1, got {attempt!r}")
         conn = self.connection()

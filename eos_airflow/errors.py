@@ -27,8 +27,9 @@ class LedgerSchemaError(EosError):
     """The ledger schema is missing, outdated or written by a newer eos-airflow."""
 
 
-class ConfigurationError(EosError):
-    """A connection, option or argument is invalid."""
+class ConfigurationError(EosError, ValueError):
+    """A connection, option or argument is invalid. Also a :class:`ValueError`: a bad operator
+    argument fails the DAG file's import, as Airflow expects of bad arguments."""
 
 
 class BadKeyError(ConfigurationError):

@@ -15,10 +15,11 @@ import psycopg
 
 from eos_airflow.api import Ledger
 from eos_airflow.errors import ConfigurationError
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, ON_COMMITTED, Effect, Origin
+from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome
 from eos_airflow.protocol.recovery import DEFAULT_GRACE, Resolution, recover, terminate
 from eos_airflow.protocol.twophase import check_targets, run_two_phase
+from eos_airflow.states import check_on_committed
 
 Connect = Callable[[], "psycopg.Connection[Any]"]
 Target = str | Connect
@@ -88,10 +89,7 @@ class MultiLedger:
         origin: Origin | None = None,
     ) -> Outcome:
         """Like :meth:`run`, but say what happened (committed, replaced, skipped, recovered)."""
-        if on_committed not in ON_COMMITTED:
-            raise ConfigurationError(
-                f"on_committed={on_committed!r} is not one of {', '.join(ON_COMMITTED)}"
-            )
+        on_committed = check_on_committed(on_committed)
         if not isinstance(attempt, int) or attempt < 1:
             raise ConfigurationError(f"attempt must be an integer >= 1, got {attempt!r}")
         if self._executor is None:

@@ -95,7 +95,7 @@ API_CASES: list[tuple[str, Callable[[Ledger], Any], type[Exception], str]] = [
         "unknown on_committed",
         lambda lg: lg.run("k", write, on_committed="sometimes"),
         ConfigurationError,
-        r"on_committed='sometimes' is not one of skip, replace, fail",
+        r"on_committed='sometimes' is not valid; choose one of skip, replace, fail",
     ),
     (
         "attempt is zero",

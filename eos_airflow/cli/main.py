@@ -33,6 +33,7 @@ from eos_airflow.errors import (
 )
 from eos_airflow.ledger.keys import check_schema
 from eos_airflow.ledger.store import LedgerStore
+from eos_airflow.states import EntryState
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 
@@ -278,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lst = ledger.add_parser("list", parents=[common], help="list effect keys")
     lst.add_argument("--dag-id")
-    lst.add_argument("--state", choices=("running", "committed", "failed", "reopened"))
+    lst.add_argument("--state", choices=tuple(EntryState))
     lst.add_argument("--prefix", help="only keys starting with this text")
     lst.add_argument("--limit", type=int, default=1000)
     lst.add_argument(

@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 
 from eos_airflow.ledger.store import LedgerStore
+from eos_airflow.states import EntryState
 
 GENESIS = bytes(32)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -184,7 +185,7 @@ def _entry_problems(walk: _Walk, entry: Entry) -> Iterator[Problem]:
             None,
             f"ledger row says state {entry.state!r}, the events say {expected!r} (row edited)",
         )
-    elif expected is None and entry.state in ("committed", "reopened"):
+    elif expected is None and entry.state in (EntryState.COMMITTED, EntryState.REOPENED):
         yield Problem(
             key,
             None,

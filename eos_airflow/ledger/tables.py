@@ -10,32 +10,11 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-#: Lifecycle of an effect key.
-EFFECT_STATES = (
-    "running",  # an attempt claimed the key and has not committed or failed yet
-    "committed",  # an attempt's writes and this mark committed in one transaction
-    "failed",  # the last attempt rolled back; the next claim may run the key again
-    "reopened",  # an operator reopened a committed key (ledger reopen): the next claim runs it
-)
+from eos_airflow.states import EntryState, EventKind
 
-#: Kinds of audit events; each protocol decision appends one.
-EVENT_KINDS = (
-    "claimed",  # an attempt took the key (detail says whose claim it replaced, if any)
-    "committed",  # the effect committed (first version)
-    "replaced",  # on_committed="replace" committed a new version of a committed effect
-    "skipped",  # the key was committed already; the user's code did not run
-    "fenced",  # a newer attempt owned the key; this attempt could not claim or commit
-    "failed",  # the attempt's transaction rolled back (error in user code or SQL)
-    "reopened",  # an operator reopened a committed key for reprocessing (detail: reason, by)
-    "checkpoint",  # a chunk of a chunked effect committed with its recovery point (seq, rows)
-    "resumed",  # an attempt continues a chunked effect after its newest recovery point
-    "offsets",  # the effect advanced source offsets (detail: each source's from and to)
-    "prepared",  # every participant of a multi-database effect prepared (detail: txid, gids)
-    "decided",  # the coordinator decided to commit a multi-database effect (the commit point)
-    "aborted",  # a multi-database transaction was decided abort; its prepared work rolls back
-    "recovered",  # recovery finished an in-doubt multi-database transaction (detail: outcome)
-    "pruned",  # ledger gc removed the key's old events (detail: through_seq, through_hash)
-)
+#: Lifecycle of an effect key and kinds of audit events (eos_airflow/states.py).
+EFFECT_STATES = tuple(EntryState)
+EVENT_KINDS = tuple(EventKind)
 
 #: Bytes of a SHA-256 digest; the first event of a key chains to this many zero bytes.
 HASH_BYTES = 32

@@ -12,7 +12,8 @@ from eos_airflow.api import Ledger
 from eos_airflow.errors import BadKeyError, EosError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.keys import check_schema
-from eos_airflow.protocol.effect import ON_COMMITTED, Effect, Origin
+from eos_airflow.protocol.effect import Effect, Origin
+from eos_airflow.states import check_on_committed
 
 #: Default effect key: retries and clears of one task instance are one effect.
 DEFAULT_KEY = "{{ ti.dag_id }}/{{ ti.task_id }}/{{ ti.run_id }}/{{ ti.map_index }}"
@@ -56,11 +57,7 @@ class ExactlyOnceMixin:
         ledger_conn_id: str | None = None,
         protocol: str = "local",
     ) -> None:
-        if on_committed not in ON_COMMITTED:
-            raise ValueError(
-                f"on_committed={on_committed!r} is not valid; choose one of "
-                f"{', '.join(map(repr, ON_COMMITTED))}"
-            )
+        on_committed = check_on_committed(on_committed)
         if protocol != "local" or targets is not None:
             from eos_airflow.operators.multi import check_multi
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from eos_airflow.errors import ResultError
+from eos_airflow.states import OnCommitted
 
 if TYPE_CHECKING:
     from eos_airflow.protocol.checkpoints import Checkpoints
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 #: Default bound on a stored result. Results travel as XCom and live in the ledger row: large
 #: outputs belong in a table, with a reference returned.
 MAX_RESULT_BYTES = 1024 * 1024
-ON_COMMITTED = ("skip", "replace", "fail")
+ON_COMMITTED = tuple(OnCommitted)
 
 #: ``\u0000`` in JSON text, unless its backslash is itself escaped (the text ``\\u0000``).
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")

@@ -58,6 +58,7 @@ from eos_airflow.protocol.effect import (
 )
 from eos_airflow.protocol.pooling import check_session
 from eos_airflow.protocol.resolve import commit_outcome
+from eos_airflow.states import Action, EntryState
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Outcome:
     """What one call of the protocol did."""
 
     key: str
-    action: str  # "committed", "replaced" or "skipped"
+    action: Action  # committed, replaced, skipped or (several databases) recovered
     result: Any
     version: int
     attempt: int
@@ -111,7 +112,7 @@ def run_effect(
     if claim.action == ClaimAction.SKIP:
         log.info("effect %s is committed (version %s): skipped", key, claim.version)
         return Outcome(
-            key, "skipped", claim.result, claim.version or 0, attempt, claim.committed_at
+            key, Action.SKIPPED, claim.result, claim.version or 0, attempt, claim.committed_at
         )
 
     event, detail = "failed", {}
@@ -167,7 +168,7 @@ def run_effect(
             ) from exc
         raise
     failpoints.check("after_commit", attempt=attempt)
-    action = "replaced" if claim.prior_state == "committed" else "committed"
+    action = Action.REPLACED if claim.prior_state == EntryState.COMMITTED else Action.COMMITTED
     log.info("effect %s %s (version %s)", key, action, committed.version)
     return Outcome(
         key, action, json.loads(payload), committed.version, attempt, committed.committed_at

@@ -77,6 +77,7 @@ from eos_airflow.protocol.prepared import (
     rollback_open,
     statement,
 )
+from eos_airflow.states import Action, EntryState
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def run_two_phase(
         )
         log.info("effect %s is committed (version %s): skipped", key, claim.version)
         return Outcome(
-            key, "skipped", claim.result, claim.version or 0, attempt, claim.committed_at
+            key, Action.SKIPPED, claim.result, claim.version or 0, attempt, claim.committed_at
         )
     try:
         others = [recovery.logged(row) for row in claim.others or []]
@@ -196,7 +197,7 @@ def run_two_phase(
                     {"reason": "an earlier attempt's transaction committed", "by": by},
                 )
                 return Outcome(
-                    key, "recovered", entry.result, entry.version, attempt, entry.committed_at
+                    key, Action.RECOVERED, entry.result, entry.version, attempt, entry.committed_at
                 )
     except BaseException as exc:
         release_key(
@@ -271,7 +272,7 @@ def run_two_phase(
         if executor is None:
             pool.shutdown(wait=False)
     failpoints.check("after_commit", attempt=attempt)
-    action = "replaced" if claim.prior_state == "committed" else "committed"
+    action = Action.REPLACED if claim.prior_state == EntryState.COMMITTED else Action.COMMITTED
     log.info(
         "effect %s %s across %s (version %s, %s)",
         key,

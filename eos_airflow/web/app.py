@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from eos_airflow.errors import ConfigurationError, EosError
+from eos_airflow.states import EntryState
 from eos_airflow.web import data
 
 DEFAULT_CONN_ID = "eos_ledger"
@@ -138,9 +139,7 @@ def create_app() -> FastAPI:
     @app.get("/api/entries", dependencies=_protected)
     def api_entries(
         scope: DagScope,
-        state: Annotated[
-            Literal["running", "committed", "failed", "reopened"] | None, Query()
-        ] = None,
+        state: Annotated[EntryState | None, Query()] = None,
         dag_id: str | None = None,
         prefix: str | None = None,
         since: str | None = None,

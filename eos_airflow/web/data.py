@@ -15,10 +15,11 @@ import psycopg
 from eos_airflow.ledger.chain import verify as verify_chain
 from eos_airflow.ledger.filters import parse_since
 from eos_airflow.ledger.store import LedgerStore
+from eos_airflow.states import EntryState
 
 #: Most entries one page of the audit view lists.
 MAX_ENTRIES = 1000
-STATES = ("running", "committed", "failed", "reopened")
+STATES = tuple(EntryState)
 
 
 def _plain(record: Any) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def test_task_exactly_once_is_registered_through_the_provider():
 def test_operator_validates_its_options_listing_the_choices():
     from eos_airflow import ExactlyOnceSQLOperator
 
-    with pytest.raises(ValueError, match="choose one of 'skip', 'replace', 'fail'"):
+    with pytest.raises(ValueError, match="is not valid; choose one of skip, replace, fail"):
         ExactlyOnceSQLOperator(task_id="t", conn_id="w", sql="SELECT 1", on_committed="once")
     with pytest.raises(ValueError, match="non-empty SQL"):
         ExactlyOnceSQLOperator(task_id="t", conn_id="w", sql="")

@@ -1,0 +1,76 @@
+"""Errors tier: the words of the ledger, each spelled once: entry states, event kinds, what a
+call of the protocol did, and the ``on_committed`` choices.
+
+Each is a :class:`~enum.StrEnum`: members equal their strings, so they compare with, print as
+and encode to JSON as the plain words the ledger stores (``EntryState.COMMITTED ==
+"committed"``). The protocol, the CLI, the audit page and the table definitions all take
+their lists from here.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from eos_airflow.errors import ConfigurationError
+
+
+class EntryState(StrEnum):
+    """Lifecycle of an effect key (``ledger.state``)."""
+
+    RUNNING = "running"  #: an attempt claimed the key and has not committed or failed yet
+    COMMITTED = "committed"  #: an attempt's writes and this mark committed in one transaction
+    FAILED = "failed"  #: the last attempt rolled back; the next claim may run the key again
+    REOPENED = "reopened"  #: an operator reopened a committed key: the next claim runs it
+
+
+class EventKind(StrEnum):
+    """Kinds of audit events (``ledger_events.event``); each protocol decision appends one."""
+
+    CLAIMED = "claimed"  #: an attempt took the key (detail: whose claim it replaced)
+    COMMITTED = "committed"  #: the effect committed (first version)
+    REPLACED = "replaced"  #: on_committed="replace" committed a new version
+    SKIPPED = "skipped"  #: the key was committed already; the user's code did not run
+    FENCED = "fenced"  #: a newer attempt owned the key; this attempt could not claim or commit
+    FAILED = "failed"  #: the attempt's transaction rolled back (error in user code or SQL)
+    REOPENED = "reopened"  #: an operator reopened a committed key (detail: reason, by)
+    CHECKPOINT = "checkpoint"  #: a chunk committed with its recovery point (seq, rows)
+    RESUMED = "resumed"  #: an attempt continues a chunked effect after its newest recovery point
+    OFFSETS = "offsets"  #: the effect advanced source offsets (detail: each source's from, to)
+    PREPARED = "prepared"  #: every participant of a multi-database effect prepared
+    DECIDED = "decided"  #: the coordinator decided commit (the commit point)
+    ABORTED = "aborted"  #: a multi-database transaction was decided abort
+    RECOVERED = "recovered"  #: recovery finished an in-doubt multi-database transaction
+    PRUNED = "pruned"  #: ledger gc removed the key's old events (detail: through_seq, hash)
+
+
+class Action(StrEnum):
+    """What one call of the protocol did (``Outcome.action``)."""
+
+    COMMITTED = "committed"  #: the function ran and its effect committed (first version)
+    REPLACED = "replaced"  #: the function ran again and superseded the committed version
+    SKIPPED = "skipped"  #: the key was committed: the stored result, the function not run
+    #: several databases: an earlier attempt's transaction had committed on the participants;
+    #: this attempt recorded it and returns that result without running the function
+    RECOVERED = "recovered"
+
+
+class OnCommitted(StrEnum):
+    """What an attempt does when its key is committed already."""
+
+    SKIP = "skip"  #: return the stored result without running the function
+    REPLACE = "replace"  #: run again and atomically supersede the committed version
+    FAIL = "fail"  #: refuse (AlreadyCommittedError)
+
+
+def check_on_committed(value: object) -> OnCommitted:
+    """``value`` as an :class:`OnCommitted`, or the one error every entry raises for a bad
+    ``on_committed`` (a :class:`~eos_airflow.errors.ConfigurationError`, also a ValueError)."""
+    try:
+        return OnCommitted(value)
+    except ValueError:
+        raise ConfigurationError(
+            f"on_committed={value!r} is not valid; choose one of {', '.join(OnCommitted)}"
+        ) from None
+
+
+__all__ = ["Action", "EntryState", "EventKind", "OnCommitted", "check_on_committed"]
