@@ -1,5 +1,5 @@
 """Speed of the audit tools on a big ledger: `ledger verify`, `ledger export`,
-`ledger checkpoint` and `ledger gc`, in events per second.
+`ledger heads` and `ledger gc`, in events per second.
 
     python benchmarks/bench_audit.py [--dsn DSN] [--events 1000000] [--per-key 10]
 
@@ -140,7 +140,7 @@ def main() -> None:
             "ledger verify": [],
             "ledger export (JSON lines)": [],
             "ledger export --format csv": [],
-            "ledger checkpoint": [],
+            "ledger heads": [],
         }
         out = Path(f"/tmp/{name}.out")
         for _ in range(args.rounds):
@@ -158,8 +158,8 @@ def main() -> None:
                     )
                 )
             )
-            results["ledger checkpoint"].append(
-                timed(lambda: quiet_cli("ledger", "checkpoint", "--out", str(out), "--dsn", dsn))
+            results["ledger heads"].append(
+                timed(lambda: quiet_cli("ledger", "heads", "--out", str(out), "--dsn", dsn))
             )
         out.unlink(missing_ok=True)
         base = statistics.median(results["baseline: COPY of the chain rows"])

@@ -1,5 +1,11 @@
-"""``ledger verify --checkpoint``, ``ledger checkpoint``, ``ledger gc`` and ``db grant``:
-the commands that keep the audit trail trustworthy over time."""
+"""Faces tier: ``ledger verify --heads``, ``ledger heads``, ``ledger gc`` and ``db grant``:
+the commands that keep the audit trail trustworthy over time.
+
+``ledger heads`` writes a heads file (:mod:`eos_airflow.ledger.heads`): every key's chain head,
+to keep outside the database; ``ledger verify --heads FILE`` also checks that nothing it
+recorded was removed since. ``ledger checkpoint`` and ``--checkpoint`` are their deprecated
+former names: they still work and say so on stderr.
+"""
 
 from __future__ import annotations
 
@@ -12,28 +18,42 @@ from rich.progress import Progress
 
 from eos_airflow.cli import output
 from eos_airflow.errors import ConfigurationError
-from eos_airflow.ledger import heads as checkpoints
+from eos_airflow.ledger import heads
 from eos_airflow.ledger.chain import Verification, verify
 from eos_airflow.ledger.filters import like_prefix, parse_since
 
 
-def verify_with_checkpoint(conn: psycopg.Connection[Any], args: argparse.Namespace) -> Verification:
-    pinned = checkpoints.load(args.checkpoint) if args.checkpoint else None
+def heads_path(args: argparse.Namespace) -> str | None:
+    """The heads file ``ledger verify`` was given: ``--heads``, or the deprecated
+    ``--checkpoint`` (with one deprecation line on stderr)."""
+    if getattr(args, "checkpoint", None):
+        deprecated(args, "`ledger verify --checkpoint FILE`", "`ledger verify --heads FILE`")
+        return args.checkpoint
+    return args.heads
+
+
+def deprecated(args: argparse.Namespace, old: str, new: str) -> None:
+    output.warning(args, f"{old} is deprecated; use {new} (it does the same)")
+
+
+def verify_with_heads(conn: psycopg.Connection[Any], args: argparse.Namespace) -> Verification:
+    path = heads_path(args)
+    pinned = heads.load(path) if path else None
     result = verify(conn, args.schema)
     if pinned is not None:
-        extra = checkpoints.check(conn, args.schema, pinned)
+        extra = heads.check(conn, args.schema, pinned)
         result.problems = (result.problems + extra)[:100]
         result.problem_count += len(extra)
     return result
 
 
-def write_checkpoint(conn: psycopg.Connection[Any], args: argparse.Namespace) -> None:
-    taken = checkpoints.take(conn, args.schema)
+def write_heads(conn: psycopg.Connection[Any], args: argparse.Namespace) -> None:
+    taken = heads.take(conn, args.schema)
     try:
-        checkpoints.write(taken, args.out)
+        heads.write(taken, args.out)
     except OSError as exc:
         raise ConfigurationError(
-            f"cannot write the checkpoint to {args.out!r}: {exc.strerror}; choose a writable path"
+            f"cannot write the heads file to {args.out!r}: {exc.strerror}; choose a writable path"
         ) from None
     summary = {
         k: taken[k]
@@ -43,9 +63,9 @@ def write_checkpoint(conn: psycopg.Connection[Any], args: argparse.Namespace) ->
         args,
         {**summary, "out": args.out},
         lambda d: (
-            f"checkpoint of {d['events']} events of {d['keys']} keys written to "
-            f"{d['out']} (heads digest {d['heads_digest'][:16]}…); keep it outside this "
-            "database and check it with `eos-airflow ledger verify --checkpoint FILE`"
+            f"chain heads of {d['keys']} keys ({d['events']} events) written to "
+            f"{d['out']} (heads digest {d['heads_digest'][:16]}…); keep the file outside this "
+            "database and check it with `eos-airflow ledger verify --heads FILE`"
         ),
     )
 

@@ -86,20 +86,28 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
-    from eos_airflow.cli.integrity import verify_with_checkpoint
+    from eos_airflow.cli.integrity import verify_with_heads
 
     with checked(args) as conn:
-        result = verify_with_checkpoint(conn, args)
+        result = verify_with_heads(conn, args)
     output.verification(args, result)
     return EXIT_OK if result.ok else EXIT_VERIFY_FAILED
 
 
-def cmd_ledger_checkpoint(args: argparse.Namespace) -> int:
-    from eos_airflow.cli.integrity import write_checkpoint
+def cmd_ledger_heads(args: argparse.Namespace) -> int:
+    from eos_airflow.cli.integrity import write_heads
 
     with checked(args) as conn:
-        write_checkpoint(conn, args)
+        write_heads(conn, args)
     return EXIT_OK
+
+
+def cmd_ledger_checkpoint(args: argparse.Namespace) -> int:
+    """``ledger checkpoint``: the deprecated name of ``ledger heads``."""
+    from eos_airflow.cli.integrity import deprecated
+
+    deprecated(args, "`ledger checkpoint`", "`ledger heads --out FILE`")
+    return cmd_ledger_heads(args)
 
 
 def cmd_ledger_gc(args: argparse.Namespace) -> int:
@@ -294,17 +302,30 @@ def build_parser() -> argparse.ArgumentParser:
     verify = ledger.add_parser(
         "verify", parents=[common], help="check the events' hash chains and the rows they imply"
     )
-    verify.add_argument(
-        "--checkpoint",
+    pinned = verify.add_mutually_exclusive_group()
+    pinned.add_argument(
+        "--heads",
         metavar="FILE",
-        help="also check that nothing the checkpoint recorded was removed",
+        help="also check that nothing the heads file (`ledger heads`) recorded was removed",
     )
+    # the deprecated former name of --heads: works, not listed
+    pinned.add_argument("--checkpoint", metavar="FILE", help=argparse.SUPPRESS)
     verify.set_defaults(func=cmd_ledger_verify)
-    checkpoint = ledger.add_parser(
-        "checkpoint", parents=[common], help="write every key's chain head to a file kept elsewhere"
+    heads_file = ledger.add_parser(
+        "heads",
+        parents=[common],
+        help="write every key's chain head to a heads file kept elsewhere",
     )
-    checkpoint.add_argument("--out", required=True, metavar="FILE", help="where to write it")
-    checkpoint.set_defaults(func=cmd_ledger_checkpoint)
+    heads_file.add_argument("--out", required=True, metavar="FILE", help="where to write it")
+    heads_file.set_defaults(func=cmd_ledger_heads)
+    # the deprecated former name of `ledger heads`: works, not listed (no help=)
+    legacy = ledger.add_parser(
+        "checkpoint",
+        parents=[common],
+        description="Deprecated: use `eos-airflow ledger heads` (the same command).",
+    )
+    legacy.add_argument("--out", required=True, metavar="FILE", help="where to write it")
+    legacy.set_defaults(func=cmd_ledger_checkpoint)
     gc = ledger.add_parser(
         "gc", parents=[common], help="remove old events of committed keys (stays verifiable)"
     )

@@ -269,3 +269,11 @@ def error(args: argparse.Namespace, exc: Exception) -> None:
         sys.stderr.write(json.dumps({"error": type(exc).__name__, "message": str(exc)}) + "\n")
     else:
         print(f"eos-airflow: error: {exc}", file=sys.stderr)
+
+
+def warning(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr (a JSON object with ``--format json``); stdout stays the output."""
+    if getattr(args, "format", None) == "json":
+        sys.stderr.write(json.dumps({"warning": message}) + "\n")
+    else:
+        print(f"eos-airflow: warning: {message}", file=sys.stderr)

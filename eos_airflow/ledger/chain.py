@@ -15,8 +15,8 @@ key's events are appended under its row lock), so an edited id is found too.
 ``ledger gc`` removes a committed key's oldest events: ``pruned_chains`` says where the
 remaining chain starts, and the chain's newest ``pruned`` event (hash-chained like every
 event) must say the same; so must ``pruned_claims``, the removed claims' highest tries that
-fencing reads, and the event's ``claims``. A checkpoint file (:mod:`eos_airflow.ledger.heads`) adds what
-the database alone cannot show: that no key's tail or whole history vanished since.
+fencing reads, and the event's ``claims``. A heads file (:mod:`eos_airflow.ledger.heads`) adds
+what the database alone cannot show: that no key's tail or whole history vanished since.
 """
 
 from __future__ import annotations

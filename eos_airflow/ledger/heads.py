@@ -1,17 +1,21 @@
-"""Checkpoints: what the ledger looked like at one moment, kept outside the database.
+"""Ledger tier: the heads file: every key's hash-chain head at one moment, kept outside the
+database.
 
 The hash chains show that no event was edited, inserted or removed *inside* a key's chain,
 but someone able to bypass the append-only trigger could also cut a chain's newest events
 and set the ledger row's head back, or remove a key's whole history with its row: what is
-left still verifies. A checkpoint written to a file (or a ticket, or another system) pins
-each key's head at the time it was taken::
+left still verifies. A heads file (kept on other storage, in a ticket or in another system)
+pins each key's chain head at the time it was written::
 
-    eos-airflow ledger checkpoint --out /audit/eos-2024-06-30.json
-    eos-airflow ledger verify --checkpoint /audit/eos-2024-06-30.json
+    eos-airflow ledger heads --out /audit/eos-2024-06-30.json
+    eos-airflow ledger verify --heads /audit/eos-2024-06-30.json
 
-Each chain must still contain the checkpointed head event with the same hash (or gc must
-have removed it, recording that in the chain), and the newest event of the checkpoint must
-still be there. The file carries a digest over its heads, so an edited file is refused.
+Each chain must still contain the head event the file recorded, with the same hash (or gc
+must have removed it, recording that in the chain), and the newest event the file recorded
+must still be there. The file carries a digest over its heads, so an edited file is refused.
+
+Files are marked ``"format": "eos-airflow-heads"``; files written before the command was
+named ``ledger heads`` carry ``"eos-airflow-checkpoint"`` and are read the same way.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from eos_airflow.errors import ConfigurationError
 from eos_airflow.ledger.chain import Problem, load_starts
 from eos_airflow.ledger.store import LedgerStore
 
-FORMAT = "eos-airflow-checkpoint"
+FORMAT = "eos-airflow-heads"
+#: the marker of heads files written by ``ledger checkpoint`` (same content, still read)
+LEGACY_FORMATS = ("eos-airflow-checkpoint",)
 FORMAT_VERSION = 1
+WRITE_ONE = "write one with `eos-airflow ledger heads --out FILE`"
 
 
 def heads_digest(heads: dict[str, list[Any]]) -> str:
@@ -42,7 +49,7 @@ def heads_digest(heads: dict[str, list[Any]]) -> str:
 
 
 def take(conn: psycopg.Connection[Any], schema: str) -> dict[str, Any]:
-    """The checkpoint of the ledger now (one consistent snapshot)."""
+    """The chain heads of the ledger now (one consistent snapshot), as a heads file's content."""
     outermost = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     with conn.transaction():
         if outermost:
@@ -68,32 +75,30 @@ def take(conn: psycopg.Connection[Any], schema: str) -> dict[str, Any]:
     }
 
 
-def write(checkpoint: dict[str, Any], path: str) -> None:
-    Path(path).write_text(json.dumps(checkpoint, sort_keys=True, indent=1) + "\n", "utf-8")
+def write(taken: dict[str, Any], path: str) -> None:
+    """Write a heads file (the content :func:`take` returned)."""
+    Path(path).write_text(json.dumps(taken, sort_keys=True, indent=1) + "\n", "utf-8")
 
 
 def load(path: str) -> dict[str, Any]:
-    """Read and self-check a checkpoint file; a damaged or foreign file is a clear error."""
+    """Read and self-check a heads file; a damaged or foreign file is a clear error."""
     try:
         data = json.loads(Path(path).read_text("utf-8"))
     except FileNotFoundError:
-        raise ConfigurationError(
-            f"checkpoint file {path!r} does not exist; write one with "
-            "`eos-airflow ledger checkpoint --out FILE`"
-        ) from None
+        raise ConfigurationError(f"heads file {path!r} does not exist; {WRITE_ONE}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigurationError(
-            f"checkpoint file {path!r} is not a checkpoint written by "
-            f"`eos-airflow ledger checkpoint` ({exc})"
+            f"heads file {path!r} is not a heads file written by "
+            f"`eos-airflow ledger heads` ({exc}); {WRITE_ONE}"
         ) from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in (FORMAT, *LEGACY_FORMATS):
         raise ConfigurationError(
-            f"checkpoint file {path!r} is not a checkpoint written by "
-            "`eos-airflow ledger checkpoint` (no format marker)"
+            f"heads file {path!r} is not a heads file written by "
+            f"`eos-airflow ledger heads` (no format marker); {WRITE_ONE}"
         )
     if data.get("format_version") != FORMAT_VERSION:
         raise ConfigurationError(
-            f"checkpoint file {path!r} has format version {data.get('format_version')!r}; "
+            f"heads file {path!r} has format version {data.get('format_version')!r}; "
             f"this eos-airflow reads version {FORMAT_VERSION}: upgrade eos-airflow"
         )
     heads = data.get("heads")
@@ -103,31 +108,31 @@ def load(path: str) -> dict[str, Any]:
         valid = False
     if not valid:
         raise ConfigurationError(
-            f"checkpoint file {path!r} is damaged: its heads do not match its heads_digest "
+            f"heads file {path!r} is damaged: its heads do not match its heads_digest "
             "(edited after it was written); use an intact copy"
         )
     return data
 
 
-def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]) -> list[Problem]:
-    """Where the ledger lost history the checkpoint recorded."""
-    if checkpoint.get("schema") != schema:
+def check(conn: psycopg.Connection[Any], schema: str, pinned: dict[str, Any]) -> list[Problem]:
+    """Where the ledger lost history that the heads file ``pinned`` recorded."""
+    if pinned.get("schema") != schema:
         raise ConfigurationError(
-            f"the checkpoint was taken of ledger schema {checkpoint.get('schema')!r}, "
-            f"not {schema!r}; pass --schema {checkpoint.get('schema')}"
+            f"the heads file was written of ledger schema {pinned.get('schema')!r}, "
+            f"not {schema!r}; pass --schema {pinned.get('schema')}"
         )
     problems: list[Problem] = []
     starts = load_starts(conn, schema)
     store = LedgerStore(conn, schema)
     rows = {key: seq for key, seq, _ in store.chain_heads()}
-    for key, (seq, head) in sorted(checkpoint["heads"].items(), key=lambda kv: kv[0].encode()):
+    for key, (seq, head) in sorted(pinned["heads"].items(), key=lambda kv: kv[0].encode()):
         if key not in rows:
             problems.append(
                 Problem(
                     key,
                     seq,
                     None,
-                    f"the checkpoint records {seq} events of "
+                    f"the heads file records {seq} events of "
                     "this key; its ledger row and history are gone (removed)",
                 )
             )
@@ -141,7 +146,7 @@ def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]
                         key,
                         seq,
                         None,
-                        f"event {seq} differs from the checkpoint's (history rewritten since)",
+                        f"event {seq} differs from the heads file's (history rewritten since)",
                     )
                 )
         elif start is not None and start.through_seq >= seq:
@@ -152,7 +157,7 @@ def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]
                         seq,
                         None,
                         f"gc says it removed events up to "
-                        f"{seq}, but not the ones the checkpoint recorded",
+                        f"{seq}, but not the ones the heads file recorded",
                     )
                 )
         elif rows[key] < seq:
@@ -161,17 +166,17 @@ def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]
                     key,
                     seq,
                     None,
-                    f"the checkpoint records event {seq} ({head[:16]}…), the "
+                    f"the heads file records event {seq} ({head[:16]}…), the "
                     f"ledger now ends at {rows[key]} (the tail was removed)",
                 )
             )
         else:
             problems.append(
                 Problem(
-                    key, seq, None, f"event {seq}, recorded by the checkpoint, is missing (removed)"
+                    key, seq, None, f"event {seq}, recorded by the heads file, is missing (removed)"
                 )
             )
-    last = checkpoint.get("last_event")
+    last = pinned.get("last_event")
     if last is not None:
         newest = store.newest_event()
         newest_id = newest[0] if newest else 0
@@ -181,7 +186,7 @@ def check(conn: psycopg.Connection[Any], schema: str, checkpoint: dict[str, Any]
                     last["key"],
                     last["seq"],
                     last["id"],
-                    f"the checkpoint's newest event has id {last['id']}; the "
+                    f"the heads file's newest event has id {last['id']}; the "
                     f"ledger's newest is {newest_id} (the newest events were "
                     "removed)",
                 )

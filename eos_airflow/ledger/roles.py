@@ -11,7 +11,7 @@ revision 0011) and records only what it does. So:
 - **auditor** — reads everything in the ledger schema, executes nothing that writes.
 - the **owner** (the role that ran ``db migrate``) keeps everything else: ``ledger reopen``,
   ``ledger gc``, migrations. A superuser can bypass any of this, which ``ledger verify`` (and
-  a checkpoint kept elsewhere) detects.
+  a heads file, ``ledger heads``, kept elsewhere) detects.
 
 Roles that do not exist are created ``NOLOGIN``: grant them to login roles
 (``GRANT eos_writer TO airflow_worker``) or ``ALTER ROLE ... LOGIN PASSWORD ...``.

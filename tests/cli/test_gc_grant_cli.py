@@ -1,5 +1,6 @@
-"""`ledger gc`, `ledger checkpoint`, `ledger verify --checkpoint` and `db grant` against real
-ledgers, real roles (SET ROLE) and bad input."""
+"""`ledger gc`, `ledger heads`, `ledger verify --heads` (and their deprecated former names
+`ledger checkpoint`, `--checkpoint`) and `db grant` against real ledgers, real roles (SET ROLE)
+and bad input."""
 
 from __future__ import annotations
 
@@ -156,22 +157,24 @@ def test_gc_rejects_bad_durations_before_connecting():
     assert "--older-than 'a while' is neither a duration (30d, 12h" in out.stderr
 
 
-# --- checkpoints --------------------------------------------------------------------------
+# --- heads files ----------------------------------------------------------------------
 
 
-def test_checkpoint_detects_a_truncated_tail_and_a_removed_key(history: str, tmp_path):
-    path = tmp_path / "cp.json"
-    out = cli("ledger", "checkpoint", "--out", str(path), "--format", "json", dsn=history)
+def test_heads_file_detects_a_truncated_tail_and_a_removed_key(history: str, tmp_path):
+    path = tmp_path / "heads.json"
+    out = cli("ledger", "heads", "--out", str(path), "--format", "json", dsn=history)
     assert out.returncode == 0, out.stderr
+    assert out.stderr == ""  # no deprecation line for the current name
     taken = json.loads(path.read_text())
+    assert (taken["format"], taken["format_version"]) == ("eos-airflow-heads", 1)
     assert (taken["events"], taken["keys"]) == (9, 3) and taken["heads"]["c"][0] == 4
-    assert verify_json(history, "--checkpoint", str(path)) == (0, verify_json(history)[1])
-    with Ledger(history) as ledger:  # the ledger grows after the checkpoint: still fine
+    assert verify_json(history, "--heads", str(path)) == (0, verify_json(history)[1])
+    with Ledger(history) as ledger:  # the ledger grows after the heads file: still fine
         ledger.run("a", lambda eos: {"v": 1}, origin=TI, attempt=3)
         ledger.run("d", lambda eos: {"v": 1}, origin=TI)
-    assert verify_json(history, "--checkpoint", str(path))[0] == 0
+    assert verify_json(history, "--heads", str(path))[0] == 0
 
-    # cut key a's tail back before the checkpoint, and fix its row so the chain verifies
+    # cut key a's tail back before the heads file, and fix its row so the chain verifies
     with superuser_edit(history) as conn:
         conn.execute("DELETE FROM eos.ledger_events WHERE key = 'a' AND seq >= 3")
         conn.execute(
@@ -180,7 +183,7 @@ def test_checkpoint_detects_a_truncated_tail_and_a_removed_key(history: str, tmp
             "AND e.seq = 2"
         )
     assert verify_json(history)[0] == 0  # the chains alone cannot tell
-    code, result = verify_json(history, "--checkpoint", str(path))
+    code, result = verify_json(history, "--heads", str(path))
     assert code == 1
     assert result["first_bad"]["key"] == "a" and result["first_bad"]["seq"] == 3
     assert "the ledger now ends at 2 (the tail was removed)" in result["first_bad"]["reason"]
@@ -188,28 +191,28 @@ def test_checkpoint_detects_a_truncated_tail_and_a_removed_key(history: str, tmp
     with superuser_edit(history) as conn:  # remove key b's whole history
         conn.execute("DELETE FROM eos.ledger_events WHERE key = 'b'")
         conn.execute("DELETE FROM eos.ledger WHERE key = 'b'")
-    text = cli_process("ledger", "verify", "--checkpoint", str(path), dsn=history)
+    text = cli_process("ledger", "verify", "--heads", str(path), dsn=history)
     assert text.returncode == 1
     assert (
-        "key 'b': the checkpoint records 2 events of this key; its ledger row and history "
+        "key 'b': the heads file records 2 events of this key; its ledger row and history "
         "are gone (removed)"
     ) in text.stderr
 
 
-def test_checkpoint_survives_gc(history: str, tmp_path):
-    path = tmp_path / "cp.json"
-    assert cli("ledger", "checkpoint", "--out", str(path), dsn=history).returncode == 0
+def test_heads_file_survives_gc(history: str, tmp_path):
+    path = tmp_path / "heads.json"
+    assert cli("ledger", "heads", "--out", str(path), dsn=history).returncode == 0
     assert cli("ledger", "gc", "--older-than", "0s", dsn=history).returncode == 0
-    assert verify_json(history, "--checkpoint", str(path))[0] == 0
+    assert verify_json(history, "--heads", str(path))[0] == 0
 
 
-def test_bad_checkpoint_files_are_refused(history: str, tmp_path):
-    path = tmp_path / "cp.json"
-    assert cli("ledger", "checkpoint", "--out", str(path), dsn=history).returncode == 0
+def test_bad_heads_files_are_refused(history: str, tmp_path):
+    path = tmp_path / "heads.json"
+    assert cli("ledger", "heads", "--out", str(path), dsn=history).returncode == 0
     good = json.loads(path.read_text())
     cases = {
-        "missing.json": (None, "does not exist; write one with `eos-airflow ledger checkpoint"),
-        "garbage.json": ("{not json", "is not a checkpoint written by"),
+        "missing.json": (None, "does not exist; write one with `eos-airflow ledger heads --out"),
+        "garbage.json": ("{not json", "is not a heads file written by `eos-airflow ledger heads`"),
         "foreign.json": (json.dumps({"hello": 1}), "no format marker"),
         "edited.json": (
             json.dumps({**good, "heads": {**good["heads"], "a": [1, "00"]}}),
@@ -221,13 +224,80 @@ def test_bad_checkpoint_files_are_refused(history: str, tmp_path):
         target = tmp_path / name
         if content is not None:
             target.write_text(content)
-        out = cli("ledger", "verify", "--checkpoint", str(target), dsn=history)
+        out = cli("ledger", "verify", "--heads", str(target), dsn=history)
         assert out.returncode == 2, (name, out.stderr)
         assert message in out.stderr, (name, out.stderr)
-    other = cli("ledger", "verify", "--checkpoint", str(path), "--schema", "audit", dsn=history)
+    other = cli("ledger", "verify", "--heads", str(path), "--schema", "audit", dsn=history)
     assert other.returncode == 3  # no ledger in schema "audit"
-    unwritable = cli("ledger", "checkpoint", "--out", str(tmp_path / "no" / "cp.json"), dsn=history)
-    assert unwritable.returncode == 2 and "cannot write the checkpoint to" in unwritable.stderr
+    unwritable = cli("ledger", "heads", "--out", str(tmp_path / "no" / "h.json"), dsn=history)
+    assert unwritable.returncode == 2 and "cannot write the heads file to" in unwritable.stderr
+
+
+DEPRECATED_COMMAND = (
+    "`ledger checkpoint` is deprecated; use `ledger heads --out FILE` (it does the same)"
+)
+DEPRECATED_OPTION = (
+    "`ledger verify --checkpoint FILE` is deprecated; use `ledger verify --heads FILE` "
+    "(it does the same)"
+)
+
+
+def test_the_former_names_still_work_and_say_they_are_deprecated(history: str, tmp_path):
+    old = tmp_path / "old-command.json"
+    out = cli("ledger", "checkpoint", "--out", str(old), dsn=history)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == f"eos-airflow: warning: {DEPRECATED_COMMAND}\n"  # one line
+    assert "chain heads of 3 keys (9 events) written to" in out.stdout
+    assert verify_json(history, "--heads", str(old))[0] == 0
+
+    # a file written before the rename: the old format marker, otherwise the same content
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(
+        json.dumps({**json.loads(old.read_text()), "format": "eos-airflow-checkpoint"})
+    )
+    assert verify_json(history, "--heads", str(legacy))[0] == 0
+
+    # --checkpoint: the same check as --heads, with one deprecation line (JSON with --format json)
+    new = tmp_path / "new.json"
+    assert cli("ledger", "heads", "--out", str(new), dsn=history).returncode == 0
+    for path in (new, legacy):
+        out = cli("ledger", "verify", "--format", "json", "--checkpoint", str(path), dsn=history)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == verify_json(history, "--heads", str(path))[1]
+        assert [json.loads(line) for line in out.stderr.splitlines()] == [
+            {"warning": DEPRECATED_OPTION}
+        ]
+    text = cli("ledger", "verify", "--checkpoint", str(legacy), dsn=history)
+    assert text.returncode == 0 and text.stderr == f"eos-airflow: warning: {DEPRECATED_OPTION}\n"
+
+    # and the deprecated option still finds what --heads finds
+    with superuser_edit(history) as conn:
+        conn.execute("DELETE FROM eos.ledger_events WHERE key = 'b'")
+        conn.execute("DELETE FROM eos.ledger WHERE key = 'b'")
+    code, result = verify_json(history, "--checkpoint", str(legacy))
+    assert code == 1 and result["first_bad"]["key"] == "b"
+    assert verify_json(history, "--heads", str(old))[0] == 1
+
+
+def test_the_former_names_are_not_listed_in_help():
+    from eos_airflow.cli.main import build_parser
+
+    ledger_help, verify_help = io.StringIO(), io.StringIO()
+    for argv, sink in (
+        (["ledger", "--help"], ledger_help),
+        (["ledger", "verify", "--help"], verify_help),
+    ):
+        with contextlib.redirect_stdout(sink), pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+    assert "heads" in ledger_help.getvalue() and "checkpoint" not in ledger_help.getvalue()
+    assert "--heads" in verify_help.getvalue() and "--checkpoint" not in verify_help.getvalue()
+
+
+def test_heads_and_checkpoint_together_are_refused(tmp_path):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        main(["ledger", "verify", "--heads", "a.json", "--checkpoint", "b.json"])
+    assert exit_.value.code == 2 and "not allowed with argument" in err.getvalue()
 
 
 # --- roles ----------------------------------------------------------------------------------

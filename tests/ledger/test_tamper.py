@@ -1,11 +1,11 @@
 """Tamper evidence, end to end: random ledgers built through the real protocol, one random
 committed tampering by a superuser who disables the append-only trigger, then
-`eos-airflow ledger verify` (with a checkpoint taken before the tampering) must exit 1 and
+`eos-airflow ledger verify` (with a heads file written before the tampering) must exit 1 and
 name the first bad place.
 
 Tamperings: an edit of any column of one event, a deletion, a forged insertion (well
 hashed), a reorder, an edit of a ledger row, a truncated tail (history cut back and the row
-set to match: only the checkpoint shows it) and a removed key (events and row).
+set to match: only the heads file shows it) and a removed key (events and row).
 
 EOS_TAMPER_EXAMPLES sets the number of random examples (default 12).
 """
@@ -68,19 +68,17 @@ class Ev:
     event: str
 
 
-def verify(dsn: str, checkpoint: Path) -> tuple[int, dict]:
+def verify(dsn: str, heads: Path) -> tuple[int, dict]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(
-            ["ledger", "verify", "--format", "json", "--checkpoint", str(checkpoint), "--dsn", dsn]
-        )
+        code = main(["ledger", "verify", "--format", "json", "--heads", str(heads), "--dsn", dsn])
     assert out.getvalue(), err.getvalue()
     return code, json.loads(out.getvalue())
 
 
-def take_checkpoint(dsn: str, path: Path) -> None:
+def write_heads(dsn: str, path: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["ledger", "checkpoint", "--out", str(path), "--dsn", dsn]) == 0
+        assert main(["ledger", "heads", "--out", str(path), "--dsn", dsn]) == 0
 
 
 def chains(conn: psycopg.Connection) -> dict[str, list[Ev]]:
@@ -207,7 +205,7 @@ def tamper(
                 SELECT max(seq) FROM eos.ledger_events WHERE key = %(key)s)""",
             {"key": key},
         )
-        # the checkpoint names the key (a rough row fix, e.g. of a reopened key, may be
+        # the heads file names the key (a rough row fix, e.g. of a reopened key, may be
         # reported first, also by key)
         return key, None, None
     assert how == "remove key"
@@ -235,9 +233,9 @@ def test_every_single_tampering_is_detected(pg_admin_dsn: str, template_db: str,
                         ledger.run(
                             f"k/{key_no}", fn, attempt=attempt, on_committed=on_committed, origin=TI
                         )
-            checkpoint = tmp_path / f"{name}.json"
-            take_checkpoint(dsn, checkpoint)
-            assert verify(dsn, checkpoint)[0] == 0
+            heads = tmp_path / f"{name}.json"
+            write_heads(dsn, heads)
+            assert verify(dsn, heads)[0] == 0
             with psycopg.connect(dsn) as conn:
                 ch = chains(conn)
                 conn.execute(
@@ -247,7 +245,7 @@ def test_every_single_tampering_is_detected(pg_admin_dsn: str, template_db: str,
                 conn.execute(
                     "ALTER TABLE eos.ledger_events ENABLE TRIGGER ledger_events_append_only"
                 )
-            code, result = verify(dsn, checkpoint)
+            code, result = verify(dsn, heads)
             assert code == 1, result
             first = result["first_bad"]
             got = (first["key"], first["seq"], first["event_id"])
