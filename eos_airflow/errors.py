@@ -82,11 +82,16 @@ class UserCodeError(EosError):
         super().__init__(message)
         self.sqlstate = sqlstate
 
-    @property  # type: ignore[override]
+    @property
     def retryable(self) -> bool:
         if self.sqlstate is not None:
             return sqlstate_retryable(self.sqlstate)
         return self.default_retryable
+
+    @retryable.setter
+    def retryable(self, value: bool) -> None:
+        # an instance cannot say otherwise: the class and the SQLSTATE decide
+        raise AttributeError(f"{type(self).__name__}.retryable follows the SQLSTATE")
 
 
 class MisuseError(UserCodeError):

@@ -160,7 +160,7 @@ def _pooler(conn: psycopg.Connection[Any]) -> tuple[str, str, str]:
 
 
 def _effect_probe(
-    conn: psycopg.Connection[Any], schema: str, role: str, can_claim: bool
+    conn: psycopg.Connection[Any], schema: str, role: str, can_claim: bool | None
 ) -> tuple[str, str, str]:
     """Run a real claim and commit as this role, in a transaction that is rolled back: the
     privileges check PostgreSQL itself answers, whatever the grants look like."""

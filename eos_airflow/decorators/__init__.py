@@ -1,0 +1,1 @@
+"""Adapters tier: ``@task.exactly_once``."""

@@ -1,4 +1,4 @@
-"""``@task.exactly_once``: a TaskFlow function whose writes commit with its ledger entry.
+"""Adapters tier: ``@task.exactly_once``, a TaskFlow function committed with its ledger entry.
 
 .. code-block:: python
 
@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
 from airflow.sdk.bases.decorator import task_decorator_factory
 
-from eos_airflow.operators.base import ExactlyOnceMixin
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
-from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT
+from eos_airflow.operators.base import ExactlyOnceBaseOperator, SeveralTargets
+from eos_airflow.protocol.effect import Effect
 
 if TYPE_CHECKING:
     from airflow.sdk.bases.decorator import TaskDecorator
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
 EFFECT_PARAMETER = "eos"
 
 
-class _ExactlyOnceDecoratedOperator(ExactlyOnceMixin, _PythonDecoratedOperator):
+class _ExactlyOnceDecoratedOperator(ExactlyOnceBaseOperator, _PythonDecoratedOperator):
     """Calls the function inside the effect: ``eos`` (if it takes one) is the open effect."""
 
     custom_operator_name = "@task.exactly_once"
@@ -49,12 +48,6 @@ class _ExactlyOnceDecoratedOperator(ExactlyOnceMixin, _PythonDecoratedOperator):
         python_callable: Callable[..., Any],
         op_args: Any = None,
         op_kwargs: dict[str, Any] | None = None,
-        conn_id: str | None = None,
-        key: str | None = None,
-        on_committed: str = "skip",
-        ledger_schema: str = "eos",
-        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-        max_result_bytes: int = MAX_RESULT_BYTES,
         targets: Mapping[str, str] | None = None,
         ledger_conn_id: str | None = None,
         protocol: str = "local",
@@ -67,18 +60,11 @@ class _ExactlyOnceDecoratedOperator(ExactlyOnceMixin, _PythonDecoratedOperator):
             # only at run time, so a placeholder stands in until execute_callable.
             op_kwargs.setdefault(EFFECT_PARAMETER, None)
         super().__init__(
-            python_callable=python_callable, op_args=op_args or (), op_kwargs=op_kwargs, **kwargs
-        )
-        self._init_effect(
-            conn_id=conn_id,
-            key=key,
-            on_committed=on_committed,
-            ledger_schema=ledger_schema,
-            wait_timeout=wait_timeout,
-            max_result_bytes=max_result_bytes,
-            targets=targets,
-            ledger_conn_id=ledger_conn_id,
-            protocol=protocol,
+            python_callable=python_callable,
+            op_args=op_args or (),
+            op_kwargs=op_kwargs,
+            several=SeveralTargets.of(targets, ledger_conn_id, protocol),
+            **kwargs,
         )
         self._effect: Effect | None = None
 

@@ -168,16 +168,16 @@ def _setup_warehouse(dsn: str) -> None:
 
 def _counts(dsn: str) -> dict[str, Any]:
     with psycopg.connect(dsn) as conn:
-        eos = dict(
+        eos: dict[str, int] = dict(
             conn.execute("SELECT day::text, count(*) FROM sales_daily GROUP BY 1").fetchall()
         )
-        plain = dict(
+        plain: dict[str, int] = dict(
             conn.execute("SELECT day::text, count(*) FROM sales_daily_plain GROUP BY 1").fetchall()
         )
-        totals = dict(
+        totals: dict[str, int] = dict(
             conn.execute("SELECT day::text, count(*) FROM sales_totals GROUP BY 1").fetchall()
         )
-        events = dict(
+        events: dict[str, int] = dict(
             conn.execute(
                 "SELECT event::text, count(*) FROM eos.ledger_events GROUP BY 1"
             ).fetchall()

@@ -292,11 +292,13 @@ def _kafka_messages(bootstrap: str, topic: str) -> list[Any]:
             if len(ends) == len(parts):
                 break
             for message in consumer.consume(1000, timeout=0.1):
-                if message.error() is None:
+                error, partition = message.error(), message.partition()
+                if error is None:
                     out.append(message)
-                    ends.discard(message.partition())
-                elif message.error().code() == confluent_kafka.KafkaError._PARTITION_EOF:
-                    ends.add(message.partition())
+                    ends.discard(partition)
+                elif error.code() == confluent_kafka.KafkaError._PARTITION_EOF:
+                    assert partition is not None  # an end-of-partition event names its partition
+                    ends.add(partition)
         return out
     finally:
         consumer.close()

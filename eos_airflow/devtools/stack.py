@@ -185,16 +185,20 @@ class AirflowStack:
         try:
             for name in self.components():
                 self.start_component(name)
-            self.wait_until(
-                lambda: self.check_alive() or self._api_up(), timeout, "the api-server to answer"
-            )
             dags = list(wait_for_dags)
+
+            # a component that exits while we wait fails the start at once (check_alive raises)
+            def api_up() -> bool:
+                self.check_alive()
+                return self._api_up()
+
+            def dags_parsed() -> bool:
+                self.check_alive()
+                return set(dags) <= self.parsed_dags()
+
+            self.wait_until(api_up, timeout, "the api-server to answer")
             if dags:
-                self.wait_until(
-                    lambda: self.check_alive() or set(dags) <= self.parsed_dags(),
-                    timeout,
-                    f"DAGs {', '.join(dags)} to be parsed",
-                )
+                self.wait_until(dags_parsed, timeout, f"DAGs {', '.join(dags)} to be parsed")
         except BaseException:
             self.stop()
             raise

@@ -87,8 +87,9 @@ def airflow_conn_json(dsn: str) -> str:
         "login": params.get("user", "postgres"),
         "schema": params["dbname"],
     }
-    if params.get("port"):
-        conn["port"] = int(params["port"])
+    port = params.get("port")
+    if port:
+        conn["port"] = int(port)
     if params.get("password"):
         conn["password"] = params["password"]
     return json.dumps(conn)
@@ -97,7 +98,7 @@ def airflow_conn_json(dsn: str) -> str:
 def sqlalchemy_url(dsn: str) -> str:
     """A ``postgresql+psycopg://`` URL (Airflow's metadata database setting) for ``dsn``."""
     params = psycopg.conninfo.conninfo_to_dict(dsn)
-    host = params.get("host", "127.0.0.1")
+    host = str(params.get("host", "127.0.0.1"))
     user = params.get("user", "postgres")
     if host.startswith("/"):
         return f"postgresql+psycopg://{user}@/{params['dbname']}?host={host}"

@@ -76,8 +76,12 @@ def revision_files(revision: str) -> list[Path]:
     ]
     for call in sorted(calls, key=lambda n: (n.lineno, n.col_offset)):
         for arg in call.args:
-            if isinstance(arg, ast.Constant) and str(arg.value).endswith(".sql"):
-                path = sql_dir / str(arg.value)
+            if (
+                isinstance(arg, ast.Constant)
+                and isinstance(arg.value, str)
+                and arg.value.endswith(".sql")
+            ):
+                path = sql_dir / arg.value
                 if not path.is_file():
                     raise RuntimeError(f"migration {wrapper.name} runs {arg.value}, not in sql/")
                 if path not in files:
@@ -116,7 +120,7 @@ class ChecksumState(StrEnum):
     UNKNOWN = "unknown"  # a revision this package does not ship (a newer eos-airflow's)
 
 
-def checksum_state(revision: str, recorded: str) -> ChecksumState:
+def checksum_state(revision: str, recorded: str | None) -> ChecksumState:
     """Compare the checksum ``recorded`` for ``revision`` with this package's files."""
     if revision not in script_paths():
         return ChecksumState.UNKNOWN

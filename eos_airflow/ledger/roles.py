@@ -92,13 +92,17 @@ def grant(conn: psycopg.Connection[Any], schema: str, writer: str, auditor: str)
                 conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
                 created.append(role)
         tables = _tables(conn, schema)
-        for role in (w, a):
+        for grantee in (w, a):
             for kind in ("TABLES", "SEQUENCES", "FUNCTIONS"):
                 conn.execute(
-                    sql.SQL("REVOKE ALL ON ALL " + kind + " IN SCHEMA {} FROM {}").format(s, role)
+                    sql.SQL("REVOKE ALL ON ALL " + kind + " IN SCHEMA {} FROM {}").format(
+                        s, grantee
+                    )
                 )
-            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, role))
-            conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(s, role))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, grantee))
+            conn.execute(
+                sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(s, grantee)
+            )
         functions = writer_functions(conn, schema)
         for function in functions:  # regprocedure text: qualified and quoted by PostgreSQL
             conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(function), w))

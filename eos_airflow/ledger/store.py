@@ -615,7 +615,7 @@ class LedgerStore:
             row = cur.execute(query("get_offset", self.schema), {"source": source}).fetchone()
         return (False, None) if row is None else (True, row[0])
 
-    def advance_offsets(self, key: str, owner: uuid.UUID, positions: str) -> Any:
+    def advance_offsets(self, key: str, owner: uuid.UUID | None, positions: str) -> Any:
         """Write the staged positions (JSON) of the effect (fenced); the moves made."""
         return self._value("advance_offsets", {"key": key, "owner": owner, "positions": positions})
 

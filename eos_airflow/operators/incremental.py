@@ -1,4 +1,6 @@
-"""``IncrementalTableOperator``: copy a table's new rows exactly once, by a monotonic column.
+"""Adapters tier: ``IncrementalTableOperator``, a table's new rows copied exactly once.
+
+The new rows are found by a monotonic column.
 
 The Airflow adapter of :func:`eos_airflow.protocol.incremental.incremental`, whose module
 documentation explains the position, the safe horizon, ``lag`` and ``chunk_rows``.
@@ -9,19 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.hooks.ledger import connect_factory
-from eos_airflow.operators.base import ExactlyOnceMixin
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
+from eos_airflow.operators.base import ExactlyOnceBaseOperator
+from eos_airflow.protocol.effect import Effect
 from eos_airflow.protocol.horizon import DEFAULT_HORIZON_TIMEOUT, HORIZONS, normalize_horizon
 from eos_airflow.protocol.incremental import incremental
-from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT
 
 
-class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
+class IncrementalTableOperator(ExactlyOnceBaseOperator):
     """Copy the rows of ``source_table`` added since the last run into ``target_table``.
 
     :param source_conn_id: Airflow Postgres connection of the source table.
@@ -39,6 +39,10 @@ class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
     :param offset_source: name of the position in ``eos.offsets`` (default
         ``table:<source_conn_id>/<source_table>``).
 
+    The parameters every exactly-once operator shares (``key``, ``on_committed``,
+    ``ledger_schema``, ``wait_timeout``, ``max_result_bytes``) are those of
+    :class:`~eos_airflow.operators.base.ExactlyOnceBaseOperator`.
+
     Returns ``{"source", "from", "to", "rows", "visible", ...}``, stored in the ledger.
     """
 
@@ -54,27 +58,14 @@ class IncrementalTableOperator(ExactlyOnceMixin, BaseOperator):
         target_conn_id: str,
         target_table: str,
         columns: Sequence[str] | None = None,
-        key: str | None = None,
         chunk_rows: int | None = None,
         horizon: str = "wait",
         lag: Any = None,
         horizon_timeout: float = DEFAULT_HORIZON_TIMEOUT,
         offset_source: str | None = None,
-        on_committed: str = "skip",
-        ledger_schema: str = "eos",
-        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-        max_result_bytes: int = MAX_RESULT_BYTES,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self._init_effect(
-            conn_id=target_conn_id,
-            key=key,
-            on_committed=on_committed,
-            ledger_schema=ledger_schema,
-            wait_timeout=wait_timeout,
-            max_result_bytes=max_result_bytes,
-        )
+        super().__init__(conn_id=target_conn_id, **kwargs)
         if horizon not in HORIZONS:
             try:
                 horizon = normalize_horizon(horizon)  # a deprecated alias warns here

@@ -1,4 +1,6 @@
-"""``KafkaToPostgresOperator``: Kafka partitions into PostgreSQL exactly once, offsets in the ledger.
+"""Adapters tier: ``KafkaToPostgresOperator``, Kafka partitions into PostgreSQL exactly once.
+
+The consumed offsets are kept in the ledger.
 
 The work is :func:`eos_airflow.protocol.ingest.ingest_batch` inside one effect; this module
 resolves the Airflow connection and maps errors. The Kafka connection is Airflow's ``kafka``
@@ -12,12 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from eos_airflow.errors import ConfigurationError
-from eos_airflow.operators.base import ExactlyOnceMixin
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
+from eos_airflow.operators.base import ExactlyOnceBaseOperator
+from eos_airflow.protocol.effect import Effect
 from eos_airflow.protocol.ingest import (
     DEFAULT_MAX_MESSAGES,
     DEFAULT_POLL_TIMEOUT,
@@ -25,7 +26,6 @@ from eos_airflow.protocol.ingest import (
     ingest_batch,
     table_writer,
 )
-from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT
 
 
 def kafka_config(conn_id: str) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def kafka_config(conn_id: str) -> dict[str, Any]:
     return config
 
 
-class KafkaToPostgresOperator(ExactlyOnceMixin, BaseOperator):
+class KafkaToPostgresOperator(ExactlyOnceBaseOperator):
     """Load a bounded batch from Kafka topics into PostgreSQL, exactly once.
 
     Partitions are assigned explicitly and read from the offsets stored in the target
@@ -75,6 +75,10 @@ class KafkaToPostgresOperator(ExactlyOnceMixin, BaseOperator):
         (default on; the ids are kept in the ledger's ``inbox`` table).
     :param key: effect key (templated); default one effect per task instance.
 
+    The parameters every exactly-once operator shares (``key``, ``on_committed``,
+    ``ledger_schema``, ``wait_timeout``, ``max_result_bytes``) are those of
+    :class:`~eos_airflow.operators.base.ExactlyOnceBaseOperator`.
+
     Returns ``{"messages", "written", "duplicates", "offsets"}``.
     """
 
@@ -92,22 +96,9 @@ class KafkaToPostgresOperator(ExactlyOnceMixin, BaseOperator):
         max_messages: int = DEFAULT_MAX_MESSAGES,
         poll_timeout: float = DEFAULT_POLL_TIMEOUT,
         dedup: bool = True,
-        key: str | None = None,
-        on_committed: str = "skip",
-        ledger_schema: str = "eos",
-        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-        max_result_bytes: int = MAX_RESULT_BYTES,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self._init_effect(
-            conn_id=target_conn_id,
-            key=key,
-            on_committed=on_committed,
-            ledger_schema=ledger_schema,
-            wait_timeout=wait_timeout,
-            max_result_bytes=max_result_bytes,
-        )
+        super().__init__(conn_id=target_conn_id, **kwargs)
         if (table is None) == (process is None):
             raise ValueError(
                 "give exactly one of table= (a target table for JSON-object "

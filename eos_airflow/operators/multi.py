@@ -1,4 +1,4 @@
-"""``MultiTargetSQLOperator``, and what every several-database Airflow adapter shares.
+"""Adapters tier: ``MultiTargetSQLOperator``, SQL on several databases committed atomically.
 
 ``@task.exactly_once(targets=..., ledger_conn_id=..., protocol="2pc")`` and this operator run
 their effect with :class:`~eos_airflow.multiledger.MultiLedger`: one open transaction
@@ -8,89 +8,19 @@ logged in the ledger of ``ledger_conn_id`` (docs/twophase.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
-
-from eos_airflow.errors import ConfigurationError
-from eos_airflow.hooks.ledger import connect_factory
-from eos_airflow.operators.base import ExactlyOnceMixin
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
-from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome
-from eos_airflow.protocol.twophase import PROTOCOLS, check_targets
-
-#: ``protocol=`` choices of the Airflow adapters: one database, or several.
-PROTOCOL_CHOICES = ("local", *PROTOCOLS)
+from eos_airflow.operators.base import (
+    PROTOCOL_CHOICES,
+    ExactlyOnceBaseOperator,
+    SeveralTargets,
+    check_multi,
+)
+from eos_airflow.protocol.effect import Effect
 
 
-def check_multi(
-    *,
-    conn_id: str | None,
-    targets: Mapping[str, str] | None,
-    ledger_conn_id: str | None,
-    protocol: str,
-) -> None:
-    """Validate the several-database arguments when the DAG is parsed (ValueError)."""
-    if protocol not in PROTOCOL_CHOICES:
-        raise ValueError(
-            f"protocol={protocol!r} is not valid; choose one of "
-            f"{', '.join(map(repr, PROTOCOL_CHOICES))}"
-        )
-    if protocol == "local":
-        raise ValueError(
-            "targets= (several databases) needs protocol='2pc' or '3pc'; "
-            "for one database pass conn_id= instead"
-        )
-    if conn_id:
-        raise ValueError(
-            "pass either conn_id= (one database) or targets= (several), not both; "
-            "the coordinator of several targets is ledger_conn_id="
-        )
-    if targets is None:
-        raise ValueError(
-            f"protocol={protocol!r} needs targets={{name: conn_id, ...}}: "
-            "the Airflow connections of the databases written together"
-        )
-    try:
-        check_targets(targets, protocol)
-    except ConfigurationError as exc:
-        raise ValueError(str(exc)) from None
-    if not all(isinstance(c, str) and c for c in targets.values()):
-        raise ValueError("targets values must be Airflow connection ids (non-empty strings)")
-    if not ledger_conn_id:
-        raise ValueError(
-            "ledger_conn_id is required with targets=: the Airflow connection "
-            "whose ledger logs the commit decisions (it may be one of the targets)"
-        )
-
-
-def run_multi(
-    op: ExactlyOnceMixin, key: str, fn: Callable[[Effect], Any], *, attempt: int, origin: Origin
-) -> Outcome:
-    """Run ``fn`` as ``op``'s effect across its targets (Airflow connections)."""
-    from eos_airflow.multiledger import MultiLedger
-
-    targets: dict[str, str] = op.targets  # type: ignore[attr-defined]
-    ledger_conn_id: str = op.ledger_conn_id  # type: ignore[attr-defined]
-    multi = MultiLedger(
-        connect_factory(ledger_conn_id),
-        {name: connect_factory(conn_id) for name, conn_id in targets.items()},
-        protocol=op.protocol,  # type: ignore[attr-defined]
-        schema=op.ledger_schema,
-        conn_ids=targets,
-        wait_timeout=op.wait_timeout,
-        max_result_bytes=op.max_result_bytes,
-    )
-    try:
-        return multi.run_outcome(
-            key, fn, attempt=attempt, on_committed=op.on_committed, origin=origin
-        )
-    finally:
-        multi.close()
-
-
-class MultiTargetSQLOperator(ExactlyOnceMixin, BaseOperator):
+class MultiTargetSQLOperator(ExactlyOnceBaseOperator):
     """Run SQL on several databases exactly once, committed atomically (2PC or 3PC).
 
     :param targets: target name → Airflow Postgres connection id, e.g.
@@ -102,6 +32,10 @@ class MultiTargetSQLOperator(ExactlyOnceMixin, BaseOperator):
     :param protocol: ``"2pc"`` (default) or ``"3pc"`` (docs/twophase.md says when).
     :param key: effect key (templated); default ``{dag_id}/{task_id}/{run_id}/{map_index}``.
     :param on_committed: ``"skip"`` (default), ``"replace"`` or ``"fail"``.
+
+    The parameters every exactly-once operator shares (``key``, ``on_committed``,
+    ``ledger_schema``, ``wait_timeout``, ``max_result_bytes``) are those of
+    :class:`~eos_airflow.operators.base.ExactlyOnceBaseOperator`.
 
     Returns ``{"rowcounts": {target: [...]}}``, stored in the coordinator's ledger.
     """
@@ -118,24 +52,11 @@ class MultiTargetSQLOperator(ExactlyOnceMixin, BaseOperator):
         sql: Mapping[str, str | Sequence[str]],
         parameters: Mapping[str, Any] | Sequence[Any] | None = None,
         protocol: str = "2pc",
-        key: str | None = None,
-        on_committed: str = "skip",
-        ledger_schema: str = "eos",
-        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-        max_result_bytes: int = MAX_RESULT_BYTES,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self._init_effect(
-            conn_id=None,
-            key=key,
-            on_committed=on_committed,
-            ledger_schema=ledger_schema,
-            wait_timeout=wait_timeout,
-            max_result_bytes=max_result_bytes,
-            targets=targets,
-            ledger_conn_id=ledger_conn_id,
-            protocol=protocol,
+        # conn_id=None: a default_args conn_id meant for one-database tasks does not apply
+        super().__init__(
+            conn_id=None, several=SeveralTargets(targets, ledger_conn_id, protocol), **kwargs
         )
         if not isinstance(sql, Mapping) or set(sql) != set(targets):
             raise ValueError(
@@ -165,4 +86,4 @@ class MultiTargetSQLOperator(ExactlyOnceMixin, BaseOperator):
         return self.run_effect(context, run_statements)
 
 
-__all__ = ["MultiTargetSQLOperator", "PROTOCOL_CHOICES", "check_multi", "run_multi"]
+__all__ = ["MultiTargetSQLOperator", "PROTOCOL_CHOICES", "check_multi"]

@@ -1,4 +1,4 @@
-"""``OutboxRelayOperator``: deliver the transactional outbox to NATS JetStream and Kafka.
+"""Adapters tier: ``OutboxRelayOperator``, the outbox delivered to NATS JetStream and Kafka.
 
 A thin layer over :class:`eos_airflow.relay.loop.Relay`: it opens the sinks from Airflow
 connections, drains the outbox of ``conn_id``'s ledger and reports what it delivered. It is

@@ -1,18 +1,18 @@
-"""``ExactlyOnceSQLOperator``: templated SQL committed in one transaction with its ledger entry."""
+"""Adapters tier: ``ExactlyOnceSQLOperator``, SQL committed with its ledger entry.
+
+Templated SQL run in one transaction with the ledger's commit mark.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
-
-from eos_airflow.operators.base import ExactlyOnceMixin
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
-from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT
+from eos_airflow.operators.base import ExactlyOnceBaseOperator
+from eos_airflow.protocol.effect import Effect
 
 
-class ExactlyOnceSQLOperator(ExactlyOnceMixin, BaseOperator):
+class ExactlyOnceSQLOperator(ExactlyOnceBaseOperator):
     """Run ``sql`` (one statement or a list) exactly once against ``conn_id``'s database.
 
     The statements and the ledger's commit mark share one transaction: a retry after a crash
@@ -23,9 +23,10 @@ class ExactlyOnceSQLOperator(ExactlyOnceMixin, BaseOperator):
     :param parameters: bind parameters for every statement (templated).
     :param key: effect key (templated); default ``{dag_id}/{task_id}/{run_id}/{map_index}``.
     :param on_committed: ``"skip"`` (default), ``"replace"`` or ``"fail"``.
-    :param ledger_schema: schema holding the ledger (default ``eos``).
-    :param wait_timeout: seconds to wait for another live attempt of the key.
-    :param max_result_bytes: bound on the stored result.
+
+    The parameters every exactly-once operator shares (``key``, ``on_committed``,
+    ``ledger_schema``, ``wait_timeout``, ``max_result_bytes``) are those of
+    :class:`~eos_airflow.operators.base.ExactlyOnceBaseOperator`.
 
     Returns ``{"rowcounts": [...]}``, one count per statement, stored in the ledger.
     """
@@ -41,22 +42,9 @@ class ExactlyOnceSQLOperator(ExactlyOnceMixin, BaseOperator):
         conn_id: str,
         sql: str | Sequence[str],
         parameters: Mapping[str, Any] | Sequence[Any] | None = None,
-        key: str | None = None,
-        on_committed: str = "skip",
-        ledger_schema: str = "eos",
-        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-        max_result_bytes: int = MAX_RESULT_BYTES,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self._init_effect(
-            conn_id=conn_id,
-            key=key,
-            on_committed=on_committed,
-            ledger_schema=ledger_schema,
-            wait_timeout=wait_timeout,
-            max_result_bytes=max_result_bytes,
-        )
+        super().__init__(conn_id=conn_id, **kwargs)
         if not sql or (not isinstance(sql, str) and not all(isinstance(s, str) for s in sql)):
             raise ValueError("sql must be a non-empty SQL string or a list of SQL strings")
         self.sql = sql

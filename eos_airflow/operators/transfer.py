@@ -1,4 +1,6 @@
-"""``ExactlyOnceTransferOperator``: copy a query's rows into a table exactly once, with COPY.
+"""Adapters tier: ``ExactlyOnceTransferOperator``, a query's rows copied into a table once.
+
+The rows are copied with COPY.
 
 The work is :func:`eos_airflow.protocol.transfer.transfer` (see its module for modes, chunks
 and visibility); this operator adds Airflow connections, templating and error mapping.
@@ -9,18 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.hooks.ledger import connect_factory
-from eos_airflow.operators.base import ExactlyOnceMixin
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect
-from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT
+from eos_airflow.operators.base import ExactlyOnceBaseOperator
+from eos_airflow.protocol.effect import Effect
 from eos_airflow.protocol.transfer import check_options, transfer
 
 
-class ExactlyOnceTransferOperator(ExactlyOnceMixin, BaseOperator):
+class ExactlyOnceTransferOperator(ExactlyOnceBaseOperator):
     """Copy the rows of ``sql`` (on ``source_conn_id``) into ``table`` (on
     ``target_conn_id``, which holds the ledger) exactly once.
 
@@ -41,6 +41,10 @@ class ExactlyOnceTransferOperator(ExactlyOnceMixin, BaseOperator):
     :param on_committed: ``"skip"`` (default), ``"replace"`` (re-run and supersede, e.g.
         for backfills) or ``"fail"``.
 
+    The parameters every exactly-once operator shares (``key``, ``on_committed``,
+    ``ledger_schema``, ``wait_timeout``, ``max_result_bytes``) are those of
+    :class:`~eos_airflow.operators.base.ExactlyOnceBaseOperator`.
+
     Returns ``{"rows", "table", "mode", "chunks", "format"}``, stored in the ledger.
     """
 
@@ -59,24 +63,11 @@ class ExactlyOnceTransferOperator(ExactlyOnceMixin, BaseOperator):
         mode: str = "append",
         replace_where: str | None = None,
         parameters: Mapping[str, Any] | Sequence[Any] | None = None,
-        key: str | None = None,
         chunk_rows: int | None = None,
         visibility: str | None = None,
-        on_committed: str = "skip",
-        ledger_schema: str = "eos",
-        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-        max_result_bytes: int = MAX_RESULT_BYTES,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self._init_effect(
-            conn_id=target_conn_id,
-            key=key,
-            on_committed=on_committed,
-            ledger_schema=ledger_schema,
-            wait_timeout=wait_timeout,
-            max_result_bytes=max_result_bytes,
-        )
+        super().__init__(conn_id=target_conn_id, **kwargs)
         if not source_conn_id:
             raise ValueError("source_conn_id is required: the Airflow connection the query runs on")
         if not sql or not isinstance(sql, str):

@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
@@ -35,6 +35,9 @@ from eos_airflow.errors import ConfigurationError, KafkaDataLostError, KafkaErro
 from eos_airflow.ledger.store import LedgerStore
 from eos_airflow.protocol.effect import Effect
 from eos_airflow.protocol.messages import KAFKA_MSG_ID_HEADER, MessageError
+
+if TYPE_CHECKING:
+    from confluent_kafka import Message
 
 #: Seconds a poll may wait for the next message before the batch ends.
 DEFAULT_POLL_TIMEOUT = 5.0
@@ -60,7 +63,7 @@ class KafkaMessage:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: dict[str, bytes] = field(default_factory=dict)
+    headers: dict[str, bytes | None] = field(default_factory=dict)
     timestamp_ms: int | None = None
 
     @property
@@ -107,6 +110,27 @@ def consumer_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _consumed(m: Message[Any, Any]) -> KafkaMessage:
+    """A message consumed without error: it has a topic, a partition and an offset."""
+    topic, partition, offset = m.topic(), m.partition(), m.offset()
+    if topic is None or partition is None or offset is None:
+        raise KafkaError(
+            f"Kafka gave a message without its position ({topic}/{partition} at {offset}); "
+            "nothing was written, retry"
+        )
+    headers = m.headers() or []
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return KafkaMessage(
+        topic,
+        partition,
+        offset,
+        m.key(),
+        m.value(),
+        {k: v.encode() if isinstance(v, str) else v for k, v in pairs},
+        m.timestamp()[1],
+    )
+
+
 def ingest_batch(
     eos: Effect,
     config: Mapping[str, Any],
@@ -130,7 +154,7 @@ def ingest_batch(
     consumer = Consumer(consumer_config(config))
     try:
         assignment = []
-        ends: set[tuple[str, int]] = set()
+        ends: set[tuple[str | None, int | None]] = set()
         for topic in topics:
             for partition in _partitions(consumer, topic):
                 last = eos.offsets.get(f"kafka:{topic}/{partition}")
@@ -168,17 +192,7 @@ def ingest_batch(
                         f"{error.str()}; nothing was written, retry"
                     )
                 ends.discard((m.topic(), m.partition()))
-                messages.append(
-                    KafkaMessage(
-                        m.topic(),
-                        m.partition(),
-                        m.offset(),
-                        m.key(),
-                        m.value(),
-                        {k: v for k, v in (m.headers() or [])},
-                        m.timestamp()[1],
-                    )
-                )
+                messages.append(_consumed(m))
             if batch:
                 deadline = time.monotonic() + poll_timeout
     finally:
@@ -188,8 +202,8 @@ def ingest_batch(
     fresh = _dedup(eos, messages, dedup_consumer) if dedup_consumer else messages
     written = write(eos, fresh)
     offsets: dict[str, int] = {}
-    for m in messages:
-        offsets[m.source] = max(m.offset, offsets.get(m.source, -1))
+    for message in messages:
+        offsets[message.source] = max(message.offset, offsets.get(message.source, -1))
     for source, offset in offsets.items():
         eos.offsets[source] = offset
     return {

@@ -51,7 +51,9 @@ def declared_session_pooling() -> bool:
 
 
 def _server_pid(conn: psycopg.Connection[Any]) -> int:
-    return conn.execute("SELECT pg_backend_pid()", prepare=False).fetchone()[0]
+    row = conn.execute("SELECT pg_backend_pid()", prepare=False).fetchone()
+    assert row is not None  # SELECT without FROM gives one row
+    return int(row[0])
 
 
 def behind_pooler(conn: psycopg.Connection[Any]) -> bool:

@@ -42,7 +42,7 @@ def commit_outcome(
     attempt: int,
     wait_timeout: float,
     cause: BaseException,
-) -> tuple[int, datetime]:
+) -> tuple[int, datetime | None]:
     """Return ``(version, committed_at)`` if ``owner`` committed ``key``; otherwise release the
     claim and raise :class:`CommitNotDoneError` (or :class:`CommitOutcomeUnknownError`)."""
     try:

@@ -127,7 +127,7 @@ class Stream:
         self.header = b""
 
     def rows(self, skip: int = 0) -> Iterator[bytes]:
-        query = sql.SQL(self.query)
+        query: sql.Composable = sql.SQL(self.query)
         if skip:
             query = sql.SQL("SELECT * FROM ({}) AS eos_source OFFSET {}").format(
                 query, sql.Literal(skip)

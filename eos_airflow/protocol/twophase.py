@@ -32,7 +32,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -107,12 +107,12 @@ def check_targets(targets: Mapping[str, Any], protocol: str) -> None:
 class MultiEffect(Effect):
     """The open effect of several targets: write through ``eos.conns[name]``."""
 
-    @property  # type: ignore[override]
+    @property
     def conn(self) -> psycopg.Connection[Any]:
         names = ", ".join(repr(n) for n in (self.targets or {}))
         raise ConfigurationError(
             f"this effect writes to several targets ({names}): use eos.conns[name], e.g. "
-            f"eos.conns[{next(iter(self.targets or {'a': 0}))!r}], instead of eos.conn"
+            f"eos.conns[{next(iter(self.targets or ['a']))!r}], instead of eos.conn"
         )
 
     @conn.setter
@@ -226,9 +226,9 @@ def run_two_phase(
         eos = MultiEffect(
             key,
             attempt,
-            None,
+            cast("psycopg.Connection[Any]", None),  # no single conn: MultiEffect.conn raises
             previous,
-            origin,  # type: ignore[arg-type]
+            origin,
             schema=schema,
             targets={n: conns[n] for n in names},
         )
@@ -354,7 +354,7 @@ def _redial(coordinator: psycopg.Connection[Any]) -> Callable[[], psycopg.Connec
     dsn, password = coordinator.info.dsn, coordinator.info.password
 
     def connect() -> psycopg.Connection[Any]:
-        extra = {"password": password} if password else {}
+        extra: dict[str, Any] = {"password": password} if password else {}
         return psycopg.connect(dsn, autocommit=True, connect_timeout=10, **extra)
 
     return connect
@@ -437,9 +437,9 @@ def _prepare_all(
             except BaseException as exc:
                 errors.append(("", exc))
     if errors:
-        name, exc = errors[0]
+        name, error = errors[0]
         step.participant = name or None
-        raise exc
+        raise error
 
 
 def _commit_prepared_all(

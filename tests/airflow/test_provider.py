@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from importlib import resources
 from importlib.metadata import entry_points
@@ -10,6 +12,7 @@ import jsonschema
 import pytest
 
 from eos_airflow.provider import get_provider_info
+from tests.conftest import ROOT
 
 
 def test_provider_info_matches_airflows_schema():
@@ -25,6 +28,60 @@ def test_provider_info_matches_airflows_schema():
         if e.value == "eos_airflow.provider:get_provider_info"
     ]
     assert entry.load() is get_provider_info
+
+
+#: provider-info section → the Airflow base class of what it lists; a class belongs to the
+#: first section whose base it derives from (a sensor is an operator too, listed as a sensor)
+SECTIONS = {
+    "sensors": ("airflow.sdk", "BaseSensorOperator"),
+    "operators": ("airflow.sdk", "BaseOperator"),
+    "triggers": ("airflow.triggers.base", "BaseTrigger"),
+    "hooks": ("airflow.sdk", "BaseHook"),
+}
+
+
+def _section(cls: type, bases: dict[str, type]) -> str | None:
+    for section, base in bases.items():
+        if issubclass(cls, base):
+            return section
+    return None
+
+
+def test_every_module_defining_an_airflow_class_is_registered():
+    """Each module under eos_airflow/operators, sensors, triggers and hooks that defines an
+    operator, sensor, trigger or hook is listed in that section of the provider info, and
+    every listed module imports. Classes meant to be derived from (``Base`` in the name, as
+    ``ExactlyOnceBaseOperator``) and private ones are not registered."""
+    bases = {
+        section: getattr(importlib.import_module(package), name)
+        for section, (package, name) in SECTIONS.items()
+    }
+    info = get_provider_info()
+    registered = {
+        section: {m for entry in info.get(section, []) for m in entry["python-modules"]}
+        for section in SECTIONS
+    }
+    for modules in registered.values():
+        for module in modules:
+            importlib.import_module(module)
+    found: dict[str, dict[str, list[str]]] = {section: {} for section in SECTIONS}
+    for directory in ("operators", "sensors", "triggers", "hooks"):
+        for path in sorted((ROOT / "eos_airflow" / directory).glob("*.py")):
+            name = f"eos_airflow.{directory}.{path.stem}".removesuffix(".__init__")
+            module = importlib.import_module(name)
+            for attr, cls in vars(module).items():
+                if not inspect.isclass(cls) or cls.__module__ != name or attr.startswith("_"):
+                    continue
+                section = _section(cls, bases)
+                if section is not None and "Base" not in attr:
+                    found[section].setdefault(name, []).append(attr)
+    assert found["operators"] and found["sensors"] and found["triggers"], found
+    missing = {
+        section: {m: classes for m, classes in modules.items() if m not in registered[section]}
+        for section, modules in found.items()
+    }
+    missing = {section: modules for section, modules in missing.items() if modules}
+    assert not missing, f"get_provider_info() does not register: {missing}"
 
 
 def test_task_exactly_once_is_registered_through_the_provider():
