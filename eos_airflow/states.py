@@ -65,12 +65,11 @@ class OnCommitted(StrEnum):
 def check_on_committed(value: object) -> OnCommitted:
     """``value`` as an :class:`OnCommitted`, or the one error every entry raises for a bad
     ``on_committed`` (a :class:`~eos_airflow.errors.ConfigurationError`, also a ValueError)."""
-    try:
+    if isinstance(value, str) and value in {c.value for c in OnCommitted}:
         return OnCommitted(value)
-    except ValueError:
-        raise ConfigurationError(
-            f"on_committed={value!r} is not valid; choose one of {', '.join(OnCommitted)}"
-        ) from None
+    raise ConfigurationError(
+        f"on_committed={value!r} is not valid; choose one of {', '.join(OnCommitted)}"
+    )
 
 
 __all__ = ["Action", "EntryState", "EventKind", "OnCommitted", "check_on_committed"]

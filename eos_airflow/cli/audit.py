@@ -74,11 +74,11 @@ def _write(
 def stats(conn: psycopg.Connection[Any], args: argparse.Namespace) -> dict[str, Any]:
     since = parse_since(args.since)
     store = LedgerStore(conn, args.schema)
-    totals = dict.fromkeys(STAT_EVENTS, 0)
+    totals: dict[str, int] = {str(kind): 0 for kind in STAT_EVENTS}
     groups: dict[str, dict[str, int]] = {}
     for row in store.event_counts(since=since, by=args.by):
         totals[row.event] = totals.get(row.event, 0) + row.n
-        groups.setdefault(row.grp, dict.fromkeys(STAT_EVENTS, 0))[row.event] = row.n
+        groups.setdefault(row.grp, {str(kind): 0 for kind in STAT_EVENTS})[row.event] = row.n
     latency = dataclasses.asdict(store.commit_latency(since=since))
     states = store.state_counts()
     return {

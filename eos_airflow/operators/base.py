@@ -50,35 +50,34 @@ def check_multi(
     ledger_conn_id: str | None,
     protocol: str,
 ) -> None:
-    """Validate the several-database arguments when the DAG is parsed (ValueError)."""
+    """Validate the several-database arguments when the DAG is parsed (ConfigurationError)."""
     if protocol not in PROTOCOL_CHOICES:
-        raise ValueError(
+        raise ConfigurationError(
             f"protocol={protocol!r} is not valid; choose one of "
             f"{', '.join(map(repr, PROTOCOL_CHOICES))}"
         )
     if protocol == "local":
-        raise ValueError(
+        raise ConfigurationError(
             "targets= (several databases) needs protocol='2pc' or '3pc'; "
             "for one database pass conn_id= instead"
         )
     if conn_id:
-        raise ValueError(
+        raise ConfigurationError(
             "pass either conn_id= (one database) or targets= (several), not both; "
             "the coordinator of several targets is ledger_conn_id="
         )
     if targets is None:
-        raise ValueError(
+        raise ConfigurationError(
             f"protocol={protocol!r} needs targets={{name: conn_id, ...}}: "
             "the Airflow connections of the databases written together"
         )
-    try:
-        check_targets(targets, protocol)
-    except ConfigurationError as exc:
-        raise ValueError(str(exc)) from None
+    check_targets(targets, protocol)
     if not all(isinstance(c, str) and c for c in targets.values()):
-        raise ValueError("targets values must be Airflow connection ids (non-empty strings)")
+        raise ConfigurationError(
+            "targets values must be Airflow connection ids (non-empty strings)"
+        )
     if not ledger_conn_id:
-        raise ValueError(
+        raise ConfigurationError(
             "ledger_conn_id is required with targets=: the Airflow connection "
             "whose ledger logs the commit decisions (it may be one of the targets)"
         )
@@ -145,7 +144,9 @@ class ExactlyOnceBaseOperator(BaseOperator):
                 protocol=several.protocol,
             )
         elif not conn_id:
-            raise ValueError("conn_id is required: the Airflow connection of the target database")
+            raise ConfigurationError(
+                "conn_id is required: the Airflow connection of the target database"
+            )
         self.conn_id = conn_id
         self.targets = dict(several.targets) if several and several.targets is not None else None
         self.ledger_conn_id = several.ledger_conn_id if several else None

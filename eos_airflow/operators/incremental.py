@@ -67,18 +67,19 @@ class IncrementalTableOperator(ExactlyOnceBaseOperator):
     ) -> None:
         super().__init__(conn_id=target_conn_id, **kwargs)
         if horizon not in HORIZONS:
-            try:
-                horizon = normalize_horizon(horizon)  # a deprecated alias warns here
-            except ConfigurationError as exc:
-                raise ValueError(str(exc)) from None
+            horizon = normalize_horizon(horizon)  # a deprecated alias warns here
         if not isinstance(horizon_timeout, int | float) or horizon_timeout <= 0:
-            raise ValueError(
+            raise ConfigurationError(
                 f"horizon_timeout must be a number of seconds > 0, got {horizon_timeout!r}"
             )
         if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
-            raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
+            raise ConfigurationError(
+                f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}"
+            )
         if not column:
-            raise ValueError("column is required: the monotonic column that orders new rows")
+            raise ConfigurationError(
+                "column is required: the monotonic column that orders new rows"
+            )
         self.source_conn_id = source_conn_id
         self.source_table = source_table
         self.column = column

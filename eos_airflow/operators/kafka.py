@@ -100,20 +100,20 @@ class KafkaToPostgresOperator(ExactlyOnceBaseOperator):
     ) -> None:
         super().__init__(conn_id=target_conn_id, **kwargs)
         if (table is None) == (process is None):
-            raise ValueError(
+            raise ConfigurationError(
                 "give exactly one of table= (a target table for JSON-object "
                 "messages) or process= (a callable process(eos, messages))"
             )
         if not kafka_conn_id:
-            raise ValueError(
+            raise ConfigurationError(
                 "kafka_conn_id is required: the Airflow connection of the Kafka cluster"
             )
         if not topics:
-            raise ValueError("topics is required: a topic name or a list of them")
+            raise ConfigurationError("topics is required: a topic name or a list of them")
         if max_messages < 1:
-            raise ValueError(f"max_messages must be >= 1, got {max_messages}")
+            raise ConfigurationError(f"max_messages must be >= 1, got {max_messages}")
         if poll_timeout <= 0:
-            raise ValueError(f"poll_timeout must be > 0 seconds, got {poll_timeout}")
+            raise ConfigurationError(f"poll_timeout must be > 0 seconds, got {poll_timeout}")
         self.kafka_conn_id = kafka_conn_id
         self.target_conn_id = target_conn_id
         self.topics = topics

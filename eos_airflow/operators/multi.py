@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from eos_airflow.errors import ConfigurationError
 from eos_airflow.operators.base import (
     PROTOCOL_CHOICES,
     ExactlyOnceBaseOperator,
@@ -59,7 +60,7 @@ class MultiTargetSQLOperator(ExactlyOnceBaseOperator):
             conn_id=None, several=SeveralTargets(targets, ledger_conn_id, protocol), **kwargs
         )
         if not isinstance(sql, Mapping) or set(sql) != set(targets):
-            raise ValueError(
+            raise ConfigurationError(
                 f"sql must map every target ({', '.join(sorted(targets))}) to its SQL, e.g. "
                 "sql={'a': 'UPDATE ...', 'b': ['INSERT ...', 'UPDATE ...']}"
             )
@@ -67,7 +68,7 @@ class MultiTargetSQLOperator(ExactlyOnceBaseOperator):
             if not statements or (
                 not isinstance(statements, str) and not all(isinstance(s, str) for s in statements)
             ):
-                raise ValueError(
+                raise ConfigurationError(
                     f"sql[{name!r}] must be a non-empty SQL string or a list of SQL strings"
                 )
         self.sql = dict(sql)

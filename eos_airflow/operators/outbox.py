@@ -98,22 +98,22 @@ class OutboxRelayOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         if not conn_id:
-            raise ValueError(
+            raise ConfigurationError(
                 "conn_id is required: the Airflow connection of the database holding the outbox"
             )
         if nats_url and nats_conn_id:
-            raise ValueError("give nats_url or nats_conn_id, not both")
+            raise ConfigurationError("give nats_url or nats_conn_id, not both")
         if not (kafka_conn_id or nats_url or nats_conn_id):
-            raise ValueError(
+            raise ConfigurationError(
                 "the relay needs a broker: give kafka_conn_id, nats_url or nats_conn_id"
             )
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
         if destinations is not None:
             try:
                 split_destinations(destinations)
             except EosError as exc:
-                raise ValueError(str(exc)) from None
+                raise ConfigurationError(str(exc)) from None
         self.conn_id = conn_id
         self.destinations = list(destinations) if destinations is not None else None
         self.kafka_conn_id = kafka_conn_id

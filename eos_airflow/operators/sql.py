@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from eos_airflow.errors import ConfigurationError
 from eos_airflow.operators.base import ExactlyOnceBaseOperator
 from eos_airflow.protocol.effect import Effect
 
@@ -46,7 +47,7 @@ class ExactlyOnceSQLOperator(ExactlyOnceBaseOperator):
     ) -> None:
         super().__init__(conn_id=conn_id, **kwargs)
         if not sql or (not isinstance(sql, str) and not all(isinstance(s, str) for s in sql)):
-            raise ValueError("sql must be a non-empty SQL string or a list of SQL strings")
+            raise ConfigurationError("sql must be a non-empty SQL string or a list of SQL strings")
         self.sql = sql
         self.parameters = parameters
 

@@ -69,9 +69,11 @@ class ExactlyOnceTransferOperator(ExactlyOnceBaseOperator):
     ) -> None:
         super().__init__(conn_id=target_conn_id, **kwargs)
         if not source_conn_id:
-            raise ValueError("source_conn_id is required: the Airflow connection the query runs on")
+            raise ConfigurationError(
+                "source_conn_id is required: the Airflow connection the query runs on"
+            )
         if not sql or not isinstance(sql, str):
-            raise ValueError("sql must be a non-empty SQL query string")
+            raise ConfigurationError("sql must be a non-empty SQL query string")
         check_options(mode, chunk_rows, visibility)
         self.source_conn_id = source_conn_id
         self.target_conn_id = target_conn_id

@@ -11,7 +11,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
-from eos_airflow.errors import EosError
+from eos_airflow.errors import ConfigurationError, EosError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.keys import check_schema
 from eos_airflow.ledger.watch import DEFAULT_POLL_INTERVAL, Verdict, WaitSpec, check
@@ -71,21 +71,25 @@ class LedgerSensor(BaseSensorOperator):
     ) -> None:
         super().__init__(**kwargs)
         if not conn_id:
-            raise ValueError("conn_id is required: the Airflow connection of the ledger database")
+            raise ConfigurationError(
+                "conn_id is required: the Airflow connection of the ledger database"
+            )
         if key is None and key_prefix is None and wait_for_task is None:
-            raise ValueError(
+            raise ConfigurationError(
                 "give key= (a key or a list of keys), key_prefix= or "
                 "wait_for_task=(dag_id, task_id)"
             )
         if key_prefix is not None and wait_for_task is not None:
-            raise ValueError("key_prefix and wait_for_task both name a prefix; give one of them")
+            raise ConfigurationError(
+                "key_prefix and wait_for_task both name a prefix; give one of them"
+            )
         if wait_for_task is not None and (len(wait_for_task) != 2 or min_count is None):
-            raise ValueError(
+            raise ConfigurationError(
                 "wait_for_task takes (dag_id, task_id) and needs min_count= the "
                 "number of its map indexes (1 for an unmapped task)"
             )
         if min_count is not None and min_count < 1:
-            raise ValueError(f"min_count must be >= 1, got {min_count}")
+            raise ConfigurationError(f"min_count must be >= 1, got {min_count}")
         self.conn_id = conn_id
         self.key = key
         self.key_prefix = key_prefix
