@@ -19,7 +19,7 @@ from eos_airflow.ledger import connection
 from eos_airflow.ledger.keys import check_schema
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome, run_effect
-from eos_airflow.states import check_on_committed
+from eos_airflow.states import check_attempt, check_on_committed
 
 Connect = Callable[[], "psycopg.Connection[Any]"]
 
@@ -153,8 +153,7 @@ class Ledger:
     ) -> Outcome:
         """Like :meth:`run`, but say what happened (committed, replaced or skipped)."""
         on_committed = check_on_committed(on_committed)
-        if not isinstance(attempt, int) or attempt < 1:
-            raise ConfigurationError(f"attempt must be an integer >= 1, got {attempt!r}")
+        attempt = check_attempt(attempt)
         conn = self.connection()
         try:
             return run_effect(

@@ -19,7 +19,7 @@ from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome
 from eos_airflow.protocol.recovery import DEFAULT_GRACE, Resolution, recover, terminate
 from eos_airflow.protocol.twophase import check_targets, run_two_phase
-from eos_airflow.states import check_on_committed
+from eos_airflow.states import check_attempt, check_on_committed
 
 Connect = Callable[[], "psycopg.Connection[Any]"]
 Target = str | Connect
@@ -90,8 +90,7 @@ class MultiLedger:
     ) -> Outcome:
         """Like :meth:`run`, but say what happened (committed, replaced, skipped, recovered)."""
         on_committed = check_on_committed(on_committed)
-        if not isinstance(attempt, int) or attempt < 1:
-            raise ConfigurationError(f"attempt must be an integer >= 1, got {attempt!r}")
+        attempt = check_attempt(attempt)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=len(self.participants), thread_name_prefix="eos-2pc"

@@ -72,4 +72,18 @@ def check_on_committed(value: object) -> OnCommitted:
     )
 
 
-__all__ = ["Action", "EntryState", "EventKind", "OnCommitted", "check_on_committed"]
+def check_attempt(value: object) -> int:
+    """``value`` if it is a try number (an integer >= 1), else :class:`ConfigurationError`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"attempt must be an integer >= 1, got {value!r}")
+    return value
+
+
+__all__ = [
+    "Action",
+    "EntryState",
+    "EventKind",
+    "OnCommitted",
+    "check_attempt",
+    "check_on_committed",
+]
