@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -22,6 +24,7 @@ from pyiceberg.types import LongType, NestedField, StringType
 
 from eos_airflow import (
     ConfigurationError,
+    FailpointError,
     FencedError,
     LakehouseConflictError,
     Ledger,
@@ -29,7 +32,7 @@ from eos_airflow import (
     Origin,
 )
 from eos_airflow.protocol.iceberg import reader_uri
-from tests.conftest import events
+from tests.conftest import ROOT, events
 
 TI = Origin("lake", "load", "manual__1", -1)
 ARROW = pa.schema([pa.field("day", pa.string()), pa.field("amount", pa.int64())])
@@ -548,3 +551,57 @@ def test_without_pyiceberg_the_error_names_the_extra(ledger: Ledger, monkeypatch
 
     with pytest.raises(ConfigurationError, match=r"pip install 'eos-airflow\[lakehouse\]'"):
         ledger.run("k", fn)
+
+
+@pytest.mark.parametrize("step", ["after_claim", "before_commit", "after_commit"])
+def test_a_failpoint_at_each_step_lands_the_append_once(
+    ledger: Ledger, reader, warehouse: str, monkeypatch, step
+):
+    create(ledger, warehouse)
+    monkeypatch.setenv("EOS_FAILPOINTS", f"{step}@1=raise")
+    with pytest.raises(FailpointError):
+        ledger.run("day1", append("2024-01-01", 1), origin=TI)
+    committed = step == "after_commit"
+    assert table_rows(reader()) == ([("2024-01-01", 1)] if committed else [])
+    outcome = ledger.run_outcome("day1", append("2024-01-01", 1), attempt=2, origin=TI)
+    assert outcome.action == ("skipped" if committed else "committed")
+    assert table_rows(reader()) == [("2024-01-01", 1)]
+    assert len(reader().load_table("lake.sales").snapshots()) == 1
+
+
+CHILD = """
+import sys
+import pyarrow as pa
+from eos_airflow import Ledger, Origin
+
+dsn, key = sys.argv[1], sys.argv[2]
+data = pa.table({"day": ["2024-01-01"], "amount": [1]})
+
+def fn(eos):
+    eos.iceberg("lake.sales").append(data)
+    return 1
+
+Ledger(dsn).run(key, fn, attempt=1, origin=Origin("lake", "load", "manual__1", -1))
+"""
+
+
+@pytest.mark.parametrize("step", ["before_commit", "after_commit"])
+def test_a_process_killed_at_a_step_lands_the_append_once(
+    ledger: Ledger, reader, warehouse: str, db: str, step
+):
+    """The attempt's process dies (``os._exit``) after its append: before the commit the
+    server rolls the effect back and frees the table's pointer; the retry appends once."""
+    create(ledger, warehouse)
+    env = {**os.environ, "EOS_FAILPOINTS": f"{step}@1=exit", "PYTHONPATH": str(ROOT)}
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, db, "day1"], env=env, capture_output=True, timeout=120
+    )
+    assert child.returncode == 137, child.stderr.decode()[-2000:]
+    committed = step == "after_commit"
+    assert table_rows(reader()) == ([("2024-01-01", 1)] if committed else [])
+    outcome = ledger.run_outcome(
+        "day1", append("2024-01-01", 1), attempt=2, origin=TI, wait_timeout=60
+    )
+    assert outcome.action == ("skipped" if committed else "committed")
+    assert table_rows(reader()) == [("2024-01-01", 1)]
+    assert len(reader().load_table("lake.sales").snapshots()) == 1
