@@ -61,7 +61,9 @@ from eos_airflow.errors import (
 )
 
 if TYPE_CHECKING:
+    from pyiceberg.io import FileIO
     from pyiceberg.table import CommitTableResponse
+    from pyiceberg.table.metadata import TableMetadata
     from pyiceberg.table.update import TableRequirement, TableUpdate
     from pyiceberg.typedef import Identifier
 
@@ -80,6 +82,11 @@ _ROLLBACK = "ROLLBACK TO SAVEPOINT eos_iceberg"
 _CREATE_LOCK = "eos-airflow:iceberg-catalog"
 
 T = TypeVar("T")
+
+
+def _one(row: tuple[Any, ...] | None) -> Any:
+    assert row is not None, "the query returns one row"
+    return row[0]
 
 
 def check_in_transaction(conn: psycopg.Connection[Any]) -> None:
@@ -165,14 +172,16 @@ class EffectCatalog(SqlCatalog):
         return the catalog's schema version as pyiceberg names it."""
         names = [f"{CATALOG_SCHEMA}.{t}" for t in SqlCatalogBaseTable.metadata.tables]
         query = "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n"
-        if not self.conn.execute(query, [names]).fetchone()[0]:
+        if not _one(self.conn.execute(query, [names]).fetchone()):
             self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_CREATE_LOCK])
             _unwrapped(SqlCatalogBaseTable.metadata.create_all, self.engine)
-        typed = self.conn.execute(
-            "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-            "AND attname = 'iceberg_type' AND NOT attisdropped)",
-            [f"{CATALOG_SCHEMA}.iceberg_tables"],
-        ).fetchone()[0]
+        typed = _one(
+            self.conn.execute(
+                "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                "AND attname = 'iceberg_type' AND NOT attisdropped)",
+                [f"{CATALOG_SCHEMA}.iceberg_tables"],
+            ).fetchone()
+        )
         return "v1" if typed else "v0"
 
     def load_table(self, identifier: str | Identifier) -> Table:
@@ -222,7 +231,8 @@ class EffectCatalog(SqlCatalog):
             "inside the effect and delete the files after it committed"
         )
 
-    def _delete_old_metadata(self, *args: Any, **kwargs: Any) -> None:
+    @staticmethod
+    def _delete_old_metadata(io: FileIO, base: TableMetadata, metadata: TableMetadata) -> None:
         """Keep old metadata files: the effect may still roll back to them."""
 
 
@@ -311,7 +321,7 @@ def _check_schema(schema: Any) -> None:
     if schema is None or isinstance(schema, Schema):
         return
     try:
-        import pyarrow as pa
+        import pyarrow as pa  # type: ignore[import-untyped]
     except ImportError as exc:
         raise ConfigurationError(
             f"eos.iceberg() needs pyarrow ({exc}): pip install 'eos-airflow[lakehouse]'"
@@ -392,7 +402,7 @@ def reader_uri(dsn: str) -> str:
     ``SqlCatalog("eos", uri=reader_uri(dsn), warehouse=...)``."""
     from sqlalchemy.engine import URL
 
-    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    params = {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(dsn).items()}
     port = params.pop("port", None)
     url = URL.create(
         "postgresql+psycopg",
@@ -401,6 +411,6 @@ def reader_uri(dsn: str) -> str:
         host=params.pop("host", None),
         port=int(port) if port else None,
         database=params.pop("dbname", None),
-        query={k: str(v) for k, v in params.items()},
+        query=params,
     )
     return url.render_as_string(hide_password=False)
