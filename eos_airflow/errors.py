@@ -168,6 +168,14 @@ class DeliveryError(EosError):
     retryable = True
 
 
+class LakehouseConflictError(EosError):
+    """Concurrent commits to a lakehouse table (Iceberg) kept beating this effect's commit,
+    or changed what it depended on (the files an overwrite replaces); nothing of the effect
+    was committed. Retry: the next try applies the change to the table as it is then."""
+
+    retryable = True
+
+
 class PermissionDenied(EosError):
     """The connected role may not do what the command asked."""
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from eos_airflow.errors import ResultError
+from eos_airflow.errors import ConfigurationError, ResultError
 from eos_airflow.states import OnCommitted
 
 if TYPE_CHECKING:
@@ -66,6 +66,10 @@ class Effect:
     _offsets: Any = field(default=None, init=False, repr=False, compare=False)
     #: Sequence number of the last message this effect published (eos_airflow/relay).
     _outbox_seq: int | None = field(default=None, init=False, repr=False, compare=False)
+    #: Lakehouse catalogs this effect opened, by their settings (protocol/iceberg.py).
+    lakehouse_catalogs: dict[Any, Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def offsets(self) -> Offsets:
@@ -115,6 +119,39 @@ class Effect:
         from eos_airflow.protocol.outbox import publish
 
         return publish(self, destination, payload, key=key, headers=headers)
+
+    def iceberg(
+        self,
+        identifier: str | tuple[str, ...],
+        *,
+        schema: Any = None,
+        partition_spec: Any = None,
+        warehouse: str | None = None,
+        properties: Mapping[str, str] | None = None,
+    ) -> Any:
+        """The Iceberg table ``identifier`` (``"namespace.table"``) of the catalog ``"eos"``
+        in the ledger's database, as a pyiceberg ``Table`` whose commits (append, overwrite,
+        delete, schema changes) join this effect's transaction: they become visible when the
+        effect commits, and not at all if it rolls back (protocol/iceberg.py).
+
+        ``schema`` (a pyarrow or Iceberg schema) creates the namespace and the table when
+        missing, with ``partition_spec``, its files under ``warehouse``; ``properties`` are
+        the catalog's (FileIO settings such as ``s3.endpoint``). Needs the ``lakehouse``
+        extra."""
+        try:
+            from eos_airflow.protocol.iceberg import open_table
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"eos.iceberg() needs pyiceberg ({exc}): pip install 'eos-airflow[lakehouse]'"
+            ) from exc
+        return open_table(
+            self,
+            identifier,
+            schema=schema,
+            partition_spec=partition_spec,
+            warehouse=warehouse,
+            properties=properties,
+        )
 
     #: Connections by target name of a multi-target effect (protocol/twophase.py).
     targets: Mapping[str, psycopg.Connection[Any]] | None = field(

@@ -1,0 +1,416 @@
+"""Protocol tier: Iceberg tables whose commits join the effect's transaction (``eos.iceberg``).
+
+pyiceberg's SQL catalog commits a table by swapping its metadata pointer (a row of
+``iceberg_tables``) with a compare-and-swap UPDATE. :class:`EffectCatalog` is that catalog,
+unchanged, running on ``eos.conn``: each of its SQLAlchemy transactions is a savepoint inside
+the effect's open transaction, so a new snapshot — and a namespace or table the effect
+created — becomes visible exactly when the ledger commits the effect. A function that
+raises, or an attempt fenced by a newer one, leaves only data and metadata files that no
+pointer references.
+
+The catalog is pyiceberg's ``SqlCatalog`` named ``"eos"``, with pyiceberg's own tables in
+the schema ``public`` of the ledger's database; a stock reader sees every table written::
+
+    SqlCatalog("eos", uri="postgresql+psycopg://USER@HOST/DB", warehouse="file:///lake")
+
+Concurrent effects writing one table all land, one after the other: a commit first locks
+the table's pointer row (until its effect ends: a second effect waits there for the first to
+commit or roll back); when the pointer moved since the table was read, the change is
+re-applied on the new metadata in the same transaction — pyiceberg rebuilds its snapshot,
+keeping the data files written, and other changes (schema, properties) are checked against
+the new metadata — so the swap itself cannot be lost. A change that the concurrent commit
+invalidates (an overwrite whose files were replaced meanwhile), or pyiceberg's bounded
+retries used up, end the effect with :class:`LakehouseConflictError` (retryable); nothing of
+it is committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+from pyiceberg.catalog import Catalog, MetastoreCatalog
+from pyiceberg.catalog.sql import IcebergTables, SqlCatalog, SqlCatalogBaseTable
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    NamespaceAlreadyExistsError,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+    ValidationException,
+)
+from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC, PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.table import Table, Transaction
+from pyiceberg.table.update.schema import UpdateSchema
+from pyiceberg.table.update.snapshot import ManageSnapshots
+from pyiceberg.table.update.sorting import UpdateSortOrder
+from pyiceberg.table.update.spec import UpdateSpec
+from pyiceberg.table.update.statistics import UpdateStatistics
+from sqlalchemy import create_engine
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.pool import StaticPool
+
+from eos_airflow.errors import (
+    ConfigurationError,
+    EosError,
+    LakehouseConflictError,
+    MisuseError,
+)
+
+if TYPE_CHECKING:
+    from pyiceberg.io import FileIO
+    from pyiceberg.table import CommitTableResponse
+    from pyiceberg.table.metadata import TableMetadata
+    from pyiceberg.table.update import TableRequirement, TableUpdate
+    from pyiceberg.typedef import Identifier
+
+    from eos_airflow.protocol.effect import Effect
+
+#: The catalog's name: the ``catalog_name`` of its rows, and the name a reader passes.
+CATALOG_NAME = "eos"
+#: Where pyiceberg's catalog tables live in the ledger's database.
+CATALOG_SCHEMA = "public"
+#: Longest namespace or table name the catalog's columns hold.
+_NAME_MAX = 255
+_SAVEPOINT = "SAVEPOINT eos_iceberg"
+_RELEASE = "RELEASE SAVEPOINT eos_iceberg"
+_ROLLBACK = "ROLLBACK TO SAVEPOINT eos_iceberg"
+#: Serializes effects creating the catalog's tables (held to the end of the effect).
+_CREATE_LOCK = "eos-airflow:iceberg-catalog"
+
+T = TypeVar("T")
+
+
+def _one(row: tuple[Any, ...] | None) -> Any:
+    assert row is not None, "the query returns one row"
+    return row[0]
+
+
+def check_in_transaction(conn: psycopg.Connection[Any]) -> None:
+    """Refuse catalog work on a connection outside a transaction: the effect that opened the
+    table has ended."""
+    if conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        raise MisuseError(
+            "an Iceberg table from eos.iceberg() was used after its effect ended; open it "
+            "again inside the effect that writes it"
+        )
+
+
+class EffectConnection:
+    """The effect's psycopg connection as SQLAlchemy's DBAPI connection: every transaction
+    SQLAlchemy begins is a savepoint of the effect's transaction — its commit releases the
+    savepoint, its rollback rolls back to it — and closing it leaves the connection open."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+        self._open = False
+
+    def cursor(self, *args: Any, **kwargs: Any) -> psycopg.Cursor[Any]:
+        conn = self._conn
+        if not self._open:
+            check_in_transaction(conn)
+            conn.execute(_SAVEPOINT)
+            self._open = True
+        kwargs.setdefault("row_factory", tuple_row)
+        return conn.cursor(*args, **kwargs)
+
+    def commit(self) -> None:
+        if self._open:
+            self._open = False
+            self._conn.execute(_RELEASE)
+
+    def rollback(self) -> None:
+        if self._open:
+            self._open = False
+            if self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self._conn.execute(_ROLLBACK)
+                self._conn.execute(_RELEASE)
+
+    def close(self) -> None:
+        self.rollback()
+
+    def add_notice_handler(self, handler: Callable[..., Any]) -> None:
+        """The effect's connection keeps its own notice handlers."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _unwrapped(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a catalog call; a statement the database refused raises psycopg's own error (so
+    the protocol reports its SQLSTATE, e.g. a deadlock as retryable), and an error of ours
+    raised under SQLAlchemy comes out as itself."""
+    try:
+        return call(*args, **kwargs)
+    except StatementError as exc:
+        if isinstance(exc.orig, (psycopg.Error, EosError)):
+            raise exc.orig from exc
+        raise
+
+
+class EffectCatalog(SqlCatalog):
+    """pyiceberg's SQL catalog ``"eos"`` on the effect's connection (see the module)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], **properties: str) -> None:
+        # SqlCatalog.__init__ would open an engine of its own: only the properties are kept.
+        MetastoreCatalog.__init__(self, CATALOG_NAME, **properties)
+        self.conn = conn
+        engine = create_engine(
+            "postgresql+psycopg://",
+            creator=lambda: EffectConnection(conn),
+            poolclass=StaticPool,
+            use_native_hstore=False,
+        )
+        self.engine = engine.execution_options(schema_translate_map={None: CATALOG_SCHEMA})
+        self._schema_version = self._prepare_tables()
+
+    def _prepare_tables(self) -> str:
+        """Create pyiceberg's catalog tables if the database has none (with the effect);
+        return the catalog's schema version as pyiceberg names it."""
+        names = [f"{CATALOG_SCHEMA}.{t}" for t in SqlCatalogBaseTable.metadata.tables]
+        query = "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n"
+        if not _one(self.conn.execute(query, [names]).fetchone()):
+            self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_CREATE_LOCK])
+            _unwrapped(SqlCatalogBaseTable.metadata.create_all, self.engine)
+        typed = _one(
+            self.conn.execute(
+                "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                "AND attname = 'iceberg_type' AND NOT attisdropped)",
+                [f"{CATALOG_SCHEMA}.iceberg_tables"],
+            ).fetchone()
+        )
+        return "v1" if typed else "v0"
+
+    def load_table(self, identifier: str | Identifier) -> Table:
+        table = _unwrapped(super().load_table, identifier)
+        return EffectTable(
+            table.name(), table.metadata, table.metadata_location, table.io, self, table.config
+        )
+
+    def lock_pointer(self, identifier: Identifier) -> str | None:
+        """Lock the table's pointer row until the effect ends — waiting for an effect that
+        holds it to commit or roll back — and return the metadata location it holds then
+        (None: no such table)."""
+        query = sql.SQL(
+            "SELECT metadata_location FROM {}.{} WHERE catalog_name = %s "
+            "AND table_namespace = %s AND table_name = %s FOR UPDATE"
+        ).format(sql.Identifier(CATALOG_SCHEMA), sql.Identifier(IcebergTables.__tablename__))
+        namespace = Catalog.namespace_to_string(Catalog.namespace_from(identifier))
+        name = Catalog.table_name_from(identifier)
+        check_in_transaction(self.conn)
+        row = self.conn.execute(query, [self.name, namespace, name]).fetchone()
+        return None if row is None else row[0]
+
+    def commit_table(
+        self,
+        table: Table,
+        requirements: tuple[TableRequirement, ...],
+        updates: tuple[TableUpdate, ...],
+    ) -> CommitTableResponse:
+        """pyiceberg's commit (its compare-and-swap UPDATE) in the effect's transaction, the
+        pointer locked first: the swap cannot be lost to a concurrent commit; a change whose
+        requirements no longer hold fails with pyiceberg's ``CommitFailedException``."""
+        self.lock_pointer(table.name())
+        return _unwrapped(super().commit_table, table, requirements, updates)
+
+    def create_table(self, *args: Any, **kwargs: Any) -> Table:
+        return _unwrapped(super().create_table, *args, **kwargs)
+
+    def create_namespace(self, *args: Any, **kwargs: Any) -> None:
+        _unwrapped(super().create_namespace, *args, **kwargs)
+
+    def namespace_exists(self, *args: Any, **kwargs: Any) -> bool:
+        return _unwrapped(super().namespace_exists, *args, **kwargs)
+
+    def purge_table(self, identifier: str | Identifier) -> None:
+        raise ConfigurationError(
+            "purge_table deletes files at once, before the effect commits; drop_table() "
+            "inside the effect and delete the files after it committed"
+        )
+
+    @staticmethod
+    def _delete_old_metadata(io: FileIO, base: TableMetadata, metadata: TableMetadata) -> None:
+        """Keep old metadata files: the effect may still roll back to them."""
+
+
+class EffectTransaction(Transaction):
+    """pyiceberg's table transaction, committed under the table's pointer lock: when the
+    pointer moved since the table was read, the snapshot is rebuilt on the new metadata
+    first (pyiceberg's own retry step, its data files kept). A change that concurrent
+    commits invalidate ends in :class:`LakehouseConflictError`."""
+
+    def commit_transaction(self) -> Table:
+        table = self._table
+        try:
+            if self._updates and isinstance(table.catalog, EffectCatalog):
+                current = table.catalog.lock_pointer(table.name())
+                rebuild = getattr(self, "_rebuild_snapshot_updates", None)
+                moved = current is not None and current != table.metadata_location
+                if moved and self._snapshot_producers and rebuild is not None:
+                    table.refresh()
+                    rebuild()
+            return super().commit_transaction()
+        except (CommitFailedException, ValidationException) as exc:
+            raise LakehouseConflictError(
+                f"Iceberg table {'.'.join(table.name())}: concurrent commits conflict with "
+                f"this effect's change ({exc}); nothing of this effect was committed. Retry "
+                "(Airflow retries this)"
+            ) from exc
+
+
+class EffectTable(Table):
+    """A pyiceberg ``Table`` of :class:`EffectCatalog`: its commits join the effect."""
+
+    def transaction(self) -> Transaction:
+        return EffectTransaction(self)
+
+    def update_schema(
+        self, allow_incompatible_changes: bool = False, case_sensitive: bool = True
+    ) -> UpdateSchema:
+        return UpdateSchema(
+            transaction=EffectTransaction(self, autocommit=True),
+            allow_incompatible_changes=allow_incompatible_changes,
+            case_sensitive=case_sensitive,
+            name_mapping=self.name_mapping(),
+        )
+
+    def update_spec(self, case_sensitive: bool = True) -> UpdateSpec:
+        return UpdateSpec(EffectTransaction(self, autocommit=True), case_sensitive=case_sensitive)
+
+    def update_sort_order(self, case_sensitive: bool = True) -> UpdateSortOrder:
+        return UpdateSortOrder(
+            transaction=EffectTransaction(self, autocommit=True), case_sensitive=case_sensitive
+        )
+
+    def manage_snapshots(self) -> ManageSnapshots:
+        return ManageSnapshots(transaction=EffectTransaction(self, autocommit=True))
+
+    def update_statistics(self) -> UpdateStatistics:
+        return UpdateStatistics(transaction=EffectTransaction(self, autocommit=True))
+
+
+def check_identifier(identifier: Any) -> tuple[str, ...]:
+    """``"ns.table"`` or ``("ns", "table")`` (namespaces may nest) as a tuple; raises
+    :class:`ConfigurationError` for anything else."""
+    if isinstance(identifier, str):
+        parts = tuple(identifier.split("."))
+    elif isinstance(identifier, (tuple, list)) and all(isinstance(p, str) for p in identifier):
+        parts = tuple(identifier)
+    else:
+        raise ConfigurationError(
+            f"eos.iceberg(): the table identifier must be 'namespace.table' or a tuple of "
+            f"strings, got {type(identifier).__name__}"
+        )
+    if len(parts) < 2 or not all(parts):
+        raise ConfigurationError(
+            f"eos.iceberg(): {identifier!r} is not 'namespace.table': the catalog keeps "
+            "every table in a namespace"
+        )
+    if len(".".join(parts[:-1])) > _NAME_MAX or len(parts[-1]) > _NAME_MAX:
+        raise ConfigurationError(
+            f"eos.iceberg(): {identifier!r}: namespace and table names are limited to "
+            f"{_NAME_MAX} characters"
+        )
+    return parts
+
+
+def _check_schema(schema: Any) -> None:
+    if schema is None or isinstance(schema, Schema):
+        return
+    try:
+        import pyarrow as pa  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"eos.iceberg() needs pyarrow ({exc}): pip install 'eos-airflow[lakehouse]'"
+        ) from exc
+    if not isinstance(schema, pa.Schema):
+        raise ConfigurationError(
+            "eos.iceberg(): schema= must be a pyarrow.Schema or a pyiceberg Schema, got "
+            f"{type(schema).__name__}"
+        )
+
+
+def catalog(
+    eos: Effect, warehouse: str | None = None, properties: Mapping[str, str] | None = None
+) -> EffectCatalog:
+    """The effect's catalog for these settings (one per effect and settings)."""
+    props = {str(k): str(v) for k, v in (properties or {}).items()}
+    if warehouse is not None:
+        props["warehouse"] = warehouse
+    key = tuple(sorted(props.items()))
+    catalogs = eos.lakehouse_catalogs
+    if key not in catalogs:
+        catalogs[key] = EffectCatalog(eos.conn, **props)
+    found = catalogs[key]
+    assert isinstance(found, EffectCatalog)
+    return found
+
+
+def open_table(
+    eos: Effect,
+    identifier: str | tuple[str, ...],
+    *,
+    schema: Any = None,
+    partition_spec: PartitionSpec | None = None,
+    warehouse: str | None = None,
+    properties: Mapping[str, str] | None = None,
+) -> Table:
+    """What ``eos.iceberg(...)`` calls: the table, created (with its namespace) from
+    ``schema`` when missing; its commits join ``eos``'s transaction."""
+    parts = check_identifier(identifier)
+    name = ".".join(parts)
+    _check_schema(schema)
+    if partition_spec is not None and not isinstance(partition_spec, PartitionSpec):
+        raise ConfigurationError(
+            "eos.iceberg(): partition_spec= must be a pyiceberg PartitionSpec, got "
+            f"{type(partition_spec).__name__}"
+        )
+    cat = catalog(eos, warehouse, properties)
+    try:
+        return cat.load_table(parts)
+    except NoSuchTableError:
+        pass
+    if schema is None:
+        raise ConfigurationError(
+            f"Iceberg table {name!r} does not exist in catalog {CATALOG_NAME!r}: pass "
+            "schema= (and warehouse=) to create it with the effect, or fix the name"
+        ) from None
+    if "warehouse" not in cat.properties:
+        raise ConfigurationError(
+            f"Iceberg table {name!r} does not exist: creating it needs warehouse= (where "
+            "its files go, e.g. 'file:///data/lake' or 's3://bucket/lake')"
+        )
+    namespace = parts[:-1]
+    try:
+        if not cat.namespace_exists(namespace):
+            cat.create_namespace(namespace)
+    except (NamespaceAlreadyExistsError, IntegrityError, psycopg.errors.UniqueViolation):
+        pass  # a concurrent effect created it and committed
+    try:
+        return cat.create_table(
+            parts, schema, partition_spec=partition_spec or UNPARTITIONED_PARTITION_SPEC
+        )
+    except TableAlreadyExistsError:
+        return cat.load_table(parts)  # a concurrent effect created it and committed
+
+
+def reader_uri(dsn: str) -> str:
+    """The SQLAlchemy URI of the ledger's database for a stock reader:
+    ``SqlCatalog("eos", uri=reader_uri(dsn), warehouse=...)``."""
+    from sqlalchemy.engine import URL
+
+    params = {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(dsn).items()}
+    port = params.pop("port", None)
+    url = URL.create(
+        "postgresql+psycopg",
+        username=params.pop("user", None),
+        password=params.pop("password", None),
+        host=params.pop("host", None),
+        port=int(port) if port else None,
+        database=params.pop("dbname", None),
+        query=params,
+    )
+    return url.render_as_string(hide_password=False)
