@@ -169,9 +169,9 @@ class DeliveryError(EosError):
 
 
 class LakehouseConflictError(EosError):
-    """Concurrent commits to a lakehouse table (Iceberg) kept beating this effect's commit,
-    or changed what it depended on (the files an overwrite replaces); nothing of the effect
-    was committed. Retry: the next try applies the change to the table as it is then."""
+    """Concurrent commits to a lakehouse table (Iceberg, Delta) kept beating this effect's
+    commit, or changed what it depended on (the files an overwrite replaces, a Delta
+    transaction marker of the same effect); nothing of the effect was committed. Retry: the next try applies the change to the table as it is then."""
 
     retryable = True
 

@@ -43,6 +43,9 @@ STEPS = frozenset(
         "after_decision",
         "after_first_commit_prepared",
         "after_precommit",
+        # eos.delta(): Delta's commit (with the effect's transaction marker) is done, the
+        # ledger's is not
+        "after_delta_commit",
     }
 )
 #: Exit status used by ``exit``; 137 is what a shell reports for SIGKILL.

@@ -70,6 +70,10 @@ class Effect:
     lakehouse_catalogs: dict[Any, Any] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    #: Delta tables this effect wrote (protocol/delta.py): one write per table.
+    delta_writes: dict[str, bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def offsets(self) -> Offsets:
@@ -152,6 +156,24 @@ class Effect:
             warehouse=warehouse,
             properties=properties,
         )
+
+    def delta(self, table_uri: str, *, storage_options: Mapping[str, str] | None = None) -> Any:
+        """The Delta table at ``table_uri`` (``file://``, ``s3://``, ...), written once for
+        this effect: ``eos.delta(uri).write(data, mode="append"|"overwrite", predicate=None,
+        partition_by=None)``. The write carries Delta's transaction marker (app id = the
+        effect key, version = the ledger version being written), so a retry after a crash
+        between Delta's commit and the ledger's finds it and does not write again
+        (protocol/delta.py). Make the write the function's last step. Needs the
+        ``lakehouse`` extra."""
+        try:
+            import deltalake  # noqa: F401
+
+            from eos_airflow.protocol.delta import DeltaTarget
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"eos.delta() needs deltalake ({exc}): pip install 'eos-airflow[lakehouse]'"
+            ) from exc
+        return DeltaTarget(self, table_uri, storage_options)
 
     #: Connections by target name of a multi-target effect (protocol/twophase.py).
     targets: Mapping[str, psycopg.Connection[Any]] | None = field(
