@@ -139,8 +139,21 @@ class DeltaTarget:
         Returns ``{"table_uri", "delta_version", "app_id", "txn_version", "written"}``:
         ``written`` is False when an earlier attempt of this version already wrote it
         (``delta_version`` is then the table's version when it was found)."""
-        from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-        from deltalake.exceptions import CommitFailedError, TableNotFoundError
+        return self.prepare(mode=mode, predicate=predicate, partition_by=partition_by).commit(data)
+
+    def prepare(
+        self,
+        *,
+        mode: str = "append",
+        predicate: str | None = None,
+        partition_by: str | list[str] | None = None,
+    ) -> DeltaWrite:
+        """The write's first half: check the arguments and that this attempt owns the key,
+        read the table and its marker for the key. :meth:`DeltaWrite.commit` is the second
+        half (the protocol's two steps, which the stateful model interleaves with other
+        attempts' steps)."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
 
         if mode not in MODES:
             raise ConfigurationError(
@@ -152,8 +165,7 @@ class DeltaTarget:
                 "use it with mode='overwrite'"
             )
         eos = self._eos
-        written = eos.delta_writes
-        if self.uri in written:
+        if self.uri in eos.delta_writes:
             raise MisuseError(
                 f"eos.delta({self.uri!r}).write() was already called in effect {eos.key!r}: "
                 "one write per table per effect (its marker is the effect's); combine the data "
@@ -161,52 +173,9 @@ class DeltaTarget:
             )
         version = self._writing_version()
         table = self._open(DeltaTable, TableNotFoundError)
-        app_id = eos.key
-        found = None if table is None else table.transaction_version(app_id)
-        if found is not None and found >= version:
-            written[self.uri] = True
-            return {
-                "table_uri": self.uri,
-                "delta_version": table.version() if table is not None else None,
-                "app_id": app_id,
-                "txn_version": found,
-                "written": False,
-            }
-        written[self.uri] = True
-        marker = CommitProperties(app_transactions=[Transaction(app_id=app_id, version=version)])
-        try:
-            writer: Any = write_deltalake  # one call for both modes (typed per mode)
-            writer(
-                table if table is not None else self.uri,
-                data,
-                mode=mode,
-                predicate=predicate,
-                partition_by=partition_by,
-                storage_options=self.options or None,
-                commit_properties=marker,
-            )
-        except CommitFailedError as exc:
-            raise LakehouseConflictError(
-                f"Delta table {self.uri}: a concurrent commit conflicts with this effect's "
-                f"write ({exc}); nothing of this effect was written. Retry (Airflow retries "
-                "this): the next try finds the table as it is then"
-            ) from exc
-        except (OSError, ValueError, TypeError) as exc:
-            raise self._refused(exc) from exc
-        except Exception as exc:  # deltalake raises plain Exception for Arrow cast errors
-            if type(exc).__module__.split(".")[0] in ("deltalake", "_internal", "builtins"):
-                raise self._refused(exc) from exc
-            raise
-        if table is None:
-            table = self._open(DeltaTable, TableNotFoundError)
-        failpoints.check("after_delta_commit", attempt=eos.attempt)
-        return {
-            "table_uri": self.uri,
-            "delta_version": table.version() if table is not None else None,
-            "app_id": app_id,
-            "txn_version": version,
-            "written": True,
-        }
+        found = None if table is None else table.transaction_version(eos.key)
+        eos.delta_writes[self.uri] = True
+        return DeltaWrite(self, table, version, found, mode, predicate, partition_by)
 
     def _writing_version(self) -> int:
         """The ledger version this attempt writes, if it still owns the key."""
@@ -269,6 +238,85 @@ class DeltaTarget:
             "nothing was written. Check table_uri and storage_options (endpoint, "
             "credentials, region)"
         )
+
+
+class DeltaWrite:
+    """A prepared write (:meth:`DeltaTarget.prepare`): the table as read, the version this
+    attempt writes and the marker the table held for the key then."""
+
+    def __init__(
+        self,
+        target: DeltaTarget,
+        table: Any,
+        version: int,
+        found: int | None,
+        mode: str,
+        predicate: str | None,
+        partition_by: str | list[str] | None,
+    ) -> None:
+        self.target = target
+        self.table = table
+        self.version = version
+        self.found = found
+        self.mode = mode
+        self.predicate = predicate
+        self.partition_by = partition_by
+
+    @property
+    def done_already(self) -> bool:
+        """An earlier attempt of this version wrote it: nothing is written again."""
+        return self.found is not None and self.found >= self.version
+
+    def commit(self, data: Any) -> dict[str, Any]:
+        """Write ``data`` with the marker, on the table as read (a concurrent commit that set
+        the same marker since then makes Delta refuse this one), unless it is done already."""
+        from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+        from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+        target, table = self.target, self.table
+        eos = target._eos
+        app_id = eos.key
+        if self.done_already:
+            return self._result(app_id, self.found, written=False)
+        marker = CommitProperties(
+            app_transactions=[Transaction(app_id=app_id, version=self.version)]
+        )
+        try:
+            writer: Any = write_deltalake  # one call for both modes (typed per mode)
+            writer(
+                table if table is not None else target.uri,
+                data,
+                mode=self.mode,
+                predicate=self.predicate,
+                partition_by=self.partition_by,
+                storage_options=target.options or None,
+                commit_properties=marker,
+            )
+        except CommitFailedError as exc:
+            raise LakehouseConflictError(
+                f"Delta table {target.uri}: a concurrent commit conflicts with this effect's "
+                f"write ({exc}); nothing of this effect was written. Retry (Airflow retries "
+                "this): the next try finds the table as it is then"
+            ) from exc
+        except (OSError, DeltaError) as exc:
+            raise target._refused(exc) from exc
+        except Exception as exc:
+            if type(exc) is Exception:  # how deltalake reports an Arrow cast error
+                raise target._refused(exc) from exc
+            raise
+        if table is None:
+            self.table = target._open(DeltaTable, TableNotFoundError)
+        failpoints.check("after_delta_commit", attempt=eos.attempt)
+        return self._result(app_id, self.version, written=True)
+
+    def _result(self, app_id: str, txn_version: int | None, *, written: bool) -> dict[str, Any]:
+        return {
+            "table_uri": self.target.uri,
+            "delta_version": self.table.version() if self.table is not None else None,
+            "app_id": app_id,
+            "txn_version": txn_version,
+            "written": written,
+        }
 
 
 def _filesystem(uri: str, options: Mapping[str, str]) -> tuple[Any, str]:

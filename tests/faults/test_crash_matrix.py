@@ -45,7 +45,7 @@ import pytest
 from psycopg import sql
 
 from tests.conftest import create_database, drop_database, prepared_transactions_or_skip
-from tests.faults import crash
+from tests.faults import crash, crash_lake
 
 SEED = int(os.environ.get("EOS_FAULT_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
 RUNS = int(os.environ.get("EOS_CRASH_RUNS", "0")) or 1000
@@ -61,6 +61,10 @@ SCENARIOS = {
         crash.OutboxKafka,
         crash.TwoPhase,
         crash.ThreePhase,
+        crash_lake.Iceberg,
+        crash_lake.IcebergS3,
+        crash_lake.Delta,
+        crash_lake.DeltaS3,
     )
 }
 NATS_URL = os.environ.get("EOS_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -74,6 +78,16 @@ brokers = owner.list_topics(timeout=10).brokers.values()
 print(",".join(f"{b.host}:{b.port}" for b in brokers), flush=True)
 sys.stdin.read()
 """
+
+
+@pytest.fixture(scope="module")
+def s3_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The S3 API of the lakehouse scenarios (moto's standalone server)."""
+    from eos_airflow.devtools.s3 import start_s3
+
+    server = start_s3(log=tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +190,16 @@ def scenario(
                 dsns, rng, big, destination=f"kafka:{topic}", make_sink=kafka_sink, broker=bootstrap
             )
             built.journal = journal
+        elif issubclass(cls, crash_lake._Lake):
+            built = cls(dsns, rng, big)
+            if cls.storage == "s3":
+                s3 = request.getfixturevalue("s3_service")
+                built.root = s3.bucket(f"eos-crash-{token}")
+                built.iceberg_properties = s3.iceberg_properties()
+                built.delta_options = s3.delta_options()
+            else:
+                built.root = tmp_path_factory.mktemp(name).as_uri()
+            cleanup.append(getattr(built, "stop_poller", lambda: None))
         else:
             built = cls(dsns, rng, big)
         built.setup()
@@ -249,6 +273,8 @@ def report(scenario: crash.Scenario, tally: dict[str, object]) -> None:
         if "aborted_copies" in tally:
             extra += f", {tally['aborted_copies']} in aborted transactions not counted"
         extra += ")"
+    if "polls" in tally:
+        extra += f", a reader saw {tally['partial']} partial effects in {tally['polls']} polls"
     print(
         f"\ncrash matrix {scenario.name} (EOS_FAULT_SEED={SEED}): {tally['runs']} runs, "
         f"{tally['fired']} faults fired, {tally['keys']} keys, {tally['duplicates']} "
@@ -256,6 +282,7 @@ def report(scenario: crash.Scenario, tally: dict[str, object]) -> None:
         f"{tally['seconds']:.1f} s\n  {steps}"
     )
     assert (tally["duplicates"], tally["lost"], tally["prepared"]) == (0, 0, 0), tally
+    assert tally.get("partial", 0) == 0, tally
 
 
 def sample_plan(name: str) -> list[tuple[str, str]]:
