@@ -12,6 +12,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -38,6 +39,17 @@ def pg_admin_dsn() -> Iterator[str]:
 
     server = start_embedded(Path(tempfile.gettempdir()) / f"eos-test-pg-{os.getuid()}")
     yield server.dsn
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A local S3 API for the lakehouse tests (moto's standalone server, or the one named by
+    ``EOS_S3_ENDPOINT``): ``eos_airflow.devtools.s3.S3``."""
+    from eos_airflow.devtools.s3 import start_s3
+
+    server = start_s3(log=tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
     server.stop()
 
 
@@ -130,7 +142,19 @@ def events(conn: psycopg.Connection, key: str | None = None) -> list[tuple[str, 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Heavy fault and load runs (``@pytest.mark.slow``) run only with EOS_SLOW=1."""
+    """Heavy fault and load runs (``@pytest.mark.slow``) run only with EOS_SLOW=1.
+
+    The crash matrix's Delta scenarios run first: they fork children that use deltalake,
+    whose runtime refuses to run in a process forked after its parent used it (a test that
+    reads a Delta table in the test process would make every later fork fail)."""
+    forks_delta = [
+        item
+        for item in items
+        if "test_crash_matrix.py::" in item.nodeid and "[delta" in item.nodeid
+    ]
+    if forks_delta:
+        first = set(map(id, forks_delta))
+        items[:] = forks_delta + [item for item in items if id(item) not in first]
     if os.environ.get("EOS_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="heavy run: set EOS_SLOW=1 to include it")

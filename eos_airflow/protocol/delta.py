@@ -27,7 +27,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from eos_airflow import failpoints
-from eos_airflow.errors import ConfigurationError, FencedError, LakehouseConflictError, MisuseError
+from eos_airflow.errors import (
+    ConfigurationError,
+    EosError,
+    FencedError,
+    LakehouseConflictError,
+    MisuseError,
+)
 from eos_airflow.ledger.store import LedgerStore
 
 if TYPE_CHECKING:
@@ -270,7 +276,7 @@ class DeltaWrite:
     def commit(self, data: Any) -> dict[str, Any]:
         """Write ``data`` with the marker, on the table as read (a concurrent commit that set
         the same marker since then makes Delta refuse this one), unless it is done already."""
-        from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+        from deltalake import CommitProperties, DeltaTable, Transaction
         from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
         target, table = self.target, self.table
@@ -281,33 +287,78 @@ class DeltaWrite:
         marker = CommitProperties(
             app_transactions=[Transaction(app_id=app_id, version=self.version)]
         )
-        try:
-            writer: Any = write_deltalake  # one call for both modes (typed per mode)
-            writer(
-                table if table is not None else target.uri,
-                data,
-                mode=self.mode,
-                predicate=self.predicate,
-                partition_by=self.partition_by,
-                storage_options=target.options or None,
-                commit_properties=marker,
-            )
-        except CommitFailedError as exc:
-            raise LakehouseConflictError(
-                f"Delta table {target.uri}: a concurrent commit conflicts with this effect's "
-                f"write ({exc}); nothing of this effect was written. Retry (Airflow retries "
-                "this): the next try finds the table as it is then"
-            ) from exc
-        except (OSError, DeltaError) as exc:
-            raise target._refused(exc) from exc
-        except Exception as exc:
-            if type(exc) is Exception:  # how deltalake reports an Arrow cast error
-                raise target._refused(exc) from exc
-            raise
         if table is None:
-            self.table = target._open(DeltaTable, TableNotFoundError)
+            # The location held no table when read. Delta checks a commit's marker against
+            # the commits made since the table was read, and a table-creating commit has no
+            # such read: so the table is created first, empty (its own commit; a concurrent
+            # creator's table is as good), and the write proceeds on the table as read then.
+            data = _arrow(data)
+            self._create(data.schema)
+            self.table = table = target._open(DeltaTable, TableNotFoundError)
+            if table is None:
+                raise target._refused(OSError("the table just created cannot be read"))
+            self.found = table.transaction_version(app_id)
+            if self.done_already:
+                return self._result(app_id, self.found, written=False)
+        try:
+            self._write(data, table, self.mode, marker)
+        except (CommitFailedError, DeltaError) as exc:
+            raise self._failure(exc) from exc
         failpoints.check("after_delta_commit", attempt=eos.attempt)
         return self._result(app_id, self.version, written=True)
+
+    def _create(self, schema: Any) -> None:
+        """Create the table, empty, unless one exists (also one created meanwhile)."""
+        from deltalake import write_deltalake
+        from deltalake.exceptions import CommitFailedError, DeltaError
+
+        try:
+            write_deltalake(
+                self.target.uri,
+                schema.empty_table(),
+                mode="error",
+                partition_by=self.partition_by,
+                storage_options=self.target.options or None,
+            )
+        except CommitFailedError:
+            pass  # a concurrent creator's first commit won
+        except DeltaError as exc:
+            if "already exists" not in str(exc):
+                raise self._failure(exc) from exc
+        except OSError as exc:
+            raise self.target._refused(exc) from exc
+
+    def _write(self, data: Any, table_or_uri: Any, mode: str, marker: Any) -> None:
+        from deltalake import write_deltalake
+
+        writer: Any = write_deltalake  # one call for every mode (typed per mode)
+        try:
+            writer(
+                table_or_uri,
+                data,
+                mode=mode,
+                predicate=self.predicate if mode == "overwrite" else None,
+                partition_by=self.partition_by,
+                storage_options=self.target.options or None,
+                commit_properties=marker,
+            )
+        except OSError as exc:
+            raise self.target._refused(exc) from exc
+        except Exception as exc:
+            if type(exc) is Exception:  # how deltalake reports an Arrow cast error
+                raise self.target._refused(exc) from exc
+            raise
+
+    def _failure(self, exc: BaseException) -> EosError:
+        from deltalake.exceptions import CommitFailedError
+
+        if isinstance(exc, CommitFailedError):
+            return LakehouseConflictError(
+                f"Delta table {self.target.uri}: a concurrent commit conflicts with this "
+                f"effect's write ({exc}); nothing of this effect was written. Retry (Airflow "
+                "retries this): the next try finds the table as it is then"
+            )
+        return self.target._refused(exc)
 
     def _result(self, app_id: str, txn_version: int | None, *, written: bool) -> dict[str, Any]:
         return {
@@ -317,6 +368,20 @@ class DeltaWrite:
             "txn_version": txn_version,
             "written": written,
         }
+
+
+def _arrow(data: Any) -> Any:
+    """``data`` as a pyarrow Table or RecordBatchReader (both know their schema)."""
+    import pyarrow as pa  # type: ignore[import-untyped]
+
+    if isinstance(data, (pa.Table, pa.RecordBatchReader)):
+        return data
+    if hasattr(data, "__arrow_c_stream__"):
+        return pa.RecordBatchReader.from_stream(data)
+    raise ConfigurationError(
+        "eos.delta().write(): data must be a pyarrow Table or RecordBatchReader (or export an "
+        f"Arrow stream), got {type(data).__name__}"
+    )
 
 
 def _filesystem(uri: str, options: Mapping[str, str]) -> tuple[Any, str]:

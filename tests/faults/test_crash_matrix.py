@@ -81,16 +81,6 @@ sys.stdin.read()
 
 
 @pytest.fixture(scope="module")
-def s3_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """The S3 API of the lakehouse scenarios (moto's standalone server)."""
-    from eos_airflow.devtools.s3 import start_s3
-
-    server = start_s3(log=tmp_path_factory.mktemp("s3") / "moto.log")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def kafka_bootstrap() -> Iterator[str]:
     pytest.importorskip("confluent_kafka")
     owner = subprocess.Popen(
@@ -193,7 +183,7 @@ def scenario(
         elif issubclass(cls, crash_lake._Lake):
             built = cls(dsns, rng, big)
             if cls.storage == "s3":
-                s3 = request.getfixturevalue("s3_service")
+                s3 = request.getfixturevalue("s3_server")
                 built.root = s3.bucket(f"eos-crash-{token}")
                 built.iceberg_properties = s3.iceberg_properties()
                 built.delta_options = s3.delta_options()

@@ -5,13 +5,12 @@ test)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from eos_airflow.devtools.s3 import S3, start_s3
+from eos_airflow.devtools.s3 import S3
 
 
 @dataclass(frozen=True)
@@ -42,13 +41,6 @@ class Lake:
         return sorted(
             obj["Key"][len(prefix) :] for page in pages for obj in page.get("Contents", [])
         )
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
-    server = start_s3(log=tmp_path_factory.mktemp("s3") / "moto.log")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["file", "s3"])

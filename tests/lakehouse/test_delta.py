@@ -81,7 +81,7 @@ def test_a_write_commits_with_its_marker(ledger: Ledger, lake: Lake, conn):
     result = ledger.run("sales/2024-01-01", write(lake), origin=TI)
     assert result == {
         "table_uri": lake.uri("sales"),
-        "delta_version": 0,
+        "delta_version": 1,  # version 0 created the table, empty
         "app_id": "sales/2024-01-01",
         "txn_version": 1,
         "written": True,
@@ -99,7 +99,7 @@ def test_a_retry_and_a_second_run_add_no_version(ledger: Ledger, lake: Lake):
     retry = ledger.run_outcome("day1", write(lake), attempt=2, origin=TI)
     other_run = ledger.run_outcome("day1", write(lake), origin=Origin("lake", "load", "r2", -1))
     assert (first.action, retry.action, other_run.action) == ("committed", "skipped", "skipped")
-    assert table(lake).version() == 0
+    assert table(lake).version() == 1  # the creation, the write
     assert table_rows(lake) == [("2024-01-01", 1), ("2024-01-01", 2)]
 
 
@@ -120,7 +120,7 @@ def test_a_failpoint_at_each_step_writes_once(ledger: Ledger, lake: Lake, conn, 
     assert outcome.result["txn_version"] == 1
     assert table_rows(lake) == [("2024-01-01", 1), ("2024-01-01", 2)]
     assert writes_of(lake, "day1") == 1
-    assert table(lake).version() == 0
+    assert table(lake).version() == 1
     assert [e for e, _ in events(conn, "day1")] == ["claimed", "failed", "claimed", "committed"]
 
 
@@ -168,7 +168,7 @@ def test_replace_overwrites_one_partition(ledger: Ledger, lake: Lake, conn):
     assert replaced.action == "replaced"
     assert (replaced.version, replaced.result["txn_version"]) == (2, 2)
     assert table_rows(lake) == [("d1", 10), ("d1", 20), ("d2", 5)]
-    assert table(lake).version() == 2  # one new version for the replacement
+    assert table(lake).version() == 3  # created, day1, day2, and one for the replacement
     assert table(lake).transaction_version("day1") == 2
 
 
@@ -182,7 +182,7 @@ def test_a_crashed_replacement_is_not_written_twice(ledger: Ledger, lake: Lake, 
     outcome = ledger.run_outcome("day1", replace, on_committed="replace", attempt=2, origin=TI)
     assert (outcome.action, outcome.version, outcome.result["written"]) == ("replaced", 2, False)
     assert table_rows(lake) == [("d1", 7)]
-    assert table(lake).version() == 1
+    assert table(lake).version() == 2  # created, written, replaced once
 
 
 def test_a_zombie_that_read_the_table_before_the_newer_try_cannot_write(
@@ -246,7 +246,7 @@ def test_a_fenced_attempt_writes_nothing(ledger: Ledger, lake: Lake, db: str):
     first.join(60)
     assert isinstance(outcome["zombie"], FencedError)
     assert table_rows(lake) == [("newer", 2)]
-    assert table(lake).version() == 0
+    assert table(lake).version() == 1
 
 
 @pytest.mark.parametrize("writers", [2, 4])
@@ -269,7 +269,7 @@ def test_concurrent_effects_appending_to_one_table_all_land(
         thread.join(120)
     assert errors == []
     assert table_rows(lake) == [("base", 0)] + [(f"w{n}", n) for n in range(1, writers + 1)]
-    assert table(lake).version() == writers
+    assert table(lake).version() == writers + 1
 
 
 def test_two_writes_to_one_table_in_one_effect_are_refused(ledger: Ledger, lake: Lake, conn):
@@ -324,7 +324,7 @@ def test_a_schema_mismatch_is_refused_and_nothing_is_written(ledger: Ledger, lak
     wrong = pa.table({"day": ["2024-01-02"], "amount": ["not a number"]})
     with pytest.raises(ConfigurationError, match="does not match the table's schema"):
         ledger.run("day2", write(lake, wrong), origin=TI)
-    assert table(lake).version() == 0
+    assert table(lake).version() == 1
     assert table_rows(lake) == [("2024-01-01", 1), ("2024-01-01", 2)]
     assert [e for e, _ in events(conn, "day2")] == ["claimed", "failed"]
 
@@ -367,3 +367,37 @@ def test_without_deltalake_the_error_names_the_extra(ledger: Ledger, monkeypatch
     monkeypatch.setitem(sys.modules, "deltalake", None)
     with pytest.raises(ConfigurationError, match=r"pip install 'eos-airflow\[lakehouse\]'"):
         ledger.run("k", lambda eos: eos.delta("file:///tmp/x"), origin=TI)
+
+
+def test_a_zombie_that_read_before_the_table_existed_cannot_write_after_it_was_created(
+    ledger: Ledger, lake: Lake
+):
+    """Found by the stateful model: try 1 read no table; try 2 took the key over, created the
+    table with its write and committed. Try 1's write must not append to the new table: it
+    creates only where no table exists: it loses, or reads the new table's marker."""
+    reading, release = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def slow_rows():
+        reading.set()
+        assert release.wait(30)
+        yield from rows("zombie", 1).to_batches()
+
+    def zombie():
+        reader = pa.RecordBatchReader.from_batches(ARROW, slow_rows())
+        try:
+            ledger.run("k", write(lake, reader), attempt=1, origin=TI)
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome["zombie"] = exc
+
+    first = threading.Thread(target=zombie)
+    first.start()
+    assert reading.wait(30)
+    ledger.run("k", write(lake, rows("newer", 2)), attempt=2, origin=TI)
+    release.set()
+    first.join(60)
+    # refused by Delta (the table's first commit exists), or it found try 2's marker and
+    # its ledger commit was fenced: either way it wrote nothing
+    assert isinstance(outcome["zombie"], (LakehouseConflictError, FencedError)), outcome["zombie"]
+    assert table_rows(lake) == [("newer", 2)]
+    assert writes_of(lake, "k") == 1
