@@ -372,7 +372,7 @@ class DeltaWrite:
 
 def _arrow(data: Any) -> Any:
     """``data`` as a pyarrow Table or RecordBatchReader (both know their schema)."""
-    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow as pa
 
     if isinstance(data, (pa.Table, pa.RecordBatchReader)):
         return data
