@@ -26,7 +26,8 @@ it is committed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
@@ -57,6 +58,7 @@ from eos_airflow.errors import (
     ConfigurationError,
     EosError,
     LakehouseConflictError,
+    LakehouseStorageError,
     MisuseError,
 )
 
@@ -170,11 +172,17 @@ class EffectCatalog(SqlCatalog):
     def _prepare_tables(self) -> str:
         """Create pyiceberg's catalog tables if the database has none (with the effect);
         return the catalog's schema version as pyiceberg names it."""
-        names = [f"{CATALOG_SCHEMA}.{t}" for t in SqlCatalogBaseTable.metadata.tables]
-        query = "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n"
-        if not _one(self.conn.execute(query, [names]).fetchone()):
+        if not catalog_tables_exist(self.conn):
             self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_CREATE_LOCK])
-            _unwrapped(SqlCatalogBaseTable.metadata.create_all, self.engine)
+            try:
+                _unwrapped(SqlCatalogBaseTable.metadata.create_all, self.engine)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise ConfigurationError(
+                    "the Iceberg catalog's tables do not exist in the ledger's database and "
+                    f"this role cannot create them ({exc.diag.message_primary}); run "
+                    "`eos-airflow db grant --writer ROLE --auditor ROLE --iceberg` as the "
+                    "ledger's owner (it creates them and grants the writer their use)"
+                ) from exc
         typed = _one(
             self.conn.execute(
                 "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s) "
@@ -185,7 +193,8 @@ class EffectCatalog(SqlCatalog):
         return "v1" if typed else "v0"
 
     def load_table(self, identifier: str | Identifier) -> Table:
-        table = _unwrapped(super().load_table, identifier)
+        with lake_errors(".".join(Catalog.identifier_to_tuple(identifier))):
+            table = _unwrapped(super().load_table, identifier)
         return EffectTable(
             table.name(), table.metadata, table.metadata_location, table.io, self, table.config
         )
@@ -236,14 +245,64 @@ class EffectCatalog(SqlCatalog):
         """Keep old metadata files: the effect may still roll back to them."""
 
 
+@contextlib.contextmanager
+def lake_errors(name: str) -> Iterator[None]:
+    """pyiceberg's errors for bad data and unreachable storage, as ours: data that does not
+    fit the table's schema → :class:`ConfigurationError`; storage that refused or did not
+    answer → :class:`LakehouseStorageError` (retryable)."""
+    try:
+        yield
+    except EosError:
+        raise
+    except OSError as exc:
+        text = " ".join(str(exc).split())[:400]
+        raise LakehouseStorageError(
+            f"Iceberg table {name}: the storage refused the request or could not be reached "
+            f"({text}); nothing of this effect was committed. Check the warehouse and the "
+            "catalog properties (s3.endpoint, credentials, region); Airflow retries this"
+        ) from exc
+    except ValueError as exc:
+        text = " ".join(str(exc).split())
+        if "Mismatch in fields" not in text and "more columns" not in text:
+            raise
+        raise ConfigurationError(
+            f"Iceberg table {name}: the data does not match the table's schema "
+            f"({text[:600]}); nothing was written. Write columns of the table's types, or "
+            "evolve the schema first (table.update_schema() in the same effect)"
+        ) from exc
+
+
 class EffectTransaction(Transaction):
     """pyiceberg's table transaction, committed under the table's pointer lock: when the
     pointer moved since the table was read, the snapshot is rebuilt on the new metadata
     first (pyiceberg's own retry step, its data files kept). A change that concurrent
     commits invalidate ends in :class:`LakehouseConflictError`."""
 
+    def _name(self) -> str:
+        return ".".join(self._table.name())
+
+    def append(self, *args: Any, **kwargs: Any) -> None:
+        with lake_errors(self._name()):
+            super().append(*args, **kwargs)
+
+    def overwrite(self, *args: Any, **kwargs: Any) -> None:
+        with lake_errors(self._name()):
+            super().overwrite(*args, **kwargs)
+
+    def dynamic_partition_overwrite(self, *args: Any, **kwargs: Any) -> None:
+        with lake_errors(self._name()):
+            super().dynamic_partition_overwrite(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> None:
+        with lake_errors(self._name()):
+            super().delete(*args, **kwargs)
+
     def commit_transaction(self) -> Table:
         table = self._table
+        with lake_errors(self._name()):
+            return self._commit_under_lock(table)
+
+    def _commit_under_lock(self, table: Table) -> Table:
         try:
             if self._updates and isinstance(table.catalog, EffectCatalog):
                 current = table.catalog.lock_pointer(table.name())
@@ -290,6 +349,27 @@ class EffectTable(Table):
 
     def update_statistics(self) -> UpdateStatistics:
         return UpdateStatistics(transaction=EffectTransaction(self, autocommit=True))
+
+
+def catalog_tables_exist(conn: psycopg.Connection[Any]) -> bool:
+    names = [f"{CATALOG_SCHEMA}.{t}" for t in SqlCatalogBaseTable.metadata.tables]
+    query = "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n"
+    return bool(_one(conn.execute(query, [names]).fetchone()))
+
+
+def create_catalog_tables(conn: psycopg.Connection[Any]) -> list[str]:
+    """Create pyiceberg's catalog tables (schema ``public``) if missing, in ``conn``'s open
+    transaction; returns their names (``db grant --iceberg``)."""
+    if not catalog_tables_exist(conn):
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_CREATE_LOCK])
+        engine = create_engine(
+            "postgresql+psycopg://",
+            creator=lambda: EffectConnection(conn),
+            poolclass=StaticPool,
+            use_native_hstore=False,
+        ).execution_options(schema_translate_map={None: CATALOG_SCHEMA})
+        _unwrapped(SqlCatalogBaseTable.metadata.create_all, engine)
+    return sorted(SqlCatalogBaseTable.metadata.tables)
 
 
 def check_identifier(identifier: Any) -> tuple[str, ...]:
@@ -390,9 +470,10 @@ def open_table(
     except (NamespaceAlreadyExistsError, IntegrityError, psycopg.errors.UniqueViolation):
         pass  # a concurrent effect created it and committed
     try:
-        return cat.create_table(
-            parts, schema, partition_spec=partition_spec or UNPARTITIONED_PARTITION_SPEC
-        )
+        with lake_errors(name):
+            return cat.create_table(
+                parts, schema, partition_spec=partition_spec or UNPARTITIONED_PARTITION_SPEC
+            )
     except TableAlreadyExistsError:
         return cat.load_table(parts)  # a concurrent effect created it and committed
 
