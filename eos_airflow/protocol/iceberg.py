@@ -80,6 +80,10 @@ _NAME_MAX = 255
 _SAVEPOINT = "SAVEPOINT eos_iceberg"
 _RELEASE = "RELEASE SAVEPOINT eos_iceberg"
 _ROLLBACK = "ROLLBACK TO SAVEPOINT eos_iceberg"
+#: How long a commit waits for a table's pointer locked by another effect (catalog property
+#: ``eos.pointer-lock-timeout``, seconds): beyond, :class:`LakehouseConflictError` (retried).
+LOCK_TIMEOUT_PROPERTY = "eos.pointer-lock-timeout"
+DEFAULT_LOCK_TIMEOUT = 300.0
 #: Serializes effects creating the catalog's tables (held to the end of the effect).
 _CREATE_LOCK = "eos-airflow:iceberg-catalog"
 
@@ -210,8 +214,35 @@ class EffectCatalog(SqlCatalog):
         namespace = Catalog.namespace_to_string(Catalog.namespace_from(identifier))
         name = Catalog.table_name_from(identifier)
         check_in_transaction(self.conn)
-        row = self.conn.execute(query, [self.name, namespace, name]).fetchone()
+        wait = self.lock_timeout()
+        # lock_timeout for this statement only: the setting before it comes back after it
+        before = _one(self.conn.execute("SELECT current_setting('lock_timeout')").fetchone())
+        self.conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(wait * 1000)}ms"])
+        try:
+            row = self.conn.execute(query, [self.name, namespace, name]).fetchone()
+        except psycopg.errors.LockNotAvailable as exc:
+            raise LakehouseConflictError(
+                f"Iceberg table {namespace}.{name}: another effect held the table's pointer "
+                f"for more than {wait:g} s (it commits a change to the table and has not "
+                "ended); nothing of this effect was committed. Retry (Airflow retries this); "
+                f"the catalog property {LOCK_TIMEOUT_PROPERTY!r} sets the wait"
+            ) from exc
+        self.conn.execute("SELECT set_config('lock_timeout', %s, true)", [before])
         return None if row is None else row[0]
+
+    def lock_timeout(self) -> float:
+        """How long a commit waits for the table's pointer held by another effect."""
+        value = self.properties.get(LOCK_TIMEOUT_PROPERTY, DEFAULT_LOCK_TIMEOUT)
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = -1.0
+        if not 0 < seconds <= 86400:
+            raise ConfigurationError(
+                f"eos.iceberg(): property {LOCK_TIMEOUT_PROPERTY!r} must be seconds between 0 "
+                f"and 86400, got {value!r}"
+            )
+        return seconds
 
     def commit_table(
         self,
