@@ -42,6 +42,7 @@ def test_a_commit_waiting_longer_than_the_lock_timeout_is_a_retryable_conflict(
         release.set()
         first.join(30)
     assert [e for e, _ in events(conn, "waiter")] == ["claimed", "failed"]
+
     # after a commit took the pointer, the effect's own statements have their setting back
     def after(eos):
         eos.iceberg("lake.t", properties=props).append(DATA)
