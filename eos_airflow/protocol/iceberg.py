@@ -138,11 +138,36 @@ class EffectConnection:
     def close(self) -> None:
         self.rollback()
 
+    def reset(self) -> None:
+        """A new effect: no savepoint of an earlier effect's transaction is open."""
+        self._open = False
+
     def add_notice_handler(self, handler: Callable[..., Any]) -> None:
         """The effect's connection keeps its own notice handlers."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
+
+
+def engine_for(conn: psycopg.Connection[Any]) -> Any:
+    """SQLAlchemy's engine on ``conn`` (its one pooled connection is :class:`EffectConnection`),
+    made once per psycopg connection: a new engine per effect would initialize the dialect
+    (a dozen queries) and compile pyiceberg's statements again (~10 ms an effect)."""
+    cached = getattr(conn, "_eos_iceberg_engine", None)
+    if cached is not None:
+        engine, wrapper = cached
+        wrapper.reset()
+        return engine
+    wrapper = EffectConnection(conn)
+    engine = create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: wrapper,
+        poolclass=StaticPool,
+        use_native_hstore=False,
+    ).execution_options(schema_translate_map={None: CATALOG_SCHEMA})
+    # kept on the connection (a cycle the collector frees with it)
+    conn._eos_iceberg_engine = (engine, wrapper)  # type: ignore[attr-defined]
+    return engine
 
 
 def _unwrapped(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -164,13 +189,7 @@ class EffectCatalog(SqlCatalog):
         # SqlCatalog.__init__ would open an engine of its own: only the properties are kept.
         MetastoreCatalog.__init__(self, CATALOG_NAME, **properties)
         self.conn = conn
-        engine = create_engine(
-            "postgresql+psycopg://",
-            creator=lambda: EffectConnection(conn),
-            poolclass=StaticPool,
-            use_native_hstore=False,
-        )
-        self.engine = engine.execution_options(schema_translate_map={None: CATALOG_SCHEMA})
+        self.engine = engine_for(conn)
         self._schema_version = self._prepare_tables()
 
     def _prepare_tables(self) -> str:
@@ -393,13 +412,7 @@ def create_catalog_tables(conn: psycopg.Connection[Any]) -> list[str]:
     transaction; returns their names (``db grant --iceberg``)."""
     if not catalog_tables_exist(conn):
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_CREATE_LOCK])
-        engine = create_engine(
-            "postgresql+psycopg://",
-            creator=lambda: EffectConnection(conn),
-            poolclass=StaticPool,
-            use_native_hstore=False,
-        ).execution_options(schema_translate_map={None: CATALOG_SCHEMA})
-        _unwrapped(SqlCatalogBaseTable.metadata.create_all, engine)
+        _unwrapped(SqlCatalogBaseTable.metadata.create_all, engine_for(conn))
     return sorted(SqlCatalogBaseTable.metadata.tables)
 
 
