@@ -61,6 +61,7 @@ from eos_airflow.errors import (
     LakehouseStorageError,
     MisuseError,
 )
+from eos_airflow.ledger.store import LedgerStore
 
 if TYPE_CHECKING:
     from pyiceberg.io import FileIO
@@ -189,6 +190,8 @@ class EffectCatalog(SqlCatalog):
         # SqlCatalog.__init__ would open an engine of its own: only the properties are kept.
         MetastoreCatalog.__init__(self, CATALOG_NAME, **properties)
         self.conn = conn
+        #: The effect writing through this catalog (set by :func:`catalog`).
+        self.eos: Effect | None = None
         self.engine = engine_for(conn)
         self._schema_version = self._prepare_tables()
 
@@ -331,21 +334,38 @@ class EffectTransaction(Transaction):
     def _name(self) -> str:
         return ".".join(self._table.name())
 
+    def _with_provenance(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``snapshot_properties`` plus the effect that writes the snapshot: its key,
+        the ledger version it commits, the attempt and the run, so the table's history names
+        the ledger entry of every snapshot (the ledger's result names the snapshot)."""
+        eos = getattr(self._table.catalog, "eos", None)
+        if eos is None:
+            return kwargs
+        provenance = {"eos.key": eos.key, "eos.attempt": str(eos.attempt)}
+        if eos.origin.run_id is not None:
+            provenance["eos.run-id"] = eos.origin.run_id
+        if getattr(eos.session, "owner", None) is not None:
+            entry = LedgerStore(eos.conn, eos.schema).entry(eos.key)
+            if entry is not None:
+                provenance["eos.version"] = str(entry.version + 1)
+        given = kwargs.get("snapshot_properties") or {}
+        return {**kwargs, "snapshot_properties": {**provenance, **given}}
+
     def append(self, *args: Any, **kwargs: Any) -> None:
         with lake_errors(self._name()):
-            super().append(*args, **kwargs)
+            super().append(*args, **self._with_provenance(kwargs))
 
     def overwrite(self, *args: Any, **kwargs: Any) -> None:
         with lake_errors(self._name()):
-            super().overwrite(*args, **kwargs)
+            super().overwrite(*args, **self._with_provenance(kwargs))
 
     def dynamic_partition_overwrite(self, *args: Any, **kwargs: Any) -> None:
         with lake_errors(self._name()):
-            super().dynamic_partition_overwrite(*args, **kwargs)
+            super().dynamic_partition_overwrite(*args, **self._with_provenance(kwargs))
 
     def delete(self, *args: Any, **kwargs: Any) -> None:
         with lake_errors(self._name()):
-            super().delete(*args, **kwargs)
+            super().delete(*args, **self._with_provenance(kwargs))
 
     def commit_transaction(self) -> Table:
         table = self._table
@@ -468,6 +488,7 @@ def catalog(
     catalogs = eos.lakehouse_catalogs
     if key not in catalogs:
         catalogs[key] = EffectCatalog(eos.conn, **props)
+        catalogs[key].eos = eos
     found = catalogs[key]
     assert isinstance(found, EffectCatalog)
     return found

@@ -68,3 +68,32 @@ def test_unreachable_storage_is_a_retryable_error_and_nothing_commits(ledger: Le
     # the catalog's tables, created by this effect, went with it
     assert conn.execute("SELECT to_regclass('public.iceberg_tables')").fetchone() == (None,)
     assert [e for e, _ in events(conn, "k")] == ["claimed", "failed"]
+
+
+def test_each_snapshot_names_the_effect_that_wrote_it(
+    ledger: Ledger, lake: Lake, created: SqlCatalog
+):
+    """The ledger's result names the snapshot; the snapshot's summary names the ledger entry
+    (key, version, attempt, run): an auditor can go either way."""
+    data = pa.table({"day": ["d"], "amount": [5]}, schema=SCHEMA)
+
+    def fn(eos):
+        table = eos.iceberg("lake.sales", properties=lake.iceberg)
+        table.append(data, snapshot_properties={"source": "orders"})
+        return {"snapshot": table.current_snapshot().snapshot_id}
+
+    first = ledger.run_outcome("day1", fn, origin=TI)
+    again = ledger.run_outcome("day1", fn, origin=TI, on_committed="replace", attempt=2)
+    snapshots = created.load_table("lake.sales").snapshots()
+    assert [s.snapshot_id for s in snapshots] == [
+        first.result["snapshot"],
+        again.result["snapshot"],
+    ]
+    summaries = [s.summary.additional_properties for s in snapshots]
+    for summary, outcome in zip(summaries, (first, again), strict=True):
+        assert summary["eos.key"] == "day1"
+        assert summary["eos.version"] == str(outcome.version)
+        assert summary["eos.attempt"] == str(outcome.attempt)
+        assert summary["eos.run-id"] == "manual__1"
+        assert summary["source"] == "orders"
+    assert [first.version, again.version] == [1, 2]
