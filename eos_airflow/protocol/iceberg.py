@@ -421,6 +421,20 @@ class EffectTable(Table):
         return UpdateStatistics(transaction=EffectTransaction(self, autocommit=True))
 
 
+#: Settings of pyiceberg's configuration that name another catalog than the ledger's.
+_NOT_OURS = frozenset({"uri", "type", "py-catalog-impl"})
+
+
+def configured_properties() -> dict[str, str]:
+    """What pyiceberg's configuration says of the catalog ``eos`` (a stock
+    ``load_catalog("eos", uri=...)`` reads the same), without its location settings: the
+    catalog is always the ledger's database."""
+    from pyiceberg.utils.config import Config
+
+    found = Config().get_catalog_config(CATALOG_NAME) or {}
+    return {str(k): str(v) for k, v in found.items() if k not in _NOT_OURS}
+
+
 def catalog_tables_exist(conn: psycopg.Connection[Any]) -> bool:
     names = [f"{CATALOG_SCHEMA}.{t}" for t in SqlCatalogBaseTable.metadata.tables]
     query = "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n"
@@ -480,8 +494,11 @@ def _check_schema(schema: Any) -> None:
 def catalog(
     eos: Effect, warehouse: str | None = None, properties: Mapping[str, str] | None = None
 ) -> EffectCatalog:
-    """The effect's catalog for these settings (one per effect and settings)."""
-    props = {str(k): str(v) for k, v in (properties or {}).items()}
+    """The effect's catalog for these settings (one per effect and settings): pyiceberg's own
+    configuration of the catalog ``eos`` (``.pyiceberg.yaml``, ``PYICEBERG_CATALOG__EOS__*``
+    variables) under ``properties`` and ``warehouse``."""
+    props = configured_properties()
+    props.update({str(k): str(v) for k, v in (properties or {}).items()})
     if warehouse is not None:
         props["warehouse"] = warehouse
     key = tuple(sorted(props.items()))

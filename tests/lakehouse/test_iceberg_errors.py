@@ -97,3 +97,22 @@ def test_each_snapshot_names_the_effect_that_wrote_it(
         assert summary["eos.run-id"] == "manual__1"
         assert summary["source"] == "orders"
     assert [first.version, again.version] == [1, 2]
+
+
+def test_pyiceberg_configuration_of_the_catalog_eos_applies(
+    ledger: Ledger, lake: Lake, db: str, monkeypatch
+):
+    """The warehouse and FileIO settings can come from pyiceberg's own configuration of the
+    catalog ``eos`` (here its environment variables), as for a stock reader."""
+    monkeypatch.setenv("PYICEBERG_CATALOG__EOS__WAREHOUSE", lake.uri("configured"))
+    monkeypatch.setenv("PYICEBERG_CATALOG__EOS__URI", "postgresql+psycopg://nobody@nowhere/x")
+    for name, value in lake.iceberg.items():
+        variable = name.upper().replace(".", "__").replace("-", "_")
+        monkeypatch.setenv(f"PYICEBERG_CATALOG__EOS__{variable}", value)
+    data = pa.table({"day": ["d"], "amount": [5]}, schema=SCHEMA)
+    ledger.run("k", lambda eos: eos.iceberg("lake.sales", schema=SCHEMA).append(data), origin=TI)
+    assert any(f.endswith(".parquet") for f in lake.files("configured"))
+    catalog = SqlCatalog(
+        "eos", uri=reader_uri(db), warehouse=lake.uri("configured"), **lake.iceberg
+    )
+    assert catalog.load_table("lake.sales").scan().to_arrow().num_rows == 1
