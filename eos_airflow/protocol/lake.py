@@ -205,7 +205,10 @@ def delete_iceberg_orphans(catalog: SqlCatalog, orphans: list[Orphan]) -> list[O
         for orphan in (o for o in orphans if o.table == name):
             if _key(orphan.path, properties) in known:
                 continue
-            io.delete(orphan.path)
+            try:
+                io.delete(orphan.path)
+            except FileNotFoundError:
+                continue  # gone already (another clean-up)
             deleted.append(orphan)
     return deleted
 
