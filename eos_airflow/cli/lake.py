@@ -83,7 +83,7 @@ def cmd_lake_orphans(args: argparse.Namespace) -> int:
     from eos_airflow.protocol import lake
 
     # every input is checked before anything is read or deleted
-    cutoff = older_than(args.older_than)
+    cutoff, asked = older_than(args.older_than), datetime.now(UTC)
     if cutoff.tzinfo is None:
         cutoff = cutoff.replace(tzinfo=UTC)
     properties = lake.parse_properties(args.property)
@@ -114,7 +114,7 @@ def cmd_lake_orphans(args: argparse.Namespace) -> int:
         finally:
             catalog.engine.dispose()
     for uri in args.delta:
-        delta = lake.delta_orphans(uri, storage, cutoff, delete=args.delete)
+        delta = lake.delta_orphans(uri, storage, cutoff, delete=args.delete, now=asked)
         deleted += len(delta) if args.delete else 0
         found += delta
 

@@ -215,19 +215,25 @@ def delete_iceberg_orphans(catalog: SqlCatalog, orphans: list[Orphan]) -> list[O
 
 def retention_hours(cutoff: datetime, now: datetime | None = None) -> int:
     """The whole hours before ``now`` that ``cutoff`` lies, rounded up (a file younger than
-    the cutoff is never older than the retention); the moments since the cutoff was taken
-    (``--older-than 0s``: now) do not count."""
+    the cutoff is never older than the retention). ``now`` is when the cutoff was taken
+    (a fraction of a second since does not count): the time spent since, reading tables,
+    must not turn ``--older-than 0s`` into an hour."""
     now = now or datetime.now(UTC)
     seconds = int((now - cutoff).total_seconds())
     return max(0, math.ceil(seconds / 3600))
 
 
 def delta_orphans(
-    uri: str, storage_options: Mapping[str, str], cutoff: datetime, *, delete: bool
+    uri: str,
+    storage_options: Mapping[str, str],
+    cutoff: datetime,
+    *,
+    delete: bool,
+    now: datetime | None = None,
 ) -> list[Orphan]:
     """Files of the Delta table at ``uri`` that no version in its log's retention
-    references, older than ``cutoff`` (in whole hours, rounded up): delta-rs' full vacuum,
-    which deletes them when ``delete``."""
+    references, older than ``cutoff`` (``now`` minus the age asked for, counted in whole
+    hours, rounded up): delta-rs' full vacuum, which deletes them when ``delete``."""
     try:
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
@@ -244,7 +250,7 @@ def delta_orphans(
     root = uri.rstrip("/")
     sizes = _delta_sizes(root, storage_options)
     found = table.vacuum(
-        retention_hours=retention_hours(cutoff),
+        retention_hours=retention_hours(cutoff, now),
         dry_run=not delete,
         enforce_retention_duration=False,
         full=True,
