@@ -22,6 +22,7 @@ from eos_airflow import FencedError, LakehouseConflictError, Ledger, Origin
 from eos_airflow.protocol.iceberg import reader_uri
 from tests.conftest import ROOT
 from tests.lakehouse.conftest import Lake
+from tests.lakehouse.test_iceberg import waiting_for_a_lock
 
 TI = Origin("lake", "load", "manual__1", -1)
 ARROW = pa.schema([pa.field("day", pa.string()), pa.field("amount", pa.int64())])
@@ -174,7 +175,7 @@ def test_files_of_a_fenced_attempt_are_listed_not_those_of_the_try_that_fenced_i
         target=lambda: ledger.run("k", append(lake, "newer", 2), attempt=2, origin=TI)
     )
     second.start()
-    time.sleep(0.5)
+    waiting_for_a_lock(db)  # try 2 claimed the key and waits for the table's pointer
     release.set()
     first.join(20)
     second.join(20)
