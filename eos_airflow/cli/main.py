@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import psycopg
 
-from eos_airflow.cli import outbox, output
+from eos_airflow.cli import lake, outbox, output
 from eos_airflow.cli.session import checked, connect_factory, open_connection
 from eos_airflow.devtools import stack_cli as stack
 from eos_airflow.errors import (
@@ -390,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     stack.add_parser(sub, common)
     outbox.add_parser(sub, common)
+    lake.add_parser(sub, common)
     return parser
 
 
