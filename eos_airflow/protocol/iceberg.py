@@ -192,13 +192,21 @@ class EffectCatalog(SqlCatalog):
         self.conn = conn
         #: The effect writing through this catalog (set by :func:`catalog`).
         self.eos: Effect | None = None
+        #: The table whose pointer the current commit locked (the next commit_table's).
+        self._locked: tuple[str, ...] | None = None
         self.engine = engine_for(conn)
         self._schema_version = self._prepare_tables()
 
     def _prepare_tables(self) -> str:
         """Create pyiceberg's catalog tables if the database has none (with the effect);
-        return the catalog's schema version as pyiceberg names it."""
-        if not catalog_tables_exist(self.conn):
+        return the catalog's schema version as pyiceberg names it. Tables found existing
+        (committed) are remembered on the connection; tables this effect creates are not (the
+        effect may roll them back)."""
+        known = getattr(self.conn, "_eos_iceberg_catalog", None)
+        if known is not None:
+            return str(known)
+        existed = catalog_tables_exist(self.conn)
+        if not existed:
             self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_CREATE_LOCK])
             try:
                 _unwrapped(SqlCatalogBaseTable.metadata.create_all, self.engine)
@@ -216,7 +224,10 @@ class EffectCatalog(SqlCatalog):
                 [f"{CATALOG_SCHEMA}.iceberg_tables"],
             ).fetchone()
         )
-        return "v1" if typed else "v0"
+        version = "v1" if typed else "v0"
+        if existed:
+            self.conn._eos_iceberg_catalog = version  # type: ignore[attr-defined]
+        return version
 
     def load_table(self, identifier: str | Identifier) -> Table:
         with lake_errors(".".join(Catalog.identifier_to_tuple(identifier))):
@@ -226,22 +237,35 @@ class EffectCatalog(SqlCatalog):
         )
 
     def lock_pointer(self, identifier: Identifier) -> str | None:
-        """Lock the table's pointer row until the effect ends — waiting for an effect that
-        holds it to commit or roll back — and return the metadata location it holds then
-        (None: no such table)."""
-        query = sql.SQL(
-            "SELECT metadata_location FROM {}.{} WHERE catalog_name = %s "
-            "AND table_namespace = %s AND table_name = %s FOR UPDATE"
-        ).format(sql.Identifier(CATALOG_SCHEMA), sql.Identifier(IcebergTables.__tablename__))
+        """Lock the table's pointer row until the effect ends — waiting at most
+        :meth:`lock_timeout` for an effect that holds it to commit or roll back — and return
+        the metadata location it holds then (None: no such table). One round trip: set
+        ``lock_timeout`` for the lock alone, lock, and put the setting back."""
         namespace = Catalog.namespace_to_string(Catalog.namespace_from(identifier))
         name = Catalog.table_name_from(identifier)
         check_in_transaction(self.conn)
         wait = self.lock_timeout()
-        # lock_timeout for this statement only: the setting before it comes back after it
-        before = _one(self.conn.execute("SELECT current_setting('lock_timeout')").fetchone())
-        self.conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(wait * 1000)}ms"])
+        script = sql.SQL(
+            "SELECT set_config('eos.lock_timeout_before', current_setting('lock_timeout'), "
+            "true); SELECT set_config('lock_timeout', {wait}, true); "
+            "SELECT metadata_location FROM {schema}.{table} WHERE catalog_name = {catalog} "
+            "AND table_namespace = {namespace} AND table_name = {name} FOR UPDATE; "
+            "SELECT set_config('lock_timeout', current_setting('eos.lock_timeout_before'), "
+            "true)"
+        ).format(
+            wait=sql.Literal(f"{int(wait * 1000)}ms"),
+            schema=sql.Identifier(CATALOG_SCHEMA),
+            table=sql.Identifier(IcebergTables.__tablename__),
+            catalog=sql.Literal(self.name),
+            namespace=sql.Literal(namespace),
+            name=sql.Literal(name),
+        )
         try:
-            row = self.conn.execute(query, [self.name, namespace, name]).fetchone()
+            with self.conn.cursor(row_factory=tuple_row) as cur:
+                cur.execute(script)
+                cur.nextset()
+                cur.nextset()
+                row = cur.fetchone()
         except psycopg.errors.LockNotAvailable as exc:
             raise LakehouseConflictError(
                 f"Iceberg table {namespace}.{name}: another effect held the table's pointer "
@@ -249,8 +273,12 @@ class EffectCatalog(SqlCatalog):
                 "ended); nothing of this effect was committed. Retry (Airflow retries this); "
                 f"the catalog property {LOCK_TIMEOUT_PROPERTY!r} sets the wait"
             ) from exc
-        self.conn.execute("SELECT set_config('lock_timeout', %s, true)", [before])
+        self._locked = tuple(identifier)
         return None if row is None else row[0]
+
+    def forget_lock(self) -> None:
+        """The commit that took the lock ended without commit_table: the next one locks."""
+        self._locked = None
 
     def lock_timeout(self) -> float:
         """How long a commit waits for the table's pointer held by another effect."""
@@ -274,8 +302,11 @@ class EffectCatalog(SqlCatalog):
     ) -> CommitTableResponse:
         """pyiceberg's commit (its compare-and-swap UPDATE) in the effect's transaction, the
         pointer locked first: the swap cannot be lost to a concurrent commit; a change whose
-        requirements no longer hold fails with pyiceberg's ``CommitFailedException``."""
-        self.lock_pointer(table.name())
+        requirements no longer hold fails with pyiceberg's ``CommitFailedException``. The
+        lock :class:`EffectTransaction` took just before is not taken twice."""
+        if self._locked != tuple(table.name()):
+            self.lock_pointer(table.name())
+        self._locked = None
         return _unwrapped(super().commit_table, table, requirements, updates)
 
     def create_table(self, *args: Any, **kwargs: Any) -> Table:
@@ -383,6 +414,8 @@ class EffectTransaction(Transaction):
                     rebuild()
             return super().commit_transaction()
         except (CommitFailedException, ValidationException) as exc:
+            if isinstance(table.catalog, EffectCatalog):
+                table.catalog.forget_lock()
             raise LakehouseConflictError(
                 f"Iceberg table {'.'.join(table.name())}: concurrent commits conflict with "
                 f"this effect's change ({exc}); nothing of this effect was committed. Retry "
