@@ -120,7 +120,9 @@ def _sides(
     label: str,
     data: Any,
 ) -> tuple[dict[str, Callable[[int], None]], Callable[[], dict[str, int]], Callable[[], None]]:
-    """The two sides' write calls (argument: the call number), a row counter, a closer."""
+    """The two sides' write calls (argument: the call number), the two sides' opening of
+    the table without writing (in an effect: ``eos.iceberg(...)``, ``eos.delta(...).prepare()``
+    — the marker read), a row counter, a closer."""
     if fmt == "iceberg":
         from pyiceberg.catalog.sql import SqlCatalog
 
@@ -159,7 +161,21 @@ def _sides(
             stock.close()
             reader.close()
 
-        return {"baseline": baseline, "eos": eos_side}, count, close
+        def base_open(i: int) -> None:
+            stock.load_table(name)
+
+        def eos_open(i: int) -> None:
+            ledger.run(
+                f"lake/{label}/open/{i}", lambda eos: bool(eos.iceberg(name, properties=props))
+            )
+
+        sides = {
+            "baseline": baseline,
+            "eos": eos_side,
+            "base_open": base_open,
+            "eos_open": eos_open,
+        }
+        return sides, count, close
 
     from deltalake import DeltaTable, write_deltalake
 
@@ -180,7 +196,17 @@ def _sides(
             for side, uri in (("baseline", base_uri), ("eos", eos_uri))
         }
 
-    return {"baseline": baseline, "eos": eos_side}, count, lambda: None
+    def base_open(i: int) -> None:
+        DeltaTable(base_uri, storage_options=options)
+
+    def eos_open(i: int) -> None:
+        ledger.run(
+            f"lake/{label}/open/{i}",
+            lambda eos: bool(eos.delta(eos_uri, storage_options=opts).prepare()),
+        )
+
+    sides = {"baseline": baseline, "eos": eos_side, "base_open": base_open, "eos_open": eos_open}
+    return sides, count, lambda: None
 
 
 def measure_one(
@@ -198,8 +224,8 @@ def measure_one(
     label = f"{fmt}_{backend}_{rows}_{secrets.token_hex(2)}"
     sides, count, close = _sides(fmt, ledger, base_dsn, root, props, opts, label, data)
     try:
-        for side in sides.values():  # unmeasured: the first write (table files, caches)
-            side(-1)
+        for side in ("baseline", "eos"):  # unmeasured: the first write (table files, caches)
+            sides[side](-1)
         times: dict[str, list[float]] = {"baseline": [], "eos": []}
         for r in range(rounds):
             order = ["baseline", "eos"] if r % 2 == 0 else ["eos", "baseline"]
@@ -207,6 +233,16 @@ def measure_one(
                 t0 = time.perf_counter()
                 sides[side](r)
                 times[side].append(time.perf_counter() - t0)
+        # the fixed cost: opening the table (as written now), without writing, and an
+        # effect that does nothing; interleaved the same way
+        sides["empty_effect"] = lambda i: ledger.run(f"lake/{label}/empty/{i}", lambda eos: None)
+        fixed: dict[str, list[float]] = {"base_open": [], "eos_open": [], "empty_effect": []}
+        for r in range(rounds):
+            order = list(fixed) if r % 2 == 0 else list(fixed)[::-1]
+            for side in order:
+                t0 = time.perf_counter()
+                sides[side](r)
+                fixed[side].append(time.perf_counter() - t0)
         counted = count()
     finally:
         close()
@@ -223,6 +259,7 @@ def measure_one(
         "rounds": rounds,
         "baseline_s": times["baseline"],
         "eos_s": times["eos"],
+        "fixed_s": fixed,
         "rows_counted": counted,
     }
 
@@ -280,6 +317,10 @@ def summary(raw: dict[str, Any]) -> list[dict[str, Any]]:
                         "goal": f"<= {GOAL}" if goal_row else "",
                         "met": (e / b <= GOAL) if goal_row else None,
                         "extra_ms": (e - b) * 1e3,
+                        **{
+                            f"{k}_ms": statistics.median(v) * 1e3
+                            for k, v in run.get("fixed_s", {}).items()
+                        },
                     }
                 )
     return rows
@@ -310,6 +351,26 @@ def render(results: dict[str, Any], img_rel: str = "img") -> str:
             f"| {f'**{ratio}**' if s['id'] else ratio} | {s['extra_ms']:+.0f} ms "
             f"| {s['goal'].replace('<=', '≤')} | {met} | {s['rounds']} |"
         )
+    fixed = [s for s in summary(results["raw"]) if "eos_open_ms" in s]
+    if fixed:
+        lines += [
+            "",
+            "The fixed cost, medians of the same number of rounds after the writes, on the "
+            "tables as written: opening the table without writing, by the library alone "
+            "(`SqlCatalog.load_table`, `DeltaTable(uri)`) and in an effect (`eos.iceberg(...)`; "
+            "`eos.delta(...).prepare()`, which also reads the key's marker), and an effect that "
+            "does nothing:",
+            "",
+            "| format | storage | rows | library opens the table | effect opening the table "
+            "| empty effect | effect opening − empty effect − library opening |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in fixed:
+            lines.append(
+                f"| {s['format']} | {s['backend']} | {s['rows']:,} | {s['base_open_ms']:.1f} ms "
+                f"| {s['eos_open_ms']:.1f} ms | {s['empty_effect_ms']:.1f} ms "
+                f"| {s['eos_open_ms'] - s['empty_effect_ms'] - s['base_open_ms']:+.1f} ms |"
+            )
     lines += [
         "",
         f"![Write time against rows, baseline and exactly-once]({img_rel}/{PLOT})",
