@@ -280,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grant.add_argument("--writer", required=True, help="role the tasks connect as")
     grant.add_argument("--auditor", required=True, help="read-only role")
+    grant.add_argument(
+        "--iceberg",
+        action="store_true",
+        help="also create the Iceberg catalog's tables (eos.iceberg) and grant their use",
+    )
     grant.set_defaults(func=cmd_db_grant)
 
     ledger = sub.add_parser("ledger", help="inspect the ledger").add_subparsers(
