@@ -379,7 +379,8 @@ def render(results: dict[str, Any], img_rel: str = "img") -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], img_dir: Path) -> str:
+def plot(results: dict[str, Any], img_dir: Path, name: str = PLOT) -> str:
+    """Write the plot of ``results`` as ``img_dir/name``; return ``name``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,9 +410,9 @@ def plot(results: dict[str, Any], img_dir: Path) -> str:
         ax.set_title(f"{PART[fmt]}: {fmt} ({MEASURED[fmt].split(' in ')[0]})", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(img_dir / PLOT, dpi=110)
+    fig.savefig(img_dir / name, dpi=110)
     plt.close(fig)
-    return PLOT
+    return name
 
 
 def write_docs(path: Path, results: dict[str, Any], img_dir: Path) -> None:

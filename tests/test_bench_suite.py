@@ -230,5 +230,5 @@ def test_quick_run_of_the_lakehouse_parts_at_a_bounded_size(
         run = lake[fmt][backend][0]
         assert f["ratio"] == pytest.approx(run["eos_s"][0] / run["baseline_s"][0])
         assert f["met"] is (f["ratio"] <= 1.05)
-    assert (tmp_path / "img" / "bench_lakehouse.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "img" / "bench_lakehouse_suite.png").read_bytes()[:4] == b"\x89PNG"
     assert scratch_databases(pg_admin_dsn, f"eos_bench_%_{results['scratch_token']}") == []
