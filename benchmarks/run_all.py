@@ -1,7 +1,8 @@
-"""The performance suite in one command: P1-P8, one table, plots, and docs/performance.md.
+"""The performance suite in one command: P1-P10, one table, plots, and docs/performance.md.
 
     python benchmarks/run_all.py [--quick] [--only P1,P2,...] [--repeat N] [--dsn DSN]
                                  [--img-dir DIR] [--docs PATH | --no-docs] [--json PATH]
+                                 [--lake-max-rows N]
 
 (``./dev bench`` runs it.) Every figure is a ratio against a baseline measured in this run,
 on the same server, interleaved with the measured side (rounds alternate their order) so
@@ -35,6 +36,13 @@ P8  per-effect overhead of an effect writing one row (its latency minus a bare I
     write). Prefect runs in its own virtualenv (benchmarks/.prefect-venv, created on first
     use) as a subprocess (benchmarks/prefect_side.py) whose rounds interleave with this
     process's. The ratio of the latencies is printed too. Goal <= 0.5 (on the overhead).
+P9  a 1,000,000-row Iceberg append in an effect (``eos.iceberg(...).append(arrow_table)`` in
+    ``Ledger.run``) / the same append with plain pyiceberg to a stock SQL catalog in another
+    database of the same server (benchmarks/bench_lakehouse.py). Goal <= 1.05.
+P10 a 1,000,000-row Delta write in an effect (``eos.delta(...).write(arrow_table)``) / plain
+    ``deltalake.write_deltalake`` of the same table. Goal <= 1.05.
+    P9 and P10 run on file:// and on a local S3 API (moto), at 10,000, 100,000 and 1,000,000
+    rows (``--lake-max-rows`` leaves out the larger sizes); the goal is read at the largest.
 
 ``--quick`` runs every part at a tiny size (a smoke run, figures meaningless); the default
 is the full size. ``--repeat`` (default 2 at full size) repeats P1, P2, P5 and P8 and prints
@@ -78,7 +86,7 @@ from psycopg import conninfo, sql  # noqa: E402
 from eos_airflow.api import Ledger  # noqa: E402
 from eos_airflow.ledger.migrate import migrate  # noqa: E402
 
-PARTS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
+PARTS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10")
 BEGIN_MARK = "<!-- bench:begin -->"
 END_MARK = "<!-- bench:end -->"
 PREFECT_VENV = HERE / ".prefect-venv"
@@ -113,6 +121,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "p7_parallelism": 4,
         "p8_rounds": 4,
         "p8_ops": 200,
+        "lake_rows": [10_000, 100_000, 1_000_000],
+        "lake_rounds": 5,
         "repeat": 2,
     },
     "quick": {
@@ -141,6 +151,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "p7_parallelism": 2,
         "p8_rounds": 1,
         "p8_ops": 20,
+        "lake_rows": [1_000, 5_000],
+        "lake_rounds": 1,
         "repeat": 1,
     },
 }
@@ -173,6 +185,8 @@ RESULT_KEYS = {
     "P6": ("p6",),
     "P7": ("p7",),
     "P8": ("p8",),
+    "P9": ("lakehouse",),
+    "P10": ("lakehouse",),
 }
 
 
@@ -928,6 +942,39 @@ def part_p8(
     ]
 
 
+# --- P9, P10: lakehouse writes -------------------------------------------------------------
+
+
+def part_lakehouse(
+    scratch: Scratch, size: dict[str, Any], parts: set[str], results: dict[str, Any]
+) -> list[Figure]:
+    import bench_lakehouse as lake
+
+    formats = [fmt for fmt in lake.FORMATS if lake.PART[fmt] in parts]
+    log(f"{', '.join(lake.PART[f] for f in formats)}: {size['lake_rows']} rows, file and s3")
+    raw = lake.measure(
+        lambda label, ledger: scratch.create(label, ledger=ledger),
+        size["lake_rows"],
+        size["lake_rounds"],
+        list(lake.BACKENDS),
+        formats,
+    )
+    results["lakehouse"] = raw
+    return [
+        Figure(
+            s["id"],
+            f"{s['format']} write of {s['rows']:,} rows on {s['backend']}, median of {s['rounds']}",
+            f"{lake.BASELINE[s['format']]} {s['baseline_s']:.3f} s",
+            f"{s['eos_s']:.3f} s",
+            s["ratio"],
+            s["goal"],
+            s["met"],
+            part=lake.PART[s["format"]],
+        )
+        for s in lake.summary(raw)
+    ]
+
+
 # --- plots, table, docs -------------------------------------------------------------------
 
 
@@ -1017,6 +1064,15 @@ def plots(results: dict[str, Any], img_dir: Path) -> list[tuple[str, str]]:
         fig.savefig(img_dir / "bench_ledger_size.png", dpi=110)
         plt.close(fig)
         made.append(("bench_ledger_size.png", "Claim+commit latency against ledger size"))
+
+    if results.get("lakehouse"):
+        import bench_lakehouse
+
+        # not bench_lakehouse.png: that one is the recorded run of its own section
+        name = bench_lakehouse.plot(
+            {"raw": results["lakehouse"]}, img_dir, "bench_lakehouse_suite.png"
+        )
+        made.append((name, "Lakehouse write time against rows, baseline and exactly-once"))
     return made
 
 
@@ -1108,6 +1164,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite the docs section")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     ap.add_argument(
+        "--lake-max-rows",
+        type=int,
+        metavar="N",
+        help="P9, P10: leave out sizes above N rows (at least one size of N is run)",
+    )
+    ap.add_argument(
         "--merge",
         type=Path,
         metavar="JSON",
@@ -1121,7 +1183,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = parts - set(PARTS)
     if unknown:
         ap.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
-    size = SIZES["quick" if args.quick else "full"]
+    size = dict(SIZES["quick" if args.quick else "full"])
+    if args.lake_max_rows is not None:
+        if args.lake_max_rows < 1:
+            ap.error("--lake-max-rows must be at least 1")
+        size["lake_rows"] = [n for n in size["lake_rows"] if n <= args.lake_max_rows] or [
+            args.lake_max_rows
+        ]
     repeat = args.repeat or size["repeat"]
     admin = bench_effects._admin_dsn(args.dsn)
     bench_effects._check_loopback(admin)
@@ -1151,6 +1219,8 @@ def main(argv: list[str] | None = None) -> int:
             figures += part_p7(scratch, size, results)
         if "P8" in parts:
             figures += part_p8(scratch, size, repeat, results)
+        if parts & {"P9", "P10"}:
+            figures += part_lakehouse(scratch, size, parts, results)
     finally:
         scratch.drop_all()
     elapsed = time.perf_counter() - t0

@@ -166,7 +166,7 @@ def test_an_unknown_part_is_refused_with_the_list_of_parts(
     done = run_all(
         "--quick",
         "--only",
-        "P1,P9",
+        "P1,P11",
         "--dsn",
         pg_admin_dsn,
         "--docs",
@@ -174,5 +174,61 @@ def test_an_unknown_part_is_refused_with_the_list_of_parts(
         timeout=60,
     )
     assert done.returncode == 2
-    assert "unknown part(s) P9; choose from P1, P2, P3, P4, P5, P6, P7, P8" in done.stderr
+    assert "unknown part(s) P11; choose from P1, P2, P3, P4, P5, P6, P7, P8, P9, P10" in done.stderr
     assert not (tmp_path / "never.md").exists()
+
+
+def test_quick_run_of_the_lakehouse_parts_at_a_bounded_size(
+    pg_admin_dsn: str, tmp_path: Path
+) -> None:
+    """P9 (Iceberg) and P10 (Delta) at 1,000 rows on file:// and the local S3 API: a goal
+    row per format and storage, each against its plain-library baseline, the rows written
+    counted, the plot written and the scratch databases dropped."""
+    raw = tmp_path / "raw.json"
+    done = run_all(
+        "--quick",
+        "--only",
+        "P9,P10",
+        "--lake-max-rows",
+        "1000",
+        "--dsn",
+        pg_admin_dsn,
+        "--no-docs",
+        "--img-dir",
+        str(tmp_path / "img"),
+        "--json",
+        str(raw),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout[done.stdout.index("figure  ") :].split("\n\n")[0].splitlines()
+    goal_rows = [line for line in table[2:] if line.split()[0] in ("P9", "P10")]
+    assert len(goal_rows) == 4, done.stdout
+    for line in goal_rows:
+        part, fmt = line.split()[:2]
+        assert (part, fmt) in (("P9", "iceberg"), ("P10", "delta")), line
+        assert "<= 1.05" in line and re.search(r"\b(yes|NO)\b", line), line
+        baseline = "plain pyiceberg SqlCatalog append" if fmt == "iceberg" else "write_deltalake"
+        assert baseline in line, line
+    storages = sorted(re.search(r" on (\w+), median", line)[1] for line in goal_rows)
+    assert storages == ["file", "file", "s3", "s3"], goal_rows
+
+    results = json.loads(raw.read_text())
+    lake = results["lakehouse"]
+    for fmt in ("iceberg", "delta"):
+        for backend in ("file", "s3"):
+            (run,) = lake[fmt][backend]
+            assert run["rows"] == 1000 and run["rounds"] == 1
+            assert run["rows_counted"] == {"baseline": 2000, "eos": 2000}
+            assert len(run["baseline_s"]) == len(run["eos_s"]) == 1
+            assert run["baseline_s"][0] > 0 and run["eos_s"][0] > 0
+    figures = [f for f in results["figures"] if f["id"]]
+    assert {(f["id"], f["part"]) for f in figures} == {("P9", "P9"), ("P10", "P10")}
+    for f in figures:
+        fmt = "iceberg" if f["id"] == "P9" else "delta"
+        backend = "s3" if " on s3," in f["what"] else "file"
+        run = lake[fmt][backend][0]
+        assert f["ratio"] == pytest.approx(run["eos_s"][0] / run["baseline_s"][0])
+        assert f["met"] is (f["ratio"] <= 1.05)
+    assert (tmp_path / "img" / "bench_lakehouse_suite.png").read_bytes()[:4] == b"\x89PNG"
+    assert scratch_databases(pg_admin_dsn, f"eos_bench_%_{results['scratch_token']}") == []
