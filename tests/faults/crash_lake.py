@@ -16,6 +16,7 @@ rows, or rows of two attempts) or duplicated: the matrix asserts there are none.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -123,6 +124,35 @@ class _Lake(Scenario):
     def table_data(self) -> Any:
         raise NotImplementedError
 
+    def orphans(self, *target: str) -> dict[str, Any]:
+        """``eos-airflow lake orphans --delete`` once every run ended (the files of rolled-back
+        and fenced attempts), then the table must read as before: ``{"orphans": N}``."""
+        before = Counter(self.read())
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "eos_airflow.cli.main",
+                "lake",
+                "orphans",
+                "--dsn",
+                self.dsn,
+                "--older-than",
+                "0s",
+                "--delete",
+                "--json",
+                *target,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={k: v for k, v in os.environ.items() if k != "EOS_FAILPOINTS"},
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        found = json.loads(done.stdout)
+        assert Counter(self.read()) == before, "deleting orphan files changed the table"
+        return {"orphans": found["count"]}
+
     def check_target(self, run: Run) -> None:
         by_key: dict[str, list[tuple[int, int]]] = {}
         for key, i, _, attempt in self.read():
@@ -215,6 +245,8 @@ class Iceberg(_Lake):
     def finish(self) -> dict[str, Any]:
         out = super().finish()
         out.update(self.stop_poller())
+        options = [f"--property={k}={v}" for k, v in self.iceberg_properties.items()]
+        out.update(self.orphans("--table", TABLE, *options))
         return out
 
     def stop_poller(self) -> dict[str, Any]:
@@ -276,6 +308,8 @@ class Delta(_Lake):
         found = next(line["markers"] for line in lines if "markers" in line)
         missing = sorted(k for k, v in found.items() if v != 1)
         assert not missing, f"keys whose Delta marker is not version 1: {missing[:5]}"
+        options = [f"--storage-option={k}={v}" for k, v in self.delta_options.items()]
+        out.update(self.orphans("--delta", self.uri, *options))
         return out
 
 

@@ -265,6 +265,8 @@ def report(scenario: crash.Scenario, tally: dict[str, object]) -> None:
         extra += ")"
     if "polls" in tally:
         extra += f", a reader saw {tally['partial']} partial effects in {tally['polls']} polls"
+    if "orphans" in tally:
+        extra += f", {tally['orphans']} orphan files removed by `lake orphans`"
     print(
         f"\ncrash matrix {scenario.name} (EOS_FAULT_SEED={SEED}): {tally['runs']} runs, "
         f"{tally['fired']} faults fired, {tally['keys']} keys, {tally['duplicates']} "
