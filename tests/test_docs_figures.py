@@ -34,8 +34,8 @@ def printed() -> dict[str, dict[str, int]]:
         )
         for m in LINE.finditer(RESULTS.read_text())
     }
-    assert len(found) == 8, found
-    assert re.search(r"^8 passed", RESULTS.read_text(), re.M), "the recorded run did not pass"
+    assert len(found) == 12, found
+    assert re.search(r"^12 passed", RESULTS.read_text(), re.M), "the recorded run did not pass"
     return found
 
 
