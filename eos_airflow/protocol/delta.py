@@ -178,9 +178,16 @@ class DeltaTarget:
                 "one write per table per effect (its marker is the effect's); combine the data "
                 "into one write"
             )
-        version = self._writing_version()
+        # The table is read before the ledger says this attempt still owns the key: a newer
+        # attempt can only write after taking the key over, so after this read, and Delta
+        # refuses this attempt's commit if that write (with the same marker) came first.
         table = self._open(DeltaTable, TableNotFoundError)
-        found = None if table is None else table.transaction_version(eos.key)
+        version = self._writing_version()
+        # An earlier attempt of this version may have written: look for its marker (on S3 a
+        # read of the log of its own). The first attempt of a version has nothing to find.
+        found = None
+        if table is not None and not eos.first_of_version:
+            found = table.transaction_version(eos.key)
         eos.delta_writes[self.uri] = True
         return DeltaWrite(self, table, version, found, mode, predicate, partition_by)
 

@@ -63,6 +63,10 @@ class Effect:
     schema: str = "eos"
     #: The protocol's handle for chunk commits (protocol/checkpoints.py); set by the protocol.
     session: Any = field(default=None, repr=False, compare=False)
+    #: No earlier attempt wrote anything of the version this attempt writes (this attempt's
+    #: claim created the key): eos.delta() need not look for an earlier attempt's write. Set
+    #: by the protocol; False when unknown.
+    first_of_version: bool = field(default=False, repr=False, compare=False)
     _offsets: Any = field(default=None, init=False, repr=False, compare=False)
     #: Sequence number of the last message this effect published (eos_airflow/relay).
     _outbox_seq: int | None = field(default=None, init=False, repr=False, compare=False)

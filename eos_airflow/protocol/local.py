@@ -120,7 +120,18 @@ def run_effect(
     try:
         previous = previous_version(conn, schema, key, claim)
         failpoints.check("after_claim", attempt=attempt)
-        eos = Effect(key, attempt, conn, previous, origin, schema=schema, session=session)
+        eos = Effect(
+            key,
+            attempt,
+            conn,
+            previous,
+            origin,
+            schema=schema,
+            session=session,
+            # a new key only: a committed key stays committed while attempts to replace it
+            # fail, and one of them may have written to a Delta table
+            first_of_version=claim.prior_state is None,
+        )
         with _own_transaction(conn, key):
             result = fn(eos)
         payload = encode_result(result, limit=max_result_bytes)

@@ -284,6 +284,7 @@ class DeltaMachine(LedgerMachine):
         super().__init__()
         self.table = f"{self.uri}/{uuid.uuid4().hex[:12]}"
         self.prepared: dict[tuple[str, int], object] = {}
+        self.first: dict[tuple[str, int], bool] = {}
         self.delta_by: tuple[str, int] | None = None  # whose write the table holds
 
     def _effect(self, me):
@@ -291,7 +292,8 @@ class DeltaMachine(LedgerMachine):
 
         attempt = self.attempts[me]
         session = type("Session", (), {"owner": attempt.owner})()
-        return Effect(self.key, me[1], attempt.conn, session=session)
+        first = self.first.get(me, False)
+        return Effect(self.key, me[1], attempt.conn, session=session, first_of_version=first)
 
     def _in(self, *phases: str) -> list[tuple[str, int]]:
         return [me for me, a in self.attempts.items() if a.phase in phases]
@@ -309,7 +311,12 @@ class DeltaMachine(LedgerMachine):
     @precondition(lambda self: self._in("new", "waiting"))
     @rule(data=st.data())
     def claim_one(self, data):
-        LedgerMachine.claim(self, data.draw(st.sampled_from(self._in("new", "waiting"))))
+        me = data.draw(st.sampled_from(self._in("new", "waiting")))
+        prior = self.model.state
+        LedgerMachine.claim(self, me)
+        if self.attempts[me].phase == "claimed":
+            # as the protocol tells the effect: nothing of this version can exist yet
+            self.first[me] = prior is None
 
     @precondition(lambda self: self._in("claimed"))
     @rule(data=st.data())
