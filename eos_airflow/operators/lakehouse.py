@@ -91,6 +91,7 @@ class _LakehouseOperator(ExactlyOnceBaseOperator):
         parameters: Mapping[str, Any] | Sequence[Any] | None = None,
         partition_by: str | Sequence[str] | None = None,
         batch_rows: int = DEFAULT_BATCH_ROWS,
+        iceberg: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(conn_id=conn_id, **kwargs)
@@ -99,7 +100,7 @@ class _LakehouseOperator(ExactlyOnceBaseOperator):
         self.sql = sql
         self.mode = mode
         self.parameters = parameters
-        self.partition_by = check_partition_by(partition_by) or None
+        self.partition_by = check_partition_by(partition_by, iceberg=iceberg) or None
         self.batch_rows = batch_rows
 
     def _source_checked(self) -> Any:
@@ -167,7 +168,12 @@ class ExactlyOnceIcebergOperator(_LakehouseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            source_conn_id=source_conn_id, sql=sql, conn_id=conn_id, mode=mode, **kwargs
+            source_conn_id=source_conn_id,
+            sql=sql,
+            conn_id=conn_id,
+            mode=mode,
+            iceberg=True,
+            **kwargs,
         )
         if not table or not isinstance(table, str):
             raise ConfigurationError("table is required: the Iceberg table, 'namespace.table'")

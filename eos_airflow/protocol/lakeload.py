@@ -133,8 +133,11 @@ def _declare(
     conn: psycopg.Connection[Any], query: str, parameters: Any
 ) -> psycopg.ServerCursor[Any]:
     from psycopg.rows import tuple_row
+    from psycopg.types.string import TextLoader
 
     cursor = conn.cursor(name=_CURSOR, row_factory=tuple_row)
+    for name in ("json", "jsonb"):  # the document's text, not Python objects
+        cursor.adapters.register_loader(name, TextLoader)
     try:
         cursor.execute(query, parameters)
     except psycopg.errors.SyntaxError as exc:
@@ -239,9 +242,9 @@ def _chunks(batches: Iterator[Any], limit: int) -> Iterator[Any]:
         yield pa.Table.from_batches(gathered)
 
 
-def check_partition_by(partition_by: Any) -> list[str]:
-    """``partition_by``: a column or transform (``"day(ordered_at)"``, ``"bucket(16, id)"``)
-    or a list of them."""
+def check_partition_by(partition_by: Any, *, iceberg: bool = False) -> list[str]:
+    """``partition_by``: a column or (``iceberg``) a transform (``"day(ordered_at)"``,
+    ``"bucket(16, id)"``), or a list of them."""
     if partition_by is None:
         return []
     items = [partition_by] if isinstance(partition_by, str) else partition_by
@@ -257,6 +260,11 @@ def check_partition_by(partition_by: Any) -> list[str]:
                 "'day(ordered_at)', 'month(ordered_at)', 'bucket(16, id)', 'truncate(4, name)'"
             )
     transforms = [i for i in items if _TRANSFORM.match(i)]
+    if transforms and not iceberg:
+        raise ConfigurationError(
+            "Delta partitions by column values: partition_by takes column names, not "
+            "transforms (select e.g. ordered_at::date AS order_date and partition by it)"
+        )
     if transforms and importlib.util.find_spec("pyiceberg_core") is None:
         raise ConfigurationError(
             f"partition_by {transforms[0]!r}: pyiceberg writes transformed partitions "
@@ -347,7 +355,11 @@ def write_iceberg(
     if mode not in MODES:
         raise ConfigurationError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     schema = _iceberg_schema(reader.schema)
-    spec = _partition_spec(schema, check_partition_by(partition_by)) if partition_by else None
+    spec = (
+        _partition_spec(schema, check_partition_by(partition_by, iceberg=True))
+        if partition_by
+        else None
+    )
     tbl = eos.iceberg(
         table, schema=schema, partition_spec=spec, warehouse=warehouse, properties=properties
     )
@@ -444,11 +456,6 @@ def write_delta(
     if mode not in MODES:
         raise ConfigurationError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     columns = check_partition_by(partition_by)
-    if any(_TRANSFORM.match(c) for c in columns):
-        raise ConfigurationError(
-            "Delta partitions by column values: partition_by takes column names, not "
-            "transforms (select e.g. ordered_at::date AS order_date and partition by it)"
-        )
     target = eos.delta(table_uri, storage_options=storage_options)
     write = target.prepare(mode=mode, predicate=predicate, partition_by=columns or None)
     counted: Counted | None = None
