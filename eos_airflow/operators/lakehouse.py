@@ -151,7 +151,7 @@ class ExactlyOnceIcebergOperator(_LakehouseOperator):
     "files_added", "files_removed", "key"}``, stored in the ledger.
     """
 
-    template_fields: Sequence[str] = ("sql", "table", "overwrite_filter", "parameters")
+    template_fields: Sequence[str] = ("sql", "table", "overwrite_filter", "parameters", "warehouse")
     template_fields_renderers = {"sql": "sql", "parameters": "json"}
 
     def __init__(
