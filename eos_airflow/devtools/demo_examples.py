@@ -564,7 +564,7 @@ def lakehouse(warehouse: str, env: dict[str, str], run: Runner, lake: Path) -> O
     from deltalake import DeltaTable
     from pyiceberg.catalog.sql import SqlCatalog
 
-    from eos_airflow.protocol.iceberg import reader_uri
+    from eos_airflow.hooks.ledger import sqlalchemy_url
 
     out = Outcome("lakehouse  eos_lakehouse_daily")
     console.print(
@@ -589,7 +589,7 @@ def lakehouse(warehouse: str, env: dict[str, str], run: Runner, lake: Path) -> O
     delta_uri = f"{env['EOS_LAKE']}/delta/orders"
 
     def state() -> tuple[int, int, int, int]:
-        catalog = SqlCatalog("eos", uri=reader_uri(warehouse))
+        catalog = SqlCatalog("eos", uri=sqlalchemy_url(warehouse))  # also a socket host
         table = catalog.load_table("lake.orders")
         delta = DeltaTable(delta_uri)
         writes = sum(  # data writes (version 0 created the table, empty)
