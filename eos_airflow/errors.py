@@ -176,6 +176,14 @@ class LakehouseConflictError(EosError):
     retryable = True
 
 
+class LakehouseStorageError(EosError):
+    """A lakehouse table's storage (object store or file system) refused a request or could
+    not be reached; nothing of the effect was committed. Retry once the storage answers
+    (Airflow retries this); check the location and its settings if it persists."""
+
+    retryable = True
+
+
 class PermissionDenied(EosError):
     """The connected role may not do what the command asked."""
 

@@ -120,6 +120,8 @@ def grant_roles(conn: psycopg.Connection[Any], args: argparse.Namespace) -> None
 
     try:
         done = grant(conn, args.schema, args.writer, args.auditor)
+        if getattr(args, "iceberg", False):
+            done["iceberg_tables"] = _grant_iceberg(conn, args.writer, args.auditor)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise ConfigurationError(
             f"cannot create or grant the roles: {exc.diag.message_primary}; run "
@@ -136,5 +138,28 @@ def grant_roles(conn: psycopg.Connection[Any], args: argparse.Namespace) -> None
                 if d["created"]
                 else ""
             )
+            + (
+                f"; Iceberg catalog tables {', '.join(d['iceberg_tables'])}: the writer "
+                "reads and writes them (its effects' commits), the auditor reads them"
+                if d.get("iceberg_tables")
+                else ""
+            )
         ),
     )
+
+
+def _grant_iceberg(conn: psycopg.Connection[Any], writer: str, auditor: str) -> list[str]:
+    """Create the Iceberg catalog's tables (the writer may not create tables in ``public``)
+    and grant their use."""
+    from eos_airflow.ledger.roles import grant_tables
+
+    try:
+        from eos_airflow.protocol.iceberg import CATALOG_SCHEMA, create_catalog_tables
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"--iceberg needs pyiceberg ({exc}): pip install 'eos-airflow[lakehouse]'"
+        ) from exc
+    with conn.transaction():
+        tables = create_catalog_tables(conn)
+    grant_tables(conn, CATALOG_SCHEMA, tables, writer, auditor)
+    return tables

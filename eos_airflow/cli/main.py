@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import psycopg
 
-from eos_airflow.cli import outbox, output
+from eos_airflow.cli import lake, outbox, output
 from eos_airflow.cli.session import checked, connect_factory, open_connection
 from eos_airflow.devtools import stack_cli as stack
 from eos_airflow.errors import (
@@ -280,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grant.add_argument("--writer", required=True, help="role the tasks connect as")
     grant.add_argument("--auditor", required=True, help="read-only role")
+    grant.add_argument(
+        "--iceberg",
+        action="store_true",
+        help="also create the Iceberg catalog's tables (eos.iceberg) and grant their use",
+    )
     grant.set_defaults(func=cmd_db_grant)
 
     ledger = sub.add_parser("ledger", help="inspect the ledger").add_subparsers(
@@ -385,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     stack.add_parser(sub, common)
     outbox.add_parser(sub, common)
+    lake.add_parser(sub, common)
     return parser
 
 

@@ -114,3 +114,18 @@ def grant(conn: psycopg.Connection[Any], schema: str, writer: str, auditor: str)
         "tables": tables,
         "writer_functions": len(functions),
     }
+
+
+def grant_tables(
+    conn: psycopg.Connection[Any], schema: str, tables: list[str], writer: str, auditor: str
+) -> None:
+    """The writer reads and writes ``tables`` (of ``schema``: e.g. the Iceberg catalog's, whose
+    pointer swaps are the effects' commits), the auditor reads them; one transaction."""
+    s = sql.Identifier(schema)
+    w, a = sql.Identifier(writer), sql.Identifier(auditor)
+    with conn.transaction():
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}, {}").format(s, w, a))
+        for table in tables:
+            t = sql.Identifier(schema, table)
+            conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(t, w))
+            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(t, a))

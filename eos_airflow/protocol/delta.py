@@ -32,6 +32,7 @@ from eos_airflow.errors import (
     EosError,
     FencedError,
     LakehouseConflictError,
+    LakehouseStorageError,
     MisuseError,
 )
 from eos_airflow.ledger.store import LedgerStore
@@ -231,7 +232,7 @@ class DeltaTarget:
         selector = fs.FileSelector(path, recursive=False, allow_not_found=True)
         return bool(filesystem.get_file_info(selector))
 
-    def _refused(self, exc: BaseException) -> ConfigurationError:
+    def _refused(self, exc: BaseException) -> EosError:
         text = " ".join(str(exc).split())[:400]
         if "cast" in text.lower() or "schema" in text.lower():
             return ConfigurationError(
@@ -239,10 +240,10 @@ class DeltaTarget:
                 f"({text}); nothing was written. Write columns of the table's types, or "
                 "change the table's schema first"
             )
-        return ConfigurationError(
-            f"Delta table {self.uri}: the storage refused or could not be reached ({text}); "
-            "nothing was written. Check table_uri and storage_options (endpoint, "
-            "credentials, region)"
+        return LakehouseStorageError(
+            f"Delta table {self.uri}: the storage refused the request or could not be reached "
+            f"({text}); nothing was written. Check table_uri and storage_options (endpoint, "
+            "credentials, region); Airflow retries this"
         )
 
 

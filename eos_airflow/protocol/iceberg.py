@@ -26,7 +26,8 @@ it is committed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
@@ -57,8 +58,10 @@ from eos_airflow.errors import (
     ConfigurationError,
     EosError,
     LakehouseConflictError,
+    LakehouseStorageError,
     MisuseError,
 )
+from eos_airflow.ledger.store import LedgerStore
 
 if TYPE_CHECKING:
     from pyiceberg.io import FileIO
@@ -78,6 +81,10 @@ _NAME_MAX = 255
 _SAVEPOINT = "SAVEPOINT eos_iceberg"
 _RELEASE = "RELEASE SAVEPOINT eos_iceberg"
 _ROLLBACK = "ROLLBACK TO SAVEPOINT eos_iceberg"
+#: How long a commit waits for a table's pointer locked by another effect (catalog property
+#: ``eos.pointer-lock-timeout``, seconds): beyond, :class:`LakehouseConflictError` (retried).
+LOCK_TIMEOUT_PROPERTY = "eos.pointer-lock-timeout"
+DEFAULT_LOCK_TIMEOUT = 300.0
 #: Serializes effects creating the catalog's tables (held to the end of the effect).
 _CREATE_LOCK = "eos-airflow:iceberg-catalog"
 
@@ -132,11 +139,36 @@ class EffectConnection:
     def close(self) -> None:
         self.rollback()
 
+    def reset(self) -> None:
+        """A new effect: no savepoint of an earlier effect's transaction is open."""
+        self._open = False
+
     def add_notice_handler(self, handler: Callable[..., Any]) -> None:
         """The effect's connection keeps its own notice handlers."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
+
+
+def engine_for(conn: psycopg.Connection[Any]) -> Any:
+    """SQLAlchemy's engine on ``conn`` (its one pooled connection is :class:`EffectConnection`),
+    made once per psycopg connection: a new engine per effect would initialize the dialect
+    (a dozen queries) and compile pyiceberg's statements again (~10 ms an effect)."""
+    cached = getattr(conn, "_eos_iceberg_engine", None)
+    if cached is not None:
+        engine, wrapper = cached
+        wrapper.reset()
+        return engine
+    wrapper = EffectConnection(conn)
+    engine = create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: wrapper,
+        poolclass=StaticPool,
+        use_native_hstore=False,
+    ).execution_options(schema_translate_map={None: CATALOG_SCHEMA})
+    # kept on the connection (a cycle the collector frees with it)
+    conn._eos_iceberg_engine = (engine, wrapper)  # type: ignore[attr-defined]
+    return engine
 
 
 def _unwrapped(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -158,23 +190,25 @@ class EffectCatalog(SqlCatalog):
         # SqlCatalog.__init__ would open an engine of its own: only the properties are kept.
         MetastoreCatalog.__init__(self, CATALOG_NAME, **properties)
         self.conn = conn
-        engine = create_engine(
-            "postgresql+psycopg://",
-            creator=lambda: EffectConnection(conn),
-            poolclass=StaticPool,
-            use_native_hstore=False,
-        )
-        self.engine = engine.execution_options(schema_translate_map={None: CATALOG_SCHEMA})
+        #: The effect writing through this catalog (set by :func:`catalog`).
+        self.eos: Effect | None = None
+        self.engine = engine_for(conn)
         self._schema_version = self._prepare_tables()
 
     def _prepare_tables(self) -> str:
         """Create pyiceberg's catalog tables if the database has none (with the effect);
         return the catalog's schema version as pyiceberg names it."""
-        names = [f"{CATALOG_SCHEMA}.{t}" for t in SqlCatalogBaseTable.metadata.tables]
-        query = "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n"
-        if not _one(self.conn.execute(query, [names]).fetchone()):
+        if not catalog_tables_exist(self.conn):
             self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_CREATE_LOCK])
-            _unwrapped(SqlCatalogBaseTable.metadata.create_all, self.engine)
+            try:
+                _unwrapped(SqlCatalogBaseTable.metadata.create_all, self.engine)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise ConfigurationError(
+                    "the Iceberg catalog's tables do not exist in the ledger's database and "
+                    f"this role cannot create them ({exc.diag.message_primary}); run "
+                    "`eos-airflow db grant --writer ROLE --auditor ROLE --iceberg` as the "
+                    "ledger's owner (it creates them and grants the writer their use)"
+                ) from exc
         typed = _one(
             self.conn.execute(
                 "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s) "
@@ -185,7 +219,8 @@ class EffectCatalog(SqlCatalog):
         return "v1" if typed else "v0"
 
     def load_table(self, identifier: str | Identifier) -> Table:
-        table = _unwrapped(super().load_table, identifier)
+        with lake_errors(".".join(Catalog.identifier_to_tuple(identifier))):
+            table = _unwrapped(super().load_table, identifier)
         return EffectTable(
             table.name(), table.metadata, table.metadata_location, table.io, self, table.config
         )
@@ -201,8 +236,35 @@ class EffectCatalog(SqlCatalog):
         namespace = Catalog.namespace_to_string(Catalog.namespace_from(identifier))
         name = Catalog.table_name_from(identifier)
         check_in_transaction(self.conn)
-        row = self.conn.execute(query, [self.name, namespace, name]).fetchone()
+        wait = self.lock_timeout()
+        # lock_timeout for this statement only: the setting before it comes back after it
+        before = _one(self.conn.execute("SELECT current_setting('lock_timeout')").fetchone())
+        self.conn.execute("SELECT set_config('lock_timeout', %s, true)", [f"{int(wait * 1000)}ms"])
+        try:
+            row = self.conn.execute(query, [self.name, namespace, name]).fetchone()
+        except psycopg.errors.LockNotAvailable as exc:
+            raise LakehouseConflictError(
+                f"Iceberg table {namespace}.{name}: another effect held the table's pointer "
+                f"for more than {wait:g} s (it commits a change to the table and has not "
+                "ended); nothing of this effect was committed. Retry (Airflow retries this); "
+                f"the catalog property {LOCK_TIMEOUT_PROPERTY!r} sets the wait"
+            ) from exc
+        self.conn.execute("SELECT set_config('lock_timeout', %s, true)", [before])
         return None if row is None else row[0]
+
+    def lock_timeout(self) -> float:
+        """How long a commit waits for the table's pointer held by another effect."""
+        value = self.properties.get(LOCK_TIMEOUT_PROPERTY, DEFAULT_LOCK_TIMEOUT)
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = -1.0
+        if not 0 < seconds <= 86400:
+            raise ConfigurationError(
+                f"eos.iceberg(): property {LOCK_TIMEOUT_PROPERTY!r} must be seconds between 0 "
+                f"and 86400, got {value!r}"
+            )
+        return seconds
 
     def commit_table(
         self,
@@ -236,14 +298,81 @@ class EffectCatalog(SqlCatalog):
         """Keep old metadata files: the effect may still roll back to them."""
 
 
+@contextlib.contextmanager
+def lake_errors(name: str) -> Iterator[None]:
+    """pyiceberg's errors for bad data and unreachable storage, as ours: data that does not
+    fit the table's schema → :class:`ConfigurationError`; storage that refused or did not
+    answer → :class:`LakehouseStorageError` (retryable)."""
+    try:
+        yield
+    except EosError:
+        raise
+    except OSError as exc:
+        text = " ".join(str(exc).split())[:400]
+        raise LakehouseStorageError(
+            f"Iceberg table {name}: the storage refused the request or could not be reached "
+            f"({text}); nothing of this effect was committed. Check the warehouse and the "
+            "catalog properties (s3.endpoint, credentials, region); Airflow retries this"
+        ) from exc
+    except ValueError as exc:
+        text = " ".join(str(exc).split())
+        if "Mismatch in fields" not in text and "more columns" not in text:
+            raise
+        raise ConfigurationError(
+            f"Iceberg table {name}: the data does not match the table's schema "
+            f"({text[:600]}); nothing was written. Write columns of the table's types, or "
+            "evolve the schema first (table.update_schema() in the same effect)"
+        ) from exc
+
+
 class EffectTransaction(Transaction):
     """pyiceberg's table transaction, committed under the table's pointer lock: when the
     pointer moved since the table was read, the snapshot is rebuilt on the new metadata
     first (pyiceberg's own retry step, its data files kept). A change that concurrent
     commits invalidate ends in :class:`LakehouseConflictError`."""
 
+    def _name(self) -> str:
+        return ".".join(self._table.name())
+
+    def _with_provenance(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``snapshot_properties`` plus the effect that writes the snapshot: its key,
+        the ledger version it commits, the attempt and the run, so the table's history names
+        the ledger entry of every snapshot (the ledger's result names the snapshot)."""
+        eos = getattr(self._table.catalog, "eos", None)
+        if eos is None:
+            return kwargs
+        provenance = {"eos.key": eos.key, "eos.attempt": str(eos.attempt)}
+        if eos.origin.run_id is not None:
+            provenance["eos.run-id"] = eos.origin.run_id
+        if getattr(eos.session, "owner", None) is not None:
+            entry = LedgerStore(eos.conn, eos.schema).entry(eos.key)
+            if entry is not None:
+                provenance["eos.version"] = str(entry.version + 1)
+        given = kwargs.get("snapshot_properties") or {}
+        return {**kwargs, "snapshot_properties": {**provenance, **given}}
+
+    def append(self, *args: Any, **kwargs: Any) -> None:
+        with lake_errors(self._name()):
+            super().append(*args, **self._with_provenance(kwargs))
+
+    def overwrite(self, *args: Any, **kwargs: Any) -> None:
+        with lake_errors(self._name()):
+            super().overwrite(*args, **self._with_provenance(kwargs))
+
+    def dynamic_partition_overwrite(self, *args: Any, **kwargs: Any) -> None:
+        with lake_errors(self._name()):
+            super().dynamic_partition_overwrite(*args, **self._with_provenance(kwargs))
+
+    def delete(self, *args: Any, **kwargs: Any) -> None:
+        with lake_errors(self._name()):
+            super().delete(*args, **self._with_provenance(kwargs))
+
     def commit_transaction(self) -> Table:
         table = self._table
+        with lake_errors(self._name()):
+            return self._commit_under_lock(table)
+
+    def _commit_under_lock(self, table: Table) -> Table:
         try:
             if self._updates and isinstance(table.catalog, EffectCatalog):
                 current = table.catalog.lock_pointer(table.name())
@@ -292,6 +421,35 @@ class EffectTable(Table):
         return UpdateStatistics(transaction=EffectTransaction(self, autocommit=True))
 
 
+#: Settings of pyiceberg's configuration that name another catalog than the ledger's.
+_NOT_OURS = frozenset({"uri", "type", "py-catalog-impl"})
+
+
+def configured_properties() -> dict[str, str]:
+    """What pyiceberg's configuration says of the catalog ``eos`` (a stock
+    ``load_catalog("eos", uri=...)`` reads the same), without its location settings: the
+    catalog is always the ledger's database."""
+    from pyiceberg.utils.config import Config
+
+    found = Config().get_catalog_config(CATALOG_NAME) or {}
+    return {str(k): str(v) for k, v in found.items() if k not in _NOT_OURS}
+
+
+def catalog_tables_exist(conn: psycopg.Connection[Any]) -> bool:
+    names = [f"{CATALOG_SCHEMA}.{t}" for t in SqlCatalogBaseTable.metadata.tables]
+    query = "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest(%s::text[]) AS n"
+    return bool(_one(conn.execute(query, [names]).fetchone()))
+
+
+def create_catalog_tables(conn: psycopg.Connection[Any]) -> list[str]:
+    """Create pyiceberg's catalog tables (schema ``public``) if missing, in ``conn``'s open
+    transaction; returns their names (``db grant --iceberg``)."""
+    if not catalog_tables_exist(conn):
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_CREATE_LOCK])
+        _unwrapped(SqlCatalogBaseTable.metadata.create_all, engine_for(conn))
+    return sorted(SqlCatalogBaseTable.metadata.tables)
+
+
 def check_identifier(identifier: Any) -> tuple[str, ...]:
     """``"ns.table"`` or ``("ns", "table")`` (namespaces may nest) as a tuple; raises
     :class:`ConfigurationError` for anything else."""
@@ -336,14 +494,18 @@ def _check_schema(schema: Any) -> None:
 def catalog(
     eos: Effect, warehouse: str | None = None, properties: Mapping[str, str] | None = None
 ) -> EffectCatalog:
-    """The effect's catalog for these settings (one per effect and settings)."""
-    props = {str(k): str(v) for k, v in (properties or {}).items()}
+    """The effect's catalog for these settings (one per effect and settings): pyiceberg's own
+    configuration of the catalog ``eos`` (``.pyiceberg.yaml``, ``PYICEBERG_CATALOG__EOS__*``
+    variables) under ``properties`` and ``warehouse``."""
+    props = configured_properties()
+    props.update({str(k): str(v) for k, v in (properties or {}).items()})
     if warehouse is not None:
         props["warehouse"] = warehouse
     key = tuple(sorted(props.items()))
     catalogs = eos.lakehouse_catalogs
     if key not in catalogs:
         catalogs[key] = EffectCatalog(eos.conn, **props)
+        catalogs[key].eos = eos
     found = catalogs[key]
     assert isinstance(found, EffectCatalog)
     return found
@@ -390,9 +552,10 @@ def open_table(
     except (NamespaceAlreadyExistsError, IntegrityError, psycopg.errors.UniqueViolation):
         pass  # a concurrent effect created it and committed
     try:
-        return cat.create_table(
-            parts, schema, partition_spec=partition_spec or UNPARTITIONED_PARTITION_SPEC
-        )
+        with lake_errors(name):
+            return cat.create_table(
+                parts, schema, partition_spec=partition_spec or UNPARTITIONED_PARTITION_SPEC
+            )
     except TableAlreadyExistsError:
         return cat.load_table(parts)  # a concurrent effect created it and committed
 

@@ -318,6 +318,21 @@ def _iceberg_schema(arrow_schema: Any) -> Any:
     return assign_fresh_schema_ids(Catalog._convert_schema_if_needed(arrow_schema))
 
 
+def _provenance(eos: Effect) -> dict[str, str]:
+    """The snapshot summary's note of the effect that writes it (as ``eos.iceberg``'s own
+    appends and overwrites carry): key, attempt, run and the ledger version it commits."""
+    from eos_airflow.ledger.store import LedgerStore
+
+    found = {"eos.key": eos.key, "eos.attempt": str(eos.attempt)}
+    if eos.origin.run_id is not None:
+        found["eos.run-id"] = eos.origin.run_id
+    if getattr(eos.session, "owner", None) is not None:
+        entry = LedgerStore(eos.conn, eos.schema).entry(eos.key)
+        if entry is not None:
+            found["eos.version"] = str(entry.version + 1)
+    return found
+
+
 def write_iceberg(
     eos: Effect,
     reader: Any,
@@ -351,6 +366,8 @@ def write_iceberg(
         _dataframe_to_data_files,
         _expression_to_complementary_pyarrow,
     )
+
+    from eos_airflow.protocol.iceberg import lake_errors
 
     if mode not in MODES:
         raise ConfigurationError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -388,11 +405,11 @@ def write_iceberg(
     counted = Counted(reader)
     removed = 0
     txn = tbl.transaction()
-    properties_of_snapshot = {"eos.key": eos.key, "eos.attempt": str(eos.attempt)}
+    properties_of_snapshot = _provenance(eos)
     update = txn.update_snapshot(snapshot_properties=properties_of_snapshot)
     producer = update.overwrite() if mode == "overwrite" else update.fast_append()
     counter = itertools.count(0)
-    with producer:
+    with lake_errors(".".join(tbl.name())), producer:
         meta = txn.table_metadata
         if mode == "overwrite" and previous is not None:
             producer.delete_by_predicate(expr)

@@ -21,6 +21,7 @@ from eos_airflow import (
     FailpointError,
     FencedError,
     LakehouseConflictError,
+    LakehouseStorageError,
     Ledger,
     MisuseError,
     Origin,
@@ -358,7 +359,7 @@ def test_an_unreachable_store_is_a_clear_error(ledger: Ledger, conn):
     def fn(eos):
         return eos.delta("s3://nowhere/sales", storage_options=options).write(rows("a", 1))
 
-    with pytest.raises(ConfigurationError, match="could not be reached"):
+    with pytest.raises(LakehouseStorageError, match="could not be reached"):
         ledger.run("k", fn, origin=TI)
     assert [e for e, _ in events(conn, "k")] == ["claimed", "failed"]
 

@@ -1,8 +1,10 @@
 """``eos.iceberg``: Iceberg commits that land with the effect, read back by a stock pyiceberg
-``SqlCatalog("eos", ...)`` on the ledger's database (real PostgreSQL, file:// warehouse)."""
+``SqlCatalog("eos", ...)`` on the ledger's database (real PostgreSQL); every test runs on a
+file:// and on an s3:// warehouse (the ``lake`` fixture)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -33,6 +35,7 @@ from eos_airflow import (
 )
 from eos_airflow.protocol.iceberg import reader_uri
 from tests.conftest import ROOT, events
+from tests.lakehouse.conftest import Lake
 
 TI = Origin("lake", "load", "manual__1", -1)
 ARROW = pa.schema([pa.field("day", pa.string()), pa.field("amount", pa.int64())])
@@ -48,17 +51,24 @@ def rows(day: str, *amounts: int) -> pa.Table:
 
 
 @pytest.fixture
-def warehouse(tmp_path) -> str:
-    return (tmp_path / "lake").as_uri()
+def warehouse(lake: Lake) -> str:
+    return lake.uri("warehouse")
 
 
 @pytest.fixture
-def reader(db: str, warehouse: str) -> Iterator[SqlCatalog]:
-    """A stock catalog on the ledger's database: only the name, the URI and the warehouse."""
+def props(lake: Lake) -> dict[str, str]:
+    """The FileIO properties every ``eos.iceberg(...)`` call of a test passes."""
+    return lake.iceberg
+
+
+@pytest.fixture
+def reader(db: str, warehouse: str, lake: Lake) -> Iterator[SqlCatalog]:
+    """A stock catalog on the ledger's database: the name, the URI, the warehouse and the
+    storage's FileIO properties."""
     readers: list[SqlCatalog] = []
 
     def make() -> SqlCatalog:
-        catalog = SqlCatalog("eos", uri=reader_uri(db), warehouse=warehouse)
+        catalog = SqlCatalog("eos", uri=reader_uri(db), warehouse=warehouse, **lake.iceberg)
         readers.append(catalog)
         return catalog
 
@@ -72,18 +82,26 @@ def table_rows(catalog: SqlCatalog, name: str = "lake.sales") -> list[tuple[str,
     return sorted(zip(data["day"].to_pylist(), data["amount"].to_pylist(), strict=True))
 
 
-def create(ledger: Ledger, warehouse: str, *, schema=ARROW, spec=None, key="create") -> None:
+def create(
+    ledger: Ledger, warehouse: str, props: dict[str, str], *, schema=ARROW, spec=None, key="create"
+) -> None:
     ledger.run(
         key,
         lambda eos: bool(
-            eos.iceberg("lake.sales", schema=schema, partition_spec=spec, warehouse=warehouse)
+            eos.iceberg(
+                "lake.sales",
+                schema=schema,
+                partition_spec=spec,
+                warehouse=warehouse,
+                properties=props,
+            )
         ),
     )
 
 
-def append(day: str, *amounts: int, then=None):
+def append(props: dict[str, str], day: str, *amounts: int, then=None):
     def fn(eos):
-        table = eos.iceberg("lake.sales")
+        table = eos.iceberg("lake.sales", properties=props)
         table.append(rows(day, *amounts))
         if then is not None:
             then(eos)
@@ -107,9 +125,9 @@ def waiting_for_a_lock(db: str, timeout: float = 10) -> None:
     raise AssertionError("no session waits for a lock")
 
 
-def test_append_commits_with_the_ledger(ledger: Ledger, reader, warehouse: str, conn):
+def test_append_commits_with_the_ledger(ledger: Ledger, reader, warehouse: str, props, conn):
     def fn(eos):
-        table = eos.iceberg("lake.sales", schema=ARROW, warehouse=warehouse)
+        table = eos.iceberg("lake.sales", schema=ARROW, warehouse=warehouse, properties=props)
         table.append(rows("2024-01-01", 1, 2, 3))
         return {"snapshot": table.current_snapshot().snapshot_id}
 
@@ -126,32 +144,32 @@ def test_append_commits_with_the_ledger(ledger: Ledger, reader, warehouse: str, 
 
 
 def test_a_function_that_raises_after_its_append_changes_nothing(
-    ledger: Ledger, reader, warehouse: str
+    ledger: Ledger, reader, warehouse: str, props
 ):
-    create(ledger, warehouse)
-    ledger.run("day1", append("2024-01-01", 1))
+    create(ledger, warehouse, props)
+    ledger.run("day1", append(props, "2024-01-01", 1))
     before = reader().load_table("lake.sales").current_snapshot().snapshot_id
 
     def boom(eos):
         raise RuntimeError("after the append")
 
     with pytest.raises(RuntimeError, match="after the append"):
-        ledger.run("day2", append("2024-01-02", 2, then=boom))
+        ledger.run("day2", append(props, "2024-01-02", 2, then=boom))
     catalog = reader()
     table = catalog.load_table("lake.sales")
     assert table.current_snapshot().snapshot_id == before
     assert len(table.snapshots()) == 1
     assert table_rows(catalog) == [("2024-01-01", 1)]
     # the retry writes it once
-    ledger.run("day2", append("2024-01-02", 2), attempt=2)
+    ledger.run("day2", append(props, "2024-01-02", 2), attempt=2)
     assert table_rows(reader()) == [("2024-01-01", 1), ("2024-01-02", 2)]
 
 
 def test_a_table_created_by_a_failed_effect_does_not_exist(
-    ledger: Ledger, reader, warehouse: str, conn
+    ledger: Ledger, reader, warehouse: str, props, conn
 ):
     def fn(eos):
-        table = eos.iceberg("lake.sales", schema=ARROW, warehouse=warehouse)
+        table = eos.iceberg("lake.sales", schema=ARROW, warehouse=warehouse, properties=props)
         table.append(rows("2024-01-01", 1))
         raise RuntimeError("after creating")
 
@@ -164,11 +182,13 @@ def test_a_table_created_by_a_failed_effect_does_not_exist(
     assert events(conn) == [("claimed", 1), ("failed", 1)]
 
 
-def test_a_fenced_attempt_cannot_publish_its_snapshot(ledger: Ledger, reader, warehouse: str, db):
+def test_a_fenced_attempt_cannot_publish_its_snapshot(
+    ledger: Ledger, reader, warehouse: str, props, db
+):
     """Try 1 appended and is still running (a zombie) when try 2 claims the key: try 2's
     swap waits for the zombie's pointer lock, the zombie is fenced at its commit, and only
     try 2's snapshot lands."""
-    create(ledger, warehouse)
+    create(ledger, warehouse, props)
     in_run, release = threading.Event(), threading.Event()
     outcome: dict[str, object] = {}
 
@@ -178,12 +198,12 @@ def test_a_fenced_attempt_cannot_publish_its_snapshot(ledger: Ledger, reader, wa
 
     def zombie():
         try:
-            ledger.run("k", append("zombie", 1, then=hold), attempt=1, origin=TI)
+            ledger.run("k", append(props, "zombie", 1, then=hold), attempt=1, origin=TI)
         except Exception as exc:  # noqa: BLE001 - recorded for the assertion
             outcome["zombie"] = exc
 
     def newer():
-        outcome["newer"] = ledger.run("k", append("newer", 2), attempt=2, origin=TI)
+        outcome["newer"] = ledger.run("k", append(props, "newer", 2), attempt=2, origin=TI)
 
     first = threading.Thread(target=zombie)
     first.start()
@@ -206,10 +226,10 @@ def test_a_fenced_attempt_cannot_publish_its_snapshot(ledger: Ledger, reader, wa
     assert sorted(found[2:]) == [("committed", 2), ("fenced", 1)]
 
 
-def test_a_retry_after_the_commit_adds_nothing(ledger: Ledger, reader, warehouse: str):
-    create(ledger, warehouse)
-    first = ledger.run_outcome("day1", append("2024-01-01", 1), origin=TI)
-    again = ledger.run_outcome("day1", append("2024-01-01", 1), attempt=2, origin=TI)
+def test_a_retry_after_the_commit_adds_nothing(ledger: Ledger, reader, warehouse: str, props):
+    create(ledger, warehouse, props)
+    first = ledger.run_outcome("day1", append(props, "2024-01-01", 1), origin=TI)
+    again = ledger.run_outcome("day1", append(props, "2024-01-01", 1), attempt=2, origin=TI)
     assert (first.action, again.action) == ("committed", "skipped")
     assert again.result == first.result
     table = reader().load_table("lake.sales")
@@ -219,18 +239,18 @@ def test_a_retry_after_the_commit_adds_nothing(ledger: Ledger, reader, warehouse
 
 @pytest.mark.parametrize("writers", [2, 4])
 def test_concurrent_effects_appending_to_one_table_all_land(
-    ledger: Ledger, reader, warehouse: str, writers: int, caplog
+    ledger: Ledger, reader, warehouse: str, props, writers: int, caplog
 ):
     """Each effect loads the same metadata, then appends: each commit waits for the table's
     pointer, finds it moved by the effects before it and re-applies its append on the new
     metadata before its swap — no swap is lost, so pyiceberg never has to retry one."""
-    create(ledger, warehouse)
+    create(ledger, warehouse, props)
     loaded = threading.Barrier(writers)
     errors: list[BaseException] = []
 
     def fn(i: int):
         def body(eos):
-            table = eos.iceberg("lake.sales")
+            table = eos.iceberg("lake.sales", properties=props)
             loaded.wait(20)
             table.append(rows(f"day{i}", i))
             return {"snapshot": table.current_snapshot().snapshot_id}
@@ -261,24 +281,24 @@ def test_concurrent_effects_appending_to_one_table_all_land(
 
 
 def test_an_overwrite_invalidated_by_a_concurrent_commit_is_a_retryable_conflict(
-    ledger: Ledger, reader, warehouse: str
+    ledger: Ledger, reader, warehouse: str, props
 ):
     """Both effects read the table; the first deletes the partition's files and commits; the
     second's overwrite of that partition, rebuilt on the new metadata, finds the files it
     replaces gone (pyiceberg's validation): a retryable conflict, nothing of it committed;
     its retry lands."""
-    create(ledger, warehouse, schema=ICEBERG, spec=BY_DAY)
-    ledger.run("load", append("d1", 1, 2))
+    create(ledger, warehouse, props, schema=ICEBERG, spec=BY_DAY)
+    ledger.run("load", append(props, "d1", 1, 2))
     loaded, first_committed = threading.Barrier(2), threading.Event()
     outcomes: dict[str, object] = {}
 
     def delete(eos):
-        table = eos.iceberg("lake.sales")
+        table = eos.iceberg("lake.sales", properties=props)
         loaded.wait(20)
         table.delete(EqualTo("day", "d1"))
 
     def overwrite(eos):
-        table = eos.iceberg("lake.sales")
+        table = eos.iceberg("lake.sales", properties=props)
         loaded.wait(20)
         assert first_committed.wait(20)
         table.overwrite(rows("d1", 10), overwrite_filter=EqualTo("day", "d1"))
@@ -307,18 +327,20 @@ def test_an_overwrite_invalidated_by_a_concurrent_commit_is_a_retryable_conflict
     assert table_rows(reader()) == []
 
     def overwrite_again(eos):
-        eos.iceberg("lake.sales").overwrite(rows("d1", 10), overwrite_filter=EqualTo("day", "d1"))
+        eos.iceberg("lake.sales", properties=props).overwrite(
+            rows("d1", 10), overwrite_filter=EqualTo("day", "d1")
+        )
 
     ledger.run("overwrite", overwrite_again, attempt=2)
     assert table_rows(reader()) == [("d1", 10)]
 
 
-def test_replace_overwrites_one_partition(ledger: Ledger, reader, warehouse: str, db):
-    create(ledger, warehouse, schema=ICEBERG, spec=BY_DAY)
+def test_replace_overwrites_one_partition(ledger: Ledger, reader, warehouse: str, props, db):
+    create(ledger, warehouse, props, schema=ICEBERG, spec=BY_DAY)
 
     def day(name: str, *amounts: int):
         def fn(eos):
-            table = eos.iceberg("lake.sales")
+            table = eos.iceberg("lake.sales", properties=props)
             table.overwrite(rows(name, *amounts), overwrite_filter=EqualTo("day", name))
             return sum(amounts)
 
@@ -353,10 +375,10 @@ def test_replace_overwrites_one_partition(ledger: Ledger, reader, warehouse: str
 
 
 def test_an_unknown_table_without_schema_is_refused_and_nothing_commits(
-    ledger: Ledger, reader, warehouse: str, conn
+    ledger: Ledger, reader, warehouse: str, props, conn
 ):
     def fn(eos):
-        eos.iceberg("lake.nope", warehouse=warehouse)
+        eos.iceberg("lake.nope", warehouse=warehouse, properties=props)
         return 1
 
     with pytest.raises(ConfigurationError, match=r"'lake\.nope' does not exist.*schema="):
@@ -379,10 +401,10 @@ def test_an_unknown_table_without_schema_is_refused_and_nothing_commits(
     ],
 )
 def test_bad_arguments_are_refused_before_anything_is_written(
-    ledger: Ledger, conn, kwargs, message
+    ledger: Ledger, conn, props, kwargs, message
 ):
     def fn(eos):
-        eos.iceberg(**kwargs)
+        eos.iceberg(**kwargs, properties=props)
 
     with pytest.raises(ConfigurationError, match=message):
         ledger.run("k", fn)
@@ -390,10 +412,10 @@ def test_bad_arguments_are_refused_before_anything_is_written(
 
 
 def test_a_reader_sees_the_old_snapshot_while_the_effect_is_open(
-    ledger: Ledger, reader, warehouse: str
+    ledger: Ledger, reader, warehouse: str, props
 ):
-    create(ledger, warehouse)
-    ledger.run("day1", append("2024-01-01", 1))
+    create(ledger, warehouse, props)
+    ledger.run("day1", append(props, "2024-01-01", 1))
     catalog = reader()
     old = catalog.load_table("lake.sales").current_snapshot().snapshot_id
     appended, release = threading.Event(), threading.Event()
@@ -402,7 +424,9 @@ def test_a_reader_sees_the_old_snapshot_while_the_effect_is_open(
         appended.set()
         assert release.wait(20)
 
-    thread = threading.Thread(target=lambda: ledger.run("day2", append("2024-01-02", 2, then=hold)))
+    thread = threading.Thread(
+        target=lambda: ledger.run("day2", append(props, "2024-01-02", 2, then=hold))
+    )
     thread.start()
     try:
         assert appended.wait(20)
@@ -414,13 +438,13 @@ def test_a_reader_sees_the_old_snapshot_while_the_effect_is_open(
     assert table_rows(catalog) == [("2024-01-01", 1), ("2024-01-02", 2)]
 
 
-def test_schema_evolution_and_delete_join_the_effect(ledger: Ledger, reader, warehouse: str):
-    create(ledger, warehouse)
-    ledger.run("day1", append("2024-01-01", 1, 2))
+def test_schema_evolution_and_delete_join_the_effect(ledger: Ledger, reader, warehouse: str, props):
+    create(ledger, warehouse, props)
+    ledger.run("day1", append(props, "2024-01-01", 1, 2))
 
     def evolve(fail: bool):
         def fn(eos):
-            table = eos.iceberg("lake.sales")
+            table = eos.iceberg("lake.sales", properties=props)
             with table.update_schema() as update:
                 update.add_column("note", StringType())
             table.delete(EqualTo("amount", 1))
@@ -442,11 +466,11 @@ def test_schema_evolution_and_delete_join_the_effect(ledger: Ledger, reader, war
 
 
 def test_a_schema_change_waiting_for_a_concurrent_append_lands_after_it(
-    ledger: Ledger, reader, warehouse: str, db
+    ledger: Ledger, reader, warehouse: str, props, db
 ):
     """The append holds the table's pointer; the schema change's swap waits, loses, and is
     sent again on the new metadata (its requirements still hold)."""
-    create(ledger, warehouse)
+    create(ledger, warehouse, props)
     appended, release = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
@@ -455,7 +479,7 @@ def test_a_schema_change_waiting_for_a_concurrent_append_lands_after_it(
         assert release.wait(20)
 
     def evolve(eos):
-        with eos.iceberg("lake.sales").update_schema() as update:
+        with eos.iceberg("lake.sales", properties=props).update_schema() as update:
             update.add_column("note", StringType())
 
     def run(key, fn):
@@ -464,7 +488,7 @@ def test_a_schema_change_waiting_for_a_concurrent_append_lands_after_it(
         except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
             errors.append(exc)
 
-    first = threading.Thread(target=run, args=("append", append("2024-01-01", 1, then=hold)))
+    first = threading.Thread(target=run, args=("append", append(props, "2024-01-01", 1, then=hold)))
     first.start()
     assert appended.wait(20)
     second = threading.Thread(target=run, args=("evolve", evolve))
@@ -479,12 +503,17 @@ def test_a_schema_change_waiting_for_a_concurrent_append_lands_after_it(
     assert table_rows(reader()) == [("2024-01-01", 1)]
 
 
-def test_concurrent_effects_creating_one_table_both_land(ledger: Ledger, reader, warehouse: str):
+def test_concurrent_effects_creating_one_table_both_land(
+    ledger: Ledger, reader, warehouse: str, props
+):
     """Both find no namespace and no table; the second one's inserts wait for the first
     effect, hit its rows, and go on in the same transaction (the failed insert was a
     savepoint) with the table the first one created."""
     ledger.run(
-        "catalog", lambda eos: bool(eos.iceberg("other.t", schema=ARROW, warehouse=warehouse))
+        "catalog",
+        lambda eos: bool(
+            eos.iceberg("other.t", schema=ARROW, warehouse=warehouse, properties=props)
+        ),
     )
     started = threading.Barrier(2)
     errors: list[BaseException] = []
@@ -492,7 +521,7 @@ def test_concurrent_effects_creating_one_table_both_land(ledger: Ledger, reader,
     def body(i: int):
         def fn(eos):
             started.wait(20)
-            table = eos.iceberg("lake.sales", schema=ARROW, warehouse=warehouse)
+            table = eos.iceberg("lake.sales", schema=ARROW, warehouse=warehouse, properties=props)
             table.append(rows(f"day{i}", i))
 
         return fn
@@ -512,12 +541,12 @@ def test_concurrent_effects_creating_one_table_both_land(ledger: Ledger, reader,
     assert table_rows(reader()) == [("day0", 0), ("day1", 1)]
 
 
-def test_a_table_used_after_its_effect_is_refused(ledger: Ledger, warehouse: str):
-    create(ledger, warehouse)
+def test_a_table_used_after_its_effect_is_refused(ledger: Ledger, warehouse: str, props):
+    create(ledger, warehouse, props)
     kept = {}
 
     def fn(eos):
-        kept["table"] = eos.iceberg("lake.sales")
+        kept["table"] = eos.iceberg("lake.sales", properties=props)
 
     ledger.run("k", fn)
     with pytest.raises(MisuseError, match="after its effect ended"):
@@ -525,13 +554,15 @@ def test_a_table_used_after_its_effect_is_refused(ledger: Ledger, warehouse: str
 
 
 def test_commit_and_rollback_stay_refused_and_the_connection_stays_usable(
-    ledger: Ledger, warehouse: str
+    ledger: Ledger, warehouse: str, props
 ):
     """The catalog never ends the effect's transaction; user SQL on eos.conn after the
     append commits with it."""
 
     def fn(eos):
-        eos.iceberg("lake.sales", schema=ARROW, warehouse=warehouse).append(rows("d", 1))
+        eos.iceberg("lake.sales", schema=ARROW, warehouse=warehouse, properties=props).append(
+            rows("d", 1)
+        )
         eos.conn.execute("CREATE TABLE marker (n int)")
         eos.conn.execute("INSERT INTO marker VALUES (1)")
         with pytest.raises(MisuseError):
@@ -541,13 +572,13 @@ def test_commit_and_rollback_stay_refused_and_the_connection_stays_usable(
     assert ledger.run("k", fn) == 1
 
 
-def test_without_pyiceberg_the_error_names_the_extra(ledger: Ledger, monkeypatch):
+def test_without_pyiceberg_the_error_names_the_extra(ledger: Ledger, props, monkeypatch):
     for name in [m for m in sys.modules if m == "pyiceberg" or m.startswith("pyiceberg.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "eos_airflow.protocol.iceberg", raising=False)
 
     def fn(eos):
-        eos.iceberg("lake.sales")
+        eos.iceberg("lake.sales", properties=props)
 
     with pytest.raises(ConfigurationError, match=r"pip install 'eos-airflow\[lakehouse\]'"):
         ledger.run("k", fn)
@@ -555,30 +586,31 @@ def test_without_pyiceberg_the_error_names_the_extra(ledger: Ledger, monkeypatch
 
 @pytest.mark.parametrize("step", ["after_claim", "before_commit", "after_commit"])
 def test_a_failpoint_at_each_step_lands_the_append_once(
-    ledger: Ledger, reader, warehouse: str, monkeypatch, step
+    ledger: Ledger, reader, warehouse: str, props, monkeypatch, step
 ):
-    create(ledger, warehouse)
+    create(ledger, warehouse, props)
     monkeypatch.setenv("EOS_FAILPOINTS", f"{step}@1=raise")
     with pytest.raises(FailpointError):
-        ledger.run("day1", append("2024-01-01", 1), origin=TI)
+        ledger.run("day1", append(props, "2024-01-01", 1), origin=TI)
     committed = step == "after_commit"
     assert table_rows(reader()) == ([("2024-01-01", 1)] if committed else [])
-    outcome = ledger.run_outcome("day1", append("2024-01-01", 1), attempt=2, origin=TI)
+    outcome = ledger.run_outcome("day1", append(props, "2024-01-01", 1), attempt=2, origin=TI)
     assert outcome.action == ("skipped" if committed else "committed")
     assert table_rows(reader()) == [("2024-01-01", 1)]
     assert len(reader().load_table("lake.sales").snapshots()) == 1
 
 
 CHILD = """
+import json
 import sys
 import pyarrow as pa
 from eos_airflow import Ledger, Origin
 
-dsn, key = sys.argv[1], sys.argv[2]
+dsn, key, props = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 data = pa.table({"day": ["2024-01-01"], "amount": [1]})
 
 def fn(eos):
-    eos.iceberg("lake.sales").append(data)
+    eos.iceberg("lake.sales", properties=props).append(data)
     return 1
 
 Ledger(dsn).run(key, fn, attempt=1, origin=Origin("lake", "load", "manual__1", -1))
@@ -587,20 +619,23 @@ Ledger(dsn).run(key, fn, attempt=1, origin=Origin("lake", "load", "manual__1", -
 
 @pytest.mark.parametrize("step", ["before_commit", "after_commit"])
 def test_a_process_killed_at_a_step_lands_the_append_once(
-    ledger: Ledger, reader, warehouse: str, db: str, step
+    ledger: Ledger, reader, warehouse: str, props, db: str, step
 ):
     """The attempt's process dies (``os._exit``) after its append: before the commit the
     server rolls the effect back and frees the table's pointer; the retry appends once."""
-    create(ledger, warehouse)
+    create(ledger, warehouse, props)
     env = {**os.environ, "EOS_FAILPOINTS": f"{step}@1=exit", "PYTHONPATH": str(ROOT)}
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, db, "day1"], env=env, capture_output=True, timeout=120
+        [sys.executable, "-c", CHILD, db, "day1", json.dumps(props)],
+        env=env,
+        capture_output=True,
+        timeout=120,
     )
     assert child.returncode == 137, child.stderr.decode()[-2000:]
     committed = step == "after_commit"
     assert table_rows(reader()) == ([("2024-01-01", 1)] if committed else [])
     outcome = ledger.run_outcome(
-        "day1", append("2024-01-01", 1), attempt=2, origin=TI, wait_timeout=60
+        "day1", append(props, "2024-01-01", 1), attempt=2, origin=TI, wait_timeout=60
     )
     assert outcome.action == ("skipped" if committed else "committed")
     assert table_rows(reader()) == [("2024-01-01", 1)]

@@ -292,3 +292,9 @@ def test_iceberg_transforms_need_pyiceberg_core_or_work():
     else:
         op = ExactlyOnceIcebergOperator(table="a.b", partition_by="day(ordered_at)", **args)
         assert op.partition_by == ["day(ordered_at)"]
+
+
+def test_the_iceberg_snapshot_names_its_effect(orders, tmp_path):
+    load_iceberg(orders, tmp_path, "all", "SELECT * FROM orders")
+    summary = catalog(orders, tmp_path).load_table("lake.orders").current_snapshot().summary
+    assert (summary["eos.key"], summary["eos.version"], summary["eos.attempt"]) == ("all", "1", "1")
