@@ -45,6 +45,10 @@ if TYPE_CHECKING:
     from eos_airflow.multiledger import MultiLedger
     from eos_airflow.operators.incremental import IncrementalTableOperator
     from eos_airflow.operators.kafka import KafkaToPostgresOperator
+    from eos_airflow.operators.lakehouse import (
+        ExactlyOnceDeltaOperator,
+        ExactlyOnceIcebergOperator,
+    )
     from eos_airflow.operators.multi import MultiTargetSQLOperator
     from eos_airflow.operators.outbox import OutboxRelayOperator
     from eos_airflow.operators.sql import ExactlyOnceSQLOperator
@@ -57,6 +61,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "exactly_once": "eos_airflow.decorators.exactly_once",
     "ExactlyOnceSQLOperator": "eos_airflow.operators.sql",
+    "ExactlyOnceIcebergOperator": "eos_airflow.operators.lakehouse",
+    "ExactlyOnceDeltaOperator": "eos_airflow.operators.lakehouse",
     "ExactlyOnceTransferOperator": "eos_airflow.operators.transfer",
     "IncrementalTableOperator": "eos_airflow.operators.incremental",
     "KafkaToPostgresOperator": "eos_airflow.operators.kafka",
@@ -87,6 +93,8 @@ __all__ = [
     "DeliveryError",
     "Effect",
     "EosError",
+    "ExactlyOnceDeltaOperator",
+    "ExactlyOnceIcebergOperator",
     "ExactlyOnceSQLOperator",
     "ExactlyOnceTransferOperator",
     "FailpointError",

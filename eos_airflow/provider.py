@@ -31,6 +31,7 @@ def get_provider_info() -> dict[str, Any]:
                     "eos_airflow.operators.multi",
                     "eos_airflow.operators.kafka",
                     "eos_airflow.operators.outbox",
+                    "eos_airflow.operators.lakehouse",
                 ],
             },
         ],

@@ -25,6 +25,7 @@ balances, prepared transactions, ledger events) and returns one row of the summa
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import socket
@@ -554,6 +555,88 @@ def finance(admin_dsn: str, env: dict[str, str], run: Runner) -> Outcome:
     return out
 
 
+# ----------------------------------------------------------------------------- lakehouse
+
+LAKE_ORDERS = 2_000
+
+
+def lakehouse(warehouse: str, env: dict[str, str], run: Runner, lake: Path) -> Outcome:
+    from deltalake import DeltaTable
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from eos_airflow.hooks.ledger import sqlalchemy_url
+
+    out = Outcome("lakehouse  eos_lakehouse_daily")
+    console.print(
+        "\n[bold cyan]▶ lakehouse[/bold cyan] — a day of orders into an Iceberg and a Delta "
+        "table (local files); both loads crash mid-load (Iceberg before its commit, Delta "
+        "right after Delta's commit), then the day is run again"
+    )
+    with psycopg.connect(warehouse, autocommit=True) as conn:
+        conn.execute(_setup_sql("eos_lakehouse_daily.py"))
+        conn.execute(
+            "INSERT INTO orders SELECT g, 'c' || g %% 50, (g %% 300) + 0.5, "
+            "'2024-01-01'::timestamptz + g * interval '40 s', "
+            "('2024-01-01'::timestamptz + g * interval '40 s')::date, "
+            "jsonb_build_object('channel', (ARRAY['web', 'shop'])[g %% 2 + 1]) "
+            "FROM generate_series(1, %s) g",
+            [LAKE_ORDERS],
+        )
+    day = "2024-01-01"
+    expected = _one(warehouse, "SELECT count(*) FROM orders WHERE order_date = %s", [day])[0]
+    lake.mkdir(parents=True, exist_ok=True)
+    env["EOS_LAKE"] = lake.resolve().as_uri()
+    delta_uri = f"{env['EOS_LAKE']}/delta/orders"
+
+    def state() -> tuple[int, int, int, int]:
+        catalog = SqlCatalog("eos", uri=sqlalchemy_url(warehouse))  # also a socket host
+        table = catalog.load_table("lake.orders")
+        delta = DeltaTable(delta_uri)
+        writes = sum(  # data writes (version 0 created the table, empty)
+            1 for h in delta.history() if h.get("operation") == "WRITE" and h.get("version", 0)
+        )
+        rows = table.scan(row_filter=f"order_date = '{day}'").to_arrow().num_rows
+        day_rows = delta.to_pyarrow_table(filters=[("order_date", "=", dt.date(2024, 1, 1))])
+        return rows, len(table.snapshots()), day_rows.num_rows, writes
+
+    code = run(
+        "dags",
+        "test",
+        "eos_lakehouse_daily",
+        day,
+        failpoints="before_commit@1=raise,after_delta_commit@1=raise",
+    )
+    _step(f"run of {day}, both loads crash in try 1", code)
+    out.check(code == 0, "the run of eos_lakehouse_daily failed")
+    first = state()
+    console.print(
+        f"    Iceberg: {first[0]:,} rows of the day in {first[1]} snapshot; "
+        f"Delta: {first[2]:,} rows in {first[3]} write (source: {expected:,})"
+    )
+    out.check(first == (expected, 1, expected, 1), f"after the crashes: {first}")
+    code = run("dags", "test", "eos_lakehouse_daily", day)
+    _step(f"re-run of {day} (replaces the day)", code)
+    out.check(code == 0, "the re-run of eos_lakehouse_daily failed")
+    second = state()
+    console.print(
+        f"    Iceberg: {second[0]:,} rows in {second[1]} snapshots; Delta: {second[2]:,} "
+        f"rows after {second[3]} writes — the day replaced, not added again"
+    )
+    out.check(second == (expected, 2, expected, 2), f"after the re-run: {second}")
+    versions = _all(
+        warehouse, "SELECT key, version FROM eos.ledger WHERE key LIKE 'lakehouse/%%' ORDER BY 1"
+    )
+    out.check([v for _, v in versions] == [2, 2], f"ledger versions {versions}, expected 2 and 2")
+    out.happened = (
+        "both loads crashed in try 1; retries landed each once; the re-run replaced the day"
+    )
+    out.prevented = (
+        f"a Delta write repeated by the retry; the re-run adding {expected:,} rows a second "
+        "time to each table"
+    )
+    return out
+
+
 # ------------------------------------------------------------------------------- summary
 
 
@@ -565,7 +648,7 @@ def run_examples(
     run: Runner,
     out: Console | None = None,
 ) -> bool:
-    """Run the three example uses; print (to ``out``) their steps and the summary; True
+    """Run the example uses; print (to ``out``) their steps and the summary; True
     when every check passed. ``run(*airflow_argv, failpoints=None)`` runs Airflow."""
     global console
     if out is not None:
@@ -578,6 +661,7 @@ def run_examples(
         ("analytics", lambda: analytics(admin_dsn, warehouse, env, run)),
         ("IoT", lambda: iot(warehouse, env, run)),
         ("finance", lambda: finance(admin_dsn, env, run)),
+        ("lakehouse", lambda: lakehouse(warehouse, env, run, log.parent / "lake")),
     ):
         try:
             outcomes.append(example())

@@ -11,6 +11,9 @@ import psycopg
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.ledger import connection
 
+#: Connection extras the lakehouse operators read (eos_airflow/operators/lakehouse.py).
+LAKEHOUSE_EXTRAS = frozenset({"iceberg_warehouse", "iceberg_properties", "delta_storage_options"})
+
 
 def connect_factory(
     conn_id: str,
@@ -32,6 +35,8 @@ def connect_factory(
 
     liveness = connection.Liveness.of(liveness_timeout)
     hook = PostgresHook(postgres_conn_id=conn_id)
+    # settings of the lakehouse operators, not libpq parameters
+    hook.ignored_extra_options = hook.ignored_extra_options | LAKEHOUSE_EXTRAS
     where = f"Airflow connection {conn_id!r}"
 
     def connect() -> psycopg.Connection[Any]:
