@@ -600,11 +600,19 @@ def reader_uri(dsn: str) -> str:
 
     params = {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(dsn).items()}
     port = params.pop("port", None)
+    host = params.pop("host", None)
+    if host is not None and (host.startswith("/") or "," in host):
+        # a Unix-socket directory (or several hosts) cannot be the URL's host: libpq takes
+        # it from the query, with the port
+        params["host"] = host
+        if port:
+            params["port"] = port
+        host, port = None, None
     url = URL.create(
         "postgresql+psycopg",
         username=params.pop("user", None),
         password=params.pop("password", None),
-        host=params.pop("host", None),
+        host=host,
         port=int(port) if port else None,
         database=params.pop("dbname", None),
         query=params,

@@ -3,6 +3,7 @@ file:// and s3://)."""
 
 from __future__ import annotations
 
+import psycopg
 import pyarrow as pa
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
@@ -116,3 +117,23 @@ def test_pyiceberg_configuration_of_the_catalog_eos_applies(
         "eos", uri=reader_uri(db), warehouse=lake.uri("configured"), **lake.iceberg
     )
     assert catalog.load_table("lake.sales").scan().to_arrow().num_rows == 1
+
+
+def test_the_reader_uri_of_a_unix_socket_dsn_reaches_the_server(db: str, tmp_path):
+    """A libpq DSN naming a socket directory (the embedded server's, a local service's)
+    becomes a URL whose query carries the host: a stock reader connects through it."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    url = make_url(reader_uri("host=/run/pg dbname=lake user=etl port=5433"))
+    assert (url.host, url.database, url.username) == (None, "lake", "etl")
+    assert url.query == {"host": "/run/pg", "port": "5433"}
+    with psycopg.connect(db) as conn:
+        socket_dir = conn.execute("SHOW unix_socket_directories").fetchone()[0].split(",")[0]
+        port, user = conn.info.port, conn.info.user
+    dbname = psycopg.conninfo.conninfo_to_dict(db)["dbname"]
+    dsn = f"host={socket_dir.strip()} port={port} dbname={dbname} user={user}"
+    engine = create_engine(reader_uri(dsn))
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT current_database()").scalar() == dbname
+    engine.dispose()
