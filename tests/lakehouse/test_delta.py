@@ -78,6 +78,34 @@ def _read(lake: Lake, path: str) -> str:
     return body.read().decode()
 
 
+def race_a_zombie(ledger: Ledger, lake: Lake) -> BaseException | None:
+    """Try 1 of key ``k`` reads the table and starts its write, whose data comes only once
+    try 2 took the key over, wrote ``("newer", 2)`` and committed; returns what try 1
+    raised."""
+    reading, release = threading.Event(), threading.Event()
+    outcome: dict[str, BaseException] = {}
+
+    def slow_rows():  # the zombie's data: produced only once try 2 has committed
+        reading.set()
+        assert release.wait(30)
+        yield from rows("zombie", 1).to_batches()
+
+    def zombie():
+        reader = pa.RecordBatchReader.from_batches(ARROW, slow_rows())
+        try:
+            ledger.run("k", write(lake, reader), attempt=1, origin=TI)
+        except Exception as exc:  # noqa: BLE001 - returned for the assertion
+            outcome["zombie"] = exc
+
+    first = threading.Thread(target=zombie)
+    first.start()
+    assert reading.wait(30)  # try 1 owns the key, read the table, is writing
+    ledger.run("k", write(lake, rows("newer", 2)), attempt=2, origin=TI)
+    release.set()
+    first.join(60)
+    return outcome.get("zombie")
+
+
 def test_a_write_commits_with_its_marker(ledger: Ledger, lake: Lake, conn):
     result = ledger.run("sales/2024-01-01", write(lake), origin=TI)
     assert result == {
@@ -193,28 +221,8 @@ def test_a_zombie_that_read_the_table_before_the_newer_try_cannot_write(
     over, writes and commits: try 1's Delta commit conflicts on the effect's marker and
     writes nothing; the table holds try 2's rows once."""
     ledger.run("other", write(lake, rows("base", 0)), origin=TI)  # the table exists
-    reading, release = threading.Event(), threading.Event()
-    outcome: dict[str, object] = {}
-
-    def slow_rows():  # the zombie's data: produced only once try 2 has committed
-        reading.set()
-        assert release.wait(30)
-        yield from rows("zombie", 1).to_batches()
-
-    def zombie():
-        reader = pa.RecordBatchReader.from_batches(ARROW, slow_rows())
-        try:
-            ledger.run("k", write(lake, reader), attempt=1, origin=TI)
-        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
-            outcome["zombie"] = exc
-
-    first = threading.Thread(target=zombie)
-    first.start()
-    assert reading.wait(30)  # try 1 owns the key, read the table, is writing
-    outcome["newer"] = ledger.run("k", write(lake, rows("newer", 2)), attempt=2, origin=TI)
-    release.set()
-    first.join(60)
-    assert isinstance(outcome["zombie"], LakehouseConflictError), outcome["zombie"]
+    zombie = race_a_zombie(ledger, lake)
+    assert isinstance(zombie, LakehouseConflictError), zombie
     assert table_rows(lake) == [("base", 0), ("newer", 2)]
     assert writes_of(lake, "k") == 1
     with psycopg.connect(db) as conn:
@@ -376,29 +384,9 @@ def test_a_zombie_that_read_before_the_table_existed_cannot_write_after_it_was_c
     """Found by the stateful model: try 1 read no table; try 2 took the key over, created the
     table with its write and committed. Try 1's write must not append to the new table: it
     creates only where no table exists: it loses, or reads the new table's marker."""
-    reading, release = threading.Event(), threading.Event()
-    outcome: dict[str, object] = {}
-
-    def slow_rows():
-        reading.set()
-        assert release.wait(30)
-        yield from rows("zombie", 1).to_batches()
-
-    def zombie():
-        reader = pa.RecordBatchReader.from_batches(ARROW, slow_rows())
-        try:
-            ledger.run("k", write(lake, reader), attempt=1, origin=TI)
-        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
-            outcome["zombie"] = exc
-
-    first = threading.Thread(target=zombie)
-    first.start()
-    assert reading.wait(30)
-    ledger.run("k", write(lake, rows("newer", 2)), attempt=2, origin=TI)
-    release.set()
-    first.join(60)
+    zombie = race_a_zombie(ledger, lake)
     # refused by Delta (the table's first commit exists), or it found try 2's marker and
     # its ledger commit was fenced: either way it wrote nothing
-    assert isinstance(outcome["zombie"], (LakehouseConflictError, FencedError)), outcome["zombie"]
+    assert isinstance(zombie, (LakehouseConflictError, FencedError)), zombie
     assert table_rows(lake) == [("newer", 2)]
     assert writes_of(lake, "k") == 1
