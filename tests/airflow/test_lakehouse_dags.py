@@ -14,7 +14,8 @@ from eos_airflow.hooks.ledger import airflow_conn_json
 from eos_airflow.ledger.chain import verify
 from tests.conftest import events
 
-pytestmark = pytest.mark.airflow
+# Each test runs a few `airflow dags test` processes (about a minute each): the heavy tier.
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
 DAY, PREV = "2026-12-01", "2026-11-30"
 PER_DAY = 100

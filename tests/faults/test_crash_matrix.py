@@ -294,8 +294,18 @@ def full_plan(name: str) -> list[tuple[str, str]]:
     return plan
 
 
+#: Scenarios on the S3 API: their sample runs belong to the heavy tier (moto is slow).
+ON_S3 = {"iceberg-s3", "delta-s3"}
+
+
 @pytest.mark.parametrize(
-    "scenario", [(name, False) for name in SCENARIOS], indirect=True, ids=list(SCENARIOS)
+    "scenario",
+    [
+        pytest.param((name, False), marks=[pytest.mark.slow] if name in ON_S3 else [])
+        for name in SCENARIOS
+    ],
+    indirect=True,
+    ids=list(SCENARIOS),
 )
 def test_every_step_of_every_protocol_survives_its_fault(scenario):
     plan = sample_plan(scenario.name)

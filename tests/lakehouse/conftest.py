@@ -1,6 +1,6 @@
 """Where the lakehouse tests keep their tables: every test that asks for ``lake`` runs twice,
 on local files (``file://``) and on the S3 API (moto's standalone server, one bucket per
-test)."""
+test; in the heavy tier)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ class Lake:
         )
 
 
-@pytest.fixture(params=["file", "s3"])
+#: The S3 variants run in the heavy tier (EOS_SLOW=1, `-m slow`; CI runs both tiers): moto
+#: answers each request in milliseconds, which doubles the time of the lakehouse tests.
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.slow)])
 def lake(request: pytest.FixtureRequest, tmp_path: Path) -> Lake:
     if request.param == "file":
         root = tmp_path / "lake"

@@ -452,7 +452,7 @@ DELTA_STEPS = {
 }
 
 
-@pytest.mark.parametrize("storage", ["file", "s3"])
+@pytest.mark.parametrize("storage", ["file", pytest.param("s3", marks=pytest.mark.slow)])
 def test_delta_writes_in_random_step_orders_land_once(machine_db, tmp_path, storage, request):
     """The Delta machine's steps in seeded random orders (EOS_STATEFUL_EXAMPLES runs of up to
     40 steps; failures and crashes drawn less often than progress, so that most runs reach
