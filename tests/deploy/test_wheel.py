@@ -204,4 +204,4 @@ def test_demo_from_the_installed_wheel(venv, tmp_path):
     assert "✗" not in out, out[-6000:]
     assert "Without the ledger the same failures wrote 6 duplicate rows." in out
     summary = out[out.index("what happened, and what the ledger prevented") :]
-    assert len(re.findall(r"│ ok\s*│", summary)) == 3, summary
+    assert len(re.findall(r"│ ok\s*│", summary)) == 4, summary  # analytics, IoT, finance, lakehouse
