@@ -6,9 +6,10 @@ The Airflow decorator and operators are thin layers over :meth:`Ledger.run`.
 
 from __future__ import annotations
 
+import json
 import queue
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -17,9 +18,10 @@ import psycopg.conninfo
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.ledger import connection
 from eos_airflow.ledger.keys import check_schema
+from eos_airflow.ledger.store import LedgerStore
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome, run_effect
-from eos_airflow.states import check_attempt, check_on_committed
+from eos_airflow.states import check_attempt, check_on_committed, check_on_mismatch
 
 Connect = Callable[[], "psycopg.Connection[Any]"]
 
@@ -129,9 +131,16 @@ class Ledger:
         attempt: int = 1,
         on_committed: str = "skip",
         origin: Origin | None = None,
+        fingerprint: str | None = None,
+        on_mismatch: str = "warn",
         wait_timeout: float | None = None,
     ) -> Any:
-        """Run ``fn(eos)`` as effect ``key`` exactly once and return its (stored) result."""
+        """Run ``fn(eos)`` as effect ``key`` exactly once and return its (stored) result.
+
+        ``fingerprint``: a fingerprint of the inputs (e.g. from
+        :func:`eos_airflow.fingerprint`), stored with the committed version; a later skip
+        with another fingerprint is a mismatch, handled as ``on_mismatch`` says (``"warn"``,
+        ``"fail"`` or ``"replace"``)."""
         return self.run_outcome(
             key,
             fn,
@@ -139,6 +148,8 @@ class Ledger:
             on_committed=on_committed,
             origin=origin,
             wait_timeout=wait_timeout,
+            fingerprint=fingerprint,
+            on_mismatch=on_mismatch,
         ).result
 
     def run_outcome(
@@ -149,10 +160,13 @@ class Ledger:
         attempt: int = 1,
         on_committed: str = "skip",
         origin: Origin | None = None,
+        fingerprint: str | None = None,
+        on_mismatch: str = "warn",
         wait_timeout: float | None = None,
     ) -> Outcome:
         """Like :meth:`run`, but say what happened (committed, replaced or skipped)."""
         on_committed = check_on_committed(on_committed)
+        on_mismatch = check_on_mismatch(on_mismatch)
         attempt = check_attempt(attempt)
         conn = self.connection()
         try:
@@ -164,10 +178,25 @@ class Ledger:
                 attempt=attempt,
                 on_committed=on_committed,
                 origin=origin,
+                fingerprint=fingerprint,
+                on_mismatch=on_mismatch,
                 max_result_bytes=self.max_result_bytes,
                 wait_timeout=self.wait_timeout if wait_timeout is None else wait_timeout,
                 reconnect=self._connect,
             )
+        finally:
+            self.putconn(conn)
+
+    def announce(
+        self, key: str, version: int, attempt: int, detail: Mapping[str, Any] | None = None
+    ) -> str | None:
+        """Record that ``version`` of ``key`` was reported to Airflow (as asset events):
+        returns how it was made (``"committed"``, ``"replaced"``) when this call announced
+        it; None when it was announced before or the key holds another version."""
+        conn = self.connection()
+        try:
+            text = json.dumps(dict(detail), default=str) if detail else None
+            return LedgerStore(conn, self.schema).announce(key, version, attempt, text)
         finally:
             self.putconn(conn)
 

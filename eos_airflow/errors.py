@@ -68,6 +68,11 @@ class AlreadyCommittedError(EosError):
     """The key is committed and ``on_committed="fail"`` forbids running it again."""
 
 
+class FingerprintMismatchError(EosError):
+    """The key is committed from other inputs than this attempt's (its input fingerprint
+    differs) and ``on_mismatch="fail"`` refuses to skip. Not retried: the inputs decide."""
+
+
 class UserCodeError(EosError):
     """The effect's SQL or function failed; its writes were rolled back.
 
@@ -228,6 +233,8 @@ OUTCOME_CONTRADICTS = "EOS08"
 BAD_RELEASE_EVENT = "EOS09"
 #: A pooler that cannot keep the owner's session (raised by the protocol, not by SQL).
 POOLED_SESSION = "EOS10"
+#: An event's detail is not a JSON object of at most 8 kB, or on_mismatch is unknown (0013).
+BAD_DETAIL = "EOS11"
 
 #: Every SQLSTATE of eos-airflow (``sql/schema.sql`` raises all but ``EOS10``), registered
 #: once to the error class it becomes.
@@ -246,6 +253,9 @@ LEDGER_SQLSTATES: Mapping[str, LedgerCode] = {
         ConfigurationError, "release() records failed, fenced or skipped only"
     ),
     POOLED_SESSION: LedgerCode(PoolingError, "the pooler cannot keep the owner's session"),
+    BAD_DETAIL: LedgerCode(
+        ConfigurationError, "an event's detail is a JSON object of at most 8 kB"
+    ),
 }
 
 

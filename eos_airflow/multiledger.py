@@ -19,7 +19,7 @@ from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome
 from eos_airflow.protocol.recovery import DEFAULT_GRACE, Resolution, recover, terminate
 from eos_airflow.protocol.twophase import check_targets, run_two_phase
-from eos_airflow.states import check_attempt, check_on_committed
+from eos_airflow.states import check_attempt, check_on_committed, check_on_mismatch
 
 Connect = Callable[[], "psycopg.Connection[Any]"]
 Target = str | Connect
@@ -73,10 +73,18 @@ class MultiLedger:
         attempt: int = 1,
         on_committed: str = "skip",
         origin: Origin | None = None,
+        fingerprint: str | None = None,
+        on_mismatch: str = "warn",
     ) -> Any:
         """Run ``fn(eos)`` as effect ``key`` exactly once on every participant."""
         return self.run_outcome(
-            key, fn, attempt=attempt, on_committed=on_committed, origin=origin
+            key,
+            fn,
+            attempt=attempt,
+            on_committed=on_committed,
+            origin=origin,
+            fingerprint=fingerprint,
+            on_mismatch=on_mismatch,
         ).result
 
     def run_outcome(
@@ -87,9 +95,12 @@ class MultiLedger:
         attempt: int = 1,
         on_committed: str = "skip",
         origin: Origin | None = None,
+        fingerprint: str | None = None,
+        on_mismatch: str = "warn",
     ) -> Outcome:
         """Like :meth:`run`, but say what happened (committed, replaced, skipped, recovered)."""
         on_committed = check_on_committed(on_committed)
+        on_mismatch = check_on_mismatch(on_mismatch)
         attempt = check_attempt(attempt)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
@@ -111,6 +122,8 @@ class MultiLedger:
                 attempt=attempt,
                 on_committed=on_committed,
                 origin=origin,
+                fingerprint=fingerprint,
+                on_mismatch=on_mismatch,
                 wait_timeout=self.wait_timeout,
                 max_result_bytes=self.max_result_bytes,
                 executor=self._executor,

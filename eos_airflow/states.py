@@ -41,6 +41,8 @@ class EventKind(StrEnum):
     ABORTED = "aborted"  #: a multi-database transaction was decided abort
     RECOVERED = "recovered"  #: recovery finished an in-doubt multi-database transaction
     PRUNED = "pruned"  #: ledger gc removed the key's old events (detail: through_seq, hash)
+    MISMATCH = "mismatch"  #: a skipping attempt's inputs differ from the committed version's
+    ANNOUNCED = "announced"  #: the committed version was reported to Airflow as asset events
 
 
 class Action(StrEnum):
@@ -69,6 +71,25 @@ def check_on_committed(value: object) -> OnCommitted:
         return OnCommitted(value)
     raise ConfigurationError(
         f"on_committed={value!r} is not valid; choose one of {', '.join(OnCommitted)}"
+    )
+
+
+class OnMismatch(StrEnum):
+    """What a skipping attempt does when the committed version was made from other inputs
+    (its input fingerprint differs from the attempt's)."""
+
+    WARN = "warn"  #: skip, log a warning and record a ``mismatch`` event
+    FAIL = "fail"  #: refuse (FingerprintMismatchError, not retried)
+    REPLACE = "replace"  #: run again and supersede the committed version
+
+
+def check_on_mismatch(value: object) -> OnMismatch:
+    """``value`` as an :class:`OnMismatch`, else a
+    :class:`~eos_airflow.errors.ConfigurationError`."""
+    if isinstance(value, str) and value in {c.value for c in OnMismatch}:
+        return OnMismatch(value)
+    raise ConfigurationError(
+        f"on_mismatch={value!r} is not valid; choose one of {', '.join(OnMismatch)}"
     )
 
 

@@ -189,6 +189,7 @@ def _effect_probe(
                     "host": "doctor",
                     "pid": 0,
                     "on_committed": "skip",
+                    "detail": None,
                 },
             )
             store.commit_in_transaction(key, owner, "null")

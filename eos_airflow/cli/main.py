@@ -59,7 +59,11 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 def cmd_ledger_list(args: argparse.Namespace) -> int:
     with checked(args) as conn:
         rows = LedgerStore(conn, args.schema).entries(
-            dag_id=args.dag_id, state=args.state, prefix=args.prefix, limit=args.limit
+            dag_id=args.dag_id,
+            state=args.state,
+            prefix=args.prefix,
+            limit=args.limit,
+            mismatched=args.mismatched,
         )
     output.entries(args, output.records(rows))
     return EXIT_OK
@@ -294,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--dag-id")
     lst.add_argument("--state", choices=tuple(EntryState))
     lst.add_argument("--prefix", help="only keys starting with this text")
+    lst.add_argument(
+        "--mismatched",
+        action="store_true",
+        help="only keys whose committed version was skipped by a run with other inputs "
+        "(a mismatch event: changed SQL, arguments or code)",
+    )
     lst.add_argument("--limit", type=int, default=1000)
     lst.add_argument(
         "--wide",

@@ -29,6 +29,7 @@ from airflow.sdk.bases.decorator import task_decorator_factory
 
 from eos_airflow.operators.base import ExactlyOnceBaseOperator, SeveralTargets
 from eos_airflow.protocol.effect import Effect
+from eos_airflow.protocol.fingerprints import code_of
 
 if TYPE_CHECKING:
     from airflow.sdk.bases.decorator import TaskDecorator
@@ -77,6 +78,16 @@ class _ExactlyOnceDecoratedOperator(ExactlyOnceBaseOperator, _PythonDecoratedOpe
                 self._effect = None
 
         return self.run_effect(context, call)
+
+    def fingerprint_inputs(self, context: Any) -> dict[str, Any]:
+        """The function (qualified name and code) and its call arguments."""
+        kwargs = {k: v for k, v in (self.op_kwargs or {}).items() if k != EFFECT_PARAMETER}
+        return {
+            "function": code_of(self.python_callable),
+            "args": list(self.op_args or ()),
+            "kwargs": kwargs,
+            "templates_dict": getattr(self, "templates_dict", None),
+        }
 
     def execute_callable(self) -> Any:
         if self._takes_effect:

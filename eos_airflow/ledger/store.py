@@ -95,6 +95,14 @@ class Committed:
 
 
 @dataclass(frozen=True, slots=True)
+class FingerprintCheck:
+    """A skipping attempt's inputs against the committed version's (check_fingerprint())."""
+
+    matches: bool
+    committed: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One ledger row (``ledger show``)."""
 
@@ -115,6 +123,10 @@ class Entry:
     updated_at: datetime | None
     event_seq: int
     last_hash: bytes | None
+    #: the committed version's input fingerprint (0013; None: none given)
+    fingerprint: str | None = None
+    #: the highest version reported to Airflow as asset events (0013)
+    announced: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +360,18 @@ _hot_paths: weakref.WeakKeyDictionary[psycopg.Connection[Any], dict[str, HotPath
 )
 
 
+def _commit_params(
+    key: str, owner: uuid.UUID, result: str, detail: str | None, fingerprint: str | None
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "owner": owner,
+        "result": result,
+        "detail": detail,
+        "fingerprint": fingerprint,
+    }
+
+
 class LedgerStore:
     """The ledger schema ``schema`` as seen through the connection ``conn``."""
 
@@ -426,7 +450,10 @@ class LedgerStore:
         """claim() the key (``params``: key, owner, attempt, dag_id, task_id, run_id,
         map_index, host, pid, on_committed) in its own transaction. With ``begin`` the
         effect's transaction is opened (BEGIN) in the same round trip; the caller rolls it
-        back unless the answer is ``run``."""
+        back unless the answer is ``run``. ``params`` may also hold ``detail`` (a JSON
+        object's text joining the claim's event)."""
+        if "detail" not in params:
+            params = {**params, "detail": None}
         if not begin:
             row = self._row("claim", params, Claim)
             assert row is not None
@@ -478,24 +505,73 @@ class LedgerStore:
         """The state of this connection's prepared hot path for the schema (None: unused)."""
         return _hot_paths.get(self.conn, {}).get(self.schema)
 
-    def commit(self, key: str, owner: uuid.UUID, result: str) -> Committed:
+    def commit(
+        self,
+        key: str,
+        owner: uuid.UUID,
+        result: str,
+        detail: str | None = None,
+        fingerprint: str | None = None,
+    ) -> Committed:
         """commit() (fenced: SQLSTATE EOS01 unless ``owner`` owns the key) and COMMIT, in one
         round trip. If commit() raises, COMMIT does not run and the transaction stays
         aborted. When the session dropped the prepared statements (DEALLOCATE ALL, DISCARD
-        ALL), raises ``InvalidSqlStatementName`` and sends plain statements from then on."""
+        ALL), raises ``InvalidSqlStatementName`` and sends plain statements from then on.
+        ``detail`` (a JSON object's text) joins the commit event; ``fingerprint`` is stored
+        with the version."""
         prepared = self.hot_path() is HotPath.PREPARED
         message = query("commit_prepared_then_end" if prepared else "commit_then_end", self.schema)
+        params = _commit_params(key, owner, result, detail, fingerprint)
         try:
-            return self._script(message, {"key": key, "owner": owner, "result": result}, Committed)
+            return self._script(message, params, Committed)
         except pgerrors.InvalidSqlStatementName:
             _hot_paths[self.conn][self.schema] = HotPath.NEVER
             raise
 
-    def commit_in_transaction(self, key: str, owner: uuid.UUID, result: str) -> Committed:
+    def commit_in_transaction(
+        self,
+        key: str,
+        owner: uuid.UUID,
+        result: str,
+        detail: str | None = None,
+        fingerprint: str | None = None,
+    ) -> Committed:
         """commit() (fenced) inside the caller's transaction, without ending it."""
-        row = self._row("commit", {"key": key, "owner": owner, "result": result}, Committed)
+        params = _commit_params(key, owner, result, detail, fingerprint)
+        row = self._row("commit", params, Committed)
         assert row is not None
         return row
+
+    def check_fingerprint(
+        self,
+        key: str,
+        version: int,
+        fingerprint: str,
+        attempt: int,
+        on_mismatch: str,
+        detail: str | None = None,
+    ) -> FingerprintCheck:
+        """Compare a skipping attempt's input fingerprint with the committed version's; a
+        difference is recorded as a `mismatch` event (own transaction)."""
+        params = {
+            "key": key,
+            "version": version,
+            "fingerprint": fingerprint,
+            "attempt": attempt,
+            "on_mismatch": on_mismatch,
+            "detail": detail,
+        }
+        row = self._row("check_fingerprint", params, FingerprintCheck)
+        assert row is not None
+        return row
+
+    def announce(
+        self, key: str, version: int, attempt: int, detail: str | None = None
+    ) -> str | None:
+        """Record that ``version`` of ``key`` was reported to Airflow (own transaction): how
+        it was made (committed, replaced) when this call announces it, else None."""
+        params = {"key": key, "version": version, "attempt": attempt, "detail": detail}
+        return self._value("announce", params)
 
     def drop_prepared(self) -> None:
         """After a failed message that prepared the hot path: drop what it prepared, if
@@ -562,8 +638,17 @@ class LedgerStore:
         state: str | None = None,
         prefix: str | None = None,
         limit: int | None = None,
+        mismatched: bool = False,
     ) -> list[EntrySummary]:
-        params = {"dag_id": dag_id, "state": state, "prefix": like_prefix(prefix), "limit": limit}
+        """Ledger rows by key; ``mismatched``: only keys whose current version a skip saw
+        with other inputs (a ``mismatch`` event)."""
+        params = {
+            "dag_id": dag_id,
+            "state": state,
+            "prefix": like_prefix(prefix),
+            "limit": limit,
+            "mismatched": mismatched,
+        }
         return self._rows("list_entries", params, EntrySummary)
 
     def reopen(self, key: str, reason: str, on_behalf_of: str) -> Reopened:
@@ -675,10 +760,25 @@ class LedgerStore:
         assert row is not None
         return row
 
-    def twophase_decide(self, txid: str, key: str, owner: uuid.UUID, result: str) -> Committed:
+    def twophase_decide(
+        self,
+        txid: str,
+        key: str,
+        owner: uuid.UUID,
+        result: str,
+        detail: str | None = None,
+        fingerprint: str | None = None,
+    ) -> Committed:
         """The commit point: decide ``commit`` and commit the key (EOS01 fenced, EOS07 when
         recovery decided the txid already)."""
-        params = {"txid": txid, "key": key, "owner": owner, "result": result}
+        params = {
+            "txid": txid,
+            "key": key,
+            "owner": owner,
+            "result": result,
+            "detail": detail,
+            "fingerprint": fingerprint,
+        }
         row = self._row("twophase_decide", params, Committed)
         assert row is not None
         return row

@@ -132,6 +132,32 @@ def ledger_metadata(schema: str = "eos") -> sa.MetaData:
         sa.Column("pruned_at", sa.TIMESTAMP(timezone=True), nullable=False),
     )
     sa.Table(
+        "versions",
+        metadata,
+        sa.Column("key", _KEY, primary_key=True),
+        sa.Column(
+            "version",
+            sa.Integer,
+            nullable=False,
+            server_default=sa.text("0"),
+            comment="the committed version the fingerprint belongs to",
+        ),
+        sa.Column(
+            "fingerprint",
+            sa.Text,
+            comment="fingerprint of the inputs that version was made from (null: none given)",
+        ),
+        sa.Column(
+            "announced",
+            sa.Integer,
+            nullable=False,
+            server_default=sa.text("0"),
+            comment="the highest version reported to Airflow as asset events (0: none)",
+        ),
+        comment="per key, what the ledger row does not hold about its committed versions: "
+        "the input fingerprint and the announcements",
+    )
+    sa.Table(
         "pruned_claims",
         metadata,
         sa.Column("key", _KEY, nullable=False),

@@ -9,7 +9,8 @@ and passes the rest on; its ``execute`` hands the work to :meth:`run_effect`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +23,16 @@ from eos_airflow.errors import BadKeyError, ConfigurationError, EosError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.keys import check_schema
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
+from eos_airflow.protocol.fingerprints import fingerprint as make_fingerprint
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome
 from eos_airflow.protocol.twophase import PROTOCOLS, check_targets
-from eos_airflow.states import check_on_committed
+from eos_airflow.states import check_on_committed, check_on_mismatch
 
 #: Default effect key: retries and clears of one task instance are one effect.
 DEFAULT_KEY = "{{ ti.dag_id }}/{{ ti.task_id }}/{{ ti.run_id }}/{{ ti.map_index }}"
+#: Default effect key of a run with a partition key (Airflow 3.2+ partitioned runs): every
+#: run for the same partition is the same effect.
+PARTITION_KEY = "{{ ti.dag_id }}/{{ ti.task_id }}/{{ partition_key }}/{{ ti.map_index }}"
 
 #: ``protocol=`` choices of the Airflow adapters: one database, or several.
 PROTOCOL_CHOICES = ("local", *PROTOCOLS)
@@ -112,6 +117,10 @@ class ExactlyOnceBaseOperator(BaseOperator):
     :param ledger_schema: schema holding the ledger (default ``eos``).
     :param wait_timeout: seconds to wait for another live attempt of the key.
     :param max_result_bytes: bound on the stored result.
+    :param on_mismatch: when the key is committed from other inputs than this run's
+        (their fingerprint differs: changed SQL, arguments or code): ``"warn"`` (default:
+        skip, warn, record a ``mismatch`` event), ``"fail"`` (FingerprintMismatchError, not
+        retried) or ``"replace"`` (write a new version).
     :param several: instead of ``conn_id``, several databases committed atomically: what
         an operator that writes several (``MultiTargetSQLOperator``, ``@task.exactly_once``)
         builds from its ``targets``, ``ledger_conn_id`` and ``protocol`` parameters with
@@ -120,7 +129,18 @@ class ExactlyOnceBaseOperator(BaseOperator):
     The key is rendered by :meth:`render_key` rather than as a template field, so that a key
     naming a value the run does not have (``{{ ds }}`` in a run without a logical date) fails
     with a message that says what to do, and fails before anything is claimed.
+
+    The effect's input fingerprint (:meth:`fingerprint_inputs`) covers the operator's class,
+    its rendered template fields and the attributes named in ``fingerprint_fields``.
+
+    With ``outlets``, the task reports its asset events once per committed version: the
+    success that first reports a version (a commit, a replace, or the retry that skips
+    right after its own earlier try committed) carries ``extra["eos"]`` = key, version and
+    action; later skips report none (docs/usage.md, "Assets").
     """
+
+    #: Attributes besides the template fields that make up the effect's inputs.
+    fingerprint_fields: Sequence[str] = ()
 
     def __init__(
         self,
@@ -131,11 +151,13 @@ class ExactlyOnceBaseOperator(BaseOperator):
         ledger_schema: str = "eos",
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         max_result_bytes: int = MAX_RESULT_BYTES,
+        on_mismatch: str = "warn",
         several: SeveralTargets | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         on_committed = check_on_committed(on_committed)
+        self.on_mismatch = check_on_mismatch(on_mismatch)
         if several is not None:
             check_multi(
                 conn_id=conn_id,
@@ -158,7 +180,7 @@ class ExactlyOnceBaseOperator(BaseOperator):
         self.max_result_bytes = max_result_bytes
 
     def render_key(self, context: Any) -> str:
-        template = self.key or DEFAULT_KEY
+        template = self.key or (PARTITION_KEY if context.get("partition_key") else DEFAULT_KEY)
         try:
             key = self.render_template(template, context)
         except jinja2.UndefinedError as exc:
@@ -177,12 +199,33 @@ class ExactlyOnceBaseOperator(BaseOperator):
             key = str(key)
         return key
 
+    def fingerprint_inputs(self, context: Any) -> dict[str, Any]:
+        """What this task's effect is made from, for its input fingerprint: the operator's
+        class, its rendered template fields and the ``fingerprint_fields``."""
+        kind = type(self)
+        names = (*self.template_fields, *self.fingerprint_fields)
+        return {
+            "operator": f"{kind.__module__}.{kind.__qualname__}",
+            **{name: getattr(self, name, None) for name in names},
+        }
+
     def run_outcome(
-        self, key: str, fn: Callable[[Effect], Any], *, attempt: int, origin: Origin
+        self,
+        key: str,
+        fn: Callable[[Effect], Any],
+        *,
+        attempt: int,
+        origin: Origin,
+        fingerprint: str | None = None,
+        announce: Mapping[str, Any] | None = None,
     ) -> Outcome:
-        """Run ``fn`` as the effect ``key``: in ``conn_id``'s ledger, or across ``targets``."""
+        """Run ``fn`` as the effect ``key``: in ``conn_id``'s ledger, or across ``targets``.
+        With ``announce`` (the announcement's detail), also record the outcome's version as
+        announced; the returned outcome's ``announced`` says whether this call did."""
         if self.protocol != "local":
-            return self._run_multi(key, fn, attempt=attempt, origin=origin)
+            return self._run_multi(
+                key, fn, attempt=attempt, origin=origin, fingerprint=fingerprint, announce=announce
+            )
         assert self.conn_id is not None  # __init__ requires it without targets
         ledger = Ledger(
             connect=connect_factory(self.conn_id),
@@ -191,14 +234,32 @@ class ExactlyOnceBaseOperator(BaseOperator):
             max_result_bytes=self.max_result_bytes,
         )
         try:
-            return ledger.run_outcome(
-                key, fn, attempt=attempt, on_committed=self.on_committed, origin=origin
+            outcome = ledger.run_outcome(
+                key,
+                fn,
+                attempt=attempt,
+                on_committed=self.on_committed,
+                origin=origin,
+                fingerprint=fingerprint,
+                on_mismatch=self.on_mismatch,
             )
+            if announce is not None:
+                outcome = _announced(
+                    outcome, ledger.announce(key, outcome.version, attempt, announce)
+                )
+            return outcome
         finally:
             ledger.close()
 
     def _run_multi(
-        self, key: str, fn: Callable[[Effect], Any], *, attempt: int, origin: Origin
+        self,
+        key: str,
+        fn: Callable[[Effect], Any],
+        *,
+        attempt: int,
+        origin: Origin,
+        fingerprint: str | None = None,
+        announce: Mapping[str, Any] | None = None,
     ) -> Outcome:
         from eos_airflow.multiledger import MultiLedger
 
@@ -213,23 +274,57 @@ class ExactlyOnceBaseOperator(BaseOperator):
             max_result_bytes=self.max_result_bytes,
         )
         try:
-            return multi.run_outcome(
-                key, fn, attempt=attempt, on_committed=self.on_committed, origin=origin
+            outcome = multi.run_outcome(
+                key,
+                fn,
+                attempt=attempt,
+                on_committed=self.on_committed,
+                origin=origin,
+                fingerprint=fingerprint,
+                on_mismatch=self.on_mismatch,
             )
+            if announce is not None:
+                outcome = _announced(
+                    outcome, multi.coordinator.announce(key, outcome.version, attempt, announce)
+                )
+            return outcome
         finally:
             multi.close()
 
     def run_effect(self, context: Any, fn: Callable[[Effect], Any]) -> Any:
         """Run ``fn`` as this task's effect; permanent errors do not get retried."""
         ti = context["ti"]
-        origin = Origin(ti.dag_id, ti.task_id, ti.run_id, ti.map_index)
+        origin = Origin(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, code=code_of_run(ti))
+        assets = asset_outlets(self.outlets)
         try:
             key = self.render_key(context)
-            outcome = self.run_outcome(key, fn, attempt=ti.try_number, origin=origin)
+            fingerprint = make_fingerprint(**self.fingerprint_inputs(context))
+            announce = (
+                {
+                    "dag_id": ti.dag_id,
+                    "task_id": ti.task_id,
+                    "run_id": ti.run_id,
+                    "map_index": ti.map_index,
+                    "partition_key": context.get("partition_key"),
+                    "assets": [a.uri for a in assets],
+                }
+                if assets
+                else None
+            )
+            outcome = self.run_outcome(
+                key,
+                fn,
+                attempt=ti.try_number,
+                origin=origin,
+                fingerprint=fingerprint,
+                announce=announce,
+            )
         except EosError as exc:
             if exc.retryable:
                 raise
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        if assets:
+            self._report_assets(context, assets, outcome)
         if outcome.action == "skipped":
             self.log.info(
                 "exactly-once: effect %r was committed already (version %s at %s); "
@@ -248,9 +343,53 @@ class ExactlyOnceBaseOperator(BaseOperator):
             )
         return outcome.result
 
+    def _report_assets(self, context: Any, assets: list[Any], outcome: Outcome) -> None:
+        """Airflow records this task's asset events when it succeeds: with ``extra["eos"]``
+        when this run announced the version, none at all otherwise (the version was
+        announced before, or a newer one exists)."""
+        action = outcome.announced
+        if action is None:
+            self.outlets = []  # read by the task runner once execute returns
+            self.log.info(
+                "exactly-once: version %s of %r was reported before: no asset events",
+                outcome.version,
+                outcome.key,
+            )
+            return
+        events = context["outlet_events"]
+        for asset in assets:
+            events[asset].extra["eos"] = {
+                "key": outcome.key,
+                "version": outcome.version,
+                "action": action,
+            }
+
+
+def asset_outlets(outlets: Any) -> list[Any]:
+    """The concrete assets among a task's outlets (asset events carry the eos extra)."""
+    from airflow.sdk import Asset
+
+    return [o for o in outlets or () if isinstance(o, Asset)]
+
+
+def code_of_run(ti: Any) -> dict[str, Any]:
+    """Which code runs this try: the DAG version and the DAG bundle's name and version."""
+    bundle = getattr(ti, "bundle_instance", None)
+    found = {
+        "dag_version_id": getattr(ti, "dag_version_id", None),
+        "bundle_name": getattr(bundle, "name", None),
+        "bundle_version": getattr(bundle, "version", None),
+    }
+    return {k: str(v) for k, v in found.items() if v is not None}
+
+
+def _announced(outcome: Outcome, action: str | None) -> Outcome:
+    return dataclasses.replace(outcome, announced=action)
+
 
 __all__ = [
     "DEFAULT_KEY",
+    "PARTITION_KEY",
     "PROTOCOL_CHOICES",
     "ExactlyOnceBaseOperator",
     "SeveralTargets",

@@ -47,6 +47,7 @@ class IncrementalTableOperator(ExactlyOnceBaseOperator):
     """
 
     template_fields: Sequence[str] = ("source_table", "target_table")
+    fingerprint_fields: Sequence[str] = ("source_conn_id", "column", "columns", "lag")
     ui_color = "#e4ecd0"
 
     def __init__(

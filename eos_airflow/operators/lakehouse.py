@@ -152,6 +152,7 @@ class ExactlyOnceIcebergOperator(_LakehouseOperator):
     """
 
     template_fields: Sequence[str] = ("sql", "table", "overwrite_filter", "parameters", "warehouse")
+    fingerprint_fields: Sequence[str] = ("source_conn_id", "mode", "partition_by")
     template_fields_renderers = {"sql": "sql", "parameters": "json"}
 
     def __init__(
@@ -256,6 +257,7 @@ class ExactlyOnceDeltaOperator(_LakehouseOperator):
     """
 
     template_fields: Sequence[str] = ("sql", "table_uri", "predicate", "parameters")
+    fingerprint_fields: Sequence[str] = ("source_conn_id", "mode", "partition_by")
     template_fields_renderers = {"sql": "sql", "predicate": "sql", "parameters": "json"}
 
     def __init__(

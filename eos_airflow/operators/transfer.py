@@ -49,6 +49,7 @@ class ExactlyOnceTransferOperator(ExactlyOnceBaseOperator):
     """
 
     template_fields: Sequence[str] = ("sql", "replace_where", "parameters", "table")
+    fingerprint_fields: Sequence[str] = ("source_conn_id", "target_conn_id", "mode")
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql", "replace_where": "sql", "parameters": "json"}
     ui_color = "#cde4ec"

@@ -369,9 +369,12 @@ class DeltaWrite:
         return self.target._refused(exc)
 
     def _result(self, app_id: str, txn_version: int | None, *, written: bool) -> dict[str, Any]:
+        version = self.table.version() if self.table is not None else None
+        # the commit event names the table version the effect's write made (or found)
+        self.target._eos.note("delta", self.target.uri, version)
         return {
             "table_uri": self.target.uri,
-            "delta_version": self.table.version() if self.table is not None else None,
+            "delta_version": version,
             "app_id": app_id,
             "txn_version": txn_version,
             "written": written,

@@ -37,6 +37,9 @@ class Origin:
     task_id: str | None = None
     run_id: str | None = None
     map_index: int | None = None
+    #: Which code runs the attempt, recorded in its claim and commit events (not compared):
+    #: e.g. Airflow's ``dag_version_id``, ``bundle_name``, ``bundle_version``.
+    code: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,16 @@ class Effect:
     delta_writes: dict[str, bool] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    #: What the effect's commit event records beside the protocol's fields (see :meth:`note`).
+    commit_detail: dict[str, Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def note(self, section: str, name: str, value: Any) -> None:
+        """Record ``value`` under ``section`` → ``name`` in this effect's commit event (e.g.
+        the Iceberg snapshot id or Delta version a table write produced), so the audit trail
+        says what the version made. JSON values; the event's detail is bounded (8 kB)."""
+        self.commit_detail.setdefault(section, {})[name] = value
 
     @property
     def offsets(self) -> Offsets:

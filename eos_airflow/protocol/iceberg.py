@@ -307,7 +307,10 @@ class EffectCatalog(SqlCatalog):
         if self._locked != tuple(table.name()):
             self.lock_pointer(table.name())
         self._locked = None
-        return _unwrapped(super().commit_table, table, requirements, updates)
+        response = _unwrapped(super().commit_table, table, requirements, updates)
+        if self.eos is not None:  # the commit event names the snapshot the effect made
+            self.eos.note("iceberg", ".".join(table.name()), response.metadata.current_snapshot_id)
+        return response
 
     def create_table(self, *args: Any, **kwargs: Any) -> Table:
         return _unwrapped(super().create_table, *args, **kwargs)

@@ -25,7 +25,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,6 +39,7 @@ from eos_airflow.errors import (
     CommitNotDoneError,
     CommitOutcomeUnknownError,
     FencedError,
+    FingerprintMismatchError,
     KeyInProgressError,
     LostClaimError,
     MisuseError,
@@ -58,7 +59,7 @@ from eos_airflow.protocol.effect import (
 )
 from eos_airflow.protocol.pooling import check_session
 from eos_airflow.protocol.resolve import commit_outcome
-from eos_airflow.states import Action, EntryState
+from eos_airflow.states import Action, EntryState, check_on_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,12 @@ class Outcome:
     version: int
     attempt: int
     committed_at: datetime | None
+    #: On a skip: the committed version was made from other inputs (a ``mismatch`` event
+    #: was recorded); the committed fingerprint, else None.
+    mismatch: str | None = None
+    #: Set by the Airflow adapters when the task reports asset events: how the version was
+    #: made (committed, replaced) when this run announced it, else None.
+    announced: str | None = None
 
 
 def run_effect(
@@ -95,14 +102,23 @@ def run_effect(
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     max_result_bytes: int = MAX_RESULT_BYTES,
     reconnect: Callable[[], psycopg.Connection[Any]] | None = None,
+    fingerprint: str | None = None,
+    on_mismatch: str = "warn",
 ) -> Outcome:
     """Run ``fn`` as the effect ``key`` exactly once on ``conn`` (an autocommit connection).
 
     ``reconnect`` opens a new connection to the same database: when the connection breaks
     during COMMIT, the attempt asks the ledger through it whether the commit happened
     (protocol/resolve.py); without it, the next try finds out.
+
+    ``fingerprint`` (of the attempt's inputs, protocol/fingerprints.py) is stored with the
+    version it commits; a skip compares it with the committed version's and on a difference
+    does what ``on_mismatch`` says: ``"warn"`` (skip, with a ``mismatch`` event),
+    ``"fail"`` (:class:`FingerprintMismatchError`) or ``"replace"`` (run again as
+    ``on_committed="replace"``).
     """
     check_key(key)
+    check_on_mismatch(on_mismatch)
     origin = origin or Origin()
     owner = uuid.uuid4()
     # The claim, its COMMIT and the effect's BEGIN travel in one round trip.
@@ -111,8 +127,28 @@ def run_effect(
     )
     if claim.action == ClaimAction.SKIP:
         log.info("effect %s is committed (version %s): skipped", key, claim.version)
+        version = claim.version or 0
+        mismatch = None
+        if fingerprint is not None:
+            mismatch = check_fingerprint(
+                conn, schema, key, version, fingerprint, attempt, origin, on_mismatch
+            )
+        if mismatch is not None and on_mismatch == "replace":
+            return run_effect(
+                conn,
+                key,
+                fn,
+                schema=schema,
+                attempt=attempt,
+                on_committed="replace",
+                origin=origin,
+                wait_timeout=wait_timeout,
+                max_result_bytes=max_result_bytes,
+                reconnect=reconnect,
+                fingerprint=fingerprint,
+            )
         return Outcome(
-            key, Action.SKIPPED, claim.result, claim.version or 0, attempt, claim.committed_at
+            key, Action.SKIPPED, claim.result, version, attempt, claim.committed_at, mismatch
         )
 
     event, detail = "failed", {}
@@ -139,7 +175,7 @@ def run_effect(
         if eos.offsets_in_use is not None:
             eos.offsets_in_use.flush()
         try:
-            committed = session.commit(payload)
+            committed = session.commit(payload, commit_detail(eos), fingerprint)
         except psycopg.OperationalError as exc:  # did COMMIT happen? the ledger knows
             if reconnect is None or _server_refused(conn, exc):
                 raise
@@ -254,12 +290,14 @@ class Session:
     def begin(self) -> None:
         self.conn.execute("BEGIN")
 
-    def commit(self, payload: str) -> Committed:
+    def commit(
+        self, payload: str, detail: str | None = None, fingerprint: str | None = None
+    ) -> Committed:
         """The effect's last step: the ledger's commit() (fenced) and COMMIT in one round
         trip. If commit() raises, COMMIT does not run and the transaction stays aborted (the
         caller rolls it back)."""
         try:
-            return self.store.commit(self.key, self.owner, payload)
+            return self.store.commit(self.key, self.owner, payload, detail, fingerprint)
         except pgerrors.InvalidSqlStatementName as exc:
             # this session's code drops prepared statements: the store stops using them
             raise UserCodeError(
@@ -377,6 +415,70 @@ def _own_transaction(conn: psycopg.Connection[Any], key: str) -> Iterator[None]:
         )
 
 
+def _detail_json(detail: Mapping[str, Any] | None) -> str | None:
+    """An event's extra detail as the JSON object text the ledger takes (None: nothing)."""
+    if not detail:
+        return None
+    return json.dumps(dict(detail), default=str, separators=(",", ":"), sort_keys=True)
+
+
+def commit_detail(eos: Effect) -> str | None:
+    """What the commit event records beside the protocol's fields: the code that ran (the
+    origin's ``code``) and what the effect noted (``eos.note``: snapshot ids, versions)."""
+    return _detail_json({**(eos.origin.code or {}), **eos.commit_detail})
+
+
+def check_fingerprint(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    key: str,
+    version: int,
+    fingerprint: str,
+    attempt: int,
+    origin: Origin,
+    on_mismatch: str,
+) -> str | None:
+    """After a skip: compare ``fingerprint`` with the committed version's. On a difference
+    the ledger records a ``mismatch`` event; then warn and return the committed fingerprint
+    (``"warn"``, ``"replace"``) or raise :class:`FingerprintMismatchError` (``"fail"``).
+    None when they match (or the version has no fingerprint)."""
+    detail = {
+        "dag_id": origin.dag_id,
+        "task_id": origin.task_id,
+        "run_id": origin.run_id,
+        "map_index": origin.map_index,
+    }
+    found = LedgerStore(conn, schema).check_fingerprint(
+        key, version, fingerprint, attempt, on_mismatch, _detail_json(detail)
+    )
+    if found.matches:
+        return None
+    message = (
+        f"effect {key!r}: version {version} was committed from other inputs (fingerprint "
+        f"{_short(found.committed)}) than this attempt's ({_short(fingerprint)}): the SQL, "
+        "the arguments or the code changed since"
+    )
+    if on_mismatch == "fail":
+        raise FingerprintMismatchError(
+            f"{message}. on_mismatch='fail': nothing was written. To write the effect with "
+            "the new inputs run it with on_committed='replace' (or on_mismatch='replace'); "
+            "to keep the committed version, restore the inputs or use on_mismatch='warn'"
+        )
+    if on_mismatch == "replace":
+        log.warning("%s; on_mismatch='replace': writing a new version", message)
+    else:
+        log.warning(
+            "%s; skipped and kept the committed version (on_mismatch='warn'; 'replace' "
+            "writes a new version, 'fail' refuses)",
+            message,
+        )
+    return found.committed
+
+
+def _short(fingerprint: str | None) -> str:
+    return "none" if fingerprint is None else fingerprint[:12]
+
+
 def claim_key(
     conn: psycopg.Connection[Any],
     schema: str,
@@ -407,6 +509,7 @@ def claim_key(
         "host": _HOST,
         "pid": os.getpid(),
         "on_committed": on_committed,
+        "detail": _detail_json(origin.code),
     }
     check_session(conn)  # a pooler must keep the owner's session (protocol/pooling.py)
     store = LedgerStore(conn, schema)

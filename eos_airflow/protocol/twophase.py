@@ -61,7 +61,9 @@ from eos_airflow.protocol.effect import (
 from eos_airflow.protocol.local import (
     DEFAULT_WAIT_TIMEOUT,
     Outcome,
+    check_fingerprint,
     claim_key,
+    commit_detail,
     lost_to,
     previous_version,
     release_key,
@@ -77,7 +79,7 @@ from eos_airflow.protocol.prepared import (
     rollback_open,
     statement,
 )
-from eos_airflow.states import Action, EntryState
+from eos_airflow.states import Action, EntryState, check_on_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +143,14 @@ def run_two_phase(
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     max_result_bytes: int = MAX_RESULT_BYTES,
     executor: ThreadPoolExecutor | None = None,
+    fingerprint: str | None = None,
+    on_mismatch: str = "warn",
 ) -> Outcome:
     """Run ``fn`` as effect ``key`` exactly once across ``conns`` (autocommit connections by
-    participant name), coordinated through the ledger on ``coordinator``."""
+    participant name), coordinated through the ledger on ``coordinator``. ``fingerprint``
+    and ``on_mismatch`` as in :func:`~eos_airflow.protocol.local.run_effect`."""
     check_key(key)
+    check_on_mismatch(on_mismatch)
     check_targets(conns, protocol)
     for conn in conns.values():  # a pooled participant: no automatic prepared statements
         behind_pooler(conn)
@@ -173,8 +179,31 @@ def run_two_phase(
             coordinator, conns, unfinished, key, schema=schema, by=by, scan=False
         )
         log.info("effect %s is committed (version %s): skipped", key, claim.version)
+        version = claim.version or 0
+        mismatch = None
+        if fingerprint is not None:
+            mismatch = check_fingerprint(
+                coordinator, schema, key, version, fingerprint, attempt, origin, on_mismatch
+            )
+        if mismatch is not None and on_mismatch == "replace":
+            return run_two_phase(
+                coordinator,
+                conns,
+                key,
+                fn,
+                protocol=protocol,
+                conn_ids=conn_ids,
+                schema=schema,
+                attempt=attempt,
+                on_committed="replace",
+                origin=origin,
+                wait_timeout=wait_timeout,
+                max_result_bytes=max_result_bytes,
+                executor=executor,
+                fingerprint=fingerprint,
+            )
         return Outcome(
-            key, Action.SKIPPED, claim.result, claim.version or 0, attempt, claim.committed_at
+            key, Action.SKIPPED, claim.result, version, attempt, claim.committed_at, mismatch
         )
     try:
         others = [recovery.logged(row) for row in claim.others or []]
@@ -241,7 +270,9 @@ def run_two_phase(
         step.name = "decide"
         if protocol == "3pc":
             with coordinator.transaction():
-                committed = _decide(coordinator, schema, txid, key, owner, payload)
+                committed = _decide(
+                    coordinator, schema, txid, key, owner, payload, eos, fingerprint
+                )
                 step.name = "precommit"
                 for name in names:
                     step.participant = name
@@ -259,7 +290,7 @@ def run_two_phase(
                 failpoints.check("after_precommit", attempt=attempt)
                 step.name = "decide"
         else:
-            committed = _decide(coordinator, schema, txid, key, owner, payload)
+            committed = _decide(coordinator, schema, txid, key, owner, payload, eos, fingerprint)
         step.decided = True
         failpoints.check("after_decision", attempt=attempt)
         step.name = "commit prepared"
@@ -381,8 +412,12 @@ def _decide(
     key: str,
     owner: uuid.UUID,
     payload: str,
+    eos: Effect,
+    fingerprint: str | None,
 ) -> Committed:
-    return LedgerStore(coordinator, schema).twophase_decide(txid, key, owner, payload)
+    return LedgerStore(coordinator, schema).twophase_decide(
+        txid, key, owner, payload, commit_detail(eos), fingerprint
+    )
 
 
 def _prepare_all(

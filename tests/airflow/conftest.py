@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -49,6 +51,7 @@ def airflow_base(pg_admin_dsn: str, tmp_path_factory) -> Iterator[dict[str, str]
 class AirflowRunner:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
+        self.meta: str | None = None
 
     def dags_test(
         self,
@@ -57,12 +60,14 @@ class AirflowRunner:
         *,
         failpoints: str | None = None,
         timeout: float = 300,
+        conf: dict[str, Any] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         env = dict(self.env)
         if failpoints:
             env["EOS_FAILPOINTS"] = failpoints
+        extra = ["--conf", json.dumps(conf)] if conf is not None else []
         return subprocess.run(
-            [AIRFLOW, "dags", "test", dag_id, logical_date],
+            [AIRFLOW, "dags", "test", dag_id, logical_date, *extra],
             env=env,
             capture_output=True,
             text=True,
@@ -94,5 +99,7 @@ def airflow(airflow_base, pg_admin_dsn: str, db: str, empty_db: str) -> Iterator
         "AIRFLOW_CONN_WAREHOUSE": airflow_conn(db),
         "AIRFLOW_CONN_NO_LEDGER": airflow_conn(empty_db),
     }
-    yield AirflowRunner(env)
+    runner = AirflowRunner(env)
+    runner.meta = meta  # the metadata database (asset events, task instances)
+    yield runner
     drop_database(pg_admin_dsn, name)

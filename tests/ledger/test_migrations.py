@@ -43,6 +43,7 @@ LEDGER_TABLES = {
     "recovery_points",
     "schema_migrations",
     "twophase",
+    "versions",
     "waiters",
 }
 
@@ -224,6 +225,7 @@ def test_metadata_comparison_sees_differences(db: str):
         ("remove_table", "outbox"),
         ("remove_table", "inbox"),
         ("remove_index", "outbox_pending_idx"),
+        ("remove_table", "versions"),
     }
 
     changed = ledger_metadata("eos")

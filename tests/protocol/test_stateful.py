@@ -52,6 +52,7 @@ class Model:
     max_claimed: dict[str, int] = field(default_factory=dict)
     alive: set[tuple[str, int]] = field(default_factory=set)
     committed_by: tuple[str, int] | None = None
+    announced: int = 0  # the version reported to Airflow (asset events)
 
     def claim(self, me: tuple[str, int]) -> str:
         """The claim's answer, in the order docs/guarantees.md lists the rules ("The
@@ -119,6 +120,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.admin.close()
 
     def _call(self, who: Attempt, name: str, **params):
+        params = {"detail": None, "fingerprint": None, **params}  # the protocol's own
         cur = who.conn.cursor(row_factory=psycopg.rows.dict_row)
         return cur.execute(query(name, "eos"), params).fetchone()
 
@@ -163,7 +165,14 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         expected = self.model.commit(me)
         try:
-            self._call(attempt, "commit", key=self.key, owner=attempt.owner, result='{"ok":1}')
+            self._call(
+                attempt,
+                "commit",
+                key=self.key,
+                owner=attempt.owner,
+                result='{"ok":1}',
+                fingerprint=f"fp-{me[0]}",  # each run's inputs differ
+            )
             attempt.conn.execute("COMMIT")
             assert expected, f"{me} committed, the model says it is fenced"
             # fencing: no higher try of its task instance had claimed the key
@@ -212,6 +221,40 @@ class LedgerMachine(RuleBasedStateMachine):
         attempt.conn.close()
         self.model.crash(me)
         attempt.phase = "done"
+
+    @rule(me=st.sampled_from(ATTEMPTS))
+    def compare_inputs(self, me):
+        """A skip's fingerprint check, at any moment: it matches unless the key is committed
+        from another run's inputs; a mismatch is recorded, nothing else changes."""
+        attempt = self.attempts[me]
+        if attempt.conn.closed or attempt.phase == "writing":
+            return
+        row = self._call(
+            attempt,
+            "check_fingerprint",
+            key=self.key,
+            version=1,
+            fingerprint=f"fp-{me[0]}",
+            attempt=me[1],
+            on_mismatch="warn",
+        )
+        model = self.model
+        other = model.state == "committed" and model.committed_by[0] != me[0]
+        assert row["matches"] is not other, (me, row, model)
+
+    @rule(me=st.sampled_from(ATTEMPTS))
+    def announce(self, me):
+        """Any attempt may report version 1 (a retry that skipped, a late zombie, another
+        run): it is announced once, and only once committed."""
+        attempt = self.attempts[me]
+        if attempt.conn.closed or attempt.phase == "writing":
+            return
+        row = self._call(attempt, "announce", key=self.key, version=1, attempt=me[1])
+        model = self.model
+        expected = "committed" if model.state == "committed" and model.announced < 1 else None
+        assert row["announce"] == expected, (me, row, model)
+        if expected is not None:
+            model.announced = 1
 
     @invariant()
     def ledger_agrees_with_the_model(self):

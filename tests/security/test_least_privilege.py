@@ -91,6 +91,11 @@ def test_a_writer_login_cannot_forge_an_event_or_move_a_chain_head(granted):
             ),
             "an offset": ("UPDATE eos.offsets SET position = '0'", None),
             "a waiter": ("INSERT INTO eos.waiters VALUES ('k', false, 'me', now())", None),
+            "a fingerprint": (
+                "INSERT INTO eos.versions (key, version, fingerprint) VALUES ('sales/1', 1, 'x')",
+                None,
+            ),
+            "an announcement": ("UPDATE eos.versions SET announced = 9", None),
         }
         for what, (statement, params) in refused.items():
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -99,6 +104,10 @@ def test_a_writer_login_cannot_forge_an_event_or_move_a_chain_head(granted):
         # the protocol's functions record what they do, nothing else
         with pytest.raises(psycopg.Error, match="records failed, fenced or skipped"):
             conn.execute("SELECT eos.release('sales/2', gen_random_uuid(), 1, 'committed', '{}')")
+        # a fingerprint check records a mismatch only when the fingerprints differ, and
+        # a version is announced once: neither rewrites what was committed
+        with pytest.raises(psycopg.Error, match="on_mismatch is warn, fail or replace"):
+            conn.execute("SELECT * FROM eos.check_fingerprint('sales/1', 1, 'x', 1, 'no')")
         with pytest.raises(psycopg.Error, match="not owned by this attempt"):
             conn.execute(
                 "SELECT eos.outbox_publish('sales/1', gen_random_uuid(), 2, 1, "
@@ -241,7 +250,8 @@ def test_a_migration_moves_the_old_grants_to_the_functions(empty_db: str, pg_adm
         assert migrate(empty_db, revision="0011") == ["0011"]
         with psycopg.connect(empty_db) as conn:
             assert direct_writers(conn, "eos") == []
-        assert migrate(empty_db) == ["0012"] and head_revision() == "0012"
+        applied = migrate(empty_db)  # 0012 and the revisions after it
+        assert applied[0] == "0012" and applied[-1] == head_revision()
         with psycopg.connect(empty_db) as conn:
             assert direct_writers(conn, "eos") == []
         as_writer = dsn_for(empty_db, psycopg.conninfo.conninfo_to_dict(empty_db)["dbname"])
@@ -284,9 +294,9 @@ def test_doctor_probes_the_roles_privileges_and_flags_direct_writes(granted):
     role = psycopg.conninfo.conninfo_to_dict(writer)["user"]
     with psycopg.connect(owner, autocommit=True) as conn:
         conn.execute(
-            sql.SQL("REVOKE EXECUTE ON FUNCTION eos.commit(text, uuid, jsonb) FROM {}").format(
-                sql.Identifier(role)
-            )
+            sql.SQL(
+                "REVOKE EXECUTE ON FUNCTION eos.commit(text, uuid, jsonb, jsonb, text) FROM {}"
+            ).format(sql.Identifier(role))
         )
         conn.execute(
             sql.SQL("GRANT INSERT ON eos.ledger_events TO {}").format(sql.Identifier(role))

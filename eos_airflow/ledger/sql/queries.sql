@@ -5,10 +5,11 @@
 -- name: claim
 SELECT action, prior_state::text AS prior_state, attempt, version, result, holder, committed_at
 FROM {schema}.claim(%(key)s, %(owner)s, %(attempt)s, %(dag_id)s, %(task_id)s, %(run_id)s,
-                    %(map_index)s, %(host)s, %(pid)s, %(on_committed)s);
+                    %(map_index)s, %(host)s, %(pid)s, %(on_committed)s, %(detail)s);
 
 -- name: commit
-SELECT version, committed_at FROM {schema}.commit(%(key)s, %(owner)s, %(result)s);
+SELECT version, committed_at
+FROM {schema}.commit(%(key)s, %(owner)s, %(result)s, %(detail)s, %(fingerprint)s);
 
 -- The hot path's two round trips (protocol/local.py): each block is one simple-protocol
 -- message, bound on the client. The statements run in order, each in its own transaction
@@ -21,34 +22,45 @@ SELECT version, committed_at FROM {schema}.commit(%(key)s, %(owner)s, %(result)s
 -- The claim commits on its own (COMMIT), then the effect's transaction opens (BEGIN).
 SELECT action, prior_state::text AS prior_state, attempt, version, result, holder, committed_at
 FROM {schema}.claim(%(key)s, %(owner)s, %(attempt)s, %(dag_id)s, %(task_id)s, %(run_id)s,
-                    %(map_index)s, %(host)s, %(pid)s, %(on_committed)s);
+                    %(map_index)s, %(host)s, %(pid)s, %(on_committed)s, %(detail)s);
 COMMIT;
 BEGIN;
 
 -- name: commit_then_end
 -- If commit() raises (fenced), COMMIT does not run and the transaction stays aborted.
-SELECT version, committed_at FROM {schema}.commit(%(key)s, %(owner)s, %(result)s);
+SELECT version, committed_at
+FROM {schema}.commit(%(key)s, %(owner)s, %(result)s, %(detail)s, %(fingerprint)s);
 COMMIT;
 
 -- name: prepare_hot_path
-PREPARE {claim_statement} (text, uuid, integer, text, text, text, integer, text, integer, text) AS
+PREPARE {claim_statement} (text, uuid, integer, text, text, text, integer, text, integer, text,
+                           jsonb) AS
 SELECT action, prior_state::text AS prior_state, attempt, version, result, holder, committed_at
-FROM {schema}.claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
-PREPARE {commit_statement} (text, uuid, jsonb) AS
-SELECT version, committed_at FROM {schema}.commit($1, $2, $3);
+FROM {schema}.claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
+PREPARE {commit_statement} (text, uuid, jsonb, jsonb, text) AS
+SELECT version, committed_at FROM {schema}.commit($1, $2, $3, $4, $5);
 
 -- name: claim_prepared_then_begin
 EXECUTE {claim_statement}(%(key)s, %(owner)s, %(attempt)s, %(dag_id)s, %(task_id)s,
-                          %(run_id)s, %(map_index)s, %(host)s, %(pid)s, %(on_committed)s);
+                          %(run_id)s, %(map_index)s, %(host)s, %(pid)s, %(on_committed)s,
+                          %(detail)s);
 COMMIT;
 BEGIN;
 
 -- name: commit_prepared_then_end
-EXECUTE {commit_statement}(%(key)s, %(owner)s, %(result)s);
+EXECUTE {commit_statement}(%(key)s, %(owner)s, %(result)s, %(detail)s, %(fingerprint)s);
 COMMIT;
 
 -- name: prepared_hot_path
 SELECT name FROM pg_prepared_statements WHERE name = ANY(%(names)s);
+
+-- name: check_fingerprint
+SELECT matches, committed
+FROM {schema}.check_fingerprint(%(key)s, %(version)s, %(fingerprint)s, %(attempt)s,
+                                %(on_mismatch)s, %(detail)s);
+
+-- name: announce
+SELECT {schema}.announce(%(key)s, %(version)s, %(attempt)s, %(detail)s);
 
 -- name: release
 SELECT {schema}.release(%(key)s, %(owner)s, %(attempt)s, %(event)s, %(detail)s);
@@ -71,13 +83,22 @@ FROM {schema}.ledger
 WHERE (%(dag_id)s::text IS NULL OR dag_id = %(dag_id)s)
   AND (%(state)s::text IS NULL OR state::text = %(state)s)
   AND (%(prefix)s::text IS NULL OR key LIKE %(prefix)s ESCAPE '\')
+  -- --mismatched: a skip of the current version saw other inputs (schema revision 0013)
+  AND (NOT %(mismatched)s OR EXISTS (
+        SELECT 1 FROM {schema}.ledger_events AS e
+        WHERE e.key = ledger.key AND e.event = 'mismatch'
+          AND (e.detail->>'version')::integer = ledger.version))
 ORDER BY key
 LIMIT %(limit)s;
 
 -- name: get_entry
-SELECT key, state::text AS state, attempt, owner, version, dag_id, task_id, run_id, map_index,
-       host, pid, result, claimed_at, committed_at, updated_at, event_seq, last_hash
-FROM {schema}.ledger WHERE key = %(key)s;
+SELECT l.key, l.state::text AS state, l.attempt, l.owner, l.version, l.dag_id, l.task_id,
+       l.run_id, l.map_index, l.host, l.pid, l.result, l.claimed_at, l.committed_at,
+       l.updated_at, l.event_seq, l.last_hash,
+       CASE WHEN v.version = l.version THEN v.fingerprint END AS fingerprint,
+       coalesce(v.announced, 0) AS announced
+FROM {schema}.ledger AS l LEFT JOIN {schema}.versions AS v ON v.key = l.key
+WHERE l.key = %(key)s;
 
 -- name: entry_events
 SELECT id, key, seq, event::text AS event, attempt, at, detail, prev_hash, hash

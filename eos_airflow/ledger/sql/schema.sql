@@ -1,4 +1,4 @@
--- The ledger schema as the migrations leave it at their head revision (0012), in one place.
+-- The ledger schema as the migrations leave it at their head revision (0013), in one place.
 --
 -- This file is the readable reference of the current schema and protocol: the types, tables,
 -- indexes, constraints, identity sequences, every function, the trigger and the privileges.
@@ -47,7 +47,8 @@ CREATE TYPE {schema}.event_kind AS ENUM (
     'reopened',                                                         -- 0003
     'checkpoint', 'resumed', 'offsets',                                 -- 0004
     'prepared', 'decided', 'aborted', 'recovered',                      -- 0005
-    'pruned'                                                            -- 0006
+    'pruned',                                                           -- 0006
+    'mismatch', 'announced'                                             -- 0013
 );
 
 -- ==========================================================================================
@@ -82,6 +83,21 @@ CREATE TABLE {schema}.ledger (
 COMMENT ON COLUMN {schema}.ledger.owner IS 'token of the live claim, if any';
 CREATE INDEX ledger_origin_idx ON {schema}.ledger (dag_id, task_id, run_id);
 CREATE INDEX ledger_state_idx ON {schema}.ledger (state);
+
+-- What the ledger row does not hold about a key's committed versions (0013): the input
+-- fingerprint of the version (check_fingerprint() compares a skip's with it) and the highest
+-- version announced to Airflow (announce()). A row only for keys that have either.
+CREATE TABLE {schema}.versions (
+    key text COLLATE "C" NOT NULL,
+    version integer DEFAULT 0 NOT NULL,
+    fingerprint text,
+    announced integer DEFAULT 0 NOT NULL,
+    CONSTRAINT versions_pkey PRIMARY KEY (key)
+);
+COMMENT ON TABLE {schema}.versions IS 'per key, what the ledger row does not hold about its committed versions: the input fingerprint and the announcements';
+COMMENT ON COLUMN {schema}.versions.version IS 'the committed version the fingerprint belongs to';
+COMMENT ON COLUMN {schema}.versions.fingerprint IS 'fingerprint of the inputs that version was made from (null: none given)';
+COMMENT ON COLUMN {schema}.versions.announced IS 'the highest version reported to Airflow as asset events (0: none)';
 
 -- The audit trail: every decision about a key, numbered per key (seq) and hash-chained
 -- (hash = event_hash(prev_hash, ...)); append-only (section 11), verified by
@@ -325,6 +341,27 @@ BEGIN
 END
 $$;
 
+-- event_detail (0013): the caller's part of an event's detail (claim, commit, mismatch,
+-- announcement): {{}} for NULL; a JSON object of at most 8 kB, else EOS11.
+CREATE FUNCTION {schema}.event_detail(p_detail jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+BEGIN
+    IF p_detail IS NULL THEN
+        RETURN '{{}}'::jsonb;
+    END IF;
+    IF jsonb_typeof(p_detail) <> 'object' THEN
+        RAISE EXCEPTION 'event detail must be a JSON object, not %', jsonb_typeof(p_detail)
+            USING ERRCODE = 'EOS11';
+    END IF;
+    IF octet_length(p_detail::text) > 8192 THEN
+        RAISE EXCEPTION 'event detail is % bytes, the limit is 8192', octet_length(p_detail::text)
+            USING ERRCODE = 'EOS11';
+    END IF;
+    RETURN p_detail;
+END
+$$;
+
 -- is_awaited (0002, PL/pgSQL since 0009 so its plans are cached): does a live waiter wait
 -- for p_key or a prefix of it? commit() sends NOTIFY only then.
 CREATE FUNCTION {schema}.is_awaited(p_key text) RETURNS boolean
@@ -342,7 +379,8 @@ $$;
 -- 4. One-database protocol: claim, run, commit or release
 -- ==========================================================================================
 
--- claim (0001, fencing by claim history since 0008, history kept through gc since 0012): step one of every effect, in its own
+-- claim (0001, fencing by claim history since 0008, history kept through gc since 0012,
+-- p_detail joining its events' detail since 0013): step one of every effect, in its own
 -- transaction, before the user's code runs. Inserts the key, or locks its row and decides:
 --   run     this attempt owns the key now; prior_state is the key's state before (committed:
 --           it writes a new version, on_committed=replace). It may take the key over from a
@@ -357,7 +395,7 @@ $$;
 CREATE FUNCTION {schema}.claim(
     p_key text, p_owner uuid, p_attempt integer,
     p_dag_id text, p_task_id text, p_run_id text, p_map_index integer,
-    p_host text, p_pid integer, p_on_committed text
+    p_host text, p_pid integer, p_on_committed text, p_detail jsonb DEFAULT NULL
 ) RETURNS TABLE (
     action text, prior_state {schema}.effect_state, attempt integer, version integer,
     result jsonb, holder uuid, committed_at timestamptz
@@ -370,7 +408,7 @@ DECLARE
     r {schema}.ledger;
     v_at timestamptz := clock_timestamp();
     v_genesis bytea := decode(repeat('00', 32), 'hex');
-    v_detail jsonb := jsonb_build_object(
+    v_detail jsonb := {schema}.event_detail(p_detail) || jsonb_build_object(
         'dag_id', p_dag_id, 'task_id', p_task_id, 'run_id', p_run_id, 'map_index', p_map_index,
         'host', p_host, 'pid', p_pid);
     v_hash bytea;
@@ -482,12 +520,14 @@ BEGIN
 END
 $$;
 
--- commit (0001; NOTIFY 0002; owner token in its event 0008): called inside the effect's own
+-- commit (0001; NOTIFY 0002; owner token in its event 0008; p_detail and the input
+-- fingerprint 0013): called inside the effect's own
 -- transaction after the user's writes. Succeeds only while p_owner owns the key, else raises
 -- EOS01 so that the whole transaction, user writes included, rolls back (fencing). Writes
 -- state committed, the result and version + 1, appends `committed` (or `replaced`) and
 -- frees the owner's session lock.
-CREATE FUNCTION {schema}.commit(p_key text, p_owner uuid, p_result jsonb)
+CREATE FUNCTION {schema}.commit(p_key text, p_owner uuid, p_result jsonb,
+                                p_detail jsonb DEFAULT NULL, p_fingerprint text DEFAULT NULL)
 RETURNS TABLE (version integer, committed_at timestamptz)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -497,21 +537,31 @@ DECLARE
     r {schema}.ledger;
     v_at timestamptz := clock_timestamp();
     v_hash bytea;
+    v_detail jsonb := {schema}.event_detail(p_detail);
 BEGIN
     SELECT * INTO r FROM {schema}.ledger AS l WHERE l.key = p_key FOR UPDATE;
     IF NOT FOUND OR r.owner IS DISTINCT FROM p_owner THEN
         RAISE EXCEPTION 'effect % is owned by attempt % now', p_key, r.attempt
             USING ERRCODE = 'EOS01';
     END IF;
+    IF p_fingerprint IS NOT NULL THEN
+        v_detail := v_detail || jsonb_build_object('fingerprint', p_fingerprint);
+    END IF;
     v_hash := {schema}.append_event(p_key, r.event_seq + 1, r.last_hash,
         CASE WHEN r.state = 'committed' THEN 'replaced'::{schema}.event_kind
              ELSE 'committed'::{schema}.event_kind END,
-        r.attempt, jsonb_build_object('version', r.version + 1, 'run_id', r.run_id,
-                                      'owner', p_owner));
+        r.attempt, v_detail || jsonb_build_object('version', r.version + 1, 'run_id', r.run_id,
+                                                  'owner', p_owner));
     UPDATE {schema}.ledger AS l SET state = 'committed', result = p_result,
         version = r.version + 1, committed_at = v_at, updated_at = v_at, owner = NULL,
         event_seq = r.event_seq + 1, last_hash = v_hash
     WHERE l.key = p_key;
+    IF p_fingerprint IS NOT NULL THEN
+        INSERT INTO {schema}.versions AS v (key, version, fingerprint)
+        VALUES (p_key, r.version + 1, p_fingerprint)
+        ON CONFLICT (key) DO UPDATE SET version = excluded.version,
+            fingerprint = excluded.fingerprint;
+    END IF;
     PERFORM pg_advisory_unlock({schema}.lock_id(p_key, p_owner));
     -- Wake the sensors waiting for this key (delivered at COMMIT, so only committed keys
     -- notify). Only when someone waits: NOTIFY takes a database-wide lock at commit that
@@ -575,6 +625,88 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM {schema}.release(p_key, p_owner, p_attempt, 'failed', p_detail);
     END IF;
+END
+$$;
+
+-- check_fingerprint (0013): a skipping attempt's inputs against those of the committed version
+-- p_version. Matches (true) when they are equal, when the version was committed without a
+-- fingerprint, or when the key is no longer committed at p_version (nothing to compare).
+-- Otherwise appends `mismatch` (detail: version, both fingerprints, what the attempt does
+-- about it, and p_detail) and returns false with the committed fingerprint.
+CREATE FUNCTION {schema}.check_fingerprint(p_key text, p_version integer, p_fingerprint text,
+                                           p_attempt integer, p_on_mismatch text,
+                                           p_detail jsonb DEFAULT NULL)
+RETURNS TABLE (matches boolean, committed text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r {schema}.ledger;
+    v_hash bytea;
+    v_committed text;
+    v_detail jsonb := {schema}.event_detail(p_detail);
+BEGIN
+    IF p_on_mismatch NOT IN ('warn', 'fail', 'replace') THEN
+        RAISE EXCEPTION 'on_mismatch is warn, fail or replace, not %', p_on_mismatch
+            USING ERRCODE = 'EOS11';
+    END IF;
+    SELECT * INTO r FROM {schema}.ledger AS l WHERE l.key = p_key FOR UPDATE;
+    SELECT v.fingerprint INTO v_committed FROM {schema}.versions AS v
+    WHERE v.key = p_key AND v.version = p_version;
+    IF NOT FOUND OR r.state <> 'committed' OR r.version <> p_version
+       OR v_committed IS NULL OR v_committed = p_fingerprint THEN
+        RETURN QUERY SELECT true, v_committed;
+        RETURN;
+    END IF;
+    v_hash := {schema}.append_event(p_key, r.event_seq + 1, r.last_hash,
+        'mismatch'::text::{schema}.event_kind, p_attempt,
+        v_detail || jsonb_build_object('version', r.version, 'committed_fingerprint',
+            v_committed, 'fingerprint', p_fingerprint, 'on_mismatch', p_on_mismatch));
+    UPDATE {schema}.ledger AS l SET event_seq = r.event_seq + 1, last_hash = v_hash,
+        updated_at = clock_timestamp()
+    WHERE l.key = p_key;
+    RETURN QUERY SELECT false, v_committed;
+END
+$$;
+
+-- announce (0013): record that the committed version p_version was reported to Airflow (asset
+-- events). Returns how that version was made ('committed' or 'replaced', from its commit
+-- event) when this call announces it; NULL when it was announced before, or the key is not
+-- committed at p_version (a newer version exists: that one is announced by its own task).
+CREATE FUNCTION {schema}.announce(p_key text, p_version integer, p_attempt integer,
+                                  p_detail jsonb DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r {schema}.ledger;
+    v_hash bytea;
+    v_action text;
+    v_detail jsonb := {schema}.event_detail(p_detail);
+BEGIN
+    SELECT * INTO r FROM {schema}.ledger AS l WHERE l.key = p_key FOR UPDATE;
+    IF NOT FOUND OR r.version <> p_version OR r.committed_at IS NULL
+       OR EXISTS (SELECT 1 FROM {schema}.versions AS v
+                  WHERE v.key = p_key AND v.announced >= p_version) THEN
+        RETURN NULL;
+    END IF;
+    SELECT e.event::text INTO v_action FROM {schema}.ledger_events AS e
+    WHERE e.key = p_key AND e.event IN ('committed', 'replaced')
+      AND (e.detail->>'version')::integer = p_version
+    ORDER BY e.seq DESC LIMIT 1;
+    v_action := coalesce(v_action, CASE WHEN p_version = 1 THEN 'committed' ELSE 'replaced' END);
+    v_hash := {schema}.append_event(p_key, r.event_seq + 1, r.last_hash,
+        'announced'::text::{schema}.event_kind, p_attempt,
+        v_detail || jsonb_build_object('version', p_version, 'action', v_action));
+    UPDATE {schema}.ledger AS l SET event_seq = r.event_seq + 1, last_hash = v_hash,
+        updated_at = clock_timestamp()
+    WHERE l.key = p_key;
+    INSERT INTO {schema}.versions AS v (key, announced) VALUES (p_key, p_version)
+    ON CONFLICT (key) DO UPDATE SET announced = excluded.announced;
+    RETURN v_action;
 END
 $$;
 
@@ -920,7 +1052,9 @@ $$;
 
 -- twophase_decide: the commit point -- decide `commit` and commit the key's entry in one
 -- transaction, only while p_owner owns the key (EOS01) and nobody decided the txid (EOS07).
-CREATE FUNCTION {schema}.twophase_decide(p_txid text, p_key text, p_owner uuid, p_result jsonb)
+CREATE FUNCTION {schema}.twophase_decide(p_txid text, p_key text, p_owner uuid, p_result jsonb,
+                                         p_detail jsonb DEFAULT NULL,
+                                         p_fingerprint text DEFAULT NULL)
 RETURNS TABLE (version integer, committed_at timestamptz)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -952,7 +1086,8 @@ BEGIN
     WHERE l.key = p_key;
     UPDATE {schema}.twophase AS x SET decision = 'commit', decided_at = clock_timestamp()
     WHERE x.txid = p_txid;
-    RETURN QUERY SELECT c.version, c.committed_at FROM {schema}.commit(p_key, p_owner, p_result) AS c;
+    RETURN QUERY SELECT c.version, c.committed_at
+        FROM {schema}.commit(p_key, p_owner, p_result, p_detail, p_fingerprint) AS c;
 END
 $$;
 
@@ -1313,8 +1448,10 @@ CREATE TRIGGER ledger_events_append_only
 -- the protocol, and every role but the owner lost INSERT, UPDATE, DELETE and TRUNCATE on the
 -- tables. A fresh database has no such grants to move.)
 REVOKE ALL ON FUNCTION {schema}.append_event(text, bigint, bytea, {schema}.event_kind, integer, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION {schema}.claim(text, uuid, integer, text, text, text, integer, text, integer, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION {schema}.commit(text, uuid, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {schema}.claim(text, uuid, integer, text, text, text, integer, text, integer, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {schema}.commit(text, uuid, jsonb, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {schema}.check_fingerprint(text, integer, text, integer, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {schema}.announce(text, integer, integer, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {schema}.release(text, uuid, integer, {schema}.event_kind, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {schema}.commit_outcome(text, uuid, integer, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {schema}.checkpoint(text, uuid, bigint, jsonb, jsonb, jsonb) FROM PUBLIC;
@@ -1333,7 +1470,7 @@ REVOKE ALL ON FUNCTION {schema}.watch_lock(text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {schema}.watch_prefix_lock(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {schema}.twophase_begin(text, text, integer, uuid, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {schema}.twophase_claim(text, uuid, integer, text, text, text, integer, text, integer, text, text, text, jsonb) FROM PUBLIC;
-REVOKE ALL ON FUNCTION {schema}.twophase_decide(text, text, uuid, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {schema}.twophase_decide(text, text, uuid, jsonb, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {schema}.twophase_abort(text, integer, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {schema}.twophase_resolved(text, text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {schema}.twophase_forget(text, uuid) FROM PUBLIC;

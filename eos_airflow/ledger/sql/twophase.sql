@@ -10,7 +10,8 @@ FROM {schema}.twophase_claim(%(key)s, %(owner)s, %(attempt)s, %(dag_id)s, %(task
 
 -- name: twophase_decide
 SELECT version, committed_at FROM {schema}.twophase_decide(%(txid)s, %(key)s, %(owner)s,
-                                                           %(result)s);
+                                                           %(result)s, %(detail)s,
+                                                           %(fingerprint)s);
 
 -- name: twophase_abort
 SELECT {schema}.twophase_abort(%(txid)s, %(attempt)s, %(by)s, %(reason)s) AS decision;
