@@ -10,16 +10,17 @@ and passes the rest on; its ``execute`` hands the work to :meth:`run_effect`.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import jinja2
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, conf
 from airflow.sdk.exceptions import AirflowFailException
 
 from eos_airflow.api import Ledger
-from eos_airflow.errors import BadKeyError, ConfigurationError, EosError
+from eos_airflow.errors import BadKeyError, ConfigurationError, EosError, KeyInProgressError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.keys import check_schema
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
@@ -33,6 +34,10 @@ DEFAULT_KEY = "{{ ti.dag_id }}/{{ ti.task_id }}/{{ ti.run_id }}/{{ ti.map_index 
 #: Default effect key of a run with a partition key (Airflow 3.2+ partitioned runs): every
 #: run for the same partition is the same effect.
 PARTITION_KEY = "{{ ti.dag_id }}/{{ ti.task_id }}/{{ partition_key }}/{{ ti.map_index }}"
+
+#: Deferrable tasks wait this long in the worker for another live run of the key before they
+#: defer (most holders finish within it: a deferral costs a triggerer round trip).
+DEFER_AFTER = 5.0
 
 #: ``protocol=`` choices of the Airflow adapters: one database, or several.
 PROTOCOL_CHOICES = ("local", *PROTOCOLS)
@@ -121,6 +126,12 @@ class ExactlyOnceBaseOperator(BaseOperator):
         (their fingerprint differs: changed SQL, arguments or code): ``"warn"`` (default:
         skip, warn, record a ``mismatch`` event), ``"fail"`` (FingerprintMismatchError, not
         retried) or ``"replace"`` (write a new version).
+    :param deferrable: when another live run holds the key, do not wait in the worker slot:
+        after at most ``DEFER_AFTER`` seconds the task defers to the triggerer, which wakes it
+        when the key is committed or released (or after ``wait_timeout``, at least a minute,
+        to look again); it then claims, skips or replaces as usual. Default from
+        ``[operators] default_deferrable``; without it the worker waits up to
+        ``wait_timeout`` and fails with the retryable KeyInProgressError.
     :param several: instead of ``conn_id``, several databases committed atomically: what
         an operator that writes several (``MultiTargetSQLOperator``, ``@task.exactly_once``)
         builds from its ``targets``, ``ledger_conn_id`` and ``protocol`` parameters with
@@ -152,12 +163,14 @@ class ExactlyOnceBaseOperator(BaseOperator):
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         max_result_bytes: int = MAX_RESULT_BYTES,
         on_mismatch: str = "warn",
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         several: SeveralTargets | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         on_committed = check_on_committed(on_committed)
         self.on_mismatch = check_on_mismatch(on_mismatch)
+        self.deferrable = deferrable
         if several is not None:
             check_multi(
                 conn_id=conn_id,
@@ -230,7 +243,7 @@ class ExactlyOnceBaseOperator(BaseOperator):
         ledger = Ledger(
             connect=connect_factory(self.conn_id),
             schema=self.ledger_schema,
-            wait_timeout=self.wait_timeout,
+            wait_timeout=self._worker_wait(),
             max_result_bytes=self.max_result_bytes,
         )
         try:
@@ -270,7 +283,7 @@ class ExactlyOnceBaseOperator(BaseOperator):
             protocol=self.protocol,
             schema=self.ledger_schema,
             conn_ids=self.targets,
-            wait_timeout=self.wait_timeout,
+            wait_timeout=self._worker_wait(),
             max_result_bytes=self.max_result_bytes,
         )
         try:
@@ -319,6 +332,10 @@ class ExactlyOnceBaseOperator(BaseOperator):
                 fingerprint=fingerprint,
                 announce=announce,
             )
+        except KeyInProgressError:
+            if not self.deferrable:
+                raise
+            self._defer_until_free(key)
         except EosError as exc:
             if exc.retryable:
                 raise
@@ -342,6 +359,43 @@ class ExactlyOnceBaseOperator(BaseOperator):
                 ti.try_number,
             )
         return outcome.result
+
+    def _worker_wait(self) -> float:
+        """How long the claim waits in the worker for another live run of the key."""
+        return min(self.wait_timeout, DEFER_AFTER) if self.deferrable else self.wait_timeout
+
+    def _defer_until_free(self, key: str) -> NoReturn:
+        """Hand the wait to the triggerer: a LedgerTrigger fires when the key is committed or
+        its last attempt failed, or after the wait bound; then :meth:`execute_after_wait`
+        runs the task again (claim, skip or replace)."""
+        from eos_airflow.triggers.ledger import LedgerTrigger
+
+        conn_id = self.ledger_conn_id or self.conn_id
+        assert conn_id is not None
+        self.log.info(
+            "exactly-once: effect %r is held by another live run: deferring until it is "
+            "committed or released (the worker slot is free meanwhile)",
+            key,
+        )
+        self.defer(
+            trigger=LedgerTrigger(
+                conn_id=conn_id,
+                keys=[key],
+                schema=self.ledger_schema,
+                fail_on_failed=True,
+                deadline=time.time() + max(self.wait_timeout, 60.0),
+            ),
+            method_name="execute_after_wait",
+        )
+
+    def execute_after_wait(self, context: Any, event: Any = None) -> Any:
+        """Back from the triggerer: the key was committed, its holder failed, or the wait
+        bound passed — run the task again (it claims, skips or defers once more)."""
+        status = event.get("status") if isinstance(event, dict) else None
+        if status == "error":
+            raise AirflowFailException(f"exactly-once: waiting for the key failed: {event}")
+        self.log.info("exactly-once: resumed after waiting (%s)", status)
+        return self.execute(context)
 
     def _report_assets(self, context: Any, assets: list[Any], outcome: Outcome) -> None:
         """Airflow records this task's asset events when it succeeds: with ``extra["eos"]``

@@ -3,10 +3,16 @@ committed version, and input fingerprints meeting a changed task (docs/usage.md)
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import psycopg
 import pytest
 
-from tests.conftest import events
+from tests.airflow.conftest import AIRFLOW
+from tests.conftest import ROOT, events
 
 pytestmark = pytest.mark.airflow
 
@@ -128,3 +134,78 @@ def test_a_changed_task_meets_its_committed_version_as_on_mismatch_says(airflow,
         "AND task_id = 'load_fail'",
     )
     assert tries == [(1,)]
+
+
+HOLDER = """
+import sys
+from eos_airflow import Ledger, Origin
+
+def hold(eos):
+    eos.conn.execute("INSERT INTO sales VALUES ('2024-01-01', 7, 1)")
+    print("holding", flush=True)
+    assert sys.stdin.readline().strip() == "go"
+    return {"by": "holder"}
+
+with Ledger(sys.argv[1]) as ledger:
+    print(ledger.run("held/2024-01-01", hold, origin=Origin("other", "load", "r", -1)))
+"""
+
+
+def wait_for(what, check, run: subprocess.Popen[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline or run.poll() is not None:
+            run.kill()
+            out, _ = run.communicate()
+            pytest.fail(f"timed out waiting for {what}; airflow dags test said:\n{out[-6000:]}")
+        time.sleep(0.5)
+
+
+def test_a_deferrable_task_waits_in_the_triggerer_for_a_held_key(airflow, db):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, db],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        run = subprocess.Popen(
+            [AIRFLOW, "dags", "test", "eos_deferred", "2024-01-01"],
+            env=airflow.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        # the task handed its wait to the trigger: its waiter is registered in the ledger
+        # (`dags test` runs the trigger in-process, the task instance queued meanwhile)
+        wait_for(
+            "the trigger's waiter",
+            lambda: (
+                query(db, "SELECT count(*) FROM eos.waiters WHERE key = 'held/2024-01-01'")
+                != [(0,)]
+            ),
+            run,
+        )
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.wait(60) == 0
+        out, _ = run.communicate(timeout=300)
+    finally:
+        holder.kill()
+    assert run.returncode == 0, out[-4000:]
+    assert "deferring until it is committed or released" in out
+    assert "Pausing task as DEFERRED" in out
+    assert "resumed after waiting (committed)" in out
+    assert query(db, "SELECT amount FROM sales") == [(7,)]  # the holder's write, once
+    with psycopg.connect(db) as conn:
+        assert [e for e, _ in events(conn, "held/2024-01-01")] == [
+            "claimed",
+            "committed",
+            "skipped",
+        ]
+    assert query(airflow.meta, "SELECT state FROM task_instance WHERE dag_id = 'eos_deferred'") == [
+        ("success",)
+    ]

@@ -56,6 +56,19 @@ def eos_mismatch():
         )
 
 
+@dag(schedule=None, start_date=START, catchup=False, default_args=ARGS)
+def eos_deferred():
+    """Its key is held by another live run when it starts: it waits in the triggerer."""
+
+    @task.exactly_once(conn_id="warehouse", key="held/{{ ds }}", deferrable=True, wait_timeout=1)
+    def load(eos, ds=None):
+        eos.conn.execute("INSERT INTO sales VALUES (%s, 1, %s)", [ds, eos.attempt])
+        return {"by": "dag"}
+
+    load()
+
+
 eos_assets()
 eos_assets_replace()
 eos_mismatch()
+eos_deferred()
