@@ -2,8 +2,8 @@
 
 The effect key, the ledger connection (one database, or several targets committed by
 two- or three-phase commit), ``on_committed``, the ledger's schema and bounds, their
-validation when the DAG is parsed, and running the work as one effect with Airflow's error
-mapping. An operator derives from :class:`ExactlyOnceBaseOperator`, takes its own parameters
+validation when the DAG is parsed, and running the work as one effect whose errors Airflow's
+retry policy sorts into permanent and retryable (eos_airflow/operators/retry.py). An operator derives from :class:`ExactlyOnceBaseOperator`, takes its own parameters
 and passes the rest on; its ``execute`` hands the work to :meth:`run_effect`.
 """
 
@@ -15,14 +15,15 @@ from typing import Any
 
 import jinja2
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
+from eos_airflow import config
 from eos_airflow.api import Ledger
-from eos_airflow.errors import BadKeyError, ConfigurationError, EosError
+from eos_airflow.errors import BadKeyError, ConfigurationError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.keys import check_schema
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
-from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome
+from eos_airflow.operators.retry import default_retry_policy
+from eos_airflow.protocol.effect import Effect, Origin
+from eos_airflow.protocol.local import Outcome
 from eos_airflow.protocol.twophase import PROTOCOLS, check_targets
 from eos_airflow.states import check_on_committed
 
@@ -112,6 +113,12 @@ class ExactlyOnceBaseOperator(BaseOperator):
     :param ledger_schema: schema holding the ledger (default ``eos``).
     :param wait_timeout: seconds to wait for another live attempt of the key.
     :param max_result_bytes: bound on the stored result.
+
+    ``on_committed``, ``ledger_schema``, ``wait_timeout`` and ``max_result_bytes`` left at
+    None take their value from Airflow's configuration, section ``[eos_airflow]``
+    (eos_airflow/config.py), when the DAG is parsed. ``retry_policy`` defaults to
+    :class:`~eos_airflow.operators.retry.EosRetryPolicy`: eos-airflow's permanent errors
+    fail the task at once, its retryable ones are retried.
     :param several: instead of ``conn_id``, several databases committed atomically: what
         an operator that writes several (``MultiTargetSQLOperator``, ``@task.exactly_once``)
         builds from its ``targets``, ``ledger_conn_id`` and ``protocol`` parameters with
@@ -127,15 +134,18 @@ class ExactlyOnceBaseOperator(BaseOperator):
         *,
         conn_id: str | None = None,
         key: str | None = None,
-        on_committed: str = "skip",
-        ledger_schema: str = "eos",
-        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-        max_result_bytes: int = MAX_RESULT_BYTES,
+        on_committed: str | None = None,
+        ledger_schema: str | None = None,
+        wait_timeout: float | None = None,
+        max_result_bytes: int | None = None,
         several: SeveralTargets | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        on_committed = check_on_committed(on_committed)
+        default_retry_policy(self)
+        on_committed = check_on_committed(
+            config.on_committed() if on_committed is None else on_committed
+        )
         if several is not None:
             check_multi(
                 conn_id=conn_id,
@@ -153,9 +163,13 @@ class ExactlyOnceBaseOperator(BaseOperator):
         self.protocol = several.protocol if several else "local"
         self.key = key
         self.on_committed = on_committed
-        self.ledger_schema = check_schema(ledger_schema)
-        self.wait_timeout = wait_timeout
-        self.max_result_bytes = max_result_bytes
+        self.ledger_schema = check_schema(
+            config.ledger_schema() if ledger_schema is None else ledger_schema
+        )
+        self.wait_timeout = config.wait_timeout() if wait_timeout is None else wait_timeout
+        self.max_result_bytes = (
+            config.max_result_bytes() if max_result_bytes is None else max_result_bytes
+        )
 
     def render_key(self, context: Any) -> str:
         template = self.key or DEFAULT_KEY
@@ -220,16 +234,12 @@ class ExactlyOnceBaseOperator(BaseOperator):
             multi.close()
 
     def run_effect(self, context: Any, fn: Callable[[Effect], Any]) -> Any:
-        """Run ``fn`` as this task's effect; permanent errors do not get retried."""
+        """Run ``fn`` as this task's effect. Its errors reach Airflow as they are: the retry
+        policy (EosRetryPolicy) fails the permanent ones at once and retries the others."""
         ti = context["ti"]
         origin = Origin(ti.dag_id, ti.task_id, ti.run_id, ti.map_index)
-        try:
-            key = self.render_key(context)
-            outcome = self.run_outcome(key, fn, attempt=ti.try_number, origin=origin)
-        except EosError as exc:
-            if exc.retryable:
-                raise
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        key = self.render_key(context)
+        outcome = self.run_outcome(key, fn, attempt=ti.try_number, origin=origin)
         if outcome.action == "skipped":
             self.log.info(
                 "exactly-once: effect %r was committed already (version %s at %s); "

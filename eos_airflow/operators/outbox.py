@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
+from eos_airflow import config
 from eos_airflow.errors import ConfigurationError, EosError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.keys import check_schema
 from eos_airflow.operators.kafka import kafka_config
+from eos_airflow.operators.retry import default_retry_policy
 from eos_airflow.protocol.outbox import split_destinations
 from eos_airflow.relay.loop import DEFAULT_BATCH_SIZE, Relay
 from eos_airflow.relay.sinks import (
@@ -75,6 +76,7 @@ class OutboxRelayOperator(BaseOperator):
     :param max_messages: stop after this many (default: until the outbox is empty).
     :param relay_id: relay identity (``delivered_by``; Kafka ``transactional.id`` is
         ``eos-outbox-<relay_id>``); default ``<dag_id>.<task_id>``.
+    :param ledger_schema: schema holding the ledger (default ``[eos_airflow] ledger_schema``).
 
     Returns ``{"delivered", "by_destination", "duplicates", "batches"}``.
     """
@@ -92,11 +94,12 @@ class OutboxRelayOperator(BaseOperator):
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_messages: int | None = None,
         relay_id: str | None = None,
-        ledger_schema: str = "eos",
+        ledger_schema: str | None = None,
         send_timeout: float = DEFAULT_SEND_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        default_retry_policy(self)
         if not conn_id:
             raise ConfigurationError(
                 "conn_id is required: the Airflow connection of the database holding the outbox"
@@ -122,7 +125,9 @@ class OutboxRelayOperator(BaseOperator):
         self.batch_size = batch_size
         self.max_messages = max_messages
         self.relay_id = relay_id
-        self.ledger_schema = check_schema(ledger_schema)
+        self.ledger_schema = check_schema(
+            config.ledger_schema() if ledger_schema is None else ledger_schema
+        )
         self.send_timeout = send_timeout
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -131,31 +136,26 @@ class OutboxRelayOperator(BaseOperator):
         sinks: dict[str, Sink] = {}
         conn = None
         try:
-            try:
-                conn = connect_factory(self.conn_id)()
-                if self.kafka_conn_id:
-                    sinks["kafka"] = KafkaSink(
-                        kafka_config(self.kafka_conn_id),
-                        transactional_id=f"eos-outbox-{relay_id}",
-                        timeout=self.send_timeout,
-                    )
-                if self.nats_url or self.nats_conn_id:
-                    servers = self.nats_url or nats_servers(str(self.nats_conn_id))
-                    sinks["nats"] = NatsSink(servers, timeout=self.send_timeout)
-                relay = Relay(
-                    conn,
-                    sinks,
-                    schema=self.ledger_schema,
-                    destinations=self.destinations,
-                    relay_id=relay_id,
-                    batch_size=self.batch_size,
-                    attempt=ti.try_number,
+            conn = connect_factory(self.conn_id)()
+            if self.kafka_conn_id:
+                sinks["kafka"] = KafkaSink(
+                    kafka_config(self.kafka_conn_id),
+                    transactional_id=f"eos-outbox-{relay_id}",
+                    timeout=self.send_timeout,
                 )
-                stats = relay.drain(self.max_messages)
-            except EosError as exc:
-                if exc.retryable:
-                    raise
-                raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+            if self.nats_url or self.nats_conn_id:
+                servers = self.nats_url or nats_servers(str(self.nats_conn_id))
+                sinks["nats"] = NatsSink(servers, timeout=self.send_timeout)
+            relay = Relay(
+                conn,
+                sinks,
+                schema=self.ledger_schema,
+                destinations=self.destinations,
+                relay_id=relay_id,
+                batch_size=self.batch_size,
+                attempt=ti.try_number,
+            )
+            stats = relay.drain(self.max_messages)
         finally:
             for sink in sinks.values():
                 sink.close()
