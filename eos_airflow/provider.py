@@ -80,12 +80,14 @@ CONFIG: dict[str, Any] = {
             "liveness_timeout": _option(
                 "Seconds within which PostgreSQL ends the session of a worker that went "
                 "silent (a network partition, a frozen host), freeing its keys: each "
-                "ledger connection sets ``tcp_keepalives_idle`` (T/3), "
+                "ledger connection opened through an Airflow connection (tasks, sensors "
+                "in poke or reschedule mode, the audit UI) sets ``tcp_keepalives_idle`` (T/3), "
                 "``tcp_keepalives_interval`` (T/6), ``tcp_keepalives_count`` (4), "
                 "``tcp_user_timeout`` and ``client_connection_check_interval`` from it, and "
                 "libpq's client-side keepalives alike. ``0`` leaves the server's settings "
                 "alone; values between 0 and 5 are refused. Unset: ``EOS_LIVENESS_TIMEOUT`` "
-                "from the environment, else 60.\n",
+                "from the environment, else 60 (deferred sensors' watcher in the triggerer "
+                "reads only ``EOS_LIVENESS_TIMEOUT``).\n",
                 "float",
                 None,
                 "60",
