@@ -130,7 +130,26 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "eos-airflow", "python-modules": ["eos_airflow.triggers.ledger"]},
         ],
         "hooks": [
-            {"integration-name": "eos-airflow", "python-modules": ["eos_airflow.hooks.ledger"]},
+            {
+                "integration-name": "eos-airflow",
+                "python-modules": ["eos_airflow.hooks.ledger", "eos_airflow.hooks.nats"],
+            },
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "eos_airflow.hooks.nats.NatsHook",
+                "hook-name": "NATS",
+                "connection-type": "nats",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema"],
+                    "relabeling": {"login": "User (or token)", "password": "Password (or token)"},
+                    "placeholders": {
+                        "host": "nats.example.com",
+                        "port": "4222",
+                        "extra": '{"servers": ["nats://n1:4222", "nats://n2:4222"]}',
+                    },
+                },
+            },
         ],
         "plugins": [
             {"name": "eos_airflow", "plugin-class": "eos_airflow.plugin.EosAirflowPlugin"},
