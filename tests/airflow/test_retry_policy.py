@@ -36,13 +36,14 @@ def meta_dsn(airflow) -> str:
 
 
 def tries(airflow, dag_id: str) -> dict[str, tuple[str, int]]:
-    """task_id → (state, try_number) in Airflow's metadata database."""
+    """task_id (with ``[map_index]`` when mapped) → (state, try_number) in Airflow's metadata
+    database."""
     rows = query(
         meta_dsn(airflow),
-        "SELECT task_id, state, try_number FROM task_instance WHERE dag_id = %s",
+        "SELECT task_id, map_index, state, try_number FROM task_instance WHERE dag_id = %s",
         [dag_id],
     )
-    return {task: (state, n) for task, state, n in rows}
+    return {task if index < 0 else f"{task}[{index}]": (state, n) for task, index, state, n in rows}
 
 
 @pytest.mark.parametrize(
@@ -88,6 +89,8 @@ def test_permanent_fails_at_once_retryable_is_retried_and_a_users_policy_wins(ai
         "permanent": ("failed", 1),  # retries=1, but a missing table is permanent
         "retryable": ("success", 2),
         "overridden": ("failed", 2),  # the user's policy retried the same error
+        "permanent_mapped[0]": ("failed", 1),  # each mapped task instance has the policy
+        "permanent_mapped[1]": ("failed", 1),
     }
     with psycopg.connect(db) as conn:
         assert events(conn, "retry/permanent") == [("claimed", 1), ("failed", 1)]

@@ -38,9 +38,14 @@ def eos_retry_policy():
         eos.conn.execute("INSERT INTO sales VALUES ('overridden', 1, %s)", [eos.attempt])
         eos.conn.execute("INSERT INTO no_such_table VALUES (1)")
 
+    @task.exactly_once(conn_id="warehouse")
+    def permanent_mapped(region: str, eos=None):
+        eos.conn.execute("INSERT INTO no_such_table VALUES (%s)", [region])
+
     permanent()
     retryable()
     overridden()
+    permanent_mapped.expand(region=["eu", "us"])
 
 
 @dag(
