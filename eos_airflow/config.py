@@ -37,14 +37,17 @@ DEFAULT_ON_MISMATCH = "warn"
 ON_MISMATCH_CHOICES = ("warn", "fail", "replace")
 
 
-def _raw(option: str, fallback: str | None) -> str | None:
+def _setting(option: str) -> str | None:
+    """The option's text as set (airflow.cfg, environment) or declared, None when empty."""
     from airflow.sdk import conf
 
-    value = conf.get(SECTION, option, fallback=fallback)
-    if value is None:
-        return None
-    value = str(value).strip()
-    return value or fallback
+    value = conf.get(SECTION, option, fallback=None)
+    return (str(value).strip() or None) if value is not None else None
+
+
+def _raw(option: str, default: str) -> str:
+    """The option's text, else ``default`` (the provider info declares the same)."""
+    return _setting(option) or default
 
 
 def _bad(option: str, value: object, what: str) -> ConfigurationError:
@@ -54,9 +57,7 @@ def _bad(option: str, value: object, what: str) -> ConfigurationError:
     )
 
 
-def _seconds(option: str, value: str | None, *, minimum: float = 0.0) -> float | None:
-    if value is None:
-        return None
+def _seconds(option: str, value: str, *, minimum: float = 0.0) -> float:
     try:
         seconds = float(value)
     except ValueError:
@@ -70,7 +71,7 @@ def ledger_schema() -> str:
     """``[eos_airflow] ledger_schema``: the schema holding the ledger (default ``eos``)."""
     value = _raw("ledger_schema", DEFAULT_LEDGER_SCHEMA)
     try:
-        return check_schema(value)  # type: ignore[arg-type]  # a fallback is given
+        return check_schema(value)
     except ConfigurationError as exc:
         raise _bad("ledger_schema", value, str(exc)) from None
 
@@ -78,15 +79,13 @@ def ledger_schema() -> str:
 def ledger_conn_id() -> str:
     """``[eos_airflow] ledger_conn_id``: the Airflow connection of the ledger the audit UI
     reads (default ``eos_ledger``)."""
-    return _raw("ledger_conn_id", DEFAULT_LEDGER_CONN_ID) or DEFAULT_LEDGER_CONN_ID
+    return _raw("ledger_conn_id", DEFAULT_LEDGER_CONN_ID)
 
 
 def wait_timeout() -> float:
     """``[eos_airflow] wait_timeout``: seconds a task waits for another live attempt of its
     key before failing with the retryable ``KeyInProgressError``."""
-    value = _seconds("wait_timeout", _raw("wait_timeout", str(DEFAULT_WAIT_TIMEOUT)))
-    assert value is not None  # a fallback is given
-    return value
+    return _seconds("wait_timeout", _raw("wait_timeout", str(DEFAULT_WAIT_TIMEOUT)))
 
 
 def on_committed() -> OnCommitted:
@@ -111,7 +110,7 @@ def max_result_bytes() -> int:
     ledger and returned again on a skip."""
     value = _raw("max_result_bytes", str(MAX_RESULT_BYTES))
     try:
-        limit = int(value)  # type: ignore[arg-type]  # a fallback is given
+        limit = int(value)
     except ValueError:
         limit = 0
     if limit < 1:
@@ -123,10 +122,10 @@ def liveness_timeout() -> float | None:
     """``[eos_airflow] liveness_timeout``: seconds within which PostgreSQL ends the session
     of a worker that went silent (its keepalive timers; 0 = off), or None when unset: then
     ``EOS_LIVENESS_TIMEOUT``, else 60 s."""
-    raw = _raw("liveness_timeout", None)
-    value = _seconds("liveness_timeout", raw)
-    if value is None:
+    raw = _setting("liveness_timeout")
+    if raw is None:
         return None
+    value = _seconds("liveness_timeout", raw)
     if 0 < value < connection.MIN_LIVENESS_TIMEOUT:
         raise _bad(
             "liveness_timeout",
