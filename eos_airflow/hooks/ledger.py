@@ -26,10 +26,10 @@ def connect_factory(
     ``PostgresHook``, so secrets backends and ``AIRFLOW_CONN_*`` variables work as usual.
     Each connection gets the server-side liveness settings of ``liveness_timeout`` (default
     ``[eos_airflow] liveness_timeout``, else ``EOS_LIVENESS_TIMEOUT``, else 60 s; see
-    eos_airflow/ledger/connection.py). A failure to
-    connect raises the retryable ``DatabaseUnavailableError`` when another try may succeed
-    (server down, restarting, full) and ``ConfigurationError`` when it cannot (unknown
-    connection id, wrong password, role or database).
+    eos_airflow/ledger/connection.py). A failure to connect raises the retryable
+    ``DatabaseUnavailableError`` when another try may succeed (server down, restarting, full)
+    and ``ConfigurationError`` when it cannot (unknown connection id, wrong password, role or
+    database).
     """
     from airflow.providers.postgres.hooks.postgres import PostgresHook
     from airflow.sdk.exceptions import AirflowNotFoundException

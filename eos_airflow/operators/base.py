@@ -3,8 +3,9 @@
 The effect key, the ledger connection (one database, or several targets committed by
 two- or three-phase commit), ``on_committed``, the ledger's schema and bounds, their
 validation when the DAG is parsed, and running the work as one effect whose errors Airflow's
-retry policy sorts into permanent and retryable (eos_airflow/operators/retry.py). An operator derives from :class:`ExactlyOnceBaseOperator`, takes its own parameters
-and passes the rest on; its ``execute`` hands the work to :meth:`run_effect`.
+retry policy sorts into permanent and retryable (eos_airflow/operators/retry.py). An operator
+derives from :class:`ExactlyOnceBaseOperator`, takes its own parameters and passes the rest
+on; its ``execute`` hands the work to :meth:`run_effect`.
 """
 
 from __future__ import annotations
@@ -113,16 +114,16 @@ class ExactlyOnceBaseOperator(BaseOperator):
     :param ledger_schema: schema holding the ledger (default ``eos``).
     :param wait_timeout: seconds to wait for another live attempt of the key.
     :param max_result_bytes: bound on the stored result.
+    :param several: instead of ``conn_id``, several databases committed atomically: what
+        an operator that writes several (``MultiTargetSQLOperator``, ``@task.exactly_once``)
+        builds from its ``targets``, ``ledger_conn_id`` and ``protocol`` parameters with
+        :meth:`SeveralTargets.of`.
 
     ``on_committed``, ``ledger_schema``, ``wait_timeout`` and ``max_result_bytes`` left at
     None take their value from Airflow's configuration, section ``[eos_airflow]``
     (eos_airflow/config.py), when the DAG is parsed. ``retry_policy`` defaults to
     :class:`~eos_airflow.operators.retry.EosRetryPolicy`: eos-airflow's permanent errors
     fail the task at once, its retryable ones are retried.
-    :param several: instead of ``conn_id``, several databases committed atomically: what
-        an operator that writes several (``MultiTargetSQLOperator``, ``@task.exactly_once``)
-        builds from its ``targets``, ``ledger_conn_id`` and ``protocol`` parameters with
-        :meth:`SeveralTargets.of`.
 
     The key is rendered by :meth:`render_key` rather than as a template field, so that a key
     naming a value the run does not have (``{{ ds }}`` in a run without a logical date) fails
