@@ -1,8 +1,9 @@
 """Errors tier: every error eos-airflow raises, and the ledger's SQLSTATEs.
 
 Every error derives from :class:`EosError` and says what happened and what to do next.
-``retryable`` tells the Airflow adapters whether another try can succeed: permanent errors
-are raised to Airflow as ``AirflowFailException`` so it does not retry them. Retryability is
+``retryable`` tells the Airflow adapters whether another try can succeed: their retry policy
+(``EosRetryPolicy``, eos_airflow/operators/retry.py) fails a task at once on a permanent error
+and retries a retryable one. Retryability is
 a property of the class (for errors from the database, of the SQLSTATE): nothing sets it on
 an instance.
 

@@ -34,6 +34,7 @@ TIERS: dict[str, tuple[int, str]] = {
     "eos_airflow.triggers": (4, "Adapters"),
     "eos_airflow.hooks": (4, "Adapters"),
     "eos_airflow.provider": (4, "Adapters"),
+    "eos_airflow.config": (4, "Adapters"),
     "eos_airflow.cli": (5, "Faces"),
     "eos_airflow.web": (5, "Faces"),
     "eos_airflow.plugin": (5, "Faces"),

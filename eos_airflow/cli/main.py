@@ -246,14 +246,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def default_schema(args: argparse.Namespace) -> str:
+    """The ledger schema when ``--schema`` is not given: ``EOS_LEDGER_SCHEMA``; else, for an
+    Airflow connection (``--conn-id``), Airflow's ``[eos_airflow] ledger_schema``; else eos."""
+    if os.environ.get("EOS_LEDGER_SCHEMA"):
+        return os.environ["EOS_LEDGER_SCHEMA"]
+    if getattr(args, "conn_id", None):
+        from eos_airflow import config
+
+        return config.ledger_schema()
+    return "eos"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dsn", help="libpq DSN or URI of the ledger database")
     common.add_argument("--conn-id", help="Airflow connection id of the ledger database")
     common.add_argument(
         "--schema",
-        default=os.environ.get("EOS_LEDGER_SCHEMA", "eos"),
-        help="ledger schema (default: eos)",
+        default=None,
+        help="ledger schema (default: EOS_LEDGER_SCHEMA, else with --conn-id Airflow's "
+        "[eos_airflow] ledger_schema, else eos)",
     )
     common.add_argument(
         "--format",
@@ -409,8 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stdout carries the command's output (JSON lines, CSV): keep library chatter off it
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        if getattr(args, "schema", None) is not None:
-            check_schema(args.schema)
+        if hasattr(args, "schema"):
+            args.schema = check_schema(default_schema(args) if args.schema is None else args.schema)
         return args.func(args)
     except BrokenPipeError:  # `eos-airflow ledger export | head`: the reader has what it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -25,14 +25,19 @@ def connect_factory(
     The connection (host, login, password, extras such as sslmode) is read through
     ``PostgresHook``, so secrets backends and ``AIRFLOW_CONN_*`` variables work as usual.
     Each connection gets the server-side liveness settings of ``liveness_timeout`` (default
-    ``EOS_LIVENESS_TIMEOUT`` or 60 s; see eos_airflow/ledger/connection.py). A failure to
-    connect raises the retryable ``DatabaseUnavailableError`` when another try may succeed
-    (server down, restarting, full) and ``ConfigurationError`` when it cannot (unknown
-    connection id, wrong password, role or database).
+    ``[eos_airflow] liveness_timeout``, else ``EOS_LIVENESS_TIMEOUT``, else 60 s; see
+    eos_airflow/ledger/connection.py). A failure to connect raises the retryable
+    ``DatabaseUnavailableError`` when another try may succeed (server down, restarting, full)
+    and ``ConfigurationError`` when it cannot (unknown connection id, wrong password, role or
+    database).
     """
     from airflow.providers.postgres.hooks.postgres import PostgresHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
+    from eos_airflow import config
+
+    if liveness_timeout is None:
+        liveness_timeout = config.liveness_timeout()
     liveness = connection.Liveness.of(liveness_timeout)
     hook = PostgresHook(postgres_conn_id=conn_id)
     # settings of the lakehouse operators, not libpq parameters

@@ -2,9 +2,10 @@
 
 The effect key, the ledger connection (one database, or several targets committed by
 two- or three-phase commit), ``on_committed``, the ledger's schema and bounds, their
-validation when the DAG is parsed, and running the work as one effect with Airflow's error
-mapping. An operator derives from :class:`ExactlyOnceBaseOperator`, takes its own parameters
-and passes the rest on; its ``execute`` hands the work to :meth:`run_effect`.
+validation when the DAG is parsed, and running the work as one effect whose errors Airflow's
+retry policy sorts into permanent and retryable (eos_airflow/operators/retry.py). An operator
+derives from :class:`ExactlyOnceBaseOperator`, takes its own parameters and passes the rest
+on; its ``execute`` hands the work to :meth:`run_effect`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import jinja2
 from airflow.sdk import BaseOperator, conf
 from airflow.sdk.exceptions import AirflowFailException
 
+from eos_airflow import config
 from eos_airflow.api import Ledger
-from eos_airflow.errors import BadKeyError, ConfigurationError, EosError, KeyInProgressError
+from eos_airflow.errors import BadKeyError, ConfigurationError, KeyInProgressError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.keys import check_schema
-from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
+from eos_airflow.operators.retry import default_retry_policy
+from eos_airflow.protocol.effect import Effect, Origin
 from eos_airflow.protocol.fingerprints import fingerprint as make_fingerprint
-from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome
+from eos_airflow.protocol.local import Outcome
 from eos_airflow.protocol.twophase import PROTOCOLS, check_targets
 from eos_airflow.states import check_on_committed, check_on_mismatch
 
@@ -137,6 +140,12 @@ class ExactlyOnceBaseOperator(BaseOperator):
         builds from its ``targets``, ``ledger_conn_id`` and ``protocol`` parameters with
         :meth:`SeveralTargets.of`.
 
+    ``on_committed``, ``ledger_schema``, ``wait_timeout`` and ``max_result_bytes`` left at
+    None take their value from Airflow's configuration, section ``[eos_airflow]``
+    (eos_airflow/config.py), when the DAG is parsed. ``retry_policy`` defaults to
+    :class:`~eos_airflow.operators.retry.EosRetryPolicy`: eos-airflow's permanent errors
+    fail the task at once, its retryable ones are retried.
+
     The key is rendered by :meth:`render_key` rather than as a template field, so that a key
     naming a value the run does not have (``{{ ds }}`` in a run without a logical date) fails
     with a message that says what to do, and fails before anything is claimed.
@@ -158,18 +167,23 @@ class ExactlyOnceBaseOperator(BaseOperator):
         *,
         conn_id: str | None = None,
         key: str | None = None,
-        on_committed: str = "skip",
-        ledger_schema: str = "eos",
-        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-        max_result_bytes: int = MAX_RESULT_BYTES,
-        on_mismatch: str = "warn",
+        on_committed: str | None = None,
+        ledger_schema: str | None = None,
+        wait_timeout: float | None = None,
+        max_result_bytes: int | None = None,
+        on_mismatch: str | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         several: SeveralTargets | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        on_committed = check_on_committed(on_committed)
-        self.on_mismatch = check_on_mismatch(on_mismatch)
+        default_retry_policy(self)
+        on_committed = check_on_committed(
+            config.on_committed() if on_committed is None else on_committed
+        )
+        self.on_mismatch = check_on_mismatch(
+            config.on_mismatch() if on_mismatch is None else on_mismatch
+        )
         self.deferrable = deferrable
         if several is not None:
             check_multi(
@@ -188,9 +202,13 @@ class ExactlyOnceBaseOperator(BaseOperator):
         self.protocol = several.protocol if several else "local"
         self.key = key
         self.on_committed = on_committed
-        self.ledger_schema = check_schema(ledger_schema)
-        self.wait_timeout = wait_timeout
-        self.max_result_bytes = max_result_bytes
+        self.ledger_schema = check_schema(
+            config.ledger_schema() if ledger_schema is None else ledger_schema
+        )
+        self.wait_timeout = config.wait_timeout() if wait_timeout is None else wait_timeout
+        self.max_result_bytes = (
+            config.max_result_bytes() if max_result_bytes is None else max_result_bytes
+        )
 
     def render_key(self, context: Any) -> str:
         template = self.key or (PARTITION_KEY if context.get("partition_key") else DEFAULT_KEY)
@@ -305,25 +323,26 @@ class ExactlyOnceBaseOperator(BaseOperator):
             multi.close()
 
     def run_effect(self, context: Any, fn: Callable[[Effect], Any]) -> Any:
-        """Run ``fn`` as this task's effect; permanent errors do not get retried."""
+        """Run ``fn`` as this task's effect. Its errors reach Airflow as they are: the retry
+        policy (EosRetryPolicy) fails the permanent ones at once and retries the others."""
         ti = context["ti"]
         origin = Origin(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, code=code_of_run(ti))
         assets = asset_outlets(self.outlets)
+        key = self.render_key(context)
+        fingerprint = make_fingerprint(**self.fingerprint_inputs(context))
+        announce = (
+            {
+                "dag_id": ti.dag_id,
+                "task_id": ti.task_id,
+                "run_id": ti.run_id,
+                "map_index": ti.map_index,
+                "partition_key": context.get("partition_key"),
+                "assets": [a.uri for a in assets],
+            }
+            if assets
+            else None
+        )
         try:
-            key = self.render_key(context)
-            fingerprint = make_fingerprint(**self.fingerprint_inputs(context))
-            announce = (
-                {
-                    "dag_id": ti.dag_id,
-                    "task_id": ti.task_id,
-                    "run_id": ti.run_id,
-                    "map_index": ti.map_index,
-                    "partition_key": context.get("partition_key"),
-                    "assets": [a.uri for a in assets],
-                }
-                if assets
-                else None
-            )
             outcome = self.run_outcome(
                 key,
                 fn,
@@ -336,10 +355,6 @@ class ExactlyOnceBaseOperator(BaseOperator):
             if not self.deferrable:
                 raise
             self._defer_until_free(key)
-        except EosError as exc:
-            if exc.retryable:
-                raise
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
         if assets:
             self._report_assets(context, assets, outcome)
         if outcome.action == "skipped":

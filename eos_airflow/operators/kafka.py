@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowFailException
-
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.operators.base import ExactlyOnceBaseOperator
 from eos_airflow.protocol.effect import Effect
@@ -124,10 +122,7 @@ class KafkaToPostgresOperator(ExactlyOnceBaseOperator):
         self.dedup = dedup
 
     def execute(self, context: Any) -> Any:
-        try:
-            config = kafka_config(self.kafka_conn_id)
-        except ConfigurationError as exc:
-            raise AirflowFailException(f"ConfigurationError: {exc}") from exc
+        config = kafka_config(self.kafka_conn_id)
         topics = [self.topics] if isinstance(self.topics, str) else list(self.topics)
         write = table_writer(self.table) if self.table is not None else self.process
         assert write is not None

@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowFailException
-
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.operators.base import ExactlyOnceBaseOperator
@@ -107,18 +105,12 @@ class _LakehouseOperator(ExactlyOnceBaseOperator):
         """The source's connection factory, after checking the query and its column types
         (before anything is claimed)."""
         source = connect_factory(self.source_conn_id)
-        try:
-            describe(source, self.sql, self.parameters)
-        except ConfigurationError as exc:
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        describe(source, self.sql, self.parameters)
         return source
 
     def _target_extra(self) -> dict[str, Any]:
         assert self.conn_id is not None
-        try:
-            return _extra(self.conn_id)
-        except ConfigurationError as exc:
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        return _extra(self.conn_id)
 
 
 class ExactlyOnceIcebergOperator(_LakehouseOperator):
@@ -202,13 +194,10 @@ class ExactlyOnceIcebergOperator(_LakehouseOperator):
     def execute(self, context: Any) -> Any:
         source = self._source_checked()
         extra = self._target_extra()
-        try:
-            properties = {
-                **(_mapping(extra.get("iceberg_properties"), "iceberg_properties") or {}),
-                **(self.properties or {}),
-            }
-        except ConfigurationError as exc:
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        properties = {
+            **(_mapping(extra.get("iceberg_properties"), "iceberg_properties") or {}),
+            **(self.properties or {}),
+        }
         warehouse = self.warehouse or extra.get("iceberg_warehouse")
 
         def run(eos: Effect) -> dict[str, Any]:
@@ -300,13 +289,10 @@ class ExactlyOnceDeltaOperator(_LakehouseOperator):
     def execute(self, context: Any) -> Any:
         source = self._source_checked()
         extra = self._target_extra()
-        try:
-            options = {
-                **(_mapping(extra.get("delta_storage_options"), "delta_storage_options") or {}),
-                **(self.storage_options or {}),
-            }
-        except ConfigurationError as exc:
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        options = {
+            **(_mapping(extra.get("delta_storage_options"), "delta_storage_options") or {}),
+            **(self.storage_options or {}),
+        }
 
         def run(eos: Effect) -> dict[str, Any]:
             opened: list[Any] = []

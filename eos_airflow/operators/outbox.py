@@ -13,54 +13,22 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
+from eos_airflow import config
 from eos_airflow.errors import ConfigurationError, EosError
 from eos_airflow.hooks.ledger import connect_factory
+from eos_airflow.hooks.nats import NatsHook
 from eos_airflow.ledger.keys import check_schema
 from eos_airflow.operators.kafka import kafka_config
+from eos_airflow.operators.retry import default_retry_policy
 from eos_airflow.protocol.outbox import split_destinations
 from eos_airflow.relay.loop import DEFAULT_BATCH_SIZE, Relay
-from eos_airflow.relay.sinks import (
-    DEFAULT_SEND_TIMEOUT,
-    KafkaSink,
-    NatsCredentials,
-    NatsSink,
-    Sink,
-)
+from eos_airflow.relay.sinks import DEFAULT_SEND_TIMEOUT, KafkaSink, NatsSink, Sink
 
 
 def nats_servers(conn_id: str) -> list[str]:
-    """NATS server URLs of Airflow connection ``conn_id`` (host/port/login/password, or
-    ``{"servers": [...]}`` in its extra). Login and password become percent-encoded user info
-    (a login or password alone: a token); :class:`NatsSink` takes them out of the URL again
-    and hands them to nats-py as options."""
-    from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
-    try:
-        connection = BaseHook.get_connection(conn_id)
-    except AirflowNotFoundException:
-        raise ConfigurationError(
-            f"Airflow connection {conn_id!r} is not defined; create it, e.g. "
-            f"AIRFLOW_CONN_{conn_id.upper()}='nats://HOST:4222'"
-        ) from None
-    servers = (connection.extra_dejson or {}).get("servers")
-    if servers:
-        return [servers] if isinstance(servers, str) else list(servers)
-    if not connection.host:
-        raise ConfigurationError(
-            f"Airflow connection {conn_id!r} has no host (or extra "
-            "'servers'); set the NATS server's host and port"
-        )
-    # percent-encoded: a password with "/", "#", "?" or "@" stays inside the user info
-    if connection.login and connection.password:
-        credentials = NatsCredentials(user=connection.login, password=connection.password)
-    elif connection.login or connection.password:  # a single secret: token authentication
-        credentials = NatsCredentials(token=connection.login or connection.password)
-    else:
-        credentials = NatsCredentials()
-    return [credentials.url(f"nats://{connection.host}:{connection.port or 4222}")]
+    """NATS server URLs of Airflow connection ``conn_id`` (:meth:`NatsHook.servers`)."""
+    return NatsHook(nats_conn_id=conn_id).servers()
 
 
 class OutboxRelayOperator(BaseOperator):
@@ -70,11 +38,13 @@ class OutboxRelayOperator(BaseOperator):
     :param destinations: exact destinations (``"kafka:alerts"``) or schemes (``"nats:*"``);
         default every scheme with a configured broker.
     :param kafka_conn_id: Airflow Kafka connection (extra JSON = librdkafka config).
-    :param nats_url: NATS server URL(s), or ``nats_conn_id``: an Airflow connection.
+    :param nats_url: NATS server URL(s), or ``nats_conn_id``: an Airflow connection (type
+        ``nats``, :class:`~eos_airflow.hooks.nats.NatsHook`).
     :param batch_size: messages per batch (one broker round trip and one transaction).
     :param max_messages: stop after this many (default: until the outbox is empty).
     :param relay_id: relay identity (``delivered_by``; Kafka ``transactional.id`` is
         ``eos-outbox-<relay_id>``); default ``<dag_id>.<task_id>``.
+    :param ledger_schema: schema holding the ledger (default ``[eos_airflow] ledger_schema``).
 
     Returns ``{"delivered", "by_destination", "duplicates", "batches"}``.
     """
@@ -92,11 +62,12 @@ class OutboxRelayOperator(BaseOperator):
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_messages: int | None = None,
         relay_id: str | None = None,
-        ledger_schema: str = "eos",
+        ledger_schema: str | None = None,
         send_timeout: float = DEFAULT_SEND_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        default_retry_policy(self)
         if not conn_id:
             raise ConfigurationError(
                 "conn_id is required: the Airflow connection of the database holding the outbox"
@@ -122,7 +93,9 @@ class OutboxRelayOperator(BaseOperator):
         self.batch_size = batch_size
         self.max_messages = max_messages
         self.relay_id = relay_id
-        self.ledger_schema = check_schema(ledger_schema)
+        self.ledger_schema = check_schema(
+            config.ledger_schema() if ledger_schema is None else ledger_schema
+        )
         self.send_timeout = send_timeout
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -131,31 +104,26 @@ class OutboxRelayOperator(BaseOperator):
         sinks: dict[str, Sink] = {}
         conn = None
         try:
-            try:
-                conn = connect_factory(self.conn_id)()
-                if self.kafka_conn_id:
-                    sinks["kafka"] = KafkaSink(
-                        kafka_config(self.kafka_conn_id),
-                        transactional_id=f"eos-outbox-{relay_id}",
-                        timeout=self.send_timeout,
-                    )
-                if self.nats_url or self.nats_conn_id:
-                    servers = self.nats_url or nats_servers(str(self.nats_conn_id))
-                    sinks["nats"] = NatsSink(servers, timeout=self.send_timeout)
-                relay = Relay(
-                    conn,
-                    sinks,
-                    schema=self.ledger_schema,
-                    destinations=self.destinations,
-                    relay_id=relay_id,
-                    batch_size=self.batch_size,
-                    attempt=ti.try_number,
+            conn = connect_factory(self.conn_id)()
+            if self.kafka_conn_id:
+                sinks["kafka"] = KafkaSink(
+                    kafka_config(self.kafka_conn_id),
+                    transactional_id=f"eos-outbox-{relay_id}",
+                    timeout=self.send_timeout,
                 )
-                stats = relay.drain(self.max_messages)
-            except EosError as exc:
-                if exc.retryable:
-                    raise
-                raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+            if self.nats_url or self.nats_conn_id:
+                servers = self.nats_url or nats_servers(str(self.nats_conn_id))
+                sinks["nats"] = NatsSink(servers, timeout=self.send_timeout)
+            relay = Relay(
+                conn,
+                sinks,
+                schema=self.ledger_schema,
+                destinations=self.destinations,
+                relay_id=relay_id,
+                batch_size=self.batch_size,
+                attempt=ti.try_number,
+            )
+            stats = relay.drain(self.max_messages)
         finally:
             for sink in sinks.values():
                 sink.close()

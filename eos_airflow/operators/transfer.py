@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowFailException
-
 from eos_airflow.errors import ConfigurationError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.operators.base import ExactlyOnceBaseOperator
@@ -88,10 +86,7 @@ class ExactlyOnceTransferOperator(ExactlyOnceBaseOperator):
 
     def execute(self, context: Any) -> Any:
         source = connect_factory(self.source_conn_id)
-        try:
-            source().close()  # an unknown or unreachable source fails before the claim
-        except ConfigurationError as exc:
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        source().close()  # an unknown or unreachable source fails before the claim
 
         def run(eos: Effect) -> dict[str, Any]:
             return transfer(

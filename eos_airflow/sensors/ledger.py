@@ -11,10 +11,12 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
-from eos_airflow.errors import ConfigurationError, EosError
+from eos_airflow import config
+from eos_airflow.errors import ConfigurationError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.keys import check_schema
 from eos_airflow.ledger.watch import DEFAULT_POLL_INTERVAL, Verdict, WaitSpec, check
+from eos_airflow.operators.retry import default_retry_policy
 from eos_airflow.triggers.ledger import LedgerTrigger
 
 
@@ -37,7 +39,8 @@ class LedgerSensor(BaseSensorOperator):
     :param min_count: committed keys needed under the prefix (default 1).
     :param fail_on_failed: fail (without retries) when a key's last attempt failed; with
         ``False`` the sensor keeps waiting for a retry to commit it.
-    :param ledger_schema: schema holding the ledger (default ``eos``).
+    :param ledger_schema: schema holding the ledger (default ``[eos_airflow] ledger_schema``,
+        ``eos``).
     :param deferrable: wait in the triggerer (woken by NOTIFY) instead of a worker slot;
         default from ``[operators] default_deferrable``.
     :param trigger_poll_interval: seconds between the trigger's fallback polls.
@@ -64,12 +67,13 @@ class LedgerSensor(BaseSensorOperator):
         wait_for_run_id: str = "{{ run_id }}",
         min_count: int | None = None,
         fail_on_failed: bool = True,
-        ledger_schema: str = "eos",
+        ledger_schema: str | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         trigger_poll_interval: float = DEFAULT_POLL_INTERVAL,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        default_retry_policy(self)
         if not conn_id:
             raise ConfigurationError(
                 "conn_id is required: the Airflow connection of the ledger database"
@@ -97,7 +101,9 @@ class LedgerSensor(BaseSensorOperator):
         self.wait_for_run_id = wait_for_run_id
         self.min_count = min_count
         self.fail_on_failed = fail_on_failed
-        self.ledger_schema = check_schema(ledger_schema)
+        self.ledger_schema = check_schema(
+            config.ledger_schema() if ledger_schema is None else ledger_schema
+        )
         self.deferrable = deferrable
         self.trigger_poll_interval = trigger_poll_interval
 
@@ -108,29 +114,22 @@ class LedgerSensor(BaseSensorOperator):
         if self.wait_for_task is not None:
             dag_id, task_id = self.wait_for_task
             prefix = f"{dag_id}/{task_id}/{self.wait_for_run_id}/"
-        try:
-            return WaitSpec(
-                keys=tuple(str(k) for k in keys),
-                prefix=prefix,
-                min_count=self.min_count or 1,
-                fail_on_failed=self.fail_on_failed,
-            )
-        except EosError as exc:
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        return WaitSpec(
+            keys=tuple(str(k) for k in keys),
+            prefix=prefix,
+            min_count=self.min_count or 1,
+            fail_on_failed=self.fail_on_failed,
+        )
 
     def check(self) -> Verdict:
-        """Read the keys' states once (a blocking query: never from the triggerer)."""
+        """Read the keys' states once (a blocking query: never from the triggerer). Its
+        errors go to the retry policy: the database down or restarting is retried; an
+        unknown connection, wrong credentials or a missing ledger schema fail at once."""
+        conn = connect_factory(self.conn_id)()
         try:
-            conn = connect_factory(self.conn_id)()
-            try:
-                return check(conn, self.ledger_schema, self.spec())
-            finally:
-                conn.close()
-        except EosError as exc:
-            if exc.retryable:  # the database is down or restarting: Airflow retries
-                raise
-            # unknown connection, wrong credentials, missing ledger schema: no retry helps
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+            return check(conn, self.ledger_schema, self.spec())
+        finally:
+            conn.close()
 
     def poke(self, context: Any) -> PokeReturnValue:
         verdict = self.check()
@@ -139,6 +138,8 @@ class LedgerSensor(BaseSensorOperator):
 
     def _finish(self, verdict: Verdict) -> bool:
         if verdict.status == "failed" or verdict.status == "error":
+            # a verdict on other tasks' effects, not an error of eos-airflow, so the retry
+            # policy cannot classify it; a retry would only find the same failed key
             raise AirflowFailException(verdict.message)
         if verdict.status == "timeout":
             raise AirflowSensorTimeout(f"LedgerSensor {verdict.message}")

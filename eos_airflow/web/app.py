@@ -31,20 +31,15 @@ from eos_airflow.errors import ConfigurationError, EosError
 from eos_airflow.states import EntryState
 from eos_airflow.web import data
 
-DEFAULT_CONN_ID = "eos_ledger"
-DEFAULT_SCHEMA = "eos"
 #: Longest a page's query may run (ms): the page stays responsive on a big ledger.
 STATEMENT_TIMEOUT_MS = 60_000
 
 
 def settings() -> tuple[str, str]:
-    """(connection id, schema) from Airflow's configuration."""
-    from airflow.configuration import conf
+    """(connection id, schema) from Airflow's configuration (eos_airflow/config.py)."""
+    from eos_airflow import config
 
-    return (
-        conf.get("eos_airflow", "ledger_conn_id", fallback=DEFAULT_CONN_ID),
-        conf.get("eos_airflow", "ledger_schema", fallback=DEFAULT_SCHEMA),
-    )
+    return config.ledger_conn_id(), config.ledger_schema()
 
 
 @contextmanager
@@ -52,7 +47,10 @@ def ledger() -> Iterator[tuple[psycopg.Connection[Any], str]]:
     from eos_airflow.hooks.ledger import connect_factory
     from eos_airflow.ledger.migrate import check_revision
 
-    conn_id, schema = settings()
+    try:
+        conn_id, schema = settings()
+    except EosError as exc:  # e.g. [eos_airflow] ledger_schema is not a schema name
+        raise HTTPException(503, str(exc)) from exc
     try:
         conn = connect_factory(conn_id)()
     except EosError as exc:

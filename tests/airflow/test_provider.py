@@ -121,3 +121,54 @@ def test_decorated_function_parses_without_passing_eos():
     assert op.custom_operator_name == "@task.exactly_once"
     assert op.op_kwargs == {"n": 3, "eos": None}
     assert (op.conn_id, op.key, op.on_committed) == ("w", "k/{{ ds }}", "skip")
+
+
+def test_the_nats_connection_type_is_registered_with_its_form(tmp_path):
+    """Airflow knows the connection type ``nats`` (hook, name, form labels): ``airflow
+    providers hooks`` lists it, and the UI's form gets its field behaviour."""
+    import os
+    import subprocess
+
+    from airflow.providers_manager import ProvidersManager
+    from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
+
+    from tests.airflow.conftest import AIRFLOW
+
+    hook = ProvidersManagerTaskRuntime().hooks["nats"]
+    manager = ProvidersManager()  # the form's fields, for the api-server
+    assert (hook.hook_class_name, hook.hook_name, hook.package_name) == (
+        "eos_airflow.hooks.nats.NatsHook",
+        "NATS",
+        "eos-airflow",
+    )
+    assert manager.field_behaviours["nats"]["hidden_fields"] == ["schema"]
+    assert manager.field_behaviours["nats"]["relabeling"]["login"] == "User (or token)"
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [AIRFLOW, "providers", "hooks", "--output", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    start = run.stdout.index("[")
+    rows = {row["connection_type"]: row for row in json.loads(run.stdout[start:])}
+    assert rows["nats"]["class"] == "eos_airflow.hooks.nats.NatsHook"
+
+
+def test_a_nats_connection_gives_the_relay_its_servers(monkeypatch):
+    from eos_airflow.hooks.nats import NatsHook
+    from eos_airflow.relay.sinks import NatsCredentials, split_url
+
+    monkeypatch.setenv("AIRFLOW_CONN_NATS_T", "nats://relay:p%40ss%2Fw@nats.example.com:4999")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_NATS_CLUSTER",
+        '{"conn_type": "nats", "extra": {"servers": ["nats://n1:4222", "nats://n2:4222"]}}',
+    )
+    (url,) = NatsHook(nats_conn_id="nats_t").servers()
+    assert split_url(url) == ("nats://nats.example.com:4999", NatsCredentials("relay", "p@ss/w"))
+    assert NatsHook(nats_conn_id="nats_cluster").get_conn() == ["nats://n1:4222", "nats://n2:4222"]
+    with pytest.raises(ValueError, match="AIRFLOW_CONN_NO_SUCH_NATS='nats://HOST:4222'"):
+        NatsHook(nats_conn_id="no_such_nats").servers()

@@ -65,3 +65,45 @@ def test_unknown_conn_id_says_how_to_create_it(tmp_path):
     assert out.returncode == 2
     assert "Airflow connection 'nope' is not defined" in out.stderr
     assert "airflow connections add nope" in out.stderr
+
+
+def test_conn_id_takes_the_schema_from_airflows_configuration(empty_db: str, tmp_path):
+    """With --conn-id and no --schema, the schema is ``[eos_airflow] ledger_schema``; a
+    --schema given wins; a setting that is not a schema name is refused, naming it."""
+    env = {
+        "AIRFLOW_CONN_WAREHOUSE": airflow_conn(empty_db),
+        "AIRFLOW__EOS_AIRFLOW__LEDGER_SCHEMA": "eos_cfg",
+    }
+    out = run_cli(
+        "db", "migrate", "--conn-id", "warehouse", "--format", "json", env=env, tmp_path=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["schema"] == "eos_cfg"
+    given = run_cli(
+        "db",
+        "migrate",
+        "--conn-id",
+        "warehouse",
+        "--schema",
+        "eos_given",
+        "--format",
+        "json",
+        env=env,
+        tmp_path=tmp_path,
+    )
+    assert given.returncode == 0, given.stderr
+    with psycopg.connect(empty_db) as conn:
+        schemas = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'eos%' ORDER BY 1"
+        ).fetchall()
+    assert schemas == [("eos_cfg",), ("eos_given",)]
+    bad = run_cli(
+        "ledger",
+        "list",
+        "--conn-id",
+        "warehouse",
+        env={**env, "AIRFLOW__EOS_AIRFLOW__LEDGER_SCHEMA": "Bad-Name"},
+        tmp_path=tmp_path,
+    )
+    assert bad.returncode == 2
+    assert "[eos_airflow] ledger_schema = 'Bad-Name' is not valid" in bad.stderr

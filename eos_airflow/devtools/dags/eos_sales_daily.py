@@ -4,6 +4,10 @@
 writes the day's total. Both are keyed by the day (``sales_daily/{{ ds }}``), so retries,
 cleared tasks, a re-triggered run and a worker killed after its commit all leave exactly
 one copy of each day. ``report`` receives the stored result even when the load was skipped.
+``load_sales`` reports the asset ``sales_daily`` once per committed version of a day (a
+re-run that skips reports nothing), so a DAG scheduled on it runs once per new day.
+``load_sales`` reports the asset ``sales_daily`` once per committed version of a day (a
+re-run that skips reports nothing), so a DAG scheduled on it runs once per new day.
 
 Connection ``eos_warehouse``: the warehouse database, with the ledger created by
 ``eos-airflow db migrate --conn-id eos_warehouse`` and the tables from ``SETUP_SQL``.
@@ -14,7 +18,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import Asset, dag, task
 
 from eos_airflow import ExactlyOnceSQLOperator
 
@@ -23,6 +27,14 @@ CREATE TABLE IF NOT EXISTS sales_raw (day date, region text, amount numeric);
 CREATE TABLE IF NOT EXISTS sales_daily (day date, region text, amount numeric);
 CREATE TABLE IF NOT EXISTS sales_totals (day date, amount numeric);
 """
+
+SALES_DAILY = Asset(
+    name="sales_daily", uri="postgres://warehouse:5432/warehouse/public/sales_daily"
+)
+
+SALES_DAILY = Asset(
+    name="sales_daily", uri="postgres://warehouse:5432/warehouse/public/sales_daily"
+)
 
 
 @dag(
@@ -33,7 +45,7 @@ CREATE TABLE IF NOT EXISTS sales_totals (day date, amount numeric);
     tags=["eos-airflow", "example"],
 )
 def eos_sales_daily():
-    @task.exactly_once(conn_id="eos_warehouse", key="sales_daily/{{ ds }}")
+    @task.exactly_once(conn_id="eos_warehouse", key="sales_daily/{{ ds }}", outlets=[SALES_DAILY])
     def load_sales(eos, ds=None):
         cursor = eos.conn.execute(
             "INSERT INTO sales_daily (day, region, amount) "
