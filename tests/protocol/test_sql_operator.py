@@ -179,3 +179,16 @@ def test_fingerprint_of_an_operator_without_the_new_arguments_is_unchanged():
     inputs = with_handler.fingerprint_inputs({})
     assert inputs["handler"].endswith("handlers.fetch_all_handler")
     assert inputs["split_statements"] is True
+
+
+def test_statements_split_as_common_sql_splits_them():
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    text = "-- header\nSELECT 1;\n/* two */ SELECT ';' AS semi;\n\n"
+    split = operator(sql=text, split_statements=True).statements()
+    assert split == PostgresHook.split_sql_string(text) == ["SELECT 1;", "SELECT ';' AS semi;"]
+    assert operator(sql=text).statements() == [text]  # not split unless asked
+    assert operator(sql="-- nothing to run", split_statements=True).statements() == []
+    assert operator(sql=["SELECT 1; SELECT 2"], split_statements=True).statements() == [
+        "SELECT 1; SELECT 2"
+    ]  # list items are not split, as in common.sql
