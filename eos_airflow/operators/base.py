@@ -22,6 +22,7 @@ from eos_airflow.api import Ledger
 from eos_airflow.errors import BadKeyError, ConfigurationError, EosError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.keys import check_schema
+from eos_airflow.operators.lineage import LineageMixin
 from eos_airflow.protocol.effect import MAX_RESULT_BYTES, Effect, Origin
 from eos_airflow.protocol.fingerprints import fingerprint as make_fingerprint
 from eos_airflow.protocol.local import DEFAULT_WAIT_TIMEOUT, Outcome
@@ -107,7 +108,7 @@ class SeveralTargets:
         return cls(targets, ledger_conn_id, protocol)
 
 
-class ExactlyOnceBaseOperator(BaseOperator):
+class ExactlyOnceBaseOperator(LineageMixin, BaseOperator):
     """Runs an operator's work as one effect in the ledger of ``conn_id``'s database, or
     across ``targets`` with the decisions logged in ``ledger_conn_id``'s ledger.
 
@@ -323,6 +324,7 @@ class ExactlyOnceBaseOperator(BaseOperator):
             if exc.retryable:
                 raise
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        self._eos_outcome = outcome  # the OpenLineage facet ``eos`` (operators/lineage.py)
         if assets:
             self._report_assets(context, assets, outcome)
         if outcome.action == "skipped":

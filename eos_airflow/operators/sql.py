@@ -62,3 +62,10 @@ class ExactlyOnceSQLOperator(ExactlyOnceBaseOperator):
             return {"rowcounts": rowcounts}
 
         return self.run_effect(context, run_statements)
+
+    def openlineage_datasets(self) -> Any:
+        """The tables the SQL reads and writes (OpenLineage; see operators/lineage.py)."""
+        from eos_airflow.operators.lineage import sql_lineage
+
+        assert self.conn_id is not None  # required by __init__
+        return sql_lineage(self.conn_id, self.sql if isinstance(self.sql, str) else list(self.sql))
