@@ -125,3 +125,15 @@ def test_iceberg_operator_reports_the_iceberg_table(airflow, lineage, db: str, t
         "committed",
         "lakehouse",
     )
+
+
+def test_placeholders_are_read_as_parameters_and_locations_as_datasets():
+    from eos_airflow.operators.lineage import location_dataset, parseable
+
+    assert parseable(
+        "SELECT * FROM t WHERE a = %(a)s AND b = %s AND c LIKE 'x%%' AND d = %(a)s"
+    ) == ("SELECT * FROM t WHERE a = $1 AND b = $2 AND c LIKE 'x%' AND d = $3")
+    local = location_dataset("file:///data/lake/sales/")
+    assert (local.namespace, local.name) == ("file", "/data/lake/sales")
+    remote = location_dataset("s3://bucket/lake/sales")
+    assert (remote.namespace, remote.name) == ("s3://bucket", "lake/sales")
