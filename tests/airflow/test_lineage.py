@@ -26,6 +26,7 @@ def lineage(airflow, db: str, tmp_path) -> Path:
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("CREATE TABLE lineage_orders (day date, amount int)")
         conn.execute("CREATE TABLE lineage_totals (day date, total int)")
+        conn.execute("CREATE TABLE lineage_copy (day date, amount int)")
         conn.execute(
             "INSERT INTO lineage_orders SELECT %s::date + g %% 2, g FROM generate_series(1, 10) g",
             [DAY],
@@ -89,12 +90,23 @@ def test_sql_operator_reports_its_tables_and_the_skip(airflow, lineage, db: str)
         )
     first, second = (e["run"]["facets"]["eos"]["committedAt"] for e in events)
     assert first == second  # the skip reports the version committed by the first run
+
+    copies = completed(lineage, "eos_lineage_sql.copy")
+    assert [e["run"]["facets"]["eos"]["action"] for e in copies] == ["committed", "skipped"]
+    for event in copies:
+        assert names(event["inputs"]) == [(namespace, f"{database}.public.lineage_orders")]
+        assert names(event["outputs"]) == [(namespace, f"{database}.public.lineage_copy")]
+        assert event["run"]["facets"]["eos"]["key"] == f"lineage/copy/{DAY}"
+
     # finding the lineage asks the database questions; they are not reported as jobs
     jobs = {json.loads(line)["job"]["name"] for line in lineage.read_text().splitlines()}
-    assert jobs == {"eos_lineage_sql", "eos_lineage_sql.summarize"}
+    assert jobs == {"eos_lineage_sql", "eos_lineage_sql.summarize", "eos_lineage_sql.copy"}
 
 
-def test_iceberg_operator_reports_the_iceberg_table(airflow, lineage, db: str, tmp_path):
+@pytest.mark.slow  # with the SQL test above, more than the default tier's budget
+def test_lakehouse_operators_report_the_iceberg_and_delta_tables(
+    airflow, lineage, db: str, tmp_path
+):
     lake = tmp_path / "lake"
     lake.mkdir()
     airflow.env["AIRFLOW_CONN_LAKEHOUSE"] = airflow_conn_json(db)
@@ -102,10 +114,10 @@ def test_iceberg_operator_reports_the_iceberg_table(airflow, lineage, db: str, t
     info = psycopg.conninfo.conninfo_to_dict(db)
     namespace = f"postgres://{info.get('host', 'localhost')}:{info.get('port', 5432)}"
 
-    done = airflow.dags_test("eos_lineage_iceberg", DAY)
+    done = airflow.dags_test("eos_lineage_lake", DAY)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    (event,) = completed(lineage, "eos_lineage_iceberg.load")
+    (event,) = completed(lineage, "eos_lineage_lake.iceberg")
     assert names(event["inputs"]) == [(namespace, f"{info['dbname']}.public.lineage_orders")]
     (output,) = event["outputs"]
     assert output["namespace"] == "file"
@@ -125,6 +137,13 @@ def test_iceberg_operator_reports_the_iceberg_table(airflow, lineage, db: str, t
         "committed",
         "lakehouse",
     )
+
+    (event,) = completed(lineage, "eos_lineage_lake.delta")
+    assert names(event["inputs"]) == [(namespace, f"{info['dbname']}.public.lineage_orders")]
+    assert names(event["outputs"]) == [("file", str(lake / "delta_orders"))]
+    assert (lake / "delta_orders" / "_delta_log").is_dir()
+    facet = event["run"]["facets"]["eos"]
+    assert (facet["key"], facet["action"]) == (f"lineage/delta/{DAY}", "committed")
 
 
 def test_placeholders_are_read_as_parameters_and_locations_as_datasets():
