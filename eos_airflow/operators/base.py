@@ -25,6 +25,7 @@ from eos_airflow.api import Ledger
 from eos_airflow.errors import BadKeyError, ConfigurationError, KeyInProgressError
 from eos_airflow.hooks.ledger import connect_factory
 from eos_airflow.ledger.keys import check_schema
+from eos_airflow.operators.lineage import LineageMixin
 from eos_airflow.operators.retry import default_retry_policy
 from eos_airflow.protocol.effect import Effect, Origin
 from eos_airflow.protocol.fingerprints import fingerprint as make_fingerprint
@@ -115,7 +116,7 @@ class SeveralTargets:
         return cls(targets, ledger_conn_id, protocol)
 
 
-class ExactlyOnceBaseOperator(BaseOperator):
+class ExactlyOnceBaseOperator(LineageMixin, BaseOperator):
     """Runs an operator's work as one effect in the ledger of ``conn_id``'s database, or
     across ``targets`` with the decisions logged in ``ledger_conn_id``'s ledger.
 
@@ -355,6 +356,7 @@ class ExactlyOnceBaseOperator(BaseOperator):
             if not self.deferrable:
                 raise
             self._defer_until_free(key)
+        self._eos_outcome = outcome  # the OpenLineage facet ``eos`` (operators/lineage.py)
         if assets:
             self._report_assets(context, assets, outcome)
         if outcome.action == "skipped":

@@ -112,5 +112,17 @@ class IncrementalTableOperator(ExactlyOnceBaseOperator):
 
         return self.run_effect(context, run)
 
+    def openlineage_datasets(self) -> Any:
+        """The source table and the target table (OpenLineage)."""
+        from airflow.providers.openlineage.extractors import OperatorLineage
+
+        from eos_airflow.operators.lineage import table_dataset
+
+        assert self.conn_id is not None  # required by __init__
+        return OperatorLineage(
+            inputs=[table_dataset(self.source_conn_id, self.source_table)],
+            outputs=[table_dataset(self.conn_id, self.target_table)],
+        )
+
 
 __all__ = ["IncrementalTableOperator"]

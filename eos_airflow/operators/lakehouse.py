@@ -108,6 +108,25 @@ class _LakehouseOperator(ExactlyOnceBaseOperator):
         describe(source, self.sql, self.parameters)
         return source
 
+    def openlineage_datasets(self) -> Any:
+        """The source query's tables and the lakehouse table (OpenLineage)."""
+        from airflow.providers.openlineage.extractors import OperatorLineage
+
+        from eos_airflow.operators.lineage import sql_lineage
+
+        source = sql_lineage(self.source_conn_id, self.sql)
+        target = self.lakehouse_dataset()
+        return OperatorLineage(
+            inputs=source.inputs,
+            outputs=[target] if target is not None else [],
+            run_facets=source.run_facets,
+            job_facets=source.job_facets,
+        )
+
+    def lakehouse_dataset(self) -> Any:
+        """The target table as an OpenLineage dataset (None while it does not exist)."""
+        raise NotImplementedError
+
     def _target_extra(self) -> dict[str, Any]:
         assert self.conn_id is not None
         return _extra(self.conn_id)
@@ -219,6 +238,13 @@ class ExactlyOnceIcebergOperator(_LakehouseOperator):
 
         return self.run_effect(context, run)
 
+    def lakehouse_dataset(self) -> Any:
+        from eos_airflow.operators.lineage import iceberg_dataset
+
+        assert self.conn_id is not None  # required by __init__
+        warehouse = self.warehouse or _extra(self.conn_id).get("iceberg_warehouse")
+        return iceberg_dataset(self.conn_id, self.table, warehouse)
+
 
 class ExactlyOnceDeltaOperator(_LakehouseOperator):
     """Load the rows of ``sql`` (on ``source_conn_id``) into the Delta table at
@@ -317,6 +343,11 @@ class ExactlyOnceDeltaOperator(_LakehouseOperator):
                     conn.close()
 
         return self.run_effect(context, run)
+
+    def lakehouse_dataset(self) -> Any:
+        from eos_airflow.operators.lineage import location_dataset
+
+        return location_dataset(self.table_uri)
 
 
 __all__ = ["ExactlyOnceDeltaOperator", "ExactlyOnceIcebergOperator"]

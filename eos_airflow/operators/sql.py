@@ -256,6 +256,13 @@ class ExactlyOnceSQLOperator(ExactlyOnceBaseOperator):
             self.log.info("Operator output is: %s", result)
         return result
 
+    def openlineage_datasets(self) -> Any:
+        """The tables the SQL reads and writes (OpenLineage; see operators/lineage.py)."""
+        from eos_airflow.operators.lineage import sql_lineage
+
+        assert self.conn_id is not None  # required by __init__
+        return sql_lineage(self.conn_id, self.sql if isinstance(self.sql, str) else list(self.sql))
+
 
 def _qualified(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -103,5 +103,19 @@ class ExactlyOnceTransferOperator(ExactlyOnceBaseOperator):
 
         return self.run_effect(context, run)
 
+    def openlineage_datasets(self) -> Any:
+        """The source query's tables and the target table (OpenLineage)."""
+        from airflow.providers.openlineage.extractors import OperatorLineage
+
+        from eos_airflow.operators.lineage import sql_lineage, table_dataset
+
+        source = sql_lineage(self.source_conn_id, self.sql)
+        return OperatorLineage(
+            inputs=source.inputs,
+            outputs=[table_dataset(self.target_conn_id, self.table)],
+            run_facets=source.run_facets,
+            job_facets=source.job_facets,
+        )
+
 
 __all__ = ["ExactlyOnceTransferOperator", "transfer"]
